@@ -1,0 +1,182 @@
+"""Command line: parse, load config, call one library function. No logic lives here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from liverseg import LiversegError
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "(nothing)"
+    keys = list(rows[0])
+    cells = [[str(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+class UserError(click.ClickException):
+    """A LiversegError shown as one line (`Error: ...`), exit status 2."""
+
+    exit_code = 2
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LiversegError as e:
+            raise UserError(str(e)) from None
+        except ImportError as e:
+            if "liverseg needs TensorFlow" in str(e):
+                raise UserError(str(e)) from None
+            raise
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="liverseg")
+def cli() -> None:
+    """liverseg: liver segmentation in CT with U-Nets, from NIfTI to distributed training.
+
+    Typical flow: synth (or your data) -> convert -> verify -> train -> evaluate -> predict.
+    """
+
+
+# ------------------------------------------------------------------------- data
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cases", default=20, show_default=True, help="Number of procedural phantoms.")
+@click.option("--size", default=512, show_default=True, help="In-plane matrix size.")
+@click.option("--slices", default="40..200", show_default=True, help="Slice count range LO..HI.")
+@click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Build one phantom around each real *_liver.nii[.gz] here, at its real geometry.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--layout", type=click.Choice(["flat", "seed"]), default="flat", show_default=True,
+              help="seed: the tutorial's train/ + test/ folders.")
+@click.option("--workers", default=1, show_default=True, help="Parallel processes.")
+def synth(out, cases, size, slices, masks, seed, layout, workers):
+    """Write synthetic CT phantoms (<case>_orig.nii.gz, <case>_liver.nii.gz) to OUT."""
+    from liverseg import synth as synth_mod
+
+    try:
+        lo, hi = (int(v) for v in slices.split(".."))
+    except ValueError:
+        raise LiversegError(f"--slices {slices!r}: write LO..HI, e.g. 40..200") from None
+    for folder in synth_mod.synthesize(out, cases, size, (lo, hi), masks, seed, layout, workers):
+        click.echo(f"wrote {folder}")
+
+
+def _convert_options(size, image_pattern, mask_pattern, split_file, split_preset, val, test, seed, shard_mb,
+                     num_shards, compression, merge_tumour, affine_tol, workers, skip_bad, overwrite):
+    from liverseg.convert import ConvertOptions
+
+    return ConvertOptions(size=size, image_pattern=image_pattern, mask_pattern=mask_pattern,
+                          split_file=str(split_file) if split_file else None, split_preset=split_preset,
+                          val=val, test=test, seed=seed, shard_mb=shard_mb, num_shards=num_shards,
+                          compression="" if compression == "none" else compression, merge_tumour=merge_tumour,
+                          affine_tol=affine_tol, workers=workers, skip_bad=skip_bad, overwrite=overwrite)
+
+
+def convert_options(f):
+    """The converter's options, shared by `convert` and `bench convert`."""
+    opts = [
+        click.option("--size", type=int, help="Resize slices in-plane to SIZE x SIZE (default: native)."),
+        click.option("--image-pattern", default="{case}_orig", show_default=True, help="Image file name without .nii[.gz]."),
+        click.option("--mask-pattern", default="{case}_liver", show_default=True, help="Mask file name without .nii[.gz]."),
+        click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help='JSON {"train": [...], "val": [...], "test": [...]} of case ids.'),
+        click.option("--split-preset", type=click.Choice(["ircad"]), help="ircad: cases 1-10 train, 11-15 val, 16-20 test."),
+        click.option("--val", default=0.0, show_default=True, help="Fraction of cases for validation (seeded)."),
+        click.option("--test", default=0.0, show_default=True, help="Fraction of cases for test (seeded)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the --val/--test split."),
+        click.option("--shard-mb", default=128.0, show_default=True, help="Target shard size (whole cases per shard)."),
+        click.option("--num-shards", type=int, help="Shards per split (overrides --shard-mb)."),
+        click.option("--compression", type=click.Choice(["none", "GZIP", "ZLIB"]), default="none", show_default=True),
+        click.option("--merge-tumour", is_flag=True, help="LiTS masks: count tumour (label 2) as liver."),
+        click.option("--affine-tol", default=1e-3, show_default=True, help="Image/mask affine tolerance in mm."),
+        click.option("--workers", default=1, show_default=True, help="Parallel processes."),
+        click.option("--skip-bad", is_flag=True, help="Convert the good cases and list the bad ones in the manifest."),
+        click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@convert_options
+def convert(src, out, **kw):
+    """Convert NIfTI volume/mask pairs in SRC to sharded TFRecords + manifest in OUT."""
+    from liverseg import convert as convert_mod
+
+    manifest = convert_mod.convert(src, out, _convert_options(**kw))
+    for split, s in manifest["splits"].items():
+        click.echo(f"{split}: {s['num_cases']} cases, {s['num_examples']} slices, {len(s['shards'])} shard(s)")
+    for s in manifest["skipped"]:
+        click.echo(f"skipped {s['case_id']}: {s['error']}", err=True)
+    click.echo(f"wrote {out / 'dataset.json'}")
+
+
+@cli.command()
+@click.argument("root", type=click.Path(path_type=Path))
+def verify(root):
+    """Read every record of every shard in ROOT and check it against the manifest."""
+    from liverseg import verify as verify_mod
+
+    reports = verify_mod.verify(root)
+    click.echo(_table([{"shard": r.file, "examples": r.num_examples, "bytes": r.bytes, "status": r.status} for r in reports]))
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise LiversegError(f"{len(bad)} of {len(reports)} shard(s) failed: " + "; ".join(f"{root / r.file}: {r.status}" for r in bad))
+    click.echo(f"all {len(reports)} shard(s) ok")
+
+
+@cli.command()
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--png", type=click.Path(file_okay=False, path_type=Path), help="Write overlay PNGs of sample cases here.")
+@click.option("--max-cases", default=3, show_default=True, help="Cases per split drawn with --png.")
+def inspect(root, png, max_cases):
+    """Summarise a converted dataset per split; optionally draw overlays."""
+    from liverseg import verify as verify_mod
+
+    click.echo(_table(verify_mod.inspect(root, png, max_cases)))
+    if png:
+        click.echo(f"overlays in {png} (green: liver mask)")
+
+
+# ------------------------------------------------------------------------- benchmarks
+
+
+@cli.group()
+def bench():
+    """Throughput benchmarks (figures go in docs/benchmarks.md)."""
+
+
+@bench.command("convert")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@convert_options
+def bench_convert(src, **kw):
+    """Time a plain nibabel load of SRC against `convert` with 1 and --workers processes."""
+    from liverseg import bench as bench_mod
+
+    workers = kw["workers"] if kw["workers"] > 1 else 2
+    click.echo(_table(bench_mod.bench_convert(src, workers, _convert_options(**kw))))
+
+
+# ------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    cli(prog_name="liverseg")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""Configuration: a frozen dataclass tree, YAML presets and dotted overrides.
+
+A config is built from the dataclass defaults, then a preset (`configs/*.yaml`), then
+`--set section.key=value` overrides (values parsed as YAML). An unknown key or a value of
+the wrong type is a `ConfigError` that names the key and the valid choices. The resolved
+config is written into every run directory (`RUN/config.yaml`) and read back from there
+by `evaluate`, `predict` and `export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from liverseg import LiversegError
+
+
+class ConfigError(LiversegError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How slices become batches (the `pipeline` module)."""
+
+    # 2.5D context k: each example stacks slices s-k..s+k (clamped to the case) as 2k+1 channels.
+    context: int = 0
+    # Global batch size (all replicas together); each replica gets batch_size / replicas.
+    batch_size: int = 8
+    # "window": clip HU to hu_window and scale to [0, 1].
+    # "zscore": clip to the training split's liver HU percentiles (0.5, 99.5) from the
+    # manifest, then subtract the liver mean and divide by the liver std (nnU-Net's CT scheme).
+    normalize: Literal["window", "zscore"] = "window"
+    # HU window used by normalize: window (a liver window by default).
+    hu_window: tuple[float, float] = (-200.0, 250.0)
+    # Probability that a training slice is drawn from the slices containing liver; the
+    # rest are drawn from all slices. Expected share of liver slices: p + (1 - p) * f,
+    # where f is the split's natural liver-slice fraction (from the manifest).
+    foreground_fraction: float = 0.5
+    # Slices held in the shuffle buffer (after interleave). Memory: buffer * H * W * 3 bytes.
+    shuffle_buffer: int = 512
+    # Shards read concurrently by the interleave (each holds one parsed shard in memory).
+    cycle_length: int = 4
+    # Keep parsed shards in memory after the first pass (for datasets that fit in RAM).
+    cache: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Joint image+mask augmentation (the `augment` module). Probabilities are per example."""
+
+    # "none": no augmentation; "host": in tf.data after batching (vectorised over the batch);
+    # "device": inside the training step on the accelerator (the pipeline ships int16 + uint8).
+    placement: Literal["none", "host", "device"] = "host"
+    # Mirror left-right / anterior-posterior. Off by default: the liver's side is a real cue.
+    flip_lr_p: float = 0.0
+    flip_ap_p: float = 0.0
+    # One affine per example: rotation, isotropic scale, translation, shear.
+    affine_p: float = 0.5
+    rotation_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    # Translation as a fraction of the image size, drawn uniformly in [-t, t] per axis.
+    translate: float = 0.05
+    # Shear angle in degrees, drawn uniformly in [-s, s].
+    shear_deg: float = 5.0
+    # Elastic deformation: a random displacement field of std `elastic_alpha` pixels,
+    # smoothed at `elastic_sigma` pixels. Slower than the affine path; off by default.
+    elastic_p: float = 0.0
+    elastic_alpha: float = 8.0
+    elastic_sigma: float = 12.0
+    # Intensity ops act on the normalised image only, never on the mask.
+    brightness_p: float = 0.3
+    brightness: float = 0.1  # additive shift drawn in [-b, b] (normalised units)
+    contrast_p: float = 0.3
+    contrast: tuple[float, float] = (0.75, 1.25)  # multiplicative, about the image mean
+    gamma_p: float = 0.3
+    gamma: tuple[float, float] = (0.7, 1.5)  # on the image rescaled to [0, 1], then back
+    noise_p: float = 0.15
+    noise_std: float = 0.05  # Gaussian noise std drawn in [0, noise_std] (normalised units)
+    blur_p: float = 0.1
+    blur_sigma: tuple[float, float] = (0.5, 1.0)  # Gaussian blur sigma in pixels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (the `unet` module)."""
+
+    # "unet": the standard design; "seed_unet": the tutorial's network, for comparison.
+    name: Literal["unet", "seed_unet"] = "unet"
+    # Filters at the first level; doubled at each downsampling (capped at 16x).
+    base_filters: int = 32
+    # Number of 2x downsamplings. Input height and width must be divisible by 2**depth.
+    depth: int = 4
+    # "batch": per-replica batch norm; "sync_batch": statistics all-reduced across
+    # replicas; "instance"/"group": batch-independent (exact across replica counts).
+    norm: Literal["batch", "sync_batch", "instance", "group", "none"] = "batch"
+    # Residual connection around each level's pair of convolutions.
+    residual: bool = False
+    # Additive attention gates on the skip connections (Oktay et al. 2018).
+    attention: bool = False
+    # Spatial dropout rate at the bottleneck (0 disables).
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (the `train` module)."""
+
+    steps: int = 20000
+    # "auto": one device, or MirroredStrategy when several GPUs are visible;
+    # "multi_worker": MultiWorkerMirroredStrategy from TF_CONFIG.
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # Compile the forward/backward pass with XLA.
+    jit_compile: bool = False
+    # Training steps per call of the compiled function (amortises Python overhead).
+    steps_per_call: int = 1
+    loss: Literal["bce", "dice", "bce_dice", "focal", "tversky"] = "bce_dice"
+    focal_gamma: float = 2.0
+    tversky_alpha: float = 0.3  # weight of false positives
+    tversky_beta: float = 0.7  # weight of false negatives
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    schedule: Literal["constant", "cosine", "poly"] = "cosine"
+    warmup_steps: int = 500
+    weight_decay: float = 1e-4  # adamw only
+    momentum: float = 0.99  # sgd (Nesterov) only
+    # Clip the global gradient norm to this value (0 disables).
+    clip_norm: float = 12.0
+    log_every: int = 50
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    # Stop with an error when the loss is non-finite for this many consecutive steps.
+    max_nonfinite_steps: int = 25
+    # Overlay images written to TensorBoard at each validation.
+    num_images: int = 3
+    # Profiler trace for steps [start, stop) (empty: no trace).
+    profile_steps: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Whole-volume inference (the `predict` module), shared by evaluate and predict."""
+
+    batch_size: int = 16
+    threshold: float = 0.5
+    # Average the probabilities of the image and its left-right mirror.
+    tta_flip: bool = False
+    # Keep only the largest 3D connected component, then fill its holes.
+    largest_component: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    # Bit-identical data order, augmentation and (with op determinism) training.
+    deterministic: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML preset at `path` <- `key.sub=value` overrides. Validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (presets live in configs/*.yaml)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"train.lr": 0.001, ...}: for TensorBoard hparams and config diffs."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """Copy of `cfg` with dotted keys replaced, validated: replace(cfg, **{"train.lr": 1e-4})."""
+    tree = to_dict(cfg)
+    for key, value in dotted.items():
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(tree) - set(names))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} (valid keys at {where}: {', '.join(names)})"
+        )
+    kwargs = {}
+    for name in names:
+        if name not in tree:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, tree[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(tree[name], tp, f"{prefix}{name}")
+    cfg = cls(**kwargs)
+    _check_ranges(cfg, prefix)
+    return cfg
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. [{', '.join('0' for _ in args[:2])}]")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must have {len(args)} values")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # a bug in this module
+
+
+def _check_ranges(cfg: Any, prefix: str) -> None:
+    """Value checks that types cannot express; each names the key and the valid range."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{prefix}{key}={getattr(cfg, key)!r} is not valid: {what}")
+
+    if isinstance(cfg, DataConfig):
+        need(cfg.context >= 0, "context", "must be >= 0")
+        need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
+        need(cfg.hu_window[0] < cfg.hu_window[1], "hu_window", "needs low < high")
+        need(0.0 <= cfg.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]")
+        need(cfg.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        need(cfg.cycle_length >= 1, "cycle_length", "must be >= 1")
+    elif isinstance(cfg, AugmentConfig):
+        for f in dataclasses.fields(cfg):
+            if f.name.endswith("_p"):
+                need(0.0 <= getattr(cfg, f.name) <= 1.0, f.name, "a probability in [0, 1]")
+        for name in ("scale", "contrast", "gamma", "blur_sigma"):
+            lo, hi = getattr(cfg, name)
+            need(0.0 < lo <= hi, name, "needs 0 < low <= high")
+    elif isinstance(cfg, ModelConfig):
+        need(cfg.base_filters >= 1, "base_filters", "must be >= 1")
+        need(1 <= cfg.depth <= 7, "depth", "must be in [1, 7]")
+        need(0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
+    elif isinstance(cfg, TrainConfig):
+        need(cfg.steps >= 1, "steps", "must be >= 1")
+        need(cfg.steps_per_call >= 1, "steps_per_call", "must be >= 1")
+        need(cfg.lr > 0, "lr", "must be > 0")
+        need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(cfg.clip_norm >= 0, "clip_norm", "must be >= 0 (0 disables)")
+        for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            need(getattr(cfg, name) >= 1, name, "must be >= 1")
+        need(len(cfg.profile_steps) in (0, 2), "profile_steps", "must be [] or [start, stop]")
+    elif isinstance(cfg, EvalConfig):
+        need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
+        need(0.0 < cfg.threshold < 1.0, "threshold", "must be in (0, 1)")
+
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "dump",
+    "flatten",
+    "from_dict",
+    "load",
+    "replace",
+    "to_dict",
+]

@@ -1,0 +1,384 @@
+"""The record schema, TFRecord framing and the manifest: writer and reader both import this.
+
+One `tf.train.Example` per axial slice (stored geometry, see `nifti_io`). Encoding is done
+here in pure Python (the converter never imports TensorFlow) with map keys in sorted
+order, so the same slice always serialises to the same bytes. Decoding uses TensorFlow's
+`parse_example`; `tests/test_records.py` checks the two against each other.
+
+A shard is a TFRecord file (`{split}-{i:05d}-of-{n:05d}.tfrecord`, optionally GZIP/ZLIB
+compressed) holding whole cases: a case never spans shards, and its slices are
+contiguous and in order (slice 0 = most inferior). That lets the pipeline rebuild 2.5D
+context at read time without storing any slice twice.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import google_crc32c
+import numpy as np
+
+from liverseg import LiversegError
+
+SCHEMA_VERSION = 1
+MANIFEST = "dataset.json"
+FORMAT = "liverseg-slices"
+
+# Feature keys. Byte layouts are little-endian, row-major [height, width].
+IMAGE = "image"  # bytes: int16 Hounsfield units, clipped to [-1024, 3071]
+MASK = "mask"  # bytes: uint8 liver mask in {0, 1}
+HEIGHT = "height"  # int64
+WIDTH = "width"  # int64
+CASE_ID = "case_id"  # bytes: utf-8 case identifier
+CASE_INDEX = "case_index"  # int64: position of the case in the manifest's "cases" list
+SLICE_INDEX = "slice_index"  # int64: 0 = most inferior slice of the case
+NUM_SLICES = "num_slices"  # int64: slices in the case
+LIVER_VOXELS = "liver_voxels"  # int64: liver voxels in this slice (foreground sampling)
+SPACING = "spacing"  # float[3]: (slice, row, column) spacing in mm
+
+KEY_DOC = {
+    IMAGE: "bytes, int16 little-endian [height, width], Hounsfield units clipped to [-1024, 3071]",
+    MASK: "bytes, uint8 [height, width], liver = 1",
+    HEIGHT: "int64",
+    WIDTH: "int64",
+    CASE_ID: "bytes, utf-8",
+    CASE_INDEX: "int64, index into the manifest's cases",
+    SLICE_INDEX: "int64, 0 = most inferior slice",
+    NUM_SLICES: "int64, slices in the case",
+    LIVER_VOXELS: "int64, liver voxels in the slice",
+    SPACING: "float[3], (slice, row, column) mm",
+}
+COMPRESSIONS = ("", "GZIP", "ZLIB")
+
+
+class RecordsError(LiversegError):
+    pass
+
+
+# ------------------------------------------------------------------------- encoding
+
+# Protobuf wire format for tf.train.Example: Example{1: Features{1: map<string, Feature>}},
+# Feature{1: BytesList, 2: FloatList, 3: Int64List}, each list {1: repeated value}.
+# Parts are collected in lists and joined once, so a 512x512 slice is copied once.
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _ld(tag: int, parts: list) -> list:
+    """A length-delimited field: tag byte, varint length, payload parts."""
+    return [bytes((tag,)) + _varint(sum(len(p) for p in parts)), *parts]
+
+
+def _bytes_feature(value: bytes) -> list:
+    return _ld(0x0A, _ld(0x0A, [value]))
+
+
+def _float_feature(values) -> list:
+    return _ld(0x12, _ld(0x0A, [struct.pack(f"<{len(values)}f", *values)]))
+
+
+def _int64_feature(value: int) -> list:
+    return _ld(0x1A, _ld(0x0A, [_varint(int(value))]))
+
+
+def encode_example(image: bytes, mask: bytes, height: int, width: int, case_id: str, case_index: int,
+                   slice_index: int, num_slices: int, liver_voxels: int, spacing) -> bytes:
+    """Serialised tf.train.Example for one slice. image/mask are the raw bytes described above."""
+    return b"".join(encode_parts(image, mask, height, width, case_id, case_index, slice_index, num_slices,
+                                 liver_voxels, spacing))
+
+
+def _byte_view(x) -> np.ndarray:
+    """Read-only flat uint8 view of a contiguous buffer (what crc32c, hashlib and files all accept)."""
+    a = np.ascontiguousarray(x).reshape(-1).view(np.uint8) if isinstance(x, np.ndarray) else np.frombuffer(x, np.uint8)
+    a.flags.writeable = False
+    return a
+
+
+def encode_parts(image, mask, height: int, width: int, case_id: str, case_index: int,
+                 slice_index: int, num_slices: int, liver_voxels: int, spacing) -> list:
+    """`encode_example` as a list of buffers whose concatenation is the example.
+
+    image/mask may be any contiguous buffers (e.g. a numpy slice's memoryview): the shard
+    writer checksums and writes the parts directly, so voxel bytes are never copied.
+    """
+    image, mask = _byte_view(image), _byte_view(mask)
+    if len(image) != 2 * height * width or len(mask) != height * width:
+        raise ValueError(f"slice bytes do not match {height}x{width}")
+    features = {
+        IMAGE: _bytes_feature(image),
+        MASK: _bytes_feature(mask),
+        HEIGHT: _int64_feature(height),
+        WIDTH: _int64_feature(width),
+        CASE_ID: _bytes_feature(case_id.encode()),
+        CASE_INDEX: _int64_feature(case_index),
+        SLICE_INDEX: _int64_feature(slice_index),
+        NUM_SLICES: _int64_feature(num_slices),
+        LIVER_VOXELS: _int64_feature(liver_voxels),
+        SPACING: _float_feature(spacing),
+    }
+    entries: list = []
+    for key in sorted(features):
+        entries += _ld(0x0A, _ld(0x0A, [key.encode()]) + _ld(0x12, features[key]))
+    return _ld(0x0A, entries)
+
+
+# ------------------------------------------------------------------------- decoding (TF)
+
+
+def feature_spec() -> dict:
+    import tensorflow as tf
+
+    return {
+        IMAGE: tf.io.FixedLenFeature([], tf.string),
+        MASK: tf.io.FixedLenFeature([], tf.string),
+        HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+        WIDTH: tf.io.FixedLenFeature([], tf.int64),
+        CASE_ID: tf.io.FixedLenFeature([], tf.string),
+        CASE_INDEX: tf.io.FixedLenFeature([], tf.int64),
+        SLICE_INDEX: tf.io.FixedLenFeature([], tf.int64),
+        NUM_SLICES: tf.io.FixedLenFeature([], tf.int64),
+        LIVER_VOXELS: tf.io.FixedLenFeature([], tf.int64),
+        SPACING: tf.io.FixedLenFeature([3], tf.float32),
+    }
+
+
+def decode_example(serialized, height: int | None = None, width: int | None = None) -> dict:
+    """Vectorised decode of a batch of serialised examples (all of one slice size).
+
+    Returns image int16 [N, H, W], mask uint8 [N, H, W] and the scalar features [N].
+    Pass height/width when known statically (the manifest has them) so shapes are static.
+    """
+    import tensorflow as tf
+
+    ex = tf.io.parse_example(serialized, feature_spec())
+    h = height if height is not None else ex[HEIGHT][0]
+    w = width if width is not None else ex[WIDTH][0]
+    ex[IMAGE] = tf.reshape(tf.io.decode_raw(ex[IMAGE], tf.int16, little_endian=True), [-1, h, w])
+    ex[MASK] = tf.reshape(tf.io.decode_raw(ex[MASK], tf.uint8), [-1, h, w])
+    return ex
+
+
+# ------------------------------------------------------------------------- framing
+
+
+def _masked_crc(*chunks: bytes) -> int:
+    crc = 0
+    for c in chunks:
+        crc = google_crc32c.extend(crc, c)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class _HashingFile:
+    """File wrapper that hashes and counts what is written (the shard's sha256 and bytes)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.sha.update(b)
+        self.bytes += len(b)
+        return len(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class ShardWriter:
+    """Writes a TFRecord file; `close()` returns (num_examples, bytes, sha256) of the file.
+
+    Output is a pure function of the records written (gzip mtime 0, no file name), so a
+    re-run with the same inputs produces byte-identical shards.
+    """
+
+    def __init__(self, path: Path, compression: str = ""):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression {compression!r}: choose one of {COMPRESSIONS}")
+        self._raw = open(path, "wb")
+        self._hashed = _HashingFile(self._raw)
+        self._zlib = zlib.compressobj(6) if compression == "ZLIB" else None
+        self._gzip = gzip.GzipFile(fileobj=self._hashed, mode="wb", mtime=0, filename="") if compression == "GZIP" else None
+        self.num_examples = 0
+
+    def _out(self, b: bytes) -> None:
+        if self._gzip is not None:
+            self._gzip.write(b)
+        elif self._zlib is not None:
+            self._hashed.write(self._zlib.compress(b))
+        else:
+            self._hashed.write(b)
+
+    def write(self, record) -> None:
+        """Append one record: bytes, or a list of buffers forming it (see encode_parts)."""
+        parts = record if isinstance(record, list) else [record]
+        header = struct.pack("<Q", sum(len(p) for p in parts))
+        self._out(header + struct.pack("<I", _masked_crc(header)))
+        for p in parts:
+            self._out(p)
+        self._out(struct.pack("<I", _masked_crc(*parts)))
+        self.num_examples += 1
+
+    def close(self) -> tuple[int, int, str]:
+        if self._gzip is not None:
+            self._gzip.close()
+        elif self._zlib is not None:
+            self._hashed.write(self._zlib.flush())
+        self._raw.close()
+        return self.num_examples, self._hashed.bytes, self._hashed.sha.hexdigest()
+
+    def abort(self) -> None:
+        self._raw.close()
+
+
+@dataclass
+class FramingError(Exception):
+    index: int
+    offset: int
+    reason: str
+
+
+def iter_records(path: Path, compression: str = "") -> Iterator[tuple[int, int, bytes]]:
+    """Yield (record index, byte offset, record) checking both CRCs of every record.
+
+    Offsets are in the uncompressed stream. Raises FramingError at the first bad record.
+    """
+    data = Path(path).read_bytes()
+    if compression == "GZIP":
+        data = gzip.decompress(data)
+    elif compression == "ZLIB":
+        data = zlib.decompress(data)
+    pos, index, n = 0, 0, len(data)
+    view = memoryview(data)
+    while pos < n:
+        if pos + 12 > n:
+            raise FramingError(index, pos, f"truncated header ({n - pos} of 12 bytes)")
+        header = bytes(view[pos : pos + 8])
+        (length,) = struct.unpack("<Q", header)
+        (crc,) = struct.unpack("<I", view[pos + 8 : pos + 12])
+        if crc != _masked_crc(header):
+            raise FramingError(index, pos, "length CRC mismatch (corrupt header)")
+        end = pos + 12 + length
+        if end + 4 > n:
+            raise FramingError(index, pos, f"truncated record (needs {length + 16} bytes, {n - pos} left)")
+        record = bytes(view[pos + 12 : end])
+        (crc,) = struct.unpack("<I", view[end : end + 4])
+        if crc != _masked_crc(record):
+            raise FramingError(index, pos, "data CRC mismatch (corrupt record)")
+        yield index, pos, record
+        pos, index = end + 4, index + 1
+
+
+def find_corruption(paths: list[Path], compression: str = "") -> str | None:
+    """First bad record among `paths` as 'file: record i at byte b: reason', or None."""
+    for p in paths:
+        try:
+            for _ in iter_records(p, compression):
+                pass
+        except FramingError as e:
+            return f"{p}: record {e.index} at byte {e.offset}: {e.reason}"
+        except (OSError, EOFError, zlib.error) as e:
+            return f"{p}: {e}"
+    return None
+
+
+def shard_name(split: str, i: int, n: int) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
+
+
+# ------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    num_examples: int
+    bytes: int
+    sha256: str
+    cases: tuple[str, ...]
+
+
+class Manifest:
+    """A validated `dataset.json`: schema version readable, every listed shard present."""
+
+    def __init__(self, root: Path, data: dict):
+        self.root = root
+        self.data = data
+
+    @classmethod
+    def load(cls, root: str | Path, check_shards: bool = True) -> "Manifest":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            hint = "the conversion did not finish; re-run liverseg convert" if root.is_dir() else "the folder does not exist"
+            raise RecordsError(f"{root}: no {MANIFEST} manifest ({hint})")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RecordsError(f"{path}: unreadable manifest ({e}); re-run liverseg convert") from None
+        if data.get("format") != FORMAT:
+            raise RecordsError(f"{path}: not a liverseg dataset manifest (format {data.get('format')!r})")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise RecordsError(
+                f"{path}: record schema version {version} cannot be read by this liverseg "
+                f"(reads version {SCHEMA_VERSION}); re-convert the dataset with this version"
+            )
+        m = cls(root, data)
+        if check_shards:
+            for split in m.splits:
+                for s in m.shards(split):
+                    if not s.path.is_file():
+                        raise RecordsError(f"{s.path}: shard listed in {path} is missing; re-run liverseg convert")
+                    size = s.path.stat().st_size
+                    if size != s.bytes:
+                        raise RecordsError(
+                            f"{s.path}: {size} bytes on disk, manifest says {s.bytes}; "
+                            f"the shard is truncated or was replaced (run liverseg verify {root})"
+                        )
+        return m
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.data["splits"])
+
+    @property
+    def compression(self) -> str:
+        return self.data["creation"]["options"]["compression"]
+
+    def split(self, name: str) -> dict:
+        if name not in self.data["splits"]:
+            raise RecordsError(f"{self.root}: no split {name!r} (splits: {', '.join(self.splits) or 'none'})")
+        return self.data["splits"][name]
+
+    def shards(self, split: str) -> list[Shard]:
+        return [
+            Shard(self.root / s["file"], s["num_examples"], s["bytes"], s["sha256"], tuple(s["cases"]))
+            for s in self.split(split)["shards"]
+        ]
+
+    def cases(self, split: str | None = None) -> list[dict]:
+        return [c for c in self.data["cases"] if split is None or c["split"] == split]
+
+    @property
+    def num_cases(self) -> int:
+        return len(self.data["cases"])

@@ -1,0 +1,131 @@
+"""Checking and looking at a converted dataset: `liverseg verify` and `liverseg inspect`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from liverseg import records
+from liverseg.records import FramingError, Manifest
+
+DECODE_BATCH = 256
+
+
+@dataclass
+class ShardReport:
+    file: str
+    split: str
+    num_examples: int
+    bytes: int
+    status: str  # "ok" or what is wrong, naming the record and byte offset when known
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _check_contents(examples: list[dict], shard: records.Shard, cases: dict[str, dict]) -> str | None:
+    """Cases contiguous and complete, slices in order, features consistent with the manifest."""
+    expected = [(cid, s) for cid in shard.cases for s in range(cases[cid]["num_slices"])]
+    if len(examples) != len(expected):
+        return f"{len(examples)} records, manifest cases need {len(expected)}"
+    for k, (ex, (cid, s)) in enumerate(zip(examples, expected)):
+        c = cases[cid]
+        got = (ex["case_id"], ex["slice_index"], ex["num_slices"], ex["case_index"])
+        if got != (cid, s, c["num_slices"], c["index"]):
+            return f"record {k}: is {got[0]} slice {got[1]}/{got[2]} (index {got[3]}), expected {cid} slice {s}/{c['num_slices']}"
+        if ex["liver_voxels"] != ex["mask_sum"] or ex["mask_max"] > 1:
+            return f"record {k}: mask disagrees with its liver_voxels feature or is not binary"
+        if list(ex["hw"]) != c["geometry"]["stored_shape"][1:]:
+            return f"record {k}: slice {ex['hw']} but the case is stored at {c['geometry']['stored_shape'][1:]}"
+    return None
+
+
+def verify(root: str | Path) -> list[ShardReport]:
+    """Read every record of every shard: size, sha256, CRCs, counts and decodability vs the manifest."""
+    import tensorflow as tf
+
+    m = Manifest.load(root, check_shards=False)
+    cases = {c["case_id"]: c for c in m.cases()}
+    reports = []
+    for split in m.splits:
+        for shard in m.shards(split):
+            rep = ShardReport(shard.path.name, split, shard.num_examples, shard.bytes, "ok")
+            reports.append(rep)
+            if not shard.path.is_file():
+                rep.status = "missing"
+                continue
+            data = shard.path.read_bytes()
+            if len(data) != shard.bytes:
+                rep.status = f"{len(data)} bytes, manifest says {shard.bytes} (truncated or replaced)"
+            elif hashlib.sha256(data).hexdigest() != shard.sha256:
+                rep.status = "sha256 differs from the manifest (corrupted or replaced)"
+            del data
+            try:
+                raw = [r for _, _, r in records.iter_records(shard.path, m.compression)]
+            except FramingError as e:
+                rep.status = f"record {e.index} at byte {e.offset}: {e.reason}"
+                continue
+            except Exception as e:  # noqa: BLE001 - decompression errors of many kinds
+                rep.status = f"unreadable: {e}"
+                continue
+            if not rep.ok:
+                continue
+            examples = []
+            try:
+                for i in range(0, len(raw), DECODE_BATCH):
+                    ex = records.decode_example(tf.constant(raw[i:i + DECODE_BATCH]))
+                    mask = ex[records.MASK].numpy()
+                    for k in range(mask.shape[0]):
+                        examples.append({
+                            "case_id": ex[records.CASE_ID][k].numpy().decode(),
+                            "slice_index": int(ex[records.SLICE_INDEX][k]),
+                            "num_slices": int(ex[records.NUM_SLICES][k]),
+                            "case_index": int(ex[records.CASE_INDEX][k]),
+                            "liver_voxels": int(ex[records.LIVER_VOXELS][k]),
+                            "mask_sum": int(mask[k].sum(dtype=np.int64)),
+                            "mask_max": int(mask[k].max()),
+                            "hw": mask.shape[1:],
+                        })
+            except (tf.errors.OpError, ValueError) as e:
+                rep.status = f"records {i}..{i + DECODE_BATCH - 1} do not decode: {str(e).splitlines()[0]}"
+                continue
+            problem = _check_contents(examples, shard, cases)
+            if problem:
+                rep.status = problem
+    return reports
+
+
+def read_case(m: Manifest, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stored image [Z, H, W] int16 and mask uint8 of one case, from its shard."""
+    import tensorflow as tf
+
+    case = next(c for c in m.cases() if c["case_id"] == case_id)
+    raw = [r for _, _, r in records.iter_records(m.root / case["shard"], m.compression)]
+    ex = records.decode_example(tf.constant(raw))
+    keep = (ex[records.CASE_ID] == case_id.encode()).numpy()
+    return ex[records.IMAGE].numpy()[keep], ex[records.MASK].numpy()[keep]
+
+
+def inspect(root: str | Path, png_dir: str | Path | None = None, max_cases: int = 3) -> list[dict]:
+    """Per-split summary rows; with png_dir, an axial+coronal overlay PNG of up to max_cases cases per split."""
+    from liverseg import overlay
+
+    m = Manifest.load(root)
+    rows = []
+    for split in m.splits:
+        s = m.split(split)
+        rows.append({"split": split, "cases": s["num_cases"], "slices": s["num_examples"],
+                     "liver_slices": s["liver_slices"], "shards": len(s["shards"]), "MB": round(s["bytes"] / 2**20, 1),
+                     "slice_shape": "x".join(map(str, s["slice_shape"])) if s["slice_shape"] else "mixed"})
+        if png_dir is None:
+            continue
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        for case in m.cases(split)[:max_cases]:
+            image, mask = read_case(m, case["case_id"])
+            panel = overlay.case_panel(image, case["geometry"]["stored_spacing"], truth=mask)
+            overlay.write_png(Path(png_dir) / f"{case['case_id']}.png", panel)
+    return rows

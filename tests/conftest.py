@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny synthetic volumes (32-48 px, a few slices) so everything runs on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MASKS = Path(os.environ.get("LIVERSEG_SHARED", REPO.parent / "shared")) / "data" / "ircad-liver-masks"
+
+
+def write_nifti(path: Path, arr: np.ndarray, affine=None, dtype=None, slope: float | None = None) -> Path:
+    """Write a NIfTI file exactly as given (dtype, optional scl_slope)."""
+    affine = np.diag([0.8, 0.8, 2.5, 1.0]) if affine is None else affine
+    arr = np.asarray(arr)
+    img = nib.Nifti1Image(arr.astype(dtype) if dtype else arr, affine)
+    if dtype:
+        img.header.set_data_dtype(dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def tree(path: Path) -> list[str]:
+    """Every file under path (relative), for 'nothing written' assertions."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    """Six procedural phantoms, 32x32, 8-12 slices, mixed orientations."""
+    from liverseg import synth
+
+    out = tmp_path_factory.mktemp("phantoms")
+    synth.synthesize(out, cases=6, size=32, slices=(8, 12), seed=7, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dataset(phantoms, tmp_path_factory) -> Path:
+    """The phantoms converted: 4 train, 1 val, 1 test case, one case per shard."""
+    from liverseg.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("records") / "ds"
+    convert(phantoms, out, ConvertOptions(val=0.17, test=0.17, num_shards=None, shard_mb=0.04), progress=False)
+    return out
+
+
+@pytest.fixture
+def shared_masks() -> Path:
+    if not SHARED_MASKS.is_dir():
+        pytest.skip(f"real masks not available at {SHARED_MASKS}")
+    return SHARED_MASKS

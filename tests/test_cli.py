@@ -1,0 +1,55 @@
+"""The command line through click's CliRunner: thin wrappers, one-line errors, exit codes."""
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from conftest import REPO
+from liverseg.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_synth_convert_verify_inspect(tmp_path):
+    r = run("synth", tmp_path / "nifti", "--cases", 3, "--size", 24, "--slices", "6..8", "--seed", 1)
+    assert r.exit_code == 0, r.output
+    r = run("convert", tmp_path / "nifti", tmp_path / "rec", "--val", 0.34, "--num-shards", 2)
+    assert r.exit_code == 0, r.output
+    assert "train: 2 cases" in r.output and "val: 1 cases" in r.output
+    r = run("verify", tmp_path / "rec")
+    assert r.exit_code == 0 and "all 3 shard(s) ok" in r.output
+    r = run("inspect", tmp_path / "rec", "--png", tmp_path / "png")
+    assert r.exit_code == 0 and "train" in r.output
+    assert len(list((tmp_path / "png").glob("*.png"))) == 3
+
+
+def test_errors_are_one_line_with_exit_status_2(tmp_path):
+    r = CliRunner().invoke(cli, ["convert", str(tmp_path), str(tmp_path / "out")])
+    assert r.exit_code == 2
+    assert r.output.startswith("Error: ") and "no image/mask pairs" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["synth", str(tmp_path / "x"), "--slices", "forty"])
+    assert r.exit_code == 2 and "--slices 'forty': write LO..HI" in r.output
+
+
+def test_verify_names_the_bad_shard(dataset, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    shard = sorted(ds.glob("val-*.tfrecord"))[0]
+    shard.write_bytes(shard.read_bytes()[:-3])
+    r = CliRunner().invoke(cli, ["verify", str(ds)])
+    assert r.exit_code == 2 and f"{shard}: " in r.output and "truncated" in r.output
+
+
+def test_import_without_tensorflow_is_one_clear_line():
+    code = ("import sys; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
+            f"sys.path.insert(0, {str(REPO)!r}); import liverseg")
+    p = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == (
+        "ImportError: liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
+        "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)")
