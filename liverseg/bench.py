@@ -65,3 +65,97 @@ def _with(opts, **kw):
     from dataclasses import replace
 
     return replace(opts, **kw)
+
+
+# ------------------------------------------------------------------------- pipeline
+
+
+def _rate(iterator, batches: int, warmup: int, count) -> tuple[float, float]:
+    """(items/s, bytes/s) over `batches` items of `iterator` after `warmup` items; count(item) -> (n, bytes)."""
+    for _ in range(warmup):
+        next(iterator)
+    n = nbytes = 0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        a, b = count(next(iterator))
+        n, nbytes = n + a, nbytes + b
+    dt = time.perf_counter() - t0
+    return n / dt, nbytes / dt
+
+
+def _batch_count(b) -> tuple[int, int]:
+    return int(b["mask"].shape[0]), int(sum(v.numpy().nbytes for v in b.values()))
+
+
+class TutorialLoader:
+    """The tutorial's keras.utils.Sequence: nib.load + get_fdata() of a whole volume per random slice."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], batch: int, seed: int = 0):
+        self.pairs, self.batch, self.rng = pairs, batch, np.random.default_rng(seed)
+        self.depths = [nib.load(str(img)).shape[2] for img, _ in pairs]
+
+    def __len__(self):
+        return 10**9
+
+    def __getitem__(self, _):
+        xs, ys = [], []
+        for _ in range(self.batch):
+            c = self.rng.integers(len(self.pairs))
+            s = self.rng.integers(self.depths[c])
+            img, mask = self.pairs[c]
+            xs.append(nib.load(str(img)).get_fdata()[:, :, s][..., None])
+            ys.append(nib.load(str(mask)).get_fdata()[:, :, s][..., None])
+        return np.stack(xs), np.stack(ys)
+
+
+def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, batches: int = 40, aug: str = "host",
+                   context: int = 0, batch: int = 8, tutorial_batches: int = 2, split: str = "train") -> list[dict]:
+    """Slices/s and MB/s of: raw TFRecord read, the pipeline without and with host augmentation,
+    the tutorial's loader (with nifti), and TF's batched bilinear transform alone (the floor)."""
+    import tensorflow as tf
+
+    from liverseg import config, pipeline
+    from liverseg.records import Manifest
+
+    m = Manifest.load(records_dir)
+    shards = m.shards(split)
+    _warm([s.path for s in shards])
+    h, w = m.split(split)["slice_shape"]
+    base = config.load(None, [f"data.records={records_dir}", f"data.context={context}", f"data.batch_size={batch}"])
+    rows = []
+
+    def add(name, rate):
+        rows.append({"row": name, "slices/s": rate[0], "MB/s": rate[1] / MB})
+
+    per_slice = m.split(split)["bytes"] / m.split(split)["num_examples"]
+    raw = tf.data.TFRecordDataset([str(s.path) for s in shards], m.compression, pipeline.READ_BUFFER,
+                                  num_parallel_reads=base.data.cycle_length).repeat().batch(batch).prefetch(2)
+    add("1 raw TFRecord read", _rate(iter(raw), batches, 5, lambda b: (int(b.shape[0]), int(b.shape[0] * per_slice))))
+    add("2 pipeline, no augmentation", _rate(iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "none"}), split)),
+                                             batches, 5, _batch_count))
+    if aug == "host":
+        add("3 pipeline, host augmentation", _rate(iter(pipeline.build_dataset(base, split)), batches, 5, _batch_count))
+    if nifti is not None:
+        from liverseg.convert import ConvertOptions, discover
+
+        cases = [c for c in discover(Path(nifti), ConvertOptions(split_preset=m.data["creation"]["options"]["split_preset"]))
+                 if c.split == split] or discover(Path(nifti), ConvertOptions())
+        loader = TutorialLoader([(c.image, c.mask) for c in cases], batch)
+        it = (loader[i] for i in range(10**9))
+        add("4 tutorial loader (nib.load per slice)",
+            _rate(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)))
+    x = tf.random.uniform([batch, h, w, 2 * context + 1], -1000, 1000)
+    theta = np.deg2rad(7.0)
+    t = tf.constant([[np.cos(theta), -np.sin(theta), 3.0, np.sin(theta), np.cos(theta), -2.0, 0.0, 0.0]] * batch, tf.float32)
+    floor = tf.data.Dataset.from_tensors(x).repeat().map(
+        lambda im: tf.raw_ops.ImageProjectiveTransformV3(images=im, transforms=t, output_shape=[h, w], fill_value=0.0,
+                                                         interpolation="BILINEAR", fill_mode="CONSTANT"),
+        num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    add("5 ImageProjectiveTransformV3 alone", _rate(iter(floor), batches, 5, lambda b: (int(b.shape[0]), int(b.numpy().nbytes))))
+    ref = {r["row"][0]: r["slices/s"] for r in rows}
+    for r in rows:
+        r["vs 1"] = f"{100 * r['slices/s'] / ref['1']:.0f}%"
+        r["vs 4"] = f"{r['slices/s'] / ref['4']:.0f}x" if "4" in ref else ""
+        r["vs 5"] = f"{100 * r['slices/s'] / ref['5']:.0f}%"
+        r["slices/s"], r["MB/s"] = round(r["slices/s"], 1), round(r["MB/s"], 1)
+    return rows

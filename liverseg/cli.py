@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -171,10 +174,45 @@ def bench_convert(src, **kw):
     click.echo(_table(bench_mod.bench_convert(src, workers, _convert_options(**kw))))
 
 
+@bench.command("pipeline")
+@click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--nifti", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Source NIfTI folder: adds the tutorial's per-slice nib.load loader.")
+@click.option("--batches", default=40, show_default=True, help="Batches timed per row (after 5 warm-up batches).")
+@click.option("--aug", type=click.Choice(["none", "host"]), default="host", show_default=True)
+@click.option("--context", default=0, show_default=True, help="2.5D context k (2k+1 channels).")
+@click.option("--batch", default=8, show_default=True, help="Batch size.")
+@click.option("--tutorial-batches", default=2, show_default=True, help="Batches timed for the (slow) tutorial loader.")
+def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches):
+    """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches)))
+
+
 # ------------------------------------------------------------------------- entry point
 
 
+def _prefer_tcmalloc() -> None:
+    """Re-exec under tcmalloc when it is installed and not loaded yet.
+
+    With glibc malloc, TensorFlow's large per-slice tensors come from fresh mmaps, and the
+    input pipeline spends ~25% of its CPU in page faults (perf, 512x512 slices); tcmalloc
+    keeps freed memory and roughly doubles pipeline throughput (docs/benchmarks.md).
+    LIVERSEG_MALLOC=system turns this off.
+    """
+    preload = os.environ.get("LD_PRELOAD", "")
+    if os.environ.get("LIVERSEG_MALLOC", "tcmalloc") != "tcmalloc" or "tcmalloc" in preload:
+        return
+    lib = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if lib is None:
+        return
+    env = {**os.environ, "LD_PRELOAD": f"{lib} {preload}".strip()}
+    os.execve(sys.executable, [sys.executable, "-m", "liverseg", *sys.argv[1:]], env)
+
+
 def main() -> None:
+    _prefer_tcmalloc()
     cli(prog_name="liverseg")
 
 

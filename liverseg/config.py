@@ -29,6 +29,8 @@ class ConfigError(LiversegError):
 class DataConfig:
     """How slices become batches (the `pipeline` module)."""
 
+    # Converted dataset folder (holds dataset.json); `--records` on the command line sets it.
+    records: str = ""
     # 2.5D context k: each example stacks slices s-k..s+k (clamped to the case) as 2k+1 channels.
     context: int = 0
     # Global batch size (all replicas together); each replica gets batch_size / replicas.

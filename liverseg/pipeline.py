@@ -1,0 +1,238 @@
+"""tf.data input pipeline: sharded TFRecords -> batches of 2.5D slices, for one input pipeline.
+
+`build_dataset(cfg, split, input_context)` is what `strategy.distribute_datasets_from_function`
+calls once per input pipeline. Training order, and why:
+
+1. shard *files* across input pipelines (each worker reads only its own shards);
+2. shuffle shard order and repeat (at file level, so every epoch visits shards anew);
+3. read shards in parallel (interleave, `cycle_length` at a time) and parse each whole
+   shard with one vectorised `parse_example` (records of a case are contiguous, so a
+   shard holds whole volumes);
+4. per shard, pick slices (foreground-aware: keep every liver slice, thin the others so
+   the expected liver share is `p + (1 - p) f`) *before* gathering their 2.5D context, so
+   dropped slices cost nothing; context slices are gathered from the same case, clamped
+   at its first/last slice;
+5. interleave the slices of `cycle_length` shards, then shuffle (buffer of slices);
+6. batch at the per-replica size with drop_remainder (static shapes for XLA);
+7. prepare the batch: cast, spatial augmentation on HU, normalise, intensity
+   augmentation (placement "host"); or ship int16 + uint8 untouched (placement "device",
+   half the bytes, the training step augments); or just normalise (no augmentation);
+8. prefetch.
+
+Evaluation order reads shards in order, keeps every slice exactly once in case/slice
+order, never augments and never drops a remainder. Elements are dicts:
+image [b, H, W, 2k+1] (float32, or int16 for device placement), mask [b, H, W, 1] uint8,
+case_index [b] and slice_index [b] (int64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+
+from liverseg import augment, records
+from liverseg.config import Config
+from liverseg.records import Manifest, RecordsError
+
+log = logging.getLogger(__name__)
+READ_BUFFER = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """HU -> network input: (clip(hu, lo, hi) - shift) / scale."""
+
+    lo: float
+    hi: float
+    shift: float
+    scale: float
+
+    def __call__(self, hu):
+        return (tf.clip_by_value(hu, self.lo, self.hi) - self.shift) / self.scale
+
+    def to_json(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "shift": self.shift, "scale": self.scale}
+
+
+def intensity(cfg: Config, manifest: Manifest) -> Intensity:
+    """The normalisation for cfg, resolved to numbers (they are saved with the run)."""
+    if cfg.data.normalize == "window":
+        lo, hi = cfg.data.hu_window
+        return Intensity(lo, hi, lo, hi - lo)
+    stats = manifest.split("train")["hu"]["liver"]
+    if stats.get("count", 0) == 0:
+        raise RecordsError(f"{manifest.root}: no liver voxels in the train split; use data.normalize=window")
+    pct = stats["percentiles"]
+    return Intensity(pct["0.5"], pct["99.5"], stats["mean"], max(stats["std"], 1e-3))
+
+
+def open_split(cfg: Config, split: str) -> Manifest:
+    """Load and validate the manifest (version, shards present) before any graph is built."""
+    if not cfg.data.records:
+        raise RecordsError("no records folder: pass --records RECORDS (or set data.records)")
+    m = Manifest.load(cfg.data.records)
+    s = m.split(split)
+    if s["slice_shape"] is None:
+        raise RecordsError(f"{m.root}: split {split!r} mixes slice sizes; re-convert with --size N to train on it")
+    return m
+
+
+def liver_keep_probability(cfg: Config, manifest: Manifest, split: str) -> float:
+    """Keep probability r of non-liver slices so a drawn slice has liver with prob p + (1-p) f."""
+    s = manifest.split(split)
+    f = s["liver_slices"] / max(1, s["num_examples"])
+    p = cfg.data.foreground_fraction
+    target = p + (1 - p) * f
+    if f <= 0 or target >= 1 or p == 0:
+        return 1.0
+    return f * (1 - target) / (target * (1 - f))
+
+
+# ------------------------------------------------------------------------- stages
+
+
+def _read_shard(path, count, compression: str, h: int, w: int) -> dict:
+    """A whole shard parsed at once: image [N, H, W] int16, mask [N, H, W] uint8, scalars [N]."""
+    serialized = tf.data.TFRecordDataset(path, compression, READ_BUFFER).batch(count).get_single_element()
+    ex = records.decode_example(serialized, h, w)
+    return {k: ex[k] for k in (records.IMAGE, records.MASK, records.CASE_INDEX, records.SLICE_INDEX,
+                               records.NUM_SLICES, records.LIVER_VOXELS)}
+
+
+def context_rows(slice_index, num_slices, row, k: int):
+    """Rows (within a case-contiguous block) of the 2k+1 slices around `row`, clamped to its case."""
+    offsets = tf.range(-k, k + 1, dtype=tf.int64)
+    return row - slice_index + tf.clip_by_value(slice_index + offsets, 0, num_slices - 1)
+
+
+def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0) -> tf.data.Dataset:
+    """(shard, row) for the slices of one parsed shard to use, in order.
+
+    The shard's tensors are shared by reference (no copy); `_gather_slice` copies out one
+    slice later. Non-liver rows are thinned here, before any voxel is copied.
+    """
+    rows = tf.range(tf.shape(shard[records.SLICE_INDEX], out_type=tf.int64)[0])
+    if keep_seed is not None and keep_bg < 1.0:
+        u = tf.random.stateless_uniform(tf.shape(rows), keep_seed)
+        rows = tf.boolean_mask(rows, (shard[records.LIVER_VOXELS] > 0) | (u < keep_bg))
+    return tf.data.Dataset.from_tensor_slices(rows).map(lambda row: (shard, row))
+
+
+def _gather_slice(shard: dict, row, k: int) -> dict:
+    """One example with 2.5D context (channels last), copied out of its shard.
+
+    gather copies on purpose: a plain slice would alias the parsed shard, and every slice
+    in the shuffle buffer would then keep its whole shard (~100 MB at 512x512) alive.
+    """
+    s, n = shard[records.SLICE_INDEX][row], shard[records.NUM_SLICES][row]
+    image = tf.transpose(tf.gather(shard[records.IMAGE], context_rows(s, n, row, k)), [1, 2, 0])
+    mask = tf.transpose(tf.gather(shard[records.MASK], row[None]), [1, 2, 0])
+    return {"image": image, "mask": mask, "case_index": shard[records.CASE_INDEX][row], "slice_index": s}
+
+
+def prepare_batch(batch: dict, cfg: Config, norm: Intensity, seed=None) -> dict:
+    """int16/uint8 batch -> network input. With a seed and augmentation enabled, augments.
+
+    Shared by host placement (in tf.data) and device placement (in the training step).
+    """
+    image = tf.cast(batch["image"], tf.float32)
+    mask = batch["mask"]
+    if seed is not None and augment.enabled(cfg.augment):
+        image, mask = augment.augment_batch(image, mask, seed, cfg.augment, norm)
+    else:
+        image = norm(image)
+    return {**batch, "image": image, "mask": mask}
+
+
+# ------------------------------------------------------------------------- the dataset
+
+
+def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputContext | None = None,
+                  training: bool | None = None) -> tf.data.Dataset:
+    """The dataset of one input pipeline. training defaults to split == "train"."""
+    training = split == "train" if training is None else training
+    m = open_split(cfg, split)
+    h, w = m.split(split)["slice_shape"]
+    norm = intensity(cfg, m)
+    shards = m.shards(split)
+    n_pipes = input_context.num_input_pipelines if input_context else 1
+    pipe = input_context.input_pipeline_id if input_context else 0
+    if training:  # equal per-replica batches: the global batch must divide
+        batch = input_context.get_per_replica_batch_size(cfg.data.batch_size) if input_context else cfg.data.batch_size
+    else:  # evaluation keeps every slice and needs no equal split
+        replicas = input_context.num_replicas_in_sync if input_context else 1
+        batch = -(-cfg.eval.batch_size // replicas)
+    record_shard = False
+    if n_pipes > 1:
+        if len(shards) >= n_pipes:
+            shards = shards[pipe::n_pipes]
+        else:
+            record_shard = True
+            log.warning("split %s has %d shard(s) for %d input pipelines: every pipeline reads every shard and "
+                        "keeps 1/%d of the slices; convert with --num-shards >= %d to shard by file",
+                        split, len(shards), n_pipes, n_pipes, n_pipes)
+
+    files = tf.data.Dataset.from_tensor_slices(([str(s.path) for s in shards], tf.constant([s.num_examples for s in shards], tf.int64)))
+    compression = m.compression
+    read = lambda path, count: _read_shard(path, count, compression, h, w)  # noqa: E731
+    k = cfg.data.context
+    seed = cfg.seed
+
+    if training:
+        n = len(shards)
+        if cfg.data.cache:  # parsed shards kept in memory after the first pass
+            parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+        else:
+            parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat().map(
+                read, num_parallel_calls=cfg.data.cycle_length, deterministic=cfg.deterministic)
+        keep_bg = liver_keep_probability(cfg, m, split)
+        # Every visit of a shard (counted across epochs) gets its own sampling seed. This
+        # interleave only hands out row references, so it needs no parallelism (and TF's
+        # parallel interleave is not safe under symbolic checkpointing); the copying
+        # happens in the parallel map after it.
+        ds = parsed.enumerate().interleave(
+            lambda visit, p: _shard_rows(p, tf.stack([tf.cast(seed, tf.int64), visit]), keep_bg),
+            cycle_length=cfg.data.cycle_length, block_length=1)
+        ds = ds.map(lambda p, row: _gather_slice(p, row, k), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=cfg.deterministic)
+        if record_shard:
+            ds = ds.shard(n_pipes, pipe)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + pipe, reshuffle_each_iteration=True)
+        ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+        if cfg.augment.placement != "device":
+            aug_seed = cfg.seed * 1_000_003 + pipe
+            ds = ds.enumerate().map(
+                lambda i, b: prepare_batch(b, cfg, norm, tf.stack([tf.cast(aug_seed, tf.int64), i])),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+    else:
+        parsed = files.map(read)
+        if cfg.data.cache:
+            parsed = parsed.cache()
+        ds = parsed.flat_map(_shard_rows).map(lambda p, row: _gather_slice(p, row, k),
+                                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if record_shard:
+            ds = ds.shard(n_pipes, pipe)
+        ds = ds.batch(batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(lambda b: prepare_batch(b, cfg, norm), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = cfg.deterministic or not training
+    options.experimental_symbolic_checkpoint = True  # iterator checkpoints hold positions, not buffers
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # sharded above
+    return ds.with_options(options)
+
+
+@contextlib.contextmanager
+def named_data_errors(cfg: Config, split: str):
+    """Re-raise TFRecord corruption (DataLossError names no file) naming the shard and record."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        m = Manifest.load(cfg.data.records, check_shards=False)
+        where = records.find_corruption([s.path for s in m.shards(split)], m.compression)
+        detail = where or f"{e.message.splitlines()[0]} (shards of {split} look intact; check the disk)"
+        raise RecordsError(f"corrupt record: {detail}; run liverseg verify {Path(cfg.data.records)}") from None

@@ -1,0 +1,111 @@
+"""Augmentation: same result eagerly and in Dataset.map, image and mask aligned, masks binary."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from liverseg import augment, config
+
+OFF = {f"augment.{op}_p": 0.0 for op in augment.OPS}
+SPATIAL = ["flip_lr", "flip_ap", "affine", "elastic"]
+INTENSITY = ["blur", "noise", "contrast", "brightness", "gamma"]
+
+
+def only(op: str, **extra):
+    return config.replace(config.load(None), **{**OFF, f"augment.{op}_p": 1.0, **extra}).augment
+
+
+def _pattern(b=3, h=40, w=36):
+    """An asymmetric mask (an L plus a dot, different per example) and its image in HU (plus a ramp)."""
+    m = np.zeros((b, h, w, 1), np.uint8)
+    for i in range(b):
+        m[i, 6 + i:30, 8:13] = 1
+        m[i, 25:30, 8:26 - i] = 1
+        m[i, 10:13, 24:27] = 1
+    ramp = np.linspace(-150, 150, w)[None, None, :, None]  # grey levels for the intensity ops
+    return tf.constant(np.where(m == 1, 200.0, -600.0) + ramp, tf.float32), tf.constant(m)
+
+
+def _norm(hu):
+    return (tf.clip_by_value(hu, -200.0, 250.0) + 200.0) / 450.0
+
+
+@pytest.mark.parametrize("op", augment.OPS)
+def test_eager_equals_dataset_map(op):
+    cfg = only(op)
+    image, mask = _pattern()
+    seed = tf.constant([5, 9], tf.int64)
+    eager = augment.augment_batch(image, mask, seed, cfg, _norm)
+    mapped = next(iter(tf.data.Dataset.from_tensors((image, mask)).map(
+        lambda i, m: augment.augment_batch(i, m, seed, cfg, _norm))))
+    # the mask exactly; the image up to float rounding (graph mode may reorder arithmetic)
+    np.testing.assert_array_equal(eager[1].numpy(), mapped[1].numpy())
+    np.testing.assert_allclose(eager[0].numpy(), mapped[0].numpy(), rtol=1e-6, atol=1e-6)
+    if not op.startswith("flip"):  # a flip at p=1 is deterministic; every other op draws values
+        other = augment.augment_batch(image, mask, tf.constant([5, 10], tf.int64), cfg, _norm)
+        assert not np.array_equal(eager[0].numpy(), other[0].numpy()), f"{op}: the seed must matter"
+
+
+@pytest.mark.parametrize("op", SPATIAL)
+def test_image_and_mask_stay_aligned_and_binary(op):
+    cfg = only(op, **({"augment.rotation_deg": 25.0} if op == "affine" else {}))
+    image, mask = _pattern()
+    seed = tf.constant([1, 2], tf.int64)
+    moved, moved_mask = augment.spatial(image, mask, seed, cfg)
+    moved_mask = moved_mask.numpy()
+    assert moved_mask.dtype == np.uint8 and set(np.unique(moved_mask)) <= {0, 1}
+    as_image = (moved.numpy() > -200).astype(np.uint8)  # the pattern transformed as an image (threshold
+    # between the mask's -750..-450 HU and the liver's 50..350 HU)
+    for i in range(moved_mask.shape[0]):
+        if op.startswith("flip"):  # pixel-exact maps: bilinear and nearest agree exactly
+            np.testing.assert_array_equal(as_image[i], moved_mask[i])
+        else:  # resampling differs only at the boundary; the shapes coincide
+            agree = (as_image[i] == moved_mask[i]).mean()
+            assert agree > 0.97, f"{op}: only {agree:.3f} of pixels agree"
+            c_img = np.argwhere(as_image[i][..., 0]).mean(0)
+            c_mask = np.argwhere(moved_mask[i][..., 0]).mean(0)
+            assert np.abs(c_img - c_mask).max() < 0.75
+    assert not np.array_equal(moved_mask, mask.numpy()), f"{op} must move something at p=1"
+    if op in ("affine", "elastic"):  # identical examples in one batch get different transforms
+        same = tf.repeat(mask[:1], 3, axis=0)
+        _, out = augment.spatial(tf.repeat(image[:1], 3, axis=0), same, seed, cfg)
+        assert not np.array_equal(out.numpy()[0], out.numpy()[1])
+
+
+def test_flips_are_exact_mirrors():
+    image, mask = _pattern(1)
+    out, out_mask = augment.spatial(image, mask, tf.constant([0, 0], tf.int64), only("flip_lr"))
+    np.testing.assert_array_equal(out_mask.numpy(), mask.numpy()[:, :, ::-1])
+    np.testing.assert_array_equal(out.numpy(), image.numpy()[:, :, ::-1])
+    out, out_mask = augment.spatial(image, mask, tf.constant([0, 0], tf.int64), only("flip_ap"))
+    np.testing.assert_array_equal(out_mask.numpy(), mask.numpy()[:, ::-1])
+
+
+@pytest.mark.parametrize("op", INTENSITY)
+def test_intensity_ops_leave_the_mask_alone(op):
+    image, mask = _pattern()
+    out, out_mask = augment.augment_batch(image, mask, tf.constant([3, 4], tf.int64), only(op), _norm)
+    np.testing.assert_array_equal(out_mask.numpy(), mask.numpy())
+    assert out.dtype == tf.float32 and not np.array_equal(out.numpy(), _norm(image).numpy())
+
+
+def test_nothing_enabled_is_identity_and_probability_is_per_example():
+    image, mask = _pattern(8)
+    cfg = config.replace(config.load(None), **OFF).augment
+    out, out_mask = augment.augment_batch(image, mask, tf.constant([1, 1], tf.int64), cfg, _norm)
+    np.testing.assert_array_equal(out.numpy(), _norm(image).numpy())
+    np.testing.assert_array_equal(out_mask.numpy(), mask.numpy())
+    half = config.replace(config.load(None), **{**OFF, "augment.flip_lr_p": 0.5}).augment
+    _, flipped = augment.spatial(image, mask, tf.constant([7, 7], tf.int64), half)
+    changed = [not np.array_equal(flipped.numpy()[i], mask.numpy()[i]) for i in range(8)]
+    assert 0 < sum(changed) < 8
+
+
+def test_gaussian_blur_matches_reference():
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).normal(size=(2, 20, 18, 1)).astype(np.float32)
+    out = augment._gaussian_blur(tf.constant(x), tf.constant([0.7, 1.0])).numpy()
+    for i, s in enumerate((0.7, 1.0)):
+        ref = ndimage.gaussian_filter(x[i, ..., 0], s, mode="mirror", truncate=3 / s)
+        np.testing.assert_allclose(out[i, ..., 0], ref, atol=1e-5)

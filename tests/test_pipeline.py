@@ -1,0 +1,161 @@
+"""The input pipeline on the tiny converted phantoms (32x32, one case per shard)."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from liverseg import config, pipeline, records, verify
+from liverseg.records import Manifest, RecordsError
+
+
+def cfg_for(dataset, *overrides):
+    return config.load(None, [f"data.records={dataset}", "data.batch_size=4", "eval.batch_size=5", *overrides])
+
+
+def _volumes(dataset):
+    m = Manifest.load(dataset)
+    return m, {c["index"]: verify.read_case(m, c["case_id"]) for c in m.cases()}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_context_channels_are_neighbours_clamped_to_the_case(dataset, k):
+    m, vols = _volumes(dataset)
+    norm = pipeline.intensity(cfg_for(dataset), m)
+    seen = []
+    for split in ("train", "val"):
+        for b in pipeline.build_dataset(cfg_for(dataset, f"data.context={k}"), split, training=False):
+            for img, msk, ci, si in zip(b["image"].numpy(), b["mask"].numpy(), b["case_index"].numpy(), b["slice_index"].numpy()):
+                image, mask = vols[ci]
+                z = image.shape[0]
+                assert img.shape[-1] == 2 * k + 1
+                for c, off in enumerate(range(-k, k + 1)):
+                    src = int(np.clip(si + off, 0, z - 1))
+                    np.testing.assert_allclose(img[..., c], norm(tf.constant(image[src], tf.float32)).numpy(), atol=1e-6)
+                np.testing.assert_array_equal(msk[..., 0], mask[si])
+                seen.append((ci, si))
+    assert len(seen) == len(set(seen)) == m.split("train")["num_examples"] + m.split("val")["num_examples"]
+
+
+def test_eval_order_every_slice_once_in_case_slice_order(dataset):
+    m = Manifest.load(dataset)
+    batches = list(pipeline.build_dataset(cfg_for(dataset), "train", training=False))
+    order = [(int(c), int(s)) for b in batches for c, s in zip(b["case_index"], b["slice_index"])]
+    expected = [(c["index"], s) for c in m.cases("train") for s in range(c["num_slices"])]
+    assert order == expected
+    assert batches[-1]["mask"].shape[0] == len(expected) % 5 or len(expected) % 5 == 0  # remainder kept
+    assert all(b["image"].dtype == tf.float32 for b in batches)
+
+
+def test_training_batches_are_static_and_foreground_share_matches(dataset):
+    m = Manifest.load(dataset)
+    s = m.split("train")
+    f = s["liver_slices"] / s["num_examples"]
+    for p in (0.0, 0.6):
+        cfg = cfg_for(dataset, f"data.foreground_fraction={p}", "augment.placement=none", "data.batch_size=16")
+        ds = pipeline.build_dataset(cfg, "train")
+        assert ds.element_spec["image"].shape == (16, 32, 32, 1)
+        liver = total = 0
+        for b in ds.take(150):
+            has = tf.reduce_any(b["mask"] > 0, axis=[1, 2, 3]).numpy()
+            liver, total = liver + has.sum(), total + has.size
+        expected = p + (1 - p) * f
+        assert abs(liver / total - expected) < 0.03, (p, liver / total, expected)
+
+
+def test_two_input_pipelines_see_every_eval_example_once(dataset, caplog):
+    m = Manifest.load(dataset)
+    for split in ("train", "val"):  # 4 shards: file sharding; 1 shard: record sharding with a warning
+        got = []
+        for pipe in range(2):
+            ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipe, num_replicas_in_sync=2)
+            with caplog.at_level(logging.WARNING, logger="liverseg.pipeline"):
+                ds = pipeline.build_dataset(cfg_for(dataset), split, ctx, training=False)
+            got += [(int(c), int(s)) for b in ds for c, s in zip(b["case_index"], b["slice_index"])]
+        assert sorted(got) == sorted((c["index"], s) for c in m.cases(split) for s in range(c["num_slices"]))
+        assert len(got) == len(set(got))
+    assert "1 shard(s) for 2 input pipelines" in caplog.text
+
+
+def test_file_sharding_gives_each_pipeline_its_own_shards(dataset):
+    cases = []
+    for pipe in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipe, num_replicas_in_sync=2)
+        ds = pipeline.build_dataset(cfg_for(dataset, "augment.placement=none"), "train", ctx)
+        assert ds.element_spec["image"].shape[0] == 2  # per-replica batch of the global 4
+        cases.append({int(c) for b in ds.take(20) for c in b["case_index"]})
+    assert cases[0] and cases[1] and not cases[0] & cases[1]
+
+
+def test_deterministic_mode_is_bit_identical(dataset):
+    cfg = cfg_for(dataset, "deterministic=true", "data.context=1")
+    assert cfg.augment.placement == "host"
+    runs = [[b["image"].numpy() for b in pipeline.build_dataset(cfg, "train").take(6)] for _ in range(2)]
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    other = [b["image"].numpy() for b in pipeline.build_dataset(config.replace(cfg, seed=1), "train").take(6)]
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_device_placement_ships_raw_int16(dataset):
+    ds = pipeline.build_dataset(cfg_for(dataset, "augment.placement=device"), "train")
+    assert ds.element_spec["image"].dtype == tf.int16 and ds.element_spec["mask"].dtype == tf.uint8
+
+
+def test_iterator_checkpoint_resumes_on_the_exact_next_batch(dataset, tmp_path):
+    cfg = cfg_for(dataset, "deterministic=true")
+    it = iter(pipeline.build_dataset(cfg, "train"))
+    for _ in range(3):
+        next(it)
+    ckpt = tf.train.Checkpoint(iterator=it)
+    path = ckpt.write(str(tmp_path / "it"))
+    expected = [next(it)["image"].numpy() for _ in range(3)]
+    fresh = iter(pipeline.build_dataset(cfg, "train"))
+    tf.train.Checkpoint(iterator=fresh).read(path).assert_consumed()
+    for e in expected:
+        np.testing.assert_array_equal(next(fresh)["image"].numpy(), e)
+
+
+def test_zscore_normalisation_uses_manifest_statistics(dataset):
+    m = Manifest.load(dataset)
+    norm = pipeline.intensity(cfg_for(dataset, "data.normalize=zscore"), m)
+    liver = m.split("train")["hu"]["liver"]
+    assert (norm.shift, norm.scale, norm.lo) == (liver["mean"], liver["std"], liver["percentiles"]["0.5"])
+
+
+def test_bad_records_folder_fails_before_training(dataset, tmp_path):
+    with pytest.raises(RecordsError, match="no records folder"):
+        pipeline.build_dataset(config.load(None), "train")
+    with pytest.raises(RecordsError, match="no dataset.json"):
+        pipeline.build_dataset(cfg_for(tmp_path), "train")
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    with pytest.raises(RecordsError, match="no split 'nope'"):
+        pipeline.build_dataset(cfg_for(ds), "nope")
+    data = json.loads((ds / "dataset.json").read_text())
+    data["schema_version"] = 0
+    (ds / "dataset.json").write_text(json.dumps(data))
+    with pytest.raises(RecordsError, match="schema version 0"):
+        pipeline.build_dataset(cfg_for(ds), "train")
+    data["schema_version"] = records.SCHEMA_VERSION
+    (ds / "dataset.json").write_text(json.dumps(data))
+    next(iter(sorted(ds.glob("train-*")))).unlink()
+    with pytest.raises(RecordsError, match="is missing"):
+        pipeline.build_dataset(cfg_for(ds), "train")
+
+
+def test_corrupt_record_is_reported_with_its_shard(dataset, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    shard = sorted(ds.glob("val-*"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: passes the manifest's size check, fails the CRC
+    shard.write_bytes(bytes(data))
+    cfg = cfg_for(ds)
+    with pytest.raises(RecordsError, match=rf"corrupt record: {shard}: record \d+ at byte \d+: data CRC mismatch"):
+        with pipeline.named_data_errors(cfg, "val"):
+            for _ in pipeline.build_dataset(cfg, "val"):
+                pass
