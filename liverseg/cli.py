@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes.util
+import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def cli() -> None:
 
     Typical flow: synth (or your data) -> convert -> verify -> train -> evaluate -> predict.
     """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # ------------------------------------------------------------------------- data
@@ -153,6 +156,50 @@ def inspect(root, png, max_cases):
     click.echo(_table(verify_mod.inspect(root, png, max_cases)))
     if png:
         click.echo(f"overlays in {png} (green: liver mask)")
+
+
+# ------------------------------------------------------------------------- training
+
+
+def _config(config_path, records, overrides):
+    from liverseg import config as config_mod
+
+    overrides = list(overrides)
+    if records is not None:
+        overrides.append(f"data.records={records}")
+    return config_mod.load(config_path, overrides)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML preset (configs/default.yaml, seed.yaml, smoke.yaml).")
+@click.option("--records", type=click.Path(file_okay=False, path_type=Path), help="Converted dataset (sets data.records).")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory; re-running on it resumes.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=3e-4.")
+def train(config_path, records, run_dir, overrides):
+    """Train (or resume) a U-Net; TensorBoard logs go to RUN/train and RUN/validation."""
+    from liverseg import train as train_mod
+
+    cfg = _config(config_path, records, overrides)
+    try:
+        result = train_mod.train(cfg, run_dir)
+    except train_mod.Preempted as e:
+        click.echo(str(e), err=True)
+        raise SystemExit(train_mod.PREEMPTED_EXIT) from None
+    click.echo(f"finished at step {result['step']}; best val Dice (3D): {result['best_val_dice_3d']}; "
+               f"weights {result['weights_fingerprint']}")
+    click.echo(f"TensorBoard: liverseg tensorboard {run_dir}   (or: tensorboard --logdir {run_dir})")
+
+
+@cli.command()
+@click.argument("logdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it to the network).")
+@click.option("--port", default=6006, show_default=True)
+def tensorboard(logdir, host, port):
+    """Serve TensorBoard for a run (or a folder of runs), on localhost by default."""
+    raise SystemExit(subprocess.call([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+                                      "--host", host, "--port", str(port)]))
 
 
 # ------------------------------------------------------------------------- benchmarks

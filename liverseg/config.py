@@ -118,7 +118,8 @@ class TrainConfig:
     # "auto": one device, or MirroredStrategy when several GPUs are visible;
     # "multi_worker": MultiWorkerMirroredStrategy from TF_CONFIG.
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
-    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # "auto": mixed_float16 when a GPU is visible, float32 otherwise.
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     # Compile the forward/backward pass with XLA.
     jit_compile: bool = False
     # Training steps per call of the compiled function (amortises Python overhead).
@@ -307,6 +308,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
         return float(value)

@@ -188,7 +188,7 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
             parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
         else:
             parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat().map(
-                read, num_parallel_calls=cfg.data.cycle_length, deterministic=cfg.deterministic)
+                read, num_parallel_calls=cfg.data.cycle_length)
         keep_bg = liver_keep_probability(cfg, m, split)
         # Every visit of a shard (counted across epochs) gets its own sampling seed. This
         # interleave only hands out row references, so it needs no parallelism (and TF's
@@ -197,31 +197,32 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
         ds = parsed.enumerate().interleave(
             lambda visit, p: _shard_rows(p, tf.stack([tf.cast(seed, tf.int64), visit]), keep_bg),
             cycle_length=cfg.data.cycle_length, block_length=1)
-        ds = ds.map(lambda p, row: _gather_slice(p, row, k), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=cfg.deterministic)
+        ds = ds.map(lambda p, row: _gather_slice(p, row, k), num_parallel_calls=tf.data.AUTOTUNE)
         if record_shard:
             ds = ds.shard(n_pipes, pipe)
         ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + pipe, reshuffle_each_iteration=True)
-        ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+        ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
         if cfg.augment.placement != "device":
             aug_seed = cfg.seed * 1_000_003 + pipe
             ds = ds.enumerate().map(
                 lambda i, b: prepare_batch(b, cfg, norm, tf.stack([tf.cast(aug_seed, tf.int64), i])),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=cfg.deterministic)
+                num_parallel_calls=tf.data.AUTOTUNE)
     else:
         parsed = files.map(read)
         if cfg.data.cache:
             parsed = parsed.cache()
         ds = parsed.flat_map(_shard_rows).map(lambda p, row: _gather_slice(p, row, k),
-                                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                                              num_parallel_calls=tf.data.AUTOTUNE)
         if record_shard:
             ds = ds.shard(n_pipes, pipe)
-        ds = ds.batch(batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.map(lambda b: prepare_batch(b, cfg, norm), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda b: prepare_batch(b, cfg, norm), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
-    options.deterministic = cfg.deterministic or not training
-    options.experimental_symbolic_checkpoint = True  # iterator checkpoints hold positions, not buffers
+    # Deterministic order always: symbolic checkpoints (positions, not buffers) can only replay
+    # a deterministic pipeline, and exact resume needs them. Order is a function of the seed.
+    options.deterministic = True
+    options.experimental_symbolic_checkpoint = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # sharded above
     return ds.with_options(options)
 

@@ -10,6 +10,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import nibabel as nib
 import numpy as np
 import pytest
+import tensorflow as tf
+
+# Two logical CPU devices, so MirroredStrategy can be tested on a CPU-only machine. This
+# must happen before TensorFlow initialises its runtime, i.e. before any test runs an op.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MASKS = Path(os.environ.get("LIVERSEG_SHARED", REPO.parent / "shared")) / "data" / "ircad-liver-masks"

@@ -1,0 +1,106 @@
+"""What training optimises: per-example losses, the learning-rate schedule, the optimiser.
+
+Losses take logits (any float dtype) and a {0,1} mask, compute in float32 (a float16 sum
+over a 512x512 slice overflows), and return one value per example `[B]`, so the training
+step can average them over the *global* batch with `tf.nn.compute_average_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from liverseg.config import TrainConfig
+
+SMOOTH = 1.0  # Laplace smoothing of the overlap losses: an empty slice predicted empty costs 0
+
+
+def _prep(mask, logits):
+    return tf.cast(mask, tf.float32), tf.cast(logits, tf.float32)
+
+
+def _sum(x):
+    return tf.reduce_sum(x, axis=[1, 2, 3])
+
+
+def bce(mask, logits, cfg: TrainConfig):
+    y, z = _prep(mask, logits)
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z), axis=[1, 2, 3])
+
+
+def dice(mask, logits, cfg: TrainConfig):
+    """Soft Dice loss per slice: 1 - (2|P.Y| + s) / (|P| + |Y| + s)."""
+    y, z = _prep(mask, logits)
+    p = tf.sigmoid(z)
+    return 1.0 - (2.0 * _sum(p * y) + SMOOTH) / (_sum(p) + _sum(y) + SMOOTH)
+
+
+def bce_dice(mask, logits, cfg: TrainConfig):
+    return bce(mask, logits, cfg) + dice(mask, logits, cfg)
+
+
+def focal(mask, logits, cfg: TrainConfig):
+    """Binary focal loss (Lin et al. 2017), mean over pixels: (1 - p_t)^gamma * BCE."""
+    y, z = _prep(mask, logits)
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z)
+    p_t = tf.exp(-ce)
+    return tf.reduce_mean((1.0 - p_t) ** cfg.focal_gamma * ce, axis=[1, 2, 3])
+
+
+def tversky(mask, logits, cfg: TrainConfig):
+    """1 - TP / (TP + alpha FP + beta FN), soft, per slice (beta > alpha favours recall)."""
+    y, z = _prep(mask, logits)
+    p = tf.sigmoid(z)
+    tp, fp, fn = _sum(p * y), _sum(p * (1 - y)), _sum((1 - p) * y)
+    return 1.0 - (tp + SMOOTH) / (tp + cfg.tversky_alpha * fp + cfg.tversky_beta * fn + SMOOTH)
+
+
+LOSSES = {"bce": bce, "dice": dice, "bce_dice": bce_dice, "focal": focal, "tversky": tversky}
+
+
+def per_example_loss(cfg: TrainConfig):
+    fn = LOSSES[cfg.loss]
+    return lambda mask, logits: fn(mask, logits, cfg)
+
+
+@keras.saving.register_keras_serializable(package="liverseg")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `lr`, then constant, cosine to 0, or polynomial (power 0.9) to 0."""
+
+    def __init__(self, lr: float, steps: int, warmup: int, kind: str):
+        self.lr, self.steps, self.warmup, self.kind = lr, steps, warmup, kind
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = tf.minimum(1.0, (step + 1.0) / max(1, self.warmup)) if self.warmup else 1.0
+        t = tf.clip_by_value((step - self.warmup) / max(1, self.steps - self.warmup), 0.0, 1.0)
+        if self.kind == "cosine":
+            decay = 0.5 * (1.0 + tf.cos(math.pi * t))
+        elif self.kind == "poly":
+            decay = (1.0 - t) ** 0.9
+        else:
+            decay = 1.0
+        return self.lr * warm * decay
+
+    def get_config(self):
+        return {"lr": self.lr, "steps": self.steps, "warmup": self.warmup, "kind": self.kind}
+
+
+def optimizer(cfg: TrainConfig, replicas: int, mixed_float16: bool) -> keras.optimizers.Optimizer:
+    """The configured optimiser (loss-scaled for mixed_float16), built by the caller.
+
+    Keras clips gradients before its cross-replica all-reduce, i.e. each replica's share.
+    Clipping each share to clip_norm / replicas bounds the norm of their sum by clip_norm
+    (triangle inequality) and equals global-norm clipping on one replica.
+    """
+    schedule = WarmupSchedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.schedule)
+    clip = {"global_clipnorm": cfg.clip_norm / replicas} if cfg.clip_norm > 0 else {}
+    if cfg.optimizer == "adam":
+        opt = keras.optimizers.Adam(schedule, **clip)
+    elif cfg.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **clip)
+    else:
+        opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=True, **clip)
+    return keras.optimizers.LossScaleOptimizer(opt) if mixed_float16 else opt

@@ -1,0 +1,110 @@
+"""U-Nets for 2.5D slices: [B, H, W, 2k+1] -> liver logits [B, H, W, 1] (float32).
+
+Every layer takes the dtype policy explicitly (no global Keras state), and the 1x1 output
+layer is float32 whatever the policy, so logits, losses and metrics stay in float32
+under mixed precision. The sigmoid lives in the loss and in prediction.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from liverseg import LiversegError
+from liverseg.config import ModelConfig
+
+
+def seed_unet(channels: int, policy: str = "float32") -> keras.Model:
+    """The tutorial's network, faithfully: one 3x3 conv + max-pool per level (32/64/128/256),
+    a 512-filter bridge, conv-transpose + concat + one 3x3 conv per decoder level, 1x1 out.
+    (The tutorial ends in a sigmoid; here it is folded into the loss, which is equivalent.)"""
+    x = inputs = keras.Input((None, None, channels), name="slices")
+    skips = []
+    for f in (32, 64, 128, 256):
+        x = layers.Conv2D(f, 3, padding="same", activation="relu", dtype=policy)(x)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, dtype=policy)(x)
+    x = layers.Conv2D(512, 3, padding="same", activation="relu", dtype=policy)(x)
+    for f, skip in zip((256, 128, 64, 32), reversed(skips)):
+        x = layers.Conv2DTranspose(f, 2, strides=2, padding="same", dtype=policy)(x)
+        x = layers.Concatenate(dtype=policy)([x, skip])
+        x = layers.Conv2D(f, 3, padding="same", activation="relu", dtype=policy)(x)
+    logits = layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name="seed_unet")
+
+
+def _norm(kind: str, filters: int, policy: str):
+    if kind == "batch":
+        return layers.BatchNormalization(dtype=policy)
+    if kind == "sync_batch":
+        return layers.BatchNormalization(synchronized=True, dtype=policy)
+    if kind == "instance":
+        return layers.GroupNormalization(groups=filters, dtype=policy)
+    if kind == "group":
+        return layers.GroupNormalization(groups=max(g for g in (8, 4, 2, 1) if filters % g == 0), dtype=policy)
+    return None
+
+
+def _block(x, filters: int, cfg: ModelConfig, policy: str):
+    """Two (3x3 conv -> norm -> ReLU), with an optional residual connection."""
+    shortcut = x
+    for i in range(2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=cfg.norm == "none", dtype=policy)(x)
+        norm = _norm(cfg.norm, filters, policy)
+        if norm is not None:
+            x = norm(x)
+        if cfg.residual and i == 1:
+            if shortcut.shape[-1] != filters:
+                shortcut = layers.Conv2D(filters, 1, use_bias=False, dtype=policy)(shortcut)
+            x = layers.Add(dtype=policy)([x, shortcut])
+        x = layers.ReLU(dtype=policy)(x)
+    return x
+
+
+def _attention_gate(skip, gate, policy: str):
+    """Additive attention (Oktay et al. 2018): weights the skip features by a gate from the decoder."""
+    inter = max(1, skip.shape[-1] // 2)
+    theta = layers.Conv2D(inter, 1, dtype=policy)(skip)
+    phi = layers.Conv2D(inter, 1, dtype=policy)(gate)
+    psi = layers.Conv2D(1, 1, activation="sigmoid", dtype=policy)(layers.ReLU(dtype=policy)(layers.Add(dtype=policy)([theta, phi])))
+    return layers.Multiply(dtype=policy)([skip, psi])
+
+
+def unet(cfg: ModelConfig, channels: int, policy: str = "float32") -> keras.Model:
+    """The standard U-Net: `depth` downsamplings, filters base * 2^level capped at 16 * base."""
+    filters = [cfg.base_filters * min(2**level, 16) for level in range(cfg.depth + 1)]
+    x = inputs = keras.Input((None, None, channels), name="slices")
+    skips = []
+    for f in filters[:-1]:
+        x = _block(x, f, cfg, policy)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, dtype=policy)(x)
+    x = _block(x, filters[-1], cfg, policy)
+    if cfg.dropout > 0:
+        x = layers.SpatialDropout2D(cfg.dropout, dtype=policy)(x)
+    for f, skip in zip(reversed(filters[:-1]), reversed(skips)):
+        x = layers.Conv2DTranspose(f, 2, strides=2, padding="same", dtype=policy)(x)
+        if cfg.attention:
+            skip = _attention_gate(skip, x, policy)
+        x = _block(layers.Concatenate(dtype=policy)([x, skip]), f, cfg, policy)
+    logits = layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name="unet")
+
+
+def build(cfg: ModelConfig, channels: int, policy: str = "float32") -> keras.Model:
+    """The configured network for `channels` input slices under a Keras dtype policy name."""
+    if cfg.name == "seed_unet":
+        return seed_unet(channels, policy)
+    return unet(cfg, channels, policy)
+
+
+def divisor(cfg: ModelConfig) -> int:
+    """Height and width must be multiples of this."""
+    return 2 ** (4 if cfg.name == "seed_unet" else cfg.depth)
+
+
+def check_input(cfg: ModelConfig, height: int, width: int) -> None:
+    d = divisor(cfg)
+    if height % d or width % d:
+        raise LiversegError(f"slices of {height}x{width} cannot pass a {cfg.name} with depth "
+                            f"{cfg.depth}: height and width must be multiples of {d} (convert with --size)")

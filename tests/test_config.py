@@ -1,0 +1,48 @@
+"""Config: presets load, overrides are typed, unknown keys and bad values name themselves."""
+
+import pytest
+
+from conftest import REPO
+from liverseg import config
+from liverseg.config import ConfigError
+
+
+@pytest.mark.parametrize("preset", ["default", "seed", "smoke"])
+def test_presets_load(preset):
+    cfg = config.load(REPO / "configs" / f"{preset}.yaml")
+    assert config.from_dict(config.to_dict(cfg)) == cfg  # round trip through the saved form
+
+
+def test_seed_preset_is_the_tutorials_recipe():
+    cfg = config.load(REPO / "configs" / "seed.yaml")
+    assert (cfg.model.name, cfg.train.loss, cfg.train.optimizer, cfg.train.lr, cfg.data.batch_size, cfg.augment.placement) == (
+        "seed_unet", "bce", "adam", 0.001, 1, "none")
+
+
+def test_dotted_overrides_are_parsed_and_typed():
+    cfg = config.load(None, ["train.lr=3e-4", "data.hu_window=[-100, 200]", "augment.placement=device", "seed=7"])
+    assert cfg.train.lr == 3e-4 and cfg.data.hu_window == (-100.0, 200.0) and cfg.seed == 7
+    assert cfg.augment.placement == "device"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.nope=1", r"unknown config key train.nope \(valid keys at train: steps, strategy"),
+    ("nope.x=1", r"unknown config key nope \(valid keys at top level: seed"),
+    ("train.steps=ten", r"train.steps='ten' must be an integer"),
+    ("train.loss=mse", r"train.loss='mse' is not valid; choose one of: bce, dice, bce_dice, focal, tversky"),
+    ("data.hu_window=[300, 100]", r"data.hu_window=\(300.0, 100.0\) is not valid: needs low < high"),
+    ("augment.gamma_p=1.5", r"augment.gamma_p=1.5 is not valid: a probability"),
+    ("deterministic=1", r"deterministic=1 must be true or false"),
+    ("train", r"override 'train' must look like section.key=value"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "bad.yaml")

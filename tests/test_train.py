@@ -1,0 +1,215 @@
+"""The trainer on tiny phantoms: learning, strategies, resume, signals, non-finite steps, TensorBoard."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from conftest import REPO
+from liverseg import config, objective, pipeline, train, unet
+from liverseg.cli import cli
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def smoke(dataset, *overrides):
+    return config.load(SMOKE, [f"data.records={dataset}", *overrides])
+
+
+def _train_dice(cfg, weights: Path) -> float:
+    """Global hard Dice of the saved weights over every training slice."""
+    model = unet.build(cfg.model, 2 * cfg.data.context + 1)
+    model.load_weights(str(weights))
+    tp = fp = fn = 0.0
+    for b in pipeline.build_dataset(cfg, "train", training=False):
+        pred = (model(b["image"], training=False) > 0).numpy()
+        y = b["mask"].numpy() > 0
+        tp, fp, fn = tp + (pred & y).sum(), fp + (pred & ~y).sum(), fn + (~pred & y).sum()
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def test_overfits_tiny_slices(dataset, tmp_path):
+    cfg = smoke(dataset, "train.steps=250", "augment.placement=none", "data.foreground_fraction=1.0", "model.norm=instance",
+                "data.batch_size=8", "train.eval_every=1000", "train.checkpoint_every=1000")
+    t0 = time.time()
+    train.train(cfg, tmp_path / "run", progress=False)
+    assert time.time() - t0 < 60
+    assert _train_dice(cfg, tmp_path / "run" / "final.weights.h5") > 0.9
+
+
+def test_mirrored_on_two_devices_matches_one_device(dataset, tmp_path):
+    # SGD, not Adam: Adam's m/sqrt(v) turns rounding differences in near-zero gradients into
+    # full-size updates, so only an optimiser linear in the gradients can show equivalence.
+    base = ["train.steps=6", "augment.placement=none", "deterministic=true", "train.clip_norm=0",
+            "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9",
+            "model.norm=sync_batch", "train.eval_every=1000"]  # per-replica BN would differ by design
+    one = train.train(smoke(dataset, *base, "train.strategy=one_device"), tmp_path / "one", progress=False)
+    two = train.train(smoke(dataset, *base, "train.strategy=mirrored"), tmp_path / "two", progress=False)
+    assert (one["replicas"], two["replicas"]) == (1, 2)
+    cfg = smoke(dataset, *base)
+    a, b = unet.build(cfg.model, 1), unet.build(cfg.model, 1)
+    a.load_weights(str(tmp_path / "one" / "final.weights.h5"))
+    b.load_weights(str(tmp_path / "two" / "final.weights.h5"))
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(wa.numpy(), wb.numpy(), rtol=1e-3, atol=1e-4, err_msg=wa.path)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _cli(*args, env=None, **kw):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "liverseg", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+def _fingerprint(output: str) -> str:
+    return next(line.rsplit(" ", 1)[-1] for line in output.splitlines() if line.startswith("finished at step"))
+
+
+@pytest.mark.slow
+def test_two_process_multi_worker_run(dataset, tmp_path):
+    ports = _free_ports(2)
+    run = tmp_path / "run"
+    procs = []
+    for i in range(2):
+        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}
+        procs.append(_cli("train", "--config", SMOKE, "--records", dataset, "--run", run, "--set", "train.strategy=multi_worker",
+                          "--set", "train.steps=8", env={"TF_CONFIG": json.dumps(tf_config)}))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert _fingerprint(outs[0]) == _fingerprint(outs[1])  # identical weights on both workers
+    assert "not the chief: nothing is written" in outs[1]
+    # only the chief wrote: one event file per writer, its checkpoints, no worker folders
+    assert len(list((run / "train").glob("events.*"))) == 1 and len(list((run / "validation").glob("events.*"))) == 1
+    assert sorted(p.name for p in run.iterdir()) == ["best.weights.h5", "checkpoints", "config.yaml", "final.weights.h5",
+                                                     "run.json", "train", "validation"]
+    assert json.loads((run / "run.json").read_text())["result"]["replicas"] == 2
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(dataset, tmp_path):
+    args = ["train", "--config", SMOKE, "--records", dataset, "--set", "deterministic=true", "--set", "train.steps=16",
+            "--set", "train.checkpoint_every=4", "--set", "train.eval_every=1000", "--set", "data.context=1"]
+    ref = _cli(*args, "--run", tmp_path / "ref")
+    out_ref = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out_ref
+    killed = _cli(*args, "--run", tmp_path / "run")
+    _wait_for(tmp_path / "run" / "checkpoints" / "checkpoint", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = _cli(*args, "--run", tmp_path / "run")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and "resumed from" in out, out
+    assert "finished at step 16" in out
+    assert _fingerprint(out) == _fingerprint(out_ref)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(dataset, tmp_path):
+    proc = _cli("train", "--config", SMOKE, "--records", dataset, "--run", tmp_path / "run", "--set", "train.steps=100000",
+                "--set", "train.checkpoint_every=5", "--set", "train.eval_every=100000")
+    _wait_for(tmp_path / "run" / "checkpoints" / "checkpoint", proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == train.PREEMPTED_EXIT, out
+    assert "Traceback" not in out
+    step = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith(f"ckpt-{step}")
+
+
+def test_persistent_nan_stops_with_the_step_range_and_keeps_the_checkpoint(dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train.train(smoke(dataset, "train.steps=4", "train.checkpoint_every=2", "train.eval_every=1000"), run, progress=False)
+    monkeypatch.setitem(objective.LOSSES, "bce_dice", lambda mask, logits, cfg: tf.reduce_mean(logits, [1, 2, 3]) * np.nan)
+    cfg = smoke(dataset, "train.steps=40", "train.checkpoint_every=2", "train.eval_every=1000", "train.max_nonfinite_steps=6")
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite for steps 5-10 \(6 in a row\).*last checkpoint: step 4"):
+        train.train(cfg, run, progress=False)
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-4")
+    reader = tf.train.load_checkpoint(str(run / "checkpoints"))
+    floats = [n for n, d in reader.get_variable_to_dtype_map().items() if d.is_floating]
+    assert sum(n.startswith("model/") for n in floats) > 10  # weights and statistics are in there
+    for name in floats:
+        assert np.all(np.isfinite(reader.get_tensor(name))), name
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_with_float32_logits(dataset, tmp_path, precision):
+    result = train.train(smoke(dataset, f"train.precision={precision}", "train.steps=4", "train.log_every=2",
+                               "augment.placement=device", "train.eval_every=1000"), tmp_path / "run", progress=False)
+    assert np.isfinite(result["train"]["loss"])
+    if precision == "mixed_float16":
+        assert result["train"]["loss_scale"] > 0
+
+
+def test_mixed_float16_logits_and_loss_on_an_all_liver_512_slice():
+    cfg = config.load(None, ["model.base_filters=4", "model.depth=4"])
+    model = unet.build(cfg.model, 1, "mixed_float16")
+    image = tf.random.uniform([1, 512, 512, 1])
+    logits = model(image, training=True) * 0 + 30.0  # a confident, correct prediction everywhere
+    assert model(image).dtype == tf.float32
+    mask = tf.ones([1, 512, 512, 1], tf.uint8)
+    for name in objective.LOSSES:
+        value = objective.LOSSES[name](mask, tf.cast(logits, tf.float16), cfg.train)
+        assert value.dtype == tf.float32 and np.all(np.isfinite(value.numpy())), name
+    # the reason for float32 reductions: a float16 sum over a 512x512 slice overflows
+    assert not np.isfinite(tf.reduce_sum(tf.ones([512 * 512], tf.float16)).numpy())
+
+
+def test_tensorboard_event_files_have_the_expected_tags(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.train(smoke(dataset, "train.steps=10", "train.eval_every=5", "train.log_every=5",
+                      "train.profile_steps=[2, 4]"), tmp_path / "run", progress=False)
+    acc = EventAccumulator(str(tmp_path / "run" / "train"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"loss", "dice", "learning_rate", "images_per_sec", "input_wait_fraction", "skipped_steps"} <= tags
+    assert "_hparams_/session_start_info" in tags
+    assert 0 <= float(tf.make_ndarray(acc.Tensors("input_wait_fraction")[-1].tensor_proto)) <= 1
+    val = EventAccumulator(str(tmp_path / "run" / "validation"), size_guidance={"tensors": 0})
+    val.Reload()
+    vtags = set(val.Tags()["tensors"])
+    assert {"loss", "dice_3d", "dice_slice", "overlay (green truth, red prediction)"} <= vtags
+    assert [e.step for e in val.Tensors("dice_3d")] == [5, 10]
+    assert list((tmp_path / "run" / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
+
+
+def test_resume_refuses_a_changed_recipe_but_extends_steps(dataset, tmp_path):
+    run = tmp_path / "run"
+    train.train(smoke(dataset, "train.steps=2", "train.eval_every=1000"), run, progress=False)
+    with pytest.raises(Exception, match=r"different config \(train.lr: 0.003 -> 0.1\)"):
+        train.train(smoke(dataset, "train.steps=2", "train.lr=0.1"), run, progress=False)
+    result = train.train(smoke(dataset, "train.steps=4", "train.eval_every=1000"), run, progress=False)
+    assert result["step"] == 4
+
+
+def test_cli_rejects_unknown_set_key(dataset, tmp_path):
+    r = CliRunner().invoke(cli, ["train", "--config", str(SMOKE), "--records", str(dataset), "--run", str(tmp_path / "r"),
+                                 "--set", "train.nope=1"])
+    assert r.exit_code == 2 and "unknown config key train.nope" in r.output and "valid keys at train: steps" in r.output
+    assert not (tmp_path / "r").exists()
