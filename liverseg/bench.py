@@ -159,3 +159,66 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
         r["vs 5"] = f"{100 * r['slices/s'] / ref['5']:.0f}%"
         r["slices/s"], r["MB/s"] = round(r["slices/s"], 1), round(r["MB/s"], 1)
     return rows
+
+
+# ------------------------------------------------------------------------- training
+
+
+def bench_train(records: str | Path | None = None, sizes=(256, 512), models=("seed_unet", "unet"),
+                precisions=("float32", "mixed_float16"), xla=(False, True), inputs=("synthetic", "records"),
+                batch: int = 2, steps: int = 5, warmup: int = 2, base_filters: int = 32) -> list[dict]:
+    """Images/s and input-wait fraction of the real training step (train.build_step) per setting.
+
+    "synthetic" repeats one in-memory batch (the model's ceiling); "records" reads the
+    converted dataset through the full input pipeline (only at its slice size).
+    """
+    import tensorflow as tf
+
+    from liverseg import config, objective, pipeline, train, unet
+    from liverseg.records import Manifest
+
+    record_hw = None
+    if records is not None:
+        record_hw = tuple(Manifest.load(records).split("train")["slice_shape"])
+    strategy = train.make_strategy("auto")
+    rows = []
+    for model_name in models:
+        for size in sizes:
+            for precision in precisions:
+                for jit in xla:
+                    for source in inputs:
+                        if source == "records" and record_hw != (size, size):
+                            continue
+                        cfg = config.load(None, [
+                            f"model.name={model_name}", f"model.base_filters={base_filters}", "model.depth=5",
+                            f"train.precision={precision}", f"train.jit_compile={str(jit).lower()}",
+                            f"data.batch_size={batch * strategy.num_replicas_in_sync}", "augment.placement=device",
+                            *([f"data.records={records}"] if records is not None else [])])
+                        with strategy.scope():
+                            model = unet.build(cfg.model, 1, precision)
+                            opt = objective.optimizer(cfg.train, strategy.num_replicas_in_sync, precision == "mixed_float16")
+                            opt.build(model.trainable_variables)
+                        step = tf.Variable(0, dtype=tf.int64)
+                        norm = pipeline.Intensity(-200.0, 250.0, -200.0, 450.0)
+                        run_steps = train.build_step(cfg, strategy, model, opt, norm, step)
+                        if source == "records":
+                            ds = pipeline.build_dataset(cfg, "train", train.input_context(strategy))
+                        else:
+                            one = {"image": tf.cast(tf.random.uniform([batch, size, size, 1], -1000, 1000), tf.int16),
+                                   "mask": tf.cast(tf.random.uniform([batch, size, size, 1]) > 0.7, tf.uint8)}
+                            ds = tf.data.Dataset.from_tensors(one).repeat()
+                        next_batch = train.feeder(strategy, iter(ds))
+                        for _ in range(warmup):
+                            run_steps([next_batch()])[0].numpy()
+                        wait, t0 = 0.0, time.perf_counter()
+                        for _ in range(steps):
+                            t = time.perf_counter()
+                            b = next_batch()
+                            wait += time.perf_counter() - t
+                            out = run_steps([b])
+                        out[0].numpy()  # wait for the last step
+                        dt = time.perf_counter() - t0
+                        rows.append({"model": model_name, "size": size, "precision": precision, "xla": jit, "input": source,
+                                     "images/s": round(steps * cfg.data.batch_size / dt, 2),
+                                     "input wait": f"{100 * wait / dt:.0f}%"})
+    return rows

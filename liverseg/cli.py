@@ -202,6 +202,65 @@ def tensorboard(logdir, host, port):
                                       "--host", host, "--port", str(port)]))
 
 
+# ------------------------------------------------------------------------- evaluation and prediction
+
+_run_option = click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                           help="A training run directory.")
+_weights_option = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                               help="A *.weights.h5 file of this run (default: best, else final).")
+
+
+@cli.command()
+@_run_option
+@_weights_option
+@click.option("--records", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Converted dataset (default: the one the run trained on).")
+@click.option("--split", default="test", show_default=True, help="Records split to evaluate.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of <case>_orig/<case>_liver NIfTI pairs, scored on each file's own grid instead.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval/<split>).")
+def evaluate(run_dir, weights, records, split, data, out):
+    """Per-case Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm): CSV, JSON, overlays, TensorBoard."""
+    from liverseg import predict as predict_mod
+
+    rows, summary, out = predict_mod.evaluate(predict_mod.load_run(run_dir, weights), records, split, data, out)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and abs(v) < 1e6 else str(v)  # noqa: E731
+    click.echo(_table([{k: fmt(v) for k, v in r.items()} for r in rows]))
+    click.echo()
+    click.echo(_table([{"metric": k, "mean": fmt(v["mean"]), "sd": fmt(v["sd"]), "median": fmt(v["median"]),
+                        "cases": v["n"], "infinite": v["n_inf"]} for k, v in summary.items()]))
+    click.echo(f"wrote {out}/cases.csv, {out}/metrics.json and overlays; TensorBoard: {run_dir}/evaluation")
+
+
+@cli.command()
+@_run_option
+@_weights_option
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--prob", is_flag=True, help="Also write <case>_liver_prob.nii.gz probability maps.")
+def predict(run_dir, weights, inputs, out, force, prob):
+    """Write <case>_liver.nii.gz masks for NIfTI files or folders, in each input's geometry."""
+    from liverseg import predict as predict_mod
+
+    written, failures = predict_mod.predict(predict_mod.load_run(run_dir, weights), inputs, out, force, prob)
+    click.echo(f"wrote {len(written)} file(s) to {out}")
+    if failures:
+        raise LiversegError(f"{len(failures)} input(s) failed: " + "; ".join(failures))
+
+
+@cli.command()
+@_run_option
+@_weights_option
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+def export(run_dir, weights, out, force):
+    """SavedModel (serving: int16 HU slices -> liver probabilities) + weights + config."""
+    from liverseg import predict as predict_mod
+
+    click.echo(f"exported to {predict_mod.export(predict_mod.load_run(run_dir, weights), out, force)}")
+
+
 # ------------------------------------------------------------------------- benchmarks
 
 
@@ -235,6 +294,29 @@ def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batche
     from liverseg import bench as bench_mod
 
     click.echo(_table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches)))
+
+
+def _csv(kind):
+    return lambda ctx, param, value: tuple(kind(v) for v in value.split(","))
+
+
+@bench.command("train")
+@click.option("--records", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Converted dataset: adds rows reading it through the input pipeline (at its slice size).")
+@click.option("--sizes", default="256,512", show_default=True, callback=_csv(int))
+@click.option("--models", default="seed_unet,unet", show_default=True, callback=_csv(str))
+@click.option("--precisions", default="float32,mixed_float16", show_default=True, callback=_csv(str))
+@click.option("--xla", default="off,on", show_default=True, callback=_csv(lambda v: v == "on"))
+@click.option("--inputs", default="synthetic,records", show_default=True, callback=_csv(str))
+@click.option("--batch", default=2, show_default=True, help="Per-replica batch size.")
+@click.option("--steps", default=5, show_default=True, help="Timed steps per row (after --warmup).")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--base-filters", default=32, show_default=True)
+def bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, warmup, base_filters):
+    """Training throughput (images/s) and input-wait fraction per model/size/precision/XLA/input."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, warmup, base_filters)))
 
 
 # ------------------------------------------------------------------------- entry point

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 import yaml
@@ -206,76 +207,15 @@ def _validate(ds, run, cfg: Config, num_images: int) -> tuple[dict, list[np.ndar
 # ------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
-    """Train (or resume) in `run`. Returns the summary also written to RUN/run.json (chief)."""
-    from tqdm import tqdm
+def build_step(cfg: Config, strategy, model, optimizer, norm: pipeline.Intensity, step: tf.Variable):
+    """run_steps(batches) -> (losses [k], stats [k, 3], skipped [k]): k training steps in one call.
 
-    run = Path(run)
-    strategy = make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
-    tf.keras.utils.set_random_seed(cfg.seed)
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    chief = is_chief(strategy)
-    replicas = strategy.num_replicas_in_sync
+    Each batch is a distributed value (one per-replica batch per replica). Also used by
+    `liverseg bench train`, so the benchmark times exactly this step.
+    """
     tc = cfg.train
-    if cfg.data.batch_size % replicas:
-        raise LiversegError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {replicas} replicas")
-    check_resume(run, cfg)
-    manifest = pipeline.open_split(cfg, "train")
-    h, w = manifest.split("train")["slice_shape"]
-    unet.check_input(cfg.model, h, w)
-    norm = pipeline.intensity(cfg, manifest)
-    channels = 2 * cfg.data.context + 1
-    has_val = "val" in manifest.splits
-    if not has_val:
-        log.warning("%s has no val split: no validation, no best.weights.h5", manifest.root)
-    if chief:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(config.dump(cfg))
-        _write_json(run / "run.json", {
-            "liverseg_version": __version__,
-            "records": str(Path(cfg.data.records).resolve()),
-            "manifest_sha256": hashlib.sha256((manifest.root / "dataset.json").read_bytes()).hexdigest(),
-            "input": {"height": h, "width": w, "channels": channels, "context": cfg.data.context,
-                      "size": manifest.data["creation"]["options"]["size"], "intensity": norm.to_json()},
-        })
-    else:
-        log.info("not the chief: nothing is written to %s", run)
-
-    policy = precision(cfg)
-    mixed16 = policy == "mixed_float16"
-    with strategy.scope():
-        model = unet.build(cfg.model, channels, policy)
-        optimizer = objective.optimizer(tc, replicas, mixed16)
-        optimizer.build(model.trainable_variables)
-    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice")
-
-    # One plain tf.data iterator per worker, feeding its local replicas: unlike TF's
-    # DistributedIterator (not trackable, TF issue 56372) it can be checkpointed, so a
-    # resumed run continues on the exact next batch.
-    iterator = iter(pipeline.build_dataset(cfg, "train", input_context(strategy)))
-    local = len(strategy.extended.worker_devices)
-
-    def next_global_batch():
-        batches = [next(iterator) for _ in range(local)]
-        return strategy.experimental_distribute_values_from_function(
-            lambda ctx: batches[ctx.replica_id_in_sync_group % local])
-    tracked = {"model": model, "optimizer": optimizer, "step": step, "best": best}
-    if cfg.data.cache:
-        log.warning("data.cache: tf.data cannot checkpoint a cache, so a resumed run restarts the data order")
-    else:
-        tracked["iterator"] = iterator
-    ckpt = tf.train.Checkpoint(**tracked)
-    ckpt_dir = run / "checkpoints"
-    write_dir = ckpt_dir if chief else Path(tempfile.mkdtemp(prefix="liverseg-worker-ckpt-"))
-    manager = tf.train.CheckpointManager(ckpt, str(write_dir), max_to_keep=tc.keep_checkpoints)
-    latest = tf.train.latest_checkpoint(str(ckpt_dir))
-    if latest:
-        ckpt.restore(latest).assert_existing_objects_matched()
-        log.info("resumed from %s at step %d", latest, int(step.numpy()))
-    start = int(step.numpy())
-
+    replicas = strategy.num_replicas_in_sync
+    mixed16 = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     loss_fn = objective.per_example_loss(tc)
     global_batch = cfg.data.batch_size
 
@@ -336,6 +276,90 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
             bads.append(strategy.reduce(tf.distribute.ReduceOp.MEAN, bad, axis=None))
         step.assign_add(len(batches))
         return tf.stack(losses), tf.stack(stats), tf.stack(bads)
+
+    return run_steps
+
+
+def feeder(strategy, iterator):
+    """next_global_batch(): one per-replica batch from this worker's iterator for each local replica."""
+    local = len(strategy.extended.worker_devices)
+
+    def next_global_batch():
+        batches = [next(iterator) for _ in range(local)]
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: batches[ctx.replica_id_in_sync_group % local])
+
+    return next_global_batch
+
+
+def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
+    """Train (or resume) in `run`. Returns the summary also written to RUN/run.json (chief)."""
+    from tqdm import tqdm
+
+    run = Path(run)
+    strategy = make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
+    tf.keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    chief = is_chief(strategy)
+    replicas = strategy.num_replicas_in_sync
+    tc = cfg.train
+    if cfg.data.batch_size % replicas:
+        raise LiversegError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {replicas} replicas")
+    check_resume(run, cfg)
+    manifest = pipeline.open_split(cfg, "train")
+    h, w = manifest.split("train")["slice_shape"]
+    unet.check_input(cfg.model, h, w)
+    norm = pipeline.intensity(cfg, manifest)
+    channels = 2 * cfg.data.context + 1
+    has_val = "val" in manifest.splits
+    if not has_val:
+        log.warning("%s has no val split: no validation, no best.weights.h5", manifest.root)
+    if chief:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(config.dump(cfg))
+        _write_json(run / "run.json", {
+            "liverseg_version": __version__,
+            "records": str(Path(cfg.data.records).resolve()),
+            "manifest_sha256": hashlib.sha256((manifest.root / "dataset.json").read_bytes()).hexdigest(),
+            "input": {"height": h, "width": w, "channels": channels, "context": cfg.data.context,
+                      "size": manifest.data["creation"]["options"]["size"], "intensity": norm.to_json()},
+        })
+    else:
+        log.info("not the chief: nothing is written to %s", run)
+
+    policy = precision(cfg)
+    mixed16 = policy == "mixed_float16"
+    with strategy.scope():
+        model = unet.build(cfg.model, channels, policy)
+        optimizer = objective.optimizer(tc, replicas, mixed16)
+        optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice")
+
+    # One plain tf.data iterator per worker, feeding its local replicas: unlike TF's
+    # DistributedIterator (not trackable, TF issue 56372) it can be checkpointed, so a
+    # resumed run continues on the exact next batch.
+    iterator = iter(pipeline.build_dataset(cfg, "train", input_context(strategy)))
+    next_global_batch = feeder(strategy, iterator)
+    tracked = {"model": model, "optimizer": optimizer, "step": step, "best": best}
+    if cfg.data.cache:
+        log.warning("data.cache: tf.data cannot checkpoint a cache, so a resumed run restarts the data order")
+    else:
+        tracked["iterator"] = iterator
+    ckpt = tf.train.Checkpoint(**tracked)
+    ckpt_dir = run / "checkpoints"
+    write_dir = ckpt_dir if chief else Path(tempfile.mkdtemp(prefix="liverseg-worker-ckpt-"))
+    manager = tf.train.CheckpointManager(ckpt, str(write_dir), max_to_keep=tc.keep_checkpoints)
+    latest = tf.train.latest_checkpoint(str(ckpt_dir))
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
+        log.info("resumed from %s at step %d", latest, int(step.numpy()))
+    start = int(step.numpy())
+
+    loss_fn = objective.per_example_loss(tc)
+    global_batch = cfg.data.batch_size
+    run_steps = build_step(cfg, strategy, model, optimizer, norm, step)
 
     validate = make_validator(model, cfg, loss_fn) if has_val and chief else None
     writers = ({k: tf.summary.create_file_writer(str(run / k)) for k in ("train", "validation")} if chief
@@ -482,4 +506,4 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     return summary
 
 
-__all__ = ["NonFiniteLoss", "PREEMPTED_EXIT", "Preempted", "make_strategy", "make_validator", "train"]
+__all__ = ["NonFiniteLoss", "PREEMPTED_EXIT", "Preempted", "build_step", "feeder", "make_strategy", "make_validator", "train"]
