@@ -319,6 +319,26 @@ def bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, w
     click.echo(_table(bench_mod.bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, warmup, base_filters)))
 
 
+@bench.command("predict")
+@_run_option
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--cases", default=5, show_default=True)
+def bench_predict(run_dir, data, cases):
+    """Whole-volume prediction time and slices/s, and metric time per case, on NIfTI pairs in DATA."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_predict(run_dir, data, cases)))
+
+
+@bench.command("metrics")
+@click.argument("masks", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def bench_metrics(masks):
+    """Metric time per case on real *_liver.nii[.gz] masks against a shifted, eroded copy."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_metrics(masks)))
+
+
 # ------------------------------------------------------------------------- entry point
 
 

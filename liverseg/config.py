@@ -102,6 +102,10 @@ class ModelConfig:
     # "batch": per-replica batch norm; "sync_batch": statistics all-reduced across
     # replicas; "instance"/"group": batch-independent (exact across replica counts).
     norm: Literal["batch", "sync_batch", "instance", "group", "none"] = "batch"
+    # Batch norm's moving-average momentum. Keras defaults to 0.99 (a ~100-step memory),
+    # which lags a network whose weights still move fast, so inference-mode statistics
+    # no longer match it; 0.9 (PyTorch's default) tracks it.
+    bn_momentum: float = 0.9
     # Residual connection around each level's pair of convolutions.
     residual: bool = False
     # Additive attention gates on the skip connections (Oktay et al. 2018).
@@ -156,8 +160,11 @@ class EvalConfig:
     threshold: float = 0.5
     # Average the probabilities of the image and its left-right mirror.
     tta_flip: bool = False
-    # Keep only the largest 3D connected component, then fill its holes.
+    # Keep the largest 3D connected component (and fill holes), dropping the others...
     largest_component: bool = True
+    # ...unless they have at least this fraction of its voxels: a lobe predicted
+    # disconnected at thick slices is kept, a stray blob is not (1.0: strictly the largest).
+    min_component_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -348,6 +355,7 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         need(cfg.base_filters >= 1, "base_filters", "must be >= 1")
         need(1 <= cfg.depth <= 7, "depth", "must be in [1, 7]")
         need(0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(0.0 <= cfg.bn_momentum < 1.0, "bn_momentum", "must be in [0, 1)")
     elif isinstance(cfg, TrainConfig):
         need(cfg.steps >= 1, "steps", "must be >= 1")
         need(cfg.steps_per_call >= 1, "steps_per_call", "must be >= 1")
@@ -360,6 +368,7 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
     elif isinstance(cfg, EvalConfig):
         need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
         need(0.0 < cfg.threshold < 1.0, "threshold", "must be in (0, 1)")
+        need(0.0 <= cfg.min_component_fraction <= 1.0, "min_component_fraction", "must be in [0, 1]")
 
 
 __all__ = [

@@ -101,15 +101,16 @@ def infer_volume(run: Run, image: np.ndarray, batch_size: int | None = None, tta
     return out
 
 
-def postprocess(prob: np.ndarray, threshold: float, largest_component: bool) -> np.ndarray:
-    """Probabilities -> uint8 mask; optionally the largest 26-connected component, holes filled."""
+def postprocess(prob: np.ndarray, threshold: float, largest_component: bool, min_fraction: float = 1.0) -> np.ndarray:
+    """Probabilities -> uint8 mask. With largest_component: keep the largest 26-connected
+    component and any other of at least min_fraction of its size, then fill holes."""
     mask = prob >= threshold
     if largest_component and mask.any():
         labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
         if n > 1:
             sizes = np.bincount(labels.ravel())
             sizes[0] = 0
-            mask = labels == int(np.argmax(sizes))
+            mask = np.isin(labels, np.flatnonzero(sizes >= max(1, min_fraction * sizes.max())))
         mask = ndimage.binary_fill_holes(mask)
     return mask.astype(np.uint8)
 
@@ -121,7 +122,7 @@ def predict_nifti(run: Run, path: str | Path) -> tuple[np.ndarray, np.ndarray, n
     prob_stored = infer_volume(run, nifti_io.to_stored(image, geom, "image"))
     prob = nifti_io.from_stored(prob_stored, geom, "prob")
     e = run.cfg.eval
-    return postprocess(prob, e.threshold, e.largest_component), prob, geom
+    return postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction), prob, geom
 
 
 # ------------------------------------------------------------------------- evaluate
@@ -145,7 +146,7 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
         for case in m.cases(split):
             image, ref = verify.read_case(m, case["case_id"])
             spacing = case["geometry"]["stored_spacing"]
-            pred = postprocess(infer_volume(run, image), e.threshold, e.largest_component)
+            pred = postprocess(infer_volume(run, image), e.threshold, e.largest_component, e.min_component_fraction)
             rows.append({"case": case["case_id"], **metrics.case_metrics(pred, ref, spacing)})
             if pngs:
                 overlay.write_png(out / f"{case['case_id']}.png", overlay.case_panel(image, spacing, ref, pred))

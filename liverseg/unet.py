@@ -33,11 +33,12 @@ def seed_unet(channels: int, policy: str = "float32") -> keras.Model:
     return keras.Model(inputs, logits, name="seed_unet")
 
 
-def _norm(kind: str, filters: int, policy: str):
+def _norm(cfg: ModelConfig, filters: int, policy: str):
+    kind = cfg.norm
     if kind == "batch":
-        return layers.BatchNormalization(dtype=policy)
+        return layers.BatchNormalization(momentum=cfg.bn_momentum, dtype=policy)
     if kind == "sync_batch":
-        return layers.BatchNormalization(synchronized=True, dtype=policy)
+        return layers.BatchNormalization(momentum=cfg.bn_momentum, synchronized=True, dtype=policy)
     if kind == "instance":
         return layers.GroupNormalization(groups=filters, dtype=policy)
     if kind == "group":
@@ -50,7 +51,7 @@ def _block(x, filters: int, cfg: ModelConfig, policy: str):
     shortcut = x
     for i in range(2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=cfg.norm == "none", dtype=policy)(x)
-        norm = _norm(cfg.norm, filters, policy)
+        norm = _norm(cfg, filters, policy)
         if norm is not None:
             x = norm(x)
         if cfg.residual and i == 1:

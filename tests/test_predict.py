@@ -70,10 +70,14 @@ def test_largest_component_removes_a_detached_blob_and_fills_holes():
     prob[2:10, 2:12, 2:12] = 0.9
     prob[5, 6, 6] = 0.1  # a hole
     prob[4:6, 16:19, 16:19] = 0.8  # a detached blob
-    kept = predict.postprocess(prob, 0.5, largest_component=True)
+    kept = predict.postprocess(prob, 0.5, largest_component=True, min_fraction=0.1)
     assert kept[4:6, 16:19, 16:19].sum() == 0 and kept[5, 6, 6] == 1 and kept.sum() == 8 * 10 * 10
     raw = predict.postprocess(prob, 0.5, largest_component=False)
     assert raw[4, 17, 17] == 1 and raw[5, 6, 6] == 0
+    lobe = prob.copy()
+    lobe[2:10, 14:19, 14:19] = 0.8  # a second large piece (200 voxels, 25% of the first) is kept
+    assert predict.postprocess(lobe, 0.5, True, min_fraction=0.1)[5, 16, 16] == 1
+    assert predict.postprocess(lobe, 0.5, True, min_fraction=1.0)[5, 16, 16] == 0
 
 
 def test_predict_refuses_to_overwrite_and_reports_a_corrupt_input(trained_run, tmp_path):
