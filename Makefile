@@ -17,10 +17,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/liverseg synth $(DEMO)/nifti --cases 12 --size 128 --slices 48..64 --seed 0
-	$(BIN)/liverseg convert $(DEMO)/nifti $(DEMO)/records --val 0.17 --test 0.25 --num-shards 2 --overwrite
+	$(BIN)/liverseg synth $(DEMO)/nifti --cases 16 --size 128 --slices 40..56 --seed 0
+	$(BIN)/liverseg convert $(DEMO)/nifti $(DEMO)/records --val 0.19 --test 0.19 --overwrite
 	$(BIN)/liverseg verify $(DEMO)/records
-	$(BIN)/liverseg inspect $(DEMO)/records --png $(DEMO)/overlays
+	$(BIN)/liverseg train --config configs/demo.yaml --records $(DEMO)/records --run $(DEMO)/run
+	$(BIN)/liverseg evaluate --run $(DEMO)/run --split test
+	@echo
+	@echo "TensorBoard logs: $(DEMO)/run/train, $(DEMO)/run/validation, $(DEMO)/run/evaluation"
+	@echo "Open them with:   $(BIN)/liverseg tensorboard $(DEMO)/run   then browse http://127.0.0.1:6006"
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -342,6 +342,9 @@ def bench_metrics(masks):
 # ------------------------------------------------------------------------- entry point
 
 
+TF_COMMANDS = ("train", "evaluate", "predict", "export", "verify", "inspect", "pipeline")
+
+
 def _prefer_tcmalloc() -> None:
     """Re-exec under tcmalloc when it is installed and not loaded yet.
 
@@ -353,6 +356,9 @@ def _prefer_tcmalloc() -> None:
     preload = os.environ.get("LD_PRELOAD", "")
     if os.environ.get("LIVERSEG_MALLOC", "tcmalloc") != "tcmalloc" or "tcmalloc" in preload:
         return
+    words = sys.argv[1:3]
+    if not (words[:1] and words[0] in TF_COMMANDS or words in (["bench", c] for c in TF_COMMANDS)):
+        return  # synth and convert do not run TensorFlow
     lib = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
     if lib is None:
         return

@@ -141,7 +141,7 @@ class TrainConfig:
     # Clip the global gradient norm to this value (0 disables).
     clip_norm: float = 12.0
     log_every: int = 50
-    eval_every: int = 1000
+    eval_every: int = 1000  # validate every N steps and at the end (0: never)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     # Stop with an error when the loss is non-finite for this many consecutive steps.
@@ -362,8 +362,9 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         need(cfg.lr > 0, "lr", "must be > 0")
         need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(cfg.clip_norm >= 0, "clip_norm", "must be >= 0 (0 disables)")
-        for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
             need(getattr(cfg, name) >= 1, name, "must be >= 1")
+        need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: never validate)")
         need(len(cfg.profile_steps) in (0, 2), "profile_steps", "must be [] or [start, stop]")
     elif isinstance(cfg, EvalConfig):
         need(cfg.batch_size >= 1, "batch_size", "must be >= 1")

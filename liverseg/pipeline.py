@@ -1,7 +1,9 @@
 """tf.data input pipeline: sharded TFRecords -> batches of 2.5D slices, for one input pipeline.
 
-`build_dataset(cfg, split, input_context)` is what `strategy.distribute_datasets_from_function`
-calls once per input pipeline. Training order, and why:
+`build_dataset(cfg, split, input_context)` builds the dataset of one input pipeline, with the
+`tf.distribute.InputContext` that `distribute_datasets_from_function` would pass; the trainer
+builds one per worker itself and keeps its iterator, because TF's distributed iterators
+cannot be checkpointed. Training order, and why:
 
 1. shard *files* across input pipelines (each worker reads only its own shards);
 2. shuffle shard order and repeat (at file level, so every epoch visits shards anew);
@@ -119,7 +121,10 @@ def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0) -> tf.data.Da
     if keep_seed is not None and keep_bg < 1.0:
         u = tf.random.stateless_uniform(tf.shape(rows), keep_seed)
         rows = tf.boolean_mask(rows, (shard[records.LIVER_VOXELS] > 0) | (u < keep_bg))
-    return tf.data.Dataset.from_tensor_slices(rows).map(lambda row: (shard, row))
+    def with_shard(row):
+        return shard, row
+
+    return tf.data.Dataset.from_tensor_slices(rows).map(with_shard)
 
 
 def _gather_slice(shard: dict, row, k: int) -> dict:
@@ -178,10 +183,27 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
 
     files = tf.data.Dataset.from_tensor_slices(([str(s.path) for s in shards], tf.constant([s.num_examples for s in shards], tf.int64)))
     compression = m.compression
-    read = lambda path, count: _read_shard(path, count, compression, h, w)  # noqa: E731
     k = cfg.data.context
     seed = cfg.seed
 
+    # Named functions, not lambdas: AutoGraph locates a function's source by its line and
+    # gives up (with a warning) on several lambdas that look alike.
+    def read(path, count):
+        return _read_shard(path, count, compression, h, w)
+
+    def gather(shard, row):
+        return _gather_slice(shard, row, k)
+
+    def rows_of_visit(visit, shard):  # every visit of a shard (counted across epochs) samples anew
+        return _shard_rows(shard, tf.stack([tf.cast(seed, tf.int64), visit]), keep_bg)
+
+    def augment_batch(i, batch):
+        return prepare_batch(batch, cfg, norm, tf.stack([tf.cast(cfg.seed * 1_000_003 + pipe, tf.int64), i]))
+
+    def normalize_batch(batch):
+        return prepare_batch(batch, cfg, norm)
+
+    keep_bg = liver_keep_probability(cfg, m, split) if training else 1.0
     if training:
         n = len(shards)
         if cfg.data.cache:  # parsed shards kept in memory after the first pass
@@ -189,34 +211,27 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
         else:
             parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat().map(
                 read, num_parallel_calls=cfg.data.cycle_length)
-        keep_bg = liver_keep_probability(cfg, m, split)
-        # Every visit of a shard (counted across epochs) gets its own sampling seed. This
-        # interleave only hands out row references, so it needs no parallelism (and TF's
+        # This interleave only hands out row references, so it needs no parallelism (and TF's
         # parallel interleave is not safe under symbolic checkpointing); the copying
         # happens in the parallel map after it.
-        ds = parsed.enumerate().interleave(
-            lambda visit, p: _shard_rows(p, tf.stack([tf.cast(seed, tf.int64), visit]), keep_bg),
-            cycle_length=cfg.data.cycle_length, block_length=1)
-        ds = ds.map(lambda p, row: _gather_slice(p, row, k), num_parallel_calls=tf.data.AUTOTUNE)
-        if record_shard:
+        ds = parsed.enumerate().interleave(rows_of_visit, cycle_length=cfg.data.cycle_length, block_length=1)
+        if record_shard:  # on row references, before any voxel is copied
             ds = ds.shard(n_pipes, pipe)
+        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + pipe, reshuffle_each_iteration=True)
         ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
         if cfg.augment.placement != "device":
-            aug_seed = cfg.seed * 1_000_003 + pipe
-            ds = ds.enumerate().map(
-                lambda i, b: prepare_batch(b, cfg, norm, tf.stack([tf.cast(aug_seed, tf.int64), i])),
-                num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         parsed = files.map(read)
         if cfg.data.cache:
             parsed = parsed.cache()
-        ds = parsed.flat_map(_shard_rows).map(lambda p, row: _gather_slice(p, row, k),
-                                              num_parallel_calls=tf.data.AUTOTUNE)
+        ds = parsed.flat_map(_shard_rows)
         if record_shard:
             ds = ds.shard(n_pipes, pipe)
+        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.map(lambda b: prepare_batch(b, cfg, norm), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(normalize_batch, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Deterministic order always: symbolic checkpoints (positions, not buffers) can only replay

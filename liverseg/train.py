@@ -312,9 +312,10 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     unet.check_input(cfg.model, h, w)
     norm = pipeline.intensity(cfg, manifest)
     channels = 2 * cfg.data.context + 1
-    has_val = "val" in manifest.splits
+    has_val = "val" in manifest.splits and tc.eval_every > 0
     if not has_val:
-        log.warning("%s has no val split: no validation, no best.weights.h5", manifest.root)
+        log.warning("no validation (%s): no best.weights.h5",
+                    "train.eval_every=0" if tc.eval_every == 0 else f"{manifest.root} has no val split")
     if chief:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(config.dump(cfg))
