@@ -50,6 +50,7 @@ def cli() -> None:
     Typical flow: synth (or your data) -> convert -> verify -> train -> evaluate -> predict.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint timings at INFO
 
 
 # ------------------------------------------------------------------------- data
@@ -367,6 +368,9 @@ def _prefer_tcmalloc() -> None:
 
 
 def main() -> None:
+    # TensorFlow's C++ INFO lines (CPU feature notices, absl preamble) drown the CLI's own
+    # output; warnings and errors still show. Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     _prefer_tcmalloc()
     cli(prog_name="liverseg")
 

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -63,16 +62,6 @@ def test_mirrored_on_two_devices_matches_one_device(dataset, tmp_path):
         np.testing.assert_allclose(wa.numpy(), wb.numpy(), rtol=1e-3, atol=1e-4, err_msg=wa.path)
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _cli(*args, env=None, **kw):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "liverseg", *map(str, args)], stdout=subprocess.PIPE,
@@ -85,15 +74,16 @@ def _fingerprint(output: str) -> str:
 
 @pytest.mark.slow
 def test_two_process_multi_worker_run(dataset, tmp_path):
-    ports = _free_ports(2)
+    """Two MultiWorkerMirroredStrategy workers on localhost, started by tools/launch_local_workers.py."""
     run = tmp_path / "run"
-    procs = []
-    for i in range(2):
-        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}
-        procs.append(_cli("train", "--config", SMOKE, "--records", dataset, "--run", run, "--set", "train.strategy=multi_worker",
-                          "--set", "train.steps=8", env={"TF_CONFIG": json.dumps(tf_config)}))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    launcher = REPO / "tools" / "launch_local_workers.py"
+    proc = subprocess.run([sys.executable, str(launcher), "2", "--", sys.executable, "-m", "liverseg", "train",
+                           "--config", str(SMOKE), "--records", str(dataset), "--run", str(run),
+                           "--set", "train.strategy=multi_worker", "--set", "train.steps=8"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0 and "exit codes: [0, 0]" in proc.stdout, proc.stdout + proc.stderr
+    outs = ["\n".join(line.split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith(f"[worker {i}] "))
+            for i in range(2)]
     assert _fingerprint(outs[0]) == _fingerprint(outs[1])  # identical weights on both workers
     assert "not the chief: nothing is written" in outs[1]
     # only the chief wrote: one event file per writer, its checkpoints, no worker folders
