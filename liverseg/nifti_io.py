@@ -237,14 +237,19 @@ def _voxels(path: Path, img, raw: bytes, scaled: bool) -> np.ndarray:
     return arr
 
 
-def load_image(path: str | Path, raw: bytes | None = None) -> tuple[np.ndarray, Header]:
-    """CT voxels in Hounsfield units as int16 (clipped to [-1024, 3071]), source orientation."""
-    path = Path(path)
+def _read_checked(path: Path, raw: bytes | None, scaled: bool) -> tuple[np.ndarray, Header]:
+    """Decompress (unless given the bytes), check the raw header, then read the voxels."""
     if raw is None:
         raw, _ = read_file(path)
     img, raw = _image_from_bytes(path, raw)
     header = _check_header(path, img, raw[:540])
-    arr = _voxels(path, img, raw, scaled=True)
+    return _voxels(path, img, raw, scaled=scaled), header
+
+
+def load_image(path: str | Path, raw: bytes | None = None) -> tuple[np.ndarray, Header]:
+    """CT voxels in Hounsfield units as int16 (clipped to [-1024, 3071]), source orientation."""
+    path = Path(path)
+    arr, header = _read_checked(path, raw, scaled=True)
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -264,11 +269,7 @@ def load_mask(path: str | Path, raw: bytes | None = None, merge_tumour: bool = F
     as 1.00000006 after scaling, but its stored values are the labels.
     """
     path = Path(path)
-    if raw is None:
-        raw, _ = read_file(path)
-    img, raw = _image_from_bytes(path, raw)
-    header = _check_header(path, img, raw[:540])
-    arr = _voxels(path, img, raw, scaled=False)
+    arr, header = _read_checked(path, raw, scaled=False)
     labels = _labels(path, arr)
     if labels <= {0, 1}:
         out = arr.astype(np.uint8, copy=False)
