@@ -110,8 +110,8 @@ class TutorialLoader:
 
 def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, batches: int = 40, aug: str = "host",
                    context: int = 0, batch: int = 8, tutorial_batches: int = 2, split: str = "train") -> list[dict]:
-    """Slices/s and MB/s of: raw TFRecord read, the pipeline without and with host augmentation,
-    the tutorial's loader (with nifti), and TF's batched bilinear transform alone (the floor)."""
+    """Slices/s and MB/s of: raw TFRecord read, the pipeline without augmentation (float32 out,
+    and int16 out as shipped for device augmentation) and with host augmentation, the tutorial's loader (with nifti), and TF's batched bilinear transform alone (the floor)."""
     import tensorflow as tf
 
     from liverseg import config, pipeline
@@ -133,6 +133,9 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
     add("1 raw TFRecord read", _rate(iter(raw), batches, 5, lambda b: (int(b.shape[0]), int(b.shape[0] * per_slice))))
     add("2 pipeline, no augmentation", _rate(iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "none"}), split)),
                                              batches, 5, _batch_count))
+    add("2b pipeline, int16 + uint8 for device augmentation",
+        _rate(iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "device"}), split)),
+              batches, 5, _batch_count))
     if aug == "host":
         add("3 pipeline, host augmentation", _rate(iter(pipeline.build_dataset(base, split)), batches, 5, _batch_count))
     if nifti is not None:

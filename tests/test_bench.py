@@ -18,7 +18,8 @@ def test_bench_convert(phantoms):
 
 def test_bench_pipeline_prints_all_rows(dataset, phantoms):
     out = run("bench", "pipeline", dataset, "--nifti", phantoms, "--batches", 3, "--batch", 4, "--tutorial-batches", 1)
-    for row in ("1 raw TFRecord read", "2 pipeline, no augmentation", "3 pipeline, host augmentation",
+    for row in ("1 raw TFRecord read", "2 pipeline, no augmentation", "2b pipeline, int16 + uint8 for device augmentation",
+                "3 pipeline, host augmentation",
                 "4 tutorial loader", "5 ImageProjectiveTransformV3 alone"):
         assert row in out
 
