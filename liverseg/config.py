@@ -337,7 +337,11 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         if not ok:
             raise ConfigError(f"{prefix}{key}={getattr(cfg, key)!r} is not valid: {what}")
 
-    if isinstance(cfg, DataConfig):
+    if isinstance(cfg, Config):
+        need(not (cfg.deterministic and cfg.train.jit_compile), "deterministic",
+             "cannot be combined with train.jit_compile=true: XLA has no deterministic max-pool "
+             "gradient; set train.jit_compile=false for deterministic runs")
+    elif isinstance(cfg, DataConfig):
         need(cfg.context >= 0, "context", "must be >= 0")
         need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
         need(cfg.hu_window[0] < cfg.hu_window[1], "hu_window", "needs low < high")

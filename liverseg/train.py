@@ -292,6 +292,19 @@ def feeder(strategy, iterator):
     return next_global_batch
 
 
+def _set_op_determinism(on: bool) -> None:
+    """Op determinism is process-global in TensorFlow: turn it on for a deterministic run and
+    back off for the next run in the same process (it would make an XLA run fail)."""
+    if on:
+        tf.config.experimental.enable_op_determinism()
+        return
+    from tensorflow.python.framework import config as tf_config  # no public "disable" (TF 2.21)
+
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    if disable is not None:
+        disable()
+
+
 def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     """Train (or resume) in `run`. Returns the summary also written to RUN/run.json (chief)."""
     from tqdm import tqdm
@@ -299,8 +312,7 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     run = Path(run)
     strategy = make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
     tf.keras.utils.set_random_seed(cfg.seed)
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    _set_op_determinism(cfg.deterministic)
     chief = is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
     tc = cfg.train

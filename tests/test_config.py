@@ -40,6 +40,12 @@ def test_bad_values_are_named(override, message):
         config.load(None, [override])
 
 
+def test_deterministic_runs_refuse_xla():
+    with pytest.raises(ConfigError, match=r"deterministic=True is not valid: cannot be combined with train.jit_compile"):
+        config.load(REPO / "configs" / "default.yaml", ["deterministic=true"])
+    assert config.load(REPO / "configs" / "default.yaml", ["deterministic=true", "train.jit_compile=false"]).deterministic
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "none.yaml")

@@ -203,3 +203,20 @@ def test_cli_rejects_unknown_set_key(dataset, tmp_path):
                                  "--set", "train.nope=1"])
     assert r.exit_code == 2 and "unknown config key train.nope" in r.output and "valid keys at train: steps" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_several_steps_per_call_equal_one_step_per_call(dataset, tmp_path):
+    """steps_per_call only batches host round trips: same steps, same data, same weights."""
+    base = ["deterministic=true", "train.steps=7", "train.eval_every=1000", "train.log_every=2"]
+    one = train.train(smoke(dataset, *base, "train.steps_per_call=1"), tmp_path / "one", progress=False)
+    three = train.train(smoke(dataset, *base, "train.steps_per_call=3"), tmp_path / "three", progress=False)
+    assert one["step"] == three["step"] == 7  # 3 + 3 + 1: the last call runs the remainder
+    assert one["weights_fingerprint"] == three["weights_fingerprint"]
+
+
+def test_xla_with_device_augmentation_and_steps_per_call(dataset, tmp_path):
+    """The default recipe's GPU path (jit_compile, device augmentation, several steps per call) on CPU."""
+    result = train.train(smoke(dataset, "train.jit_compile=true", "train.steps_per_call=2", "train.steps=5",
+                               "augment.placement=device", "train.eval_every=5"), tmp_path / "run", progress=False)
+    assert result["step"] == 5 and np.isfinite(result["train"]["loss"])
+    assert 0 <= result["validation"]["dice_3d"] <= 1
