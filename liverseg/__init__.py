@@ -9,7 +9,11 @@ import it themselves. `require_tensorflow()` turns a missing install into one cl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -19,6 +23,34 @@ class LiversegError(Exception):
 
     The CLI prints it as one line and exits with status 2; nothing else is caught.
     """
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Write to the yielded temporary sibling of `path`; it is renamed onto `path` when the
+    block succeeds and removed when it fails, so `path` is never half-written.
+
+    The temporary name (`.partial-<name>`) keeps the suffix, so nibabel and Keras pick the
+    same format. A folder works too (an existing folder at `path` is replaced).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".partial-{path.name}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir():
+        _remove(path)  # rename cannot replace a non-empty folder
+    tmp.replace(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def require_tensorflow() -> None:

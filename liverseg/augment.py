@@ -47,15 +47,15 @@ def enabled(cfg: AugmentConfig) -> bool:
 # ------------------------------------------------------------------------- spatial
 
 
-def _on_subset(image, chosen, fn):
-    """Apply fn to the chosen examples only (gather -> fn -> scatter back)."""
+def _on_subset(image, chosen, fn, *params):
+    """fn(x, *params) on the chosen examples only (gather -> fn -> scatter back); params are
+    per-example [B] values, gathered alongside and broadcast over H, W, C."""
     def apply():
         idx = tf.where(chosen)
-        return tf.tensor_scatter_nd_update(image, idx, fn(tf.gather_nd(image, idx), tf.shape(idx)[0]))
+        picked = [tf.gather_nd(p, idx)[:, None, None, None] for p in params]
+        return tf.tensor_scatter_nd_update(image, idx, fn(tf.gather_nd(image, idx), *picked))
 
     return tf.cond(tf.reduce_any(chosen), apply, lambda: image)
-
-
 
 
 def _affine_matrices(seed, b: int, h: int, w: int, cfg: AugmentConfig):
@@ -153,31 +153,26 @@ def _gaussian_blur(x, sigma):
 def intensity(image, seed, cfg: AugmentConfig):
     """Blur, noise, contrast, brightness, gamma on the normalised image; per-example draws."""
     b = tf.shape(image)[0]
-    s = _seeds(seed, 10)
+    s = _seeds(seed, 11)
     if cfg.blur_p > 0:
         sigma = _uniform(s[0], b, *cfg.blur_sigma)
-        chosen = _coin(s[1], b, cfg.blur_p)
-        image = _on_subset(image, chosen, lambda x, n: _gaussian_blur(x, tf.gather(sigma, tf.where(chosen)[:, 0])))
+        image = _on_subset(image, _coin(s[1], b, cfg.blur_p), lambda x, sig: _gaussian_blur(x, sig[:, 0, 0, 0]), sigma)
     if cfg.noise_p > 0:
         std = _uniform(s[2], b, 0.0, cfg.noise_std)
-        chosen = _coin(s[3], b, cfg.noise_p)
-        image = _on_subset(image, chosen, lambda x, n: x + tf.random.stateless_normal(tf.shape(x), s[4])
-                           * tf.gather(std, tf.where(chosen)[:, 0])[:, None, None, None])
+        image = _on_subset(image, _coin(s[3], b, cfg.noise_p),
+                           lambda x, sd: x + tf.random.stateless_normal(tf.shape(x), s[4]) * sd, std)
     if cfg.contrast_p > 0 or cfg.brightness_p > 0:
         factor = tf.where(_coin(s[5], b, cfg.contrast_p), _uniform(s[6], b, *cfg.contrast), 1.0)[:, None, None, None]
         shift = tf.where(_coin(s[7], b, cfg.brightness_p), _uniform(s[8], b, -cfg.brightness, cfg.brightness), 0.0)
         mean = tf.reduce_mean(image, axis=[1, 2, 3], keepdims=True)
         image = (image - mean) * factor + mean + shift[:, None, None, None]
     if cfg.gamma_p > 0:
-        g = _uniform(s[9], b, *cfg.gamma)
-        chosen = _coin(tf.reverse(s[9], [0]), b, cfg.gamma_p)
-
-        def gamma(x, n):  # on the image rescaled to [0, 1], then back (nnU-Net's scheme)
+        def gamma(x, g):  # on the image rescaled to [0, 1], then back (nnU-Net's scheme)
             lo = tf.reduce_min(x, axis=[1, 2, 3], keepdims=True)
             span = tf.maximum(tf.reduce_max(x, axis=[1, 2, 3], keepdims=True) - lo, 1e-6)
-            return tf.pow((x - lo) / span, tf.gather(g, tf.where(chosen)[:, 0])[:, None, None, None]) * span + lo
+            return tf.pow((x - lo) / span, g) * span + lo
 
-        image = _on_subset(image, chosen, gamma)
+        image = _on_subset(image, _coin(s[10], b, cfg.gamma_p), gamma, _uniform(s[9], b, *cfg.gamma))
     return image
 
 

@@ -6,6 +6,7 @@ averages of per-step rates. Figures belong in docs/benchmarks.md with the comman
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 import time
@@ -185,46 +186,45 @@ def bench_train(records: str | Path | None = None, sizes=(256, 512), models=("se
         record_hw = tuple(Manifest.load(records).split("train")["slice_shape"])
     strategy = train.make_strategy("auto")
     rows = []
-    for model_name in models:
-        for size in sizes:
-            for precision in precisions:
-                for jit in xla:
-                    for source in inputs:
-                        if source == "records" and record_hw != (size, size):
-                            continue
-                        cfg = config.load(None, [
-                            f"model.name={model_name}", f"model.base_filters={base_filters}", "model.depth=5",
-                            f"train.precision={precision}", f"train.jit_compile={str(jit).lower()}",
-                            f"data.batch_size={batch * strategy.num_replicas_in_sync}", "augment.placement=device",
-                            *([f"data.records={records}"] if records is not None else [])])
-                        with strategy.scope():
-                            model = unet.build(cfg.model, 1, precision)
-                            opt = objective.optimizer(cfg.train, strategy.num_replicas_in_sync, precision == "mixed_float16")
-                            opt.build(model.trainable_variables)
-                        step = tf.Variable(0, dtype=tf.int64)
-                        norm = pipeline.Intensity(-200.0, 250.0, -200.0, 450.0)
-                        run_steps = train.build_step(cfg, strategy, model, opt, norm, step)
-                        if source == "records":
-                            ds = pipeline.build_dataset(cfg, "train", train.input_context(strategy))
-                        else:
-                            one = {"image": tf.cast(tf.random.uniform([batch, size, size, 1], -1000, 1000), tf.int16),
-                                   "mask": tf.cast(tf.random.uniform([batch, size, size, 1]) > 0.7, tf.uint8)}
-                            ds = tf.data.Dataset.from_tensors(one).repeat()
-                        next_batch = train.feeder(strategy, iter(ds))
-                        for _ in range(warmup):
-                            run_steps([next_batch()])[0].numpy()
-                        wait, t0 = 0.0, time.perf_counter()
-                        for _ in range(steps):
-                            t = time.perf_counter()
-                            b = next_batch()
-                            wait += time.perf_counter() - t
-                            out = run_steps([b])
-                        out[0].numpy()  # wait for the last step
-                        dt = time.perf_counter() - t0
-                        rows.append({"model": model_name, "size": size, "precision": precision, "xla": jit, "input": source,
-                                     "images/s": round(steps * cfg.data.batch_size / dt, 2),
-                                     "input wait": f"{100 * wait / dt:.0f}%"})
+    for model_name, size, precision, jit, source in itertools.product(models, sizes, precisions, xla, inputs):
+        if source == "records" and record_hw != (size, size):
+            continue
+        cfg = config.load(None, [
+            f"model.name={model_name}", f"model.base_filters={base_filters}", "model.depth=5",
+            f"train.precision={precision}", f"train.jit_compile={str(jit).lower()}",
+            f"data.batch_size={batch * strategy.num_replicas_in_sync}", "augment.placement=device",
+            *([f"data.records={records}"] if records is not None else [])])
+        with strategy.scope():
+            model = unet.build(cfg.model, 1, precision)
+            opt = objective.optimizer(cfg.train, strategy.num_replicas_in_sync, precision == "mixed_float16")
+            opt.build(model.trainable_variables)
+        norm = pipeline.Intensity(-200.0, 250.0, -200.0, 450.0)
+        run_steps = train.build_step(cfg, strategy, model, opt, norm, tf.Variable(0, dtype=tf.int64))
+        if source == "records":
+            ds = pipeline.build_dataset(cfg, "train", train.input_context(strategy))
+        else:
+            one = {"image": tf.cast(tf.random.uniform([batch, size, size, 1], -1000, 1000), tf.int16),
+                   "mask": tf.cast(tf.random.uniform([batch, size, size, 1]) > 0.7, tf.uint8)}
+            ds = tf.data.Dataset.from_tensors(one).repeat()
+        images_s, wait = _time_steps(run_steps, train.feeder(strategy, iter(ds)), steps, warmup, cfg.data.batch_size)
+        rows.append({"model": model_name, "size": size, "precision": precision, "xla": jit, "input": source,
+                     "images/s": round(images_s, 2), "input wait": f"{100 * wait:.0f}%"})
     return rows
+
+
+def _time_steps(run_steps, next_batch, steps: int, warmup: int, global_batch: int) -> tuple[float, float]:
+    """(images/s, input-wait fraction) over `steps` one-step calls after `warmup` calls."""
+    for _ in range(warmup):
+        run_steps([next_batch()])[0].numpy()
+    wait, t0 = 0.0, time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        b = next_batch()
+        wait += time.perf_counter() - t
+        out = run_steps([b])
+    out[0].numpy()  # wait for the last step
+    dt = time.perf_counter() - t0
+    return steps * global_batch / dt, wait / dt
 
 
 # ------------------------------------------------------------------------- prediction

@@ -35,7 +35,7 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import sparse
 
-from liverseg import LiversegError
+from liverseg import LiversegError, atomic_path
 
 try:  # Intel ISA-L inflate: ~1.5x faster than zlib on CT volumes, same output
     from isal import isal_zlib as _inflate
@@ -450,6 +450,5 @@ def save_like(path: str | Path, arr: np.ndarray, geom: Geometry, dtype=np.uint8)
         img.header.set_slope_inter(1.0, 0.0)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".partial-{path.name}")  # same suffix, so nibabel picks the same format
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from liverseg import atomic_path
+
 GREEN = (0, 220, 0)  # ground truth
 RED = (255, 40, 40)  # prediction
 
@@ -75,7 +77,5 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    path = Path(path)
-    tmp = path.with_name(f".partial-{path.name}")
-    tmp.write_bytes(png)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)

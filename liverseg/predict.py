@@ -27,7 +27,7 @@ import tensorflow as tf
 import yaml
 from scipy import ndimage
 
-from liverseg import LiversegError, config, metrics, nifti_io, overlay, pipeline, unet, verify
+from liverseg import LiversegError, atomic_path, config, metrics, nifti_io, overlay, pipeline, unet, verify
 from liverseg.config import Config
 from liverseg.records import Manifest
 
@@ -117,7 +117,11 @@ def postprocess(prob: np.ndarray, threshold: float, largest_component: bool, min
 
 def predict_nifti(run: Run, path: str | Path) -> tuple[np.ndarray, np.ndarray, nifti_io.Geometry]:
     """(mask uint8, probability float32) on the input file's own grid, and its geometry."""
-    image, header = nifti_io.load_image(path)
+    return predict_image(run, *nifti_io.load_image(path))
+
+
+def predict_image(run: Run, image: np.ndarray, header) -> tuple[np.ndarray, np.ndarray, nifti_io.Geometry]:
+    """predict_nifti for a CT already loaded with `nifti_io.load_image`."""
     geom = nifti_io.stored_geometry(header, run.size)
     prob_stored = infer_volume(run, nifti_io.to_stored(image, geom, "image"))
     prob = nifti_io.from_stored(prob_stored, geom, "prob")
@@ -135,7 +139,6 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
     overlay PNGs and TensorBoard scalars into `out` (default RUN/eval/<split or folder>)."""
     name = split if data is None else Path(data).name
     out = Path(out) if out else run.root / "eval" / name
-    out.mkdir(parents=True, exist_ok=True)
     e = run.cfg.eval
     rows = []
     if data is None:
@@ -143,6 +146,7 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
         m = Manifest.load(records)
         if split not in m.splits:
             raise LiversegError(f"{records}: no split {split!r} (splits: {', '.join(m.splits)})")
+        out.mkdir(parents=True, exist_ok=True)
         for case in m.cases(split):
             image, ref = verify.read_case(m, case["case_id"])
             spacing = case["geometry"]["stored_spacing"]
@@ -153,21 +157,22 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
     else:
         from liverseg.convert import ConvertOptions, discover
 
-        for case in discover(Path(data), ConvertOptions()):
-            pred, _, geom = predict_nifti(run, case.image)
+        cases = discover(Path(data), ConvertOptions())  # raises naming the folder when it holds no pairs
+        out.mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            image, header = nifti_io.load_image(case.image)
+            pred, _, geom = predict_image(run, image, header)
             ref, _ = nifti_io.load_mask(case.mask)
             rows.append({"case": case.case_id, **metrics.case_metrics(pred, ref, geom.spacing)})
             if pngs:
-                image, _ = nifti_io.load_image(case.image)
                 panel = overlay.case_panel(nifti_io.to_stored(image, geom, "image"), geom.stored_spacing,
                                            nifti_io.to_stored(ref, geom, "mask"), nifti_io.to_stored(pred, geom, "mask"))
                 overlay.write_png(out / f"{case.case_id}.png", panel)
-    if not rows:
-        raise LiversegError(f"no cases to evaluate in {data or records}")
     summary = metrics.summarize(rows)
     _write_table(out / "cases.csv", rows)
-    (out / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
-                                                 indent=1, default=_json_number) + "\n")
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
+                                  indent=1, default=_json_number) + "\n")
     writer = tf.summary.create_file_writer(str(run.root / "evaluation"))
     with writer.as_default(step=0):
         for k, s in summary.items():
@@ -181,12 +186,10 @@ def _json_number(v):
 
 
 def _write_table(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".partial-{path.name}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------- predict
@@ -215,11 +218,11 @@ def predict(run: Run, inputs, out: str | Path, force: bool = False, probabilitie
     and does not stop the others. Returns (written files, failure messages).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written, failures = [], []
     files = _inputs(inputs)
     if not files:
         raise LiversegError(f"no .nii/.nii.gz inputs in {', '.join(map(str, inputs))}")
+    out.mkdir(parents=True, exist_ok=True)
     for f in files:
         target = out / output_name(f)
         prob_target = out / output_name(f, "_liver_prob")
@@ -263,14 +266,12 @@ def export(run: Run, out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LiversegError(f"{out} is not empty; pass --force to replace it")
-    tmp = out.with_name(f".partial-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    module = _Serving(run.model, run.norm, 2 * run.context + 1, unet.divisor(run.cfg.model))
-    tf.saved_model.save(module, str(tmp / "saved_model"), signatures={"serving_default": module.serve})
-    shutil.copy2(run.weights, tmp / run.weights.name)
-    for name in ("config.yaml", "run.json"):
-        shutil.copy2(run.root / name, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        module = _Serving(run.model, run.norm, 2 * run.context + 1, unet.divisor(run.cfg.model))
+        tf.saved_model.save(module, str(tmp / "saved_model"), signatures={"serving_default": module.serve})
+        shutil.copy2(run.weights, tmp / run.weights.name)
+        for name in ("config.yaml", "run.json"):
+            shutil.copy2(run.root / name, tmp / name)
     return out

@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from liverseg import LiversegError, nifti_io
+from liverseg import LiversegError, atomic_path, nifti_io
 
 SLAB = 16  # slices rendered at once (bounds memory at 512x512)
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
@@ -395,10 +395,8 @@ def _write_case(spec: CaseSpec, out: Path) -> str:
         img.header.set_xyzt_units("mm")
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
-        final = out / f"{spec.name}_{suffix}.nii.gz"
-        tmp = final.with_name(f".partial-{final.name}")
-        nib.save(img, str(tmp))
-        tmp.replace(final)
+        with atomic_path(out / f"{spec.name}_{suffix}.nii.gz") as tmp:
+            nib.save(img, str(tmp))
     return spec.name
 
 

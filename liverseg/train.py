@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from liverseg import LiversegError, __version__, config, objective, overlay, pipeline, unet
+from liverseg import LiversegError, __version__, atomic_path, config, objective, overlay, pipeline, unet
 from liverseg.config import Config
 
 log = logging.getLogger(__name__)
@@ -129,15 +129,13 @@ def weights_fingerprint(model) -> str:
 
 
 def _save_weights(model, path: Path) -> None:
-    tmp = path.with_name(f".partial-{path.name}")
-    model.save_weights(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        model.save_weights(str(tmp))
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".partial-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def precision(cfg: Config) -> str:
@@ -148,6 +146,13 @@ def precision(cfg: Config) -> str:
 
 
 # ------------------------------------------------------------------------- validation
+
+
+def confusion(logits, mask, axis=None):
+    """Hard (TP, FP, FN) pixel counts of logits > 0 against the mask, stacked on the last axis."""
+    pred, y = tf.cast(logits > 0, tf.float32), tf.cast(mask, tf.float32)
+    return tf.stack([tf.reduce_sum(pred * y, axis), tf.reduce_sum(pred * (1 - y), axis),
+                     tf.reduce_sum((1 - pred) * y, axis)], axis=-1)
 
 
 def _dice(tp, fp, fn) -> float:
@@ -163,10 +168,7 @@ def make_validator(model, cfg: Config, loss_fn):
     @tf.function(reduce_retracing=True)
     def run(image, mask):
         logits = model(image, training=False)
-        pred, y = tf.cast(logits > 0, tf.float32), tf.cast(mask, tf.float32)
-        counts = tf.stack([tf.reduce_sum(pred * y, [1, 2, 3]), tf.reduce_sum(pred * (1 - y), [1, 2, 3]),
-                           tf.reduce_sum((1 - pred) * y, [1, 2, 3])], axis=1)
-        return loss_fn(mask, logits), counts, logits
+        return loss_fn(mask, logits), confusion(logits, mask, [1, 2, 3]), logits
 
     def validate(num_images: int) -> tuple[dict, list[np.ndarray]]:
         return _validate(ds, run, cfg, num_images)
@@ -225,9 +227,7 @@ def build_step(cfg: Config, strategy, model, optimizer, norm: pipeline.Intensity
             loss = tf.nn.compute_average_loss(loss_fn(mask, logits), global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss) if mixed16 else loss
         grads = tape.gradient(scaled, model.trainable_variables)
-        pred, y = tf.cast(logits > 0, tf.float32), tf.cast(mask, tf.float32)
-        stats = tf.stack([tf.reduce_sum(pred * y), tf.reduce_sum(pred * (1 - y)), tf.reduce_sum((1 - pred) * y)])
-        return loss, grads, stats
+        return loss, grads, confusion(logits, mask)
 
     if tc.jit_compile:
         forward_backward = tf.function(forward_backward, jit_compile=True)

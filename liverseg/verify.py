@@ -103,11 +103,16 @@ def read_case(m: Manifest, case_id: str) -> tuple[np.ndarray, np.ndarray]:
     """Stored image [Z, H, W] int16 and mask uint8 of one case, from its shard."""
     import tensorflow as tf
 
-    case = next(c for c in m.cases() if c["case_id"] == case_id)
-    raw = [r for _, _, r in records.iter_records(m.root / case["shard"], m.compression)]
-    ex = records.decode_example(tf.constant(raw))
-    keep = (ex[records.CASE_ID] == case_id.encode()).numpy()
-    return ex[records.IMAGE].numpy()[keep], ex[records.MASK].numpy()[keep]
+    by_id = {c["case_id"]: c for c in m.cases()}
+    case = by_id[case_id]
+    shard = next(s for s in m.shards(case["split"]) if s.path.name == case["shard"])
+    first = sum(by_id[c]["num_slices"] for c in shard.cases[:shard.cases.index(case_id)])  # cases are contiguous
+    raw = [r for i, _, r in records.iter_records(shard.path, m.compression) if first <= i < first + case["num_slices"]]
+    ex = records.decode_example(tf.constant(raw))  # only this case's slices are decoded
+    if not bool(tf.reduce_all(ex[records.CASE_ID] == case_id.encode())):
+        raise records.RecordsError(f"{shard.path}: records {first}-{first + len(raw) - 1} are not all {case_id}; "
+                                   f"run liverseg verify {m.root}")
+    return ex[records.IMAGE].numpy(), ex[records.MASK].numpy()
 
 
 def inspect(root: str | Path, png_dir: str | Path | None = None, max_cases: int = 3) -> list[dict]:

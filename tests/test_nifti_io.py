@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import write_nifti
-from liverseg import nifti_io
+from liverseg import atomic_path, nifti_io
 from liverseg.nifti_io import InputError
 
 ORIENTATIONS = ["LAS", "RAS", "LPS", "PIR", "SAL"]
@@ -168,3 +168,22 @@ def test_save_like_restores_source_header(tmp_path):
     assert img.shape == arr.shape and np.allclose(img.affine, aff) and img.get_data_dtype() == np.uint8
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
     assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    folder = tmp_path / "export"
+    (folder / "stale").mkdir(parents=True)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "saved_model").write_text("x")
+    assert sorted(p.name for p in folder.iterdir()) == ["saved_model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "export"]

@@ -118,6 +118,19 @@ def test_evaluate_records_split_and_tensorboard(trained_run):
     assert list((trained_run / "evaluation").glob("events.*"))
 
 
+def test_bad_evaluate_and_predict_requests_leave_no_output(trained_run, tmp_path):
+    run = predict.load_run(trained_run)
+    with pytest.raises(LiversegError, match=r"no split 'nope' \(splits: train, val"):
+        predict.evaluate(run, split="nope")
+    assert not (trained_run / "eval" / "nope").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LiversegError, match=r"empty: no image/mask pairs"):
+        predict.evaluate(run, data=tmp_path / "empty", out=tmp_path / "eval")
+    with pytest.raises(LiversegError, match=r"no \.nii/\.nii\.gz inputs in .*empty"):
+        predict.predict(run, [tmp_path / "empty"], tmp_path / "pred")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no eval/ or pred/ folder
+
+
 def test_export_reloads_with_the_same_probabilities(trained_run, tmp_path):
     run = predict.load_run(trained_run)
     out = predict.export(run, tmp_path / "export")
