@@ -116,20 +116,20 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
     import tensorflow as tf
 
     from liverseg import config, pipeline
-    from liverseg.records import Manifest
+    from liverseg.manifest import Manifest
 
     m = Manifest.load(records_dir)
-    shards = m.shards(split)
-    _warm([s.path for s in shards])
-    h, w = m.split(split)["slice_shape"]
+    paths = m.shard_paths(split)
+    _warm(paths)
+    h, w = m.split(split).slice_shape
     base = config.load(None, [f"data.records={records_dir}", f"data.context={context}", f"data.batch_size={batch}"])
     rows = []
 
     def add(name, rate):
         rows.append({"row": name, "slices/s": rate[0], "MB/s": rate[1] / MB})
 
-    per_slice = m.split(split)["bytes"] / m.split(split)["num_examples"]
-    raw = tf.data.TFRecordDataset([str(s.path) for s in shards], m.compression, pipeline.READ_BUFFER,
+    per_slice = m.split(split).bytes / m.split(split).num_examples
+    raw = tf.data.TFRecordDataset([str(p) for p in paths], m.compression, pipeline.READ_BUFFER,
                                   num_parallel_reads=base.data.cycle_length).repeat().batch(batch).prefetch(2)
     add("1 raw TFRecord read", _rate(iter(raw), batches, 5, lambda b: (int(b.shape[0]), int(b.shape[0] * per_slice))))
     add("2 pipeline, no augmentation", _rate(iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "none"}), split)),
@@ -142,7 +142,7 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
     if nifti is not None:
         from liverseg.convert import ConvertOptions, discover
 
-        cases = [c for c in discover(Path(nifti), ConvertOptions(split_preset=m.data["creation"]["options"]["split_preset"]))
+        cases = [c for c in discover(Path(nifti), ConvertOptions(split_preset=m.options.split_preset))
                  if c.split == split] or discover(Path(nifti), ConvertOptions())
         loader = TutorialLoader([(c.image, c.mask) for c in cases], batch)
         it = (loader[i] for i in range(10**9))
@@ -178,12 +178,12 @@ def bench_train(records: str | Path | None = None, sizes=(256, 512), models=("se
     """
     import tensorflow as tf
 
-    from liverseg import config, objective, pipeline, train, unet
-    from liverseg.records import Manifest
+    from liverseg import config, objective, pipeline, rundir, train, unet
+    from liverseg.manifest import Manifest
 
     record_hw = None
     if records is not None:
-        record_hw = tuple(Manifest.load(records).split("train")["slice_shape"])
+        record_hw = tuple(Manifest.load(records).split("train").slice_shape)
     strategy = train.make_strategy("auto")
     rows = []
     for model_name, size, precision, jit, source in itertools.product(models, sizes, precisions, xla, inputs):
@@ -198,7 +198,7 @@ def bench_train(records: str | Path | None = None, sizes=(256, 512), models=("se
             model = unet.build(cfg.model, 1, precision)
             opt = objective.optimizer(cfg.train, strategy.num_replicas_in_sync, precision == "mixed_float16")
             opt.build(model.trainable_variables)
-        norm = pipeline.Intensity(-200.0, 250.0, -200.0, 450.0)
+        norm = rundir.Intensity(-200.0, 250.0, -200.0, 450.0)
         run_steps = train.build_step(cfg, strategy, model, opt, norm, tf.Variable(0, dtype=tf.int64))
         if source == "records":
             ds = pipeline.build_dataset(cfg, "train", train.input_context(strategy))

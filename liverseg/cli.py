@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import logging
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -22,6 +24,12 @@ def _table(rows: list[dict]) -> str:
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
     return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def runs_tensorflow(cmd: click.Command) -> click.Command:
+    """Mark a command that runs TensorFlow (it then runs under tcmalloc; see wants_tcmalloc)."""
+    cmd.runs_tensorflow = True
+    return cmd
 
 
 class UserError(click.ClickException):
@@ -79,41 +87,52 @@ def synth(out, cases, size, slices, masks, seed, layout, workers):
         click.echo(f"wrote {folder}")
 
 
-def _convert_options(size, image_pattern, mask_pattern, split_file, split_preset, val, test, seed, shard_mb,
-                     num_shards, compression, merge_tumour, affine_tol, workers, skip_bad, overwrite):
-    from liverseg.convert import ConvertOptions
+def dataclass_options(cls, skip: tuple[str, ...] = ()):
+    """Click options generated from a frozen options dataclass: one `--field-name` per field,
+    its default and help taken from the field, so each default is written once (in the class).
 
-    return ConvertOptions(size=size, image_pattern=image_pattern, mask_pattern=mask_pattern,
-                          split_file=str(split_file) if split_file else None, split_preset=split_preset,
-                          val=val, test=test, seed=seed, shard_mb=shard_mb, num_shards=num_shards,
-                          compression="" if compression == "none" else compression, merge_tumour=merge_tumour,
-                          affine_tol=affine_tol, workers=workers, skip_bad=skip_bad, overwrite=overwrite)
+    Field metadata: "help"; "choices" ({shown value: field value}); "exists" (a file that must exist).
+    Returns (decorator, build) where build(**kw) turns the parsed values into an instance.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+
+    def decorator(fn):
+        for f in reversed(fields):
+            tp = hints[f.name]
+            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            kw = {"help": meta.get("help"), "show_default": f.default is not None}
+            if tp is bool:
+                fn = click.option(flag, is_flag=True, help=meta.get("help"))(fn)
+                continue
+            if "choices" in meta:
+                shown = {v: k for k, v in meta["choices"].items()}
+                kw.update(type=click.Choice(list(meta["choices"])), default=shown.get(f.default))
+            else:
+                base = next(a for a in (typing.get_args(tp) or (tp,)) if a is not type(None))
+                kw.update(type=click.Path(exists=True, dir_okay=False) if meta.get("exists") else base, default=f.default)
+            fn = click.option(flag, **kw)(fn)
+        return fn
+
+    def build(**kw):
+        values = {}
+        for f in fields:
+            v = kw[f.name]
+            if "choices" in f.metadata and v is not None:
+                v = f.metadata["choices"][v]
+            values[f.name] = v
+        return cls(**values)
+
+    return decorator, build
 
 
-def convert_options(f):
-    """The converter's options, shared by `convert` and `bench convert`."""
-    opts = [
-        click.option("--size", type=int, help="Resize slices in-plane to SIZE x SIZE (default: native)."),
-        click.option("--image-pattern", default="{case}_orig", show_default=True, help="Image file name without .nii[.gz]."),
-        click.option("--mask-pattern", default="{case}_liver", show_default=True, help="Mask file name without .nii[.gz]."),
-        click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help='JSON {"train": [...], "val": [...], "test": [...]} of case ids.'),
-        click.option("--split-preset", type=click.Choice(["ircad"]), help="ircad: cases 1-10 train, 11-15 val, 16-20 test."),
-        click.option("--val", default=0.0, show_default=True, help="Fraction of cases for validation (seeded)."),
-        click.option("--test", default=0.0, show_default=True, help="Fraction of cases for test (seeded)."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the --val/--test split."),
-        click.option("--shard-mb", default=128.0, show_default=True, help="Target shard size (whole cases per shard)."),
-        click.option("--num-shards", type=int, help="Shards per split (overrides --shard-mb)."),
-        click.option("--compression", type=click.Choice(["none", "GZIP", "ZLIB"]), default="none", show_default=True),
-        click.option("--merge-tumour", is_flag=True, help="LiTS masks: count tumour (label 2) as liver."),
-        click.option("--affine-tol", default=1e-3, show_default=True, help="Image/mask affine tolerance in mm."),
-        click.option("--workers", default=1, show_default=True, help="Parallel processes."),
-        click.option("--skip-bad", is_flag=True, help="Convert the good cases and list the bad ones in the manifest."),
-        click.option("--overwrite", is_flag=True, help="Replace a different dataset already in OUT."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def _convert_cli():
+    from liverseg.manifest import ConvertOptions
+
+    return dataclass_options(ConvertOptions)
+
+
+convert_options, build_convert_options = _convert_cli()
 
 
 @cli.command()
@@ -124,14 +143,15 @@ def convert(src, out, **kw):
     """Convert NIfTI volume/mask pairs in SRC to sharded TFRecords + manifest in OUT."""
     from liverseg import convert as convert_mod
 
-    manifest = convert_mod.convert(src, out, _convert_options(**kw))
-    for split, s in manifest["splits"].items():
-        click.echo(f"{split}: {s['num_cases']} cases, {s['num_examples']} slices, {len(s['shards'])} shard(s)")
-    for s in manifest["skipped"]:
-        click.echo(f"skipped {s['case_id']}: {s['error']}", err=True)
+    manifest = convert_mod.convert(src, out, build_convert_options(**kw))
+    for split, s in manifest.splits.items():
+        click.echo(f"{split}: {s.num_cases} cases, {s.num_examples} slices, {len(s.shards)} shard(s)")
+    for s in manifest.skipped:
+        click.echo(f"skipped {s.case_id}: {s.error}", err=True)
     click.echo(f"wrote {out / 'dataset.json'}")
 
 
+@runs_tensorflow
 @cli.command()
 @click.argument("root", type=click.Path(path_type=Path))
 def verify(root):
@@ -146,6 +166,7 @@ def verify(root):
     click.echo(f"all {len(reports)} shard(s) ok")
 
 
+@runs_tensorflow
 @cli.command()
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--png", type=click.Path(file_okay=False, path_type=Path), help="Write overlay PNGs of sample cases here.")
@@ -171,6 +192,7 @@ def _config(config_path, records, overrides):
     return config_mod.load(config_path, overrides)
 
 
+@runs_tensorflow
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML preset (configs/default.yaml, seed.yaml, smoke.yaml).")
@@ -211,6 +233,7 @@ _weights_option = click.option("--weights", type=click.Path(exists=True, dir_oka
                                help="A *.weights.h5 file of this run (default: best, else final).")
 
 
+@runs_tensorflow
 @cli.command()
 @_run_option
 @_weights_option
@@ -233,6 +256,7 @@ def evaluate(run_dir, weights, records, split, data, out):
     click.echo(f"wrote {out}/cases.csv, {out}/metrics.json and overlays; TensorBoard: {run_dir}/evaluation")
 
 
+@runs_tensorflow
 @cli.command()
 @_run_option
 @_weights_option
@@ -250,6 +274,7 @@ def predict(run_dir, weights, inputs, out, force, prob):
         raise LiversegError(f"{len(failures)} input(s) failed: " + "; ".join(failures))
 
 
+@runs_tensorflow
 @cli.command()
 @_run_option
 @_weights_option
@@ -278,9 +303,10 @@ def bench_convert(src, **kw):
     from liverseg import bench as bench_mod
 
     workers = kw["workers"] if kw["workers"] > 1 else 2
-    click.echo(_table(bench_mod.bench_convert(src, workers, _convert_options(**kw))))
+    click.echo(_table(bench_mod.bench_convert(src, workers, build_convert_options(**kw))))
 
 
+@runs_tensorflow
 @bench.command("pipeline")
 @click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--nifti", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -301,6 +327,7 @@ def _csv(kind):
     return lambda ctx, param, value: tuple(kind(v) for v in value.split(","))
 
 
+@runs_tensorflow
 @bench.command("train")
 @click.option("--records", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Converted dataset: adds rows reading it through the input pipeline (at its slice size).")
@@ -320,6 +347,7 @@ def bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, w
     click.echo(_table(bench_mod.bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, warmup, base_filters)))
 
 
+@runs_tensorflow
 @bench.command("predict")
 @_run_option
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -343,27 +371,44 @@ def bench_metrics(masks):
 # ------------------------------------------------------------------------- entry point
 
 
-TF_COMMANDS = ("train", "evaluate", "predict", "export", "verify", "inspect", "pipeline")
+ALLOCATORS = ("tcmalloc", "system")
+
+
+def wants_tcmalloc(argv: list[str], env: typing.Mapping[str, str]) -> bool:
+    """Whether `liverseg ARGV` should run under tcmalloc: the command runs TensorFlow (it is
+    marked with `runs_tensorflow`), LIVERSEG_MALLOC is "tcmalloc" (the default) and tcmalloc
+    is not loaded already.
+
+    With glibc malloc, TensorFlow's large per-slice tensors come from fresh mmaps and the
+    input pipeline spends ~25% of its CPU in page faults (perf, 512x512 slices); tcmalloc
+    keeps freed memory and raised pipeline throughput 1.7-2.7x (docs/benchmarks.md).
+    `synth` and `convert` do not run TensorFlow and were measured slower under it.
+    """
+    choice = env.get("LIVERSEG_MALLOC", "tcmalloc")
+    if choice not in ALLOCATORS:
+        raise LiversegError(f"LIVERSEG_MALLOC={choice!r}: choose one of {', '.join(ALLOCATORS)}")
+    if choice == "system" or "tcmalloc" in env.get("LD_PRELOAD", ""):
+        return False
+    cmd: click.Command = cli
+    for word in argv:
+        if not isinstance(cmd, click.Group) or word.startswith("-"):
+            break
+        cmd = cmd.commands.get(word)
+        if cmd is None:
+            return False
+    return getattr(cmd, "runs_tensorflow", False)
 
 
 def _prefer_tcmalloc() -> None:
-    """Re-exec under tcmalloc when it is installed and not loaded yet.
-
-    With glibc malloc, TensorFlow's large per-slice tensors come from fresh mmaps, and the
-    input pipeline spends ~25% of its CPU in page faults (perf, 512x512 slices); tcmalloc
-    keeps freed memory and roughly doubles pipeline throughput (docs/benchmarks.md).
-    LIVERSEG_MALLOC=system turns this off.
-    """
-    preload = os.environ.get("LD_PRELOAD", "")
-    if os.environ.get("LIVERSEG_MALLOC", "tcmalloc") != "tcmalloc" or "tcmalloc" in preload:
-        return
-    words = sys.argv[1:3]
-    if not (words[:1] and words[0] in TF_COMMANDS or words in (["bench", c] for c in TF_COMMANDS)):
-        return  # synth and convert do not run TensorFlow
-    lib = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    """Re-exec under tcmalloc when `wants_tcmalloc` says so and the library is installed."""
+    try:
+        wanted = wants_tcmalloc(sys.argv[1:], os.environ)
+    except LiversegError as e:
+        raise SystemExit(f"Error: {e}") from None
+    lib = (ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")) if wanted else None
     if lib is None:
         return
-    env = {**os.environ, "LD_PRELOAD": f"{lib} {preload}".strip()}
+    env = {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()}
     os.execve(sys.executable, [sys.executable, "-m", "liverseg", *sys.argv[1:]], env)
 
 

@@ -20,16 +20,17 @@ import os
 import random
 import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, __version__, nifti_io, records
+from liverseg import LiversegError, nifti_io, records
+from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, HUStats, Manifest, RegionHU, ShardInfo,
+                               SkippedCase, SourceFile, SplitInfo)
 from liverseg.nifti_io import InputError
 
-SPLITS = ("train", "val", "test")
 TMP_PREFIX = ".tmp-"
 PERCENTILES = (0.5, 5, 25, 50, 75, 95, 99.5)
 STAT_SAMPLES = 1_000_000  # HU statistics from a strided subsample of about this many voxels
@@ -42,33 +43,6 @@ def _ircad_split(number: int) -> str:
 
 
 SPLIT_PRESETS = {"ircad": _ircad_split}
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    size: int | None = None  # resize slices in-plane to size x size (None: native)
-    image_pattern: str = "{case}_orig"  # file name without .nii/.nii.gz
-    mask_pattern: str = "{case}_liver"
-    split_file: str | None = None  # JSON {"train": [...], "val": [...], "test": [...]}
-    split_preset: str | None = None  # "ircad": by the trailing case number
-    val: float = 0.0  # seeded fractions, used when no folders/file/preset decide
-    test: float = 0.0
-    seed: int = 0
-    shard_mb: float = 128.0
-    num_shards: int | None = None  # per split, at most one per case; overrides shard_mb
-    compression: str = ""  # "", "GZIP" or "ZLIB"
-    merge_tumour: bool = False  # LiTS labels: tumour (2) counts as liver
-    affine_tol: float = 1e-3  # mm, image vs mask affine
-    workers: int = 1
-    skip_bad: bool = False
-    overwrite: bool = False
-
-    def creation(self) -> dict:
-        """The options that determine the output bytes (recorded in the manifest)."""
-        d = asdict(self)
-        for k in ("workers", "overwrite"):
-            d.pop(k)
-        return d
 
 
 @dataclass
@@ -88,6 +62,20 @@ class ShardJob:
     ordinal: int
     tmp: Path
     cases: list[Case] = field(default_factory=list)
+
+
+@dataclass
+class ShardResult:
+    """A shard written under its temporary name: what the manifest needs to list it."""
+
+    split: str
+    ordinal: int
+    tmp: Path
+    num_examples: int
+    bytes: int
+    sha256: str
+    cases: list[CaseInfo]
+    skipped: list[SkippedCase]
 
 
 # ------------------------------------------------------------------------- discovery
@@ -265,21 +253,17 @@ def _prime_at_least(n: int) -> int:
     return n
 
 
-def _hu_stats(sample: np.ndarray, count: int) -> dict:
+def _hu_stats(sample: np.ndarray, count: int) -> HUStats:
     """Statistics of `count` voxels estimated from `sample` (HU values)."""
     if sample.size == 0:
-        return {"count": int(count)}
+        return HUStats(int(count))
     sample = sample.astype(np.float32)
     pct = np.percentile(sample, PERCENTILES, method="linear")
-    return {
-        "count": int(count),
-        "mean": round(float(sample.mean()), 3),
-        "std": round(float(sample.std()), 3),
-        "percentiles": {str(p): round(float(v), 3) for p, v in zip(PERCENTILES, pct)},
-    }
+    return HUStats(int(count), round(float(sample.mean()), 3), round(float(sample.std()), 3),
+                   {str(p): round(float(v), 3) for p, v in zip(PERCENTILES, pct)})
 
 
-def _case_stats(image: np.ndarray, mask: np.ndarray, liver_voxels: int) -> dict:
+def _case_stats(image: np.ndarray, mask: np.ndarray, liver_voxels: int) -> RegionHU:
     """Liver and body HU statistics from one strided subsample of the volume.
 
     The stride is prime, so it never aliases with the row length. The liver count is exact
@@ -290,10 +274,11 @@ def _case_stats(image: np.ndarray, mask: np.ndarray, liver_voxels: int) -> dict:
     liver = mask.ravel()[::step].astype(bool)
     body = img > BODY_HU
     body_count = int(body.sum()) * image.size // img.size  # estimated from the sample
-    return {"liver": _hu_stats(img[liver], liver_voxels), "body": _hu_stats(img[body], body_count)}
+    return RegionHU(_hu_stats(img[liver], liver_voxels), _hu_stats(img[body], body_count))
 
 
-def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, dict]:
+def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, CaseInfo, np.ndarray]:
+    """Read, check and reorient one case: (stored image, stored mask, its CaseInfo, liver voxels per slice)."""
     raw_img, sha_img = nifti_io.read_file(c.image)
     raw_mask, sha_mask = nifti_io.read_file(c.mask)
     image, h_img = nifti_io.load_image(c.image, raw_img)
@@ -302,36 +287,27 @@ def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, d
     image = nifti_io.to_stored(image, c.geometry, "image")
     mask = nifti_io.to_stored(mask, c.geometry, "mask")
     per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1, dtype=np.int64)
-    info = {
-        "case_id": c.case_id,
-        "index": c.index,
-        "split": c.split,
-        "image": {"path": str(c.image), "sha256": sha_img, "bytes": len(raw_img)},
-        "mask": {"path": str(c.mask), "sha256": sha_mask, "bytes": len(raw_mask)},
-        "geometry": c.geometry.to_json(),
-        "num_slices": int(mask.shape[0]),
-        "liver_voxels": int(per_slice.sum()),
-        "liver_slices": int(np.count_nonzero(per_slice)),
-        "hu": _case_stats(image, mask, int(per_slice.sum())),
-    }
-    return image, mask, info | {"_per_slice": per_slice}
+    liver = int(per_slice.sum())
+    info = CaseInfo(c.case_id, c.index, c.split, SourceFile(str(c.image), sha_img, len(raw_img)),
+                    SourceFile(str(c.mask), sha_mask, len(raw_mask)), c.geometry, int(mask.shape[0]), liver,
+                    int(np.count_nonzero(per_slice)), _case_stats(image, mask, liver))
+    return image, mask, info, per_slice
 
 
-def write_shard(job: ShardJob, opts: ConvertOptions) -> dict:
+def write_shard(job: ShardJob, opts: ConvertOptions) -> "ShardResult":
     """Write one shard (temp name). Returns counts, bytes, sha256, case infos and skipped cases."""
     writer = records.ShardWriter(job.tmp, opts.compression)
     infos, skipped = [], []
     try:
         for c in job.cases:
             try:
-                image, mask, info = _load_case(c, opts)
+                image, mask, info, per_slice = _load_case(c, opts)
             except InputError as e:
                 if not opts.skip_bad:
                     raise
-                skipped.append({"case_id": c.case_id, "split": c.split, "error": str(e)})
+                skipped.append(SkippedCase(c.case_id, c.split, str(e)))
                 continue
             z, h, w = image.shape
-            per_slice = info.pop("_per_slice")
             spacing = c.geometry.stored_spacing
             image = image.astype("<i2", copy=False)  # little-endian on any host; stored arrays are C-contiguous
             for s in range(z):
@@ -343,8 +319,7 @@ def write_shard(job: ShardJob, opts: ConvertOptions) -> dict:
         job.tmp.unlink(missing_ok=True)
         raise
     n, nbytes, sha = writer.close()
-    return {"ordinal": job.ordinal, "split": job.split, "tmp": str(job.tmp), "num_examples": n, "bytes": nbytes,
-            "sha256": sha, "cases": infos, "skipped": skipped}
+    return ShardResult(job.split, job.ordinal, job.tmp, n, nbytes, sha, infos, skipped)
 
 
 def _write_shard_args(args) -> dict:  # picklable entry point for the process pool
@@ -354,7 +329,7 @@ def _write_shard_args(args) -> dict:  # picklable entry point for the process po
 # ------------------------------------------------------------------------- the run
 
 
-def _check_out(out: Path, opts: ConvertOptions, src: Path) -> dict | None:
+def _check_out(out: Path, opts: ConvertOptions, src: Path) -> Manifest | None:
     """Refuse to clobber a different dataset or unrelated files; return the old manifest, if any."""
     if not out.exists():
         return None
@@ -362,62 +337,47 @@ def _check_out(out: Path, opts: ConvertOptions, src: Path) -> dict | None:
         raise LiversegError(f"{out}: exists and is not a folder")
     for p in out.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run
         p.unlink()
-    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^" + re.escape(records.MANIFEST) + "$")
+    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^" + re.escape(MANIFEST) + "$")
     foreign = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
     if foreign and not opts.overwrite:
         raise LiversegError(f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}); "
                             "choose an empty or new folder")
-    manifest = out / records.MANIFEST
-    if not manifest.is_file():
+    if not (out / MANIFEST).is_file():
         return None
     try:
-        old = json.loads(manifest.read_text())
-    except ValueError:
-        old = {}
-    same = old.get("creation", {}).get("options") == opts.creation() and old.get("creation", {}).get("source") == str(src.resolve())
+        old = Manifest.load(out, check_shards=False)
+    except LiversegError:
+        old = None
+    same = old is not None and old.options.creation() == opts.creation() and old.source == str(src.resolve())
     if not same and not opts.overwrite:
-        raise LiversegError(f"{out}: already holds a different dataset (see {manifest}); "
+        raise LiversegError(f"{out}: already holds a different dataset (see {out / MANIFEST}); "
                             "pass --overwrite to replace it or choose another folder")
     return old
 
 
-def _aggregate_hu(infos: list[dict], region: str) -> dict:
-    stats = [i["hu"][region] for i in infos if i["hu"][region]["count"] > 0]
+def _aggregate_hu(infos: list[CaseInfo], region: str) -> HUStats:
+    stats = [getattr(i.hu, region) for i in infos if getattr(i.hu, region).count > 0]
     if not stats:
-        return {"count": 0}
-    w = np.array([s["count"] for s in stats], np.float64)
-    means = np.array([s["mean"] for s in stats])
-    var = np.array([s["std"] ** 2 for s in stats])
+        return HUStats(0)
+    w = np.array([s.count for s in stats], np.float64)
+    means = np.array([s.mean for s in stats])
+    var = np.array([s.std ** 2 for s in stats])
     mean = float((w * means).sum() / w.sum())
     std = float(np.sqrt((w * (var + (means - mean) ** 2)).sum() / w.sum()))
-    pct = {p: float(sum(wi * s["percentiles"][p] for wi, s in zip(w, stats)) / w.sum()) for p in stats[0]["percentiles"]}
-    return {"count": int(w.sum()), "mean": round(mean, 3), "std": round(std, 3),
-            "percentiles": {k: round(v, 3) for k, v in pct.items()},
-            "note": "pooled mean/std; percentiles are the voxel-weighted mean of per-case percentiles"}
+    pct = {p: float(sum(wi * s.percentiles[p] for wi, s in zip(w, stats)) / w.sum()) for p in stats[0].percentiles}
+    return HUStats(int(w.sum()), round(mean, 3), round(std, 3), {k: round(v, 3) for k, v in pct.items()},
+                   "pooled mean/std; percentiles are the voxel-weighted mean of per-case percentiles")
 
 
-def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True) -> dict:
+def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True) -> Manifest:
     """Convert SRC to a sharded dataset in OUT. Returns the manifest (also written to OUT/dataset.json)."""
     from tqdm import tqdm
 
     src, out = Path(src), Path(out)
-    if opts.compression not in records.COMPRESSIONS:
-        raise LiversegError(f"--compression {opts.compression!r}: choose none, GZIP or ZLIB")
-    if opts.size is not None and not 16 <= opts.size <= 4096:
-        raise LiversegError(f"--size {opts.size}: choose a slice size between 16 and 4096")
-    if opts.shard_mb <= 0 or opts.workers < 1 or (opts.num_shards is not None and opts.num_shards < 1):
-        raise LiversegError("--shard-mb must be > 0, --workers >= 1, --num-shards >= 1")
-    cases = discover(src, opts)
-    old = _check_out(out, opts, src)
-    check_headers(cases, opts)
-    bad = [c for c in cases if c.error]
-    if bad and not opts.skip_bad:
-        raise InputError(f"{len(bad)} case(s) failed header checks, nothing written (--skip-bad converts the rest):\n  "
-                         + "\n  ".join(c.error for c in bad))
+    cases, jobs, old = prepare(src, out, opts)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan_shards(cases, opts, out)
-    results: list[dict] = []
+    results: list[ShardResult] = []
     total = sum(c.geometry.stored_shape[0] for j in jobs for c in j.cases)
     bar = tqdm(total=total, desc="convert", unit="slice", disable=not progress)
     try:
@@ -437,7 +397,9 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
                     pool.shutdown(wait=True, cancel_futures=True)  # running shards finish, queued ones never start
                     raise
         bar.close()
-        return _finalise(out, src, opts, cases, results, old)
+        manifest = assemble(src, opts, cases, results)
+        check_same_sources(out, old, manifest, opts)
+        return commit(out, manifest, results)
     except BaseException:
         bar.close()
         for j in jobs:
@@ -447,73 +409,86 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
         raise
 
 
-def _finalise(out: Path, src: Path, opts: ConvertOptions, cases: list[Case], results: list[dict], old: dict | None) -> dict:
-    results.sort(key=lambda r: (SPLITS.index(r["split"]), r["ordinal"]))
-    skipped = [{"case_id": c.case_id, "split": c.split, "error": c.error} for c in cases if c.error]
-    skipped += [s for r in results for s in r["skipped"]]
-    kept = [r for r in results if r["num_examples"] > 0]
-    for r in results:
-        if r["num_examples"] == 0:
-            Path(r["tmp"]).unlink(missing_ok=True)
-    infos = sorted((i for r in kept for i in r["cases"]), key=lambda i: i["index"])
-    if old is not None and not opts.overwrite:
-        old_src = {c["case_id"]: (c["image"]["sha256"], c["mask"]["sha256"]) for c in old.get("cases", [])}
-        new_src = {i["case_id"]: (i["image"]["sha256"], i["mask"]["sha256"]) for i in infos}
-        if old_src != new_src:
-            raise LiversegError(f"{out}: already holds a dataset converted from different source files; "
-                                "pass --overwrite to replace it or choose another folder")
-    splits: dict[str, dict] = {}
+def prepare(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[Case], list[ShardJob], Manifest | None]:
+    """Everything before any voxel is read: option checks, discovery, splits, header checks,
+    the output folder's state and the shard plan. Raises on the first problem."""
+    if opts.compression not in records.COMPRESSIONS:
+        raise LiversegError(f"--compression {opts.compression!r}: choose none, GZIP or ZLIB")
+    if opts.size is not None and not 16 <= opts.size <= 4096:
+        raise LiversegError(f"--size {opts.size}: choose a slice size between 16 and 4096")
+    if opts.shard_mb <= 0 or opts.workers < 1 or (opts.num_shards is not None and opts.num_shards < 1):
+        raise LiversegError("--shard-mb must be > 0, --workers >= 1, --num-shards >= 1")
+    cases = discover(src, opts)
+    old = _check_out(out, opts, src)
+    check_headers(cases, opts)
+    bad = [c for c in cases if c.error]
+    if bad and not opts.skip_bad:
+        raise InputError(f"{len(bad)} case(s) failed header checks, nothing written (--skip-bad converts the rest):\n  "
+                         + "\n  ".join(c.error for c in bad))
+    return cases, plan_shards(cases, opts, out), old
+
+
+def assemble(src: Path, opts: ConvertOptions, cases: list[Case], results: list[ShardResult],
+             runner: str = "local") -> Manifest:
+    """The manifest of a conversion from its written shards (any order) and the header-failed cases."""
+    results = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
+    skipped = [SkippedCase(c.case_id, c.split, c.error) for c in cases if c.error]
+    skipped += [s for r in results for s in r.skipped]
+    kept = [r for r in results if r.num_examples > 0]
+    splits: dict[str, SplitInfo] = {}
+    infos: list[CaseInfo] = []
     for split in SPLITS:
-        shards = [r for r in kept if r["split"] == split]
+        shards = [r for r in kept if r.split == split]
         if not shards:
             continue
-        members = [i for i in infos if i["split"] == split]
-        shapes = {tuple(i["geometry"]["stored_shape"][1:]) for i in members}
-        splits[split] = {
-            "num_examples": sum(r["num_examples"] for r in shards),
-            "num_cases": len(members),
-            "liver_slices": sum(i["liver_slices"] for i in members),
-            "bytes": sum(r["bytes"] for r in shards),
-            "slice_shape": list(shapes.pop()) if len(shapes) == 1 else None,
-            "hu": {"liver": _aggregate_hu(members, "liver"), "body": _aggregate_hu(members, "body")},
-            "shards": [
-                {"file": records.shard_name(split, k, len(shards)), "num_examples": r["num_examples"],
-                 "bytes": r["bytes"], "sha256": r["sha256"], "cases": [i["case_id"] for i in r["cases"]]}
-                for k, r in enumerate(shards)
-            ],
-        }
-    for i in infos:
-        i["shard"] = next(s["file"] for s in splits[i["split"]]["shards"] if i["case_id"] in s["cases"])
-    manifest = {
-        "format": records.FORMAT,
-        "schema_version": records.SCHEMA_VERSION,
-        "liverseg_version": __version__,
-        "creation": {"source": str(src.resolve()), "options": opts.creation()},
-        "record": {
-            "keys": records.KEY_DOC,
-            "layout": "one example per axial slice in stored geometry: canonical RAS, slice-major "
-                      "[Z, H, W] with rows anterior->posterior and columns patient right->left (see nifti_io)",
-            "compression": opts.compression or "none",
-        },
-        "splits": splits,
-        "cases": infos,
-        "skipped": skipped,
-    }
-    # Commit: the old manifest goes first (a crash from here on leaves no manifest, i.e. an
-    # incomplete dataset), then shards take their final names, then the new manifest appears.
-    (out / records.MANIFEST).unlink(missing_ok=True)
+        named = [(records.shard_name(split, k, len(shards)), r) for k, r in enumerate(shards)]
+        members = [replace(i, shard=name) for name, r in named for i in r.cases]
+        shapes = {tuple(i.geometry.stored_shape[1:]) for i in members}
+        splits[split] = SplitInfo(
+            num_examples=sum(r.num_examples for r in shards), num_cases=len(members),
+            liver_slices=sum(i.liver_slices for i in members), bytes=sum(r.bytes for r in shards),
+            slice_shape=shapes.pop() if len(shapes) == 1 else None,
+            hu=RegionHU(_aggregate_hu(members, "liver"), _aggregate_hu(members, "body")),
+            shards=tuple(ShardInfo(name, r.num_examples, r.bytes, r.sha256, tuple(i.case_id for i in r.cases))
+                         for name, r in named))
+        infos += members
+    return Manifest(source=str(src.resolve()), options=ConvertOptions.from_creation(opts.creation()), splits=splits,
+                    cases=tuple(sorted(infos, key=lambda i: i.index)), skipped=tuple(skipped), runner=runner)
+
+
+def check_same_sources(out: Path, old: Manifest | None, new: Manifest, opts: ConvertOptions) -> None:
+    """Re-running into a dataset with the same options must also mean the same source bytes."""
+    if old is None or opts.overwrite:
+        return
+    before = {c.case_id: (c.image.sha256, c.mask.sha256) for c in old.cases}
+    if before != {c.case_id: (c.image.sha256, c.mask.sha256) for c in new.cases}:
+        raise LiversegError(f"{out}: already holds a dataset converted from different source files; "
+                            "pass --overwrite to replace it or choose another folder")
+
+
+def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifest:
+    """Make a complete conversion final: old manifest out, shards to their final names, new manifest in.
+
+    A crash from the first step on leaves no manifest, i.e. an incomplete dataset that a
+    re-run completes; a shard under its final name is always complete.
+    """
+    (out / MANIFEST).unlink(missing_ok=True)
+    ordered = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
+    for r in ordered:
+        if r.num_examples == 0:  # every case of the shard was skipped
+            Path(r.tmp).unlink(missing_ok=True)
     final = set()
-    for split, info in splits.items():
-        for r, s in zip([r for r in kept if r["split"] == split], info["shards"]):
-            os.replace(r["tmp"], out / s["file"])
-            final.add(s["file"])
+    for split, info in manifest.splits.items():
+        for r, s in zip([r for r in ordered if r.split == split and r.num_examples > 0], info.shards):
+            os.replace(r.tmp, out / s.file)
+            final.add(s.file)
     for p in out.glob("*-of-*.tfrecord"):
         if p.name not in final:
             p.unlink()
-    tmp = out / f"{TMP_PREFIX}{records.MANIFEST}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / records.MANIFEST)
+    tmp = out / f"{TMP_PREFIX}{MANIFEST}"
+    tmp.write_text(manifest.dumps())
+    os.replace(tmp, out / MANIFEST)
     return manifest
 
 
-__all__ = ["ConvertOptions", "SPLIT_PRESETS", "convert", "discover", "plan_shards"]
+__all__ = ["ConvertOptions", "SPLIT_PRESETS", "assemble", "commit", "convert", "discover", "plan_shards", "prepare"]

@@ -31,33 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
 
 from liverseg import augment, records
 from liverseg.config import Config
-from liverseg.records import Manifest, RecordsError
+from liverseg.manifest import Manifest
+from liverseg.rundir import Intensity
+from liverseg.records import RecordsError
 
 log = logging.getLogger(__name__)
 READ_BUFFER = 8 * 2**20
-
-
-@dataclass(frozen=True)
-class Intensity:
-    """HU -> network input: (clip(hu, lo, hi) - shift) / scale."""
-
-    lo: float
-    hi: float
-    shift: float
-    scale: float
-
-    def __call__(self, hu):
-        return (tf.clip_by_value(hu, self.lo, self.hi) - self.shift) / self.scale
-
-    def to_json(self) -> dict:
-        return {"lo": self.lo, "hi": self.hi, "shift": self.shift, "scale": self.scale}
 
 
 def intensity(cfg: Config, manifest: Manifest) -> Intensity:
@@ -65,11 +50,11 @@ def intensity(cfg: Config, manifest: Manifest) -> Intensity:
     if cfg.data.normalize == "window":
         lo, hi = cfg.data.hu_window
         return Intensity(lo, hi, lo, hi - lo)
-    stats = manifest.split("train")["hu"]["liver"]
-    if stats.get("count", 0) == 0:
+    stats = manifest.split("train").hu.liver
+    if stats.count == 0:
         raise RecordsError(f"{manifest.root}: no liver voxels in the train split; use data.normalize=window")
-    pct = stats["percentiles"]
-    return Intensity(pct["0.5"], pct["99.5"], stats["mean"], max(stats["std"], 1e-3))
+    pct = stats.percentiles
+    return Intensity(pct["0.5"], pct["99.5"], stats.mean, max(stats.std, 1e-3))
 
 
 def open_split(cfg: Config, split: str) -> Manifest:
@@ -77,16 +62,14 @@ def open_split(cfg: Config, split: str) -> Manifest:
     if not cfg.data.records:
         raise RecordsError("no records folder: pass --records RECORDS (or set data.records)")
     m = Manifest.load(cfg.data.records)
-    s = m.split(split)
-    if s["slice_shape"] is None:
+    if m.split(split).slice_shape is None:
         raise RecordsError(f"{m.root}: split {split!r} mixes slice sizes; re-convert with --size N to train on it")
     return m
 
 
 def liver_keep_probability(cfg: Config, manifest: Manifest, split: str) -> float:
     """Keep probability r of non-liver slices so a drawn slice has liver with prob p + (1-p) f."""
-    s = manifest.split(split)
-    f = s["liver_slices"] / max(1, s["num_examples"])
+    f = manifest.split(split).liver_fraction
     p = cfg.data.foreground_fraction
     target = p + (1 - p) * f
     if f <= 0 or target >= 1 or p == 0:
@@ -161,7 +144,7 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
     """The dataset of one input pipeline. training defaults to split == "train"."""
     training = split == "train" if training is None else training
     m = open_split(cfg, split)
-    h, w = m.split(split)["slice_shape"]
+    h, w = m.split(split).slice_shape
     norm = intensity(cfg, m)
     shards = m.shards(split)
     n_pipes = input_context.num_input_pipelines if input_context else 1
@@ -181,7 +164,8 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
                         "keeps 1/%d of the slices; convert with --num-shards >= %d to shard by file",
                         split, len(shards), n_pipes, n_pipes, n_pipes)
 
-    files = tf.data.Dataset.from_tensor_slices(([str(s.path) for s in shards], tf.constant([s.num_examples for s in shards], tf.int64)))
+    files = tf.data.Dataset.from_tensor_slices(([str(m.path(s)) for s in shards],
+                                                tf.constant([s.num_examples for s in shards], tf.int64)))
     compression = m.compression
     k = cfg.data.context
     seed = cfg.seed
@@ -249,6 +233,6 @@ def named_data_errors(cfg: Config, split: str):
         yield
     except tf.errors.DataLossError as e:
         m = Manifest.load(cfg.data.records, check_shards=False)
-        where = records.find_corruption([s.path for s in m.shards(split)], m.compression)
+        where = records.find_corruption(m.shard_paths(split), m.compression)
         detail = where or f"{e.message.splitlines()[0]} (shards of {split} look intact; check the disk)"
         raise RecordsError(f"corrupt record: {detail}; run liverseg verify {Path(cfg.data.records)}") from None

@@ -24,41 +24,46 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-import yaml
 from scipy import ndimage
 
-from liverseg import LiversegError, atomic_path, config, metrics, nifti_io, overlay, pipeline, unet, verify
+from liverseg import LiversegError, atomic_path, metrics, nifti_io, overlay, pipeline, rundir, unet
 from liverseg.config import Config
-from liverseg.records import Manifest
+from liverseg.manifest import ConvertOptions, Manifest
+from liverseg.records import read_case
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Run:
-    """A trained run: its config, input settings and the network with its weights loaded."""
+    """A trained run: its config, input contract and the network with its weights loaded."""
 
     root: Path
     cfg: Config
-    norm: pipeline.Intensity
-    size: int | None  # slices were resized to size x size for training (None: native)
+    spec: rundir.InputSpec
     model: object
     weights: Path
     forward: object = None  # sigmoid(model(x)) as a tf.function, set by load_run
 
     @property
     def context(self) -> int:
-        return self.cfg.data.context
+        return self.spec.context
+
+    @property
+    def norm(self) -> rundir.Intensity:
+        return self.spec.intensity
+
+    @property
+    def size(self) -> int | None:
+        """Slices were resized to size x size for training (None: native)."""
+        return self.spec.size
 
 
 def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     """Rebuild the network from RUN/config.yaml and load best.weights.h5 (else final.weights.h5)."""
     root = Path(root)
-    for name in ("config.yaml", "run.json"):
-        if not (root / name).is_file():
-            raise LiversegError(f"{root}: no {name}; is this a liverseg run directory (liverseg train --run)?")
-    cfg = config.from_dict(yaml.safe_load((root / "config.yaml").read_text()))
-    info = json.loads((root / "run.json").read_text())["input"]
+    cfg = rundir.load_config(root)
+    spec = rundir.RunInfo.load(root).input
     if weights is None:
         weights = next((root / n for n in ("best.weights.h5", "final.weights.h5") if (root / n).is_file()), None)
         if weights is None:
@@ -66,13 +71,13 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     weights = Path(weights)
     if not weights.name.endswith(".weights.h5"):
         raise LiversegError(f"{weights}: only Keras weight files (*.weights.h5) are loaded, never whole models")
-    model = unet.build(cfg.model, info["channels"])
+    model = unet.build(cfg.model, spec.channels)
     try:
         model.load_weights(str(weights))
     except Exception as e:  # a weights file of another architecture or a corrupt file
         raise LiversegError(f"{weights}: cannot load into this run's {cfg.model.name} ({e})") from None
     forward = tf.function(lambda x: tf.sigmoid(model(x, training=False)), reduce_retracing=True)
-    return Run(root, cfg, pipeline.Intensity(**info["intensity"]), info["size"], model, weights, forward)
+    return Run(root, cfg, spec, model, weights, forward)
 
 
 # ------------------------------------------------------------------------- inference
@@ -138,45 +143,74 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
     (each case on its own source grid, exactly what `predict` writes). Writes CSV, JSON,
     overlay PNGs and TensorBoard scalars into `out` (default RUN/eval/<split or folder>)."""
     name = split if data is None else Path(data).name
-    out = Path(out) if out else run.root / "eval" / name
-    e = run.cfg.eval
-    rows = []
-    if data is None:
-        records = Path(records or run.cfg.data.records)
-        m = Manifest.load(records)
-        if split not in m.splits:
-            raise LiversegError(f"{records}: no split {split!r} (splits: {', '.join(m.splits)})")
-        out.mkdir(parents=True, exist_ok=True)
-        for case in m.cases(split):
-            image, ref = verify.read_case(m, case["case_id"])
-            spacing = case["geometry"]["stored_spacing"]
-            pred = postprocess(infer_volume(run, image), e.threshold, e.largest_component, e.min_component_fraction)
-            rows.append({"case": case["case_id"], **metrics.case_metrics(pred, ref, spacing)})
-            if pngs:
-                overlay.write_png(out / f"{case['case_id']}.png", overlay.case_panel(image, spacing, ref, pred))
-    else:
-        from liverseg.convert import ConvertOptions, discover
+    cases = record_cases(run, records, split) if data is None else folder_cases(run, data)
+    return write_report(run, cases, Path(out) if out else run.root / "eval" / name, name, pngs)
 
-        cases = discover(Path(data), ConvertOptions())  # raises naming the folder when it holds no pairs
-        out.mkdir(parents=True, exist_ok=True)
-        for case in cases:
+
+# A scored case: (case id, prediction, reference, spacing in mm of their grid, a function
+# returning the overlay panel's (stored CT, stored spacing, stored reference, stored prediction)).
+Scored = tuple
+
+
+def record_cases(run: Run, records: str | Path | None, split: str):
+    """Cases of a records split, predicted and scored in stored geometry (checked before the first case)."""
+    m = Manifest.load(Path(records or run.cfg.data.records))
+    m.split(split)  # names the folder and its splits when the split is not there
+    e = run.cfg.eval
+
+    def cases():
+        for case in m.cases_in(split):
+            image, ref = read_case(m, case.case_id)
+            pred = postprocess(infer_volume(run, image), e.threshold, e.largest_component, e.min_component_fraction)
+            spacing = case.geometry.stored_spacing
+            yield case.case_id, pred, ref, spacing, lambda image=image, ref=ref, pred=pred: (image, spacing, ref, pred)
+
+    return cases()
+
+
+def folder_cases(run: Run, data: str | Path):
+    """NIfTI pairs in a folder, each predicted and scored on its own source grid."""
+    from liverseg.convert import discover
+
+    found = discover(Path(data), ConvertOptions())  # raises naming the folder when it holds no pairs
+
+    def cases():
+        for case in found:
             image, header = nifti_io.load_image(case.image)
             pred, _, geom = predict_image(run, image, header)
             ref, _ = nifti_io.load_mask(case.mask)
-            rows.append({"case": case.case_id, **metrics.case_metrics(pred, ref, geom.spacing)})
+
+            def panel(image=image, geom=geom, ref=ref, pred=pred):  # overlays are drawn in stored geometry
+                return (nifti_io.to_stored(image, geom, "image"), geom.stored_spacing,
+                        nifti_io.to_stored(ref, geom, "mask"), nifti_io.to_stored(pred, geom, "mask"))
+
+            yield case.case_id, pred, ref, geom.spacing, panel
+
+    return cases()
+
+
+def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True) -> tuple[list[dict], dict, Path]:
+    """The evaluation report of scored cases: cases.csv, metrics.json, one overlay PNG per case
+    and the means in TensorBoard (RUN/evaluation). Written into a temporary folder renamed
+    onto `out` at the end, so a failure part-way leaves no folder."""
+    rows = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for case_id, pred, ref, spacing, panel in cases:
+            rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
             if pngs:
-                panel = overlay.case_panel(nifti_io.to_stored(image, geom, "image"), geom.stored_spacing,
-                                           nifti_io.to_stored(ref, geom, "mask"), nifti_io.to_stored(pred, geom, "mask"))
-                overlay.write_png(out / f"{case.case_id}.png", panel)
-    summary = metrics.summarize(rows)
-    _write_table(out / "cases.csv", rows)
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
-                                  indent=1, default=_json_number) + "\n")
+                overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
+        if not rows:
+            raise LiversegError(f"{name}: no cases to evaluate")
+        summary = metrics.summarize(rows)
+        _write_table(tmp / "cases.csv", rows)
+        (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
+                                                     indent=1, default=_json_number) + "\n")
     writer = tf.summary.create_file_writer(str(run.root / "evaluation"))
     with writer.as_default(step=0):
-        for k, s in summary.items():
-            tf.summary.scalar(f"{name}/{k}_mean", s["mean"])
+        for k, v in summary.items():
+            tf.summary.scalar(f"{name}/{k}_mean", v["mean"])
     writer.flush()
     return rows, summary, out
 
@@ -247,7 +281,7 @@ def predict(run: Run, inputs, out: str | Path, force: bool = False, probabilitie
 
 
 class _Serving(tf.Module):
-    def __init__(self, model, norm: pipeline.Intensity, channels: int, divisor: int):
+    def __init__(self, model, norm: rundir.Intensity, channels: int, divisor: int):
         super().__init__()
         self.model, self.norm, self.divisor = model, norm, divisor
         self.serve = tf.function(self._serve, input_signature=[

@@ -1,4 +1,4 @@
-"""The record schema, TFRecord framing and the manifest: writer and reader both import this.
+"""The record schema and TFRecord framing: writer and reader both import this.
 
 One `tf.train.Example` per axial slice (stored geometry, see `nifti_io`). Encoding is done
 here in pure Python (the converter never imports TensorFlow) with map keys in sorted
@@ -8,28 +8,29 @@ order, so the same slice always serialises to the same bytes. Decoding uses Tens
 A shard is a TFRecord file (`{split}-{i:05d}-of-{n:05d}.tfrecord`, optionally GZIP/ZLIB
 compressed) holding whole cases: a case never spans shards, and its slices are
 contiguous and in order (slice 0 = most inferior). That lets the pipeline rebuild 2.5D
-context at read time without storing any slice twice.
+context at read time without storing any slice twice. The manifest (`dataset.json`) that
+lists shards and cases is owned by `liverseg.manifest`.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import google_crc32c
 import numpy as np
 
 from liverseg import LiversegError
 
+if TYPE_CHECKING:
+    from liverseg.manifest import Manifest
+
 SCHEMA_VERSION = 1
-MANIFEST = "dataset.json"
-FORMAT = "liverseg-slices"
 
 # Feature keys. Byte layouts are little-endian, row-major [height, width].
 IMAGE = "image"  # bytes: int16 Hounsfield units, clipped to [-1024, 3071]
@@ -305,80 +306,28 @@ def shard_name(split: str, i: int, n: int) -> str:
     return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
 
 
-# ------------------------------------------------------------------------- manifest
+# ------------------------------------------------------------------------- reading a case
 
 
-@dataclass(frozen=True)
-class Shard:
-    path: Path
-    num_examples: int
-    bytes: int
-    sha256: str
-    cases: tuple[str, ...]
+def read_case(m: "Manifest", case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stored image [Z, H, W] int16 and mask [Z, H, W] uint8 of one case, from its shard.
 
+    Only the case's own records are decoded (cases are contiguous in their shard).
+    """
+    import tensorflow as tf
 
-class Manifest:
-    """A validated `dataset.json`: schema version readable, every listed shard present."""
-
-    def __init__(self, root: Path, data: dict):
-        self.root = root
-        self.data = data
-
-    @classmethod
-    def load(cls, root: str | Path, check_shards: bool = True) -> "Manifest":
-        root = Path(root)
-        path = root / MANIFEST
-        if not path.is_file():
-            hint = "the conversion did not finish; re-run liverseg convert" if root.is_dir() else "the folder does not exist"
-            raise RecordsError(f"{root}: no {MANIFEST} manifest ({hint})")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise RecordsError(f"{path}: unreadable manifest ({e}); re-run liverseg convert") from None
-        if data.get("format") != FORMAT:
-            raise RecordsError(f"{path}: not a liverseg dataset manifest (format {data.get('format')!r})")
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise RecordsError(
-                f"{path}: record schema version {version} cannot be read by this liverseg "
-                f"(reads version {SCHEMA_VERSION}); re-convert the dataset with this version"
-            )
-        m = cls(root, data)
-        if check_shards:
-            for split in m.splits:
-                for s in m.shards(split):
-                    if not s.path.is_file():
-                        raise RecordsError(f"{s.path}: shard listed in {path} is missing; re-run liverseg convert")
-                    size = s.path.stat().st_size
-                    if size != s.bytes:
-                        raise RecordsError(
-                            f"{s.path}: {size} bytes on disk, manifest says {s.bytes}; "
-                            f"the shard is truncated or was replaced (run liverseg verify {root})"
-                        )
-        return m
-
-    @property
-    def splits(self) -> list[str]:
-        return list(self.data["splits"])
-
-    @property
-    def compression(self) -> str:
-        return self.data["creation"]["options"]["compression"]
-
-    def split(self, name: str) -> dict:
-        if name not in self.data["splits"]:
-            raise RecordsError(f"{self.root}: no split {name!r} (splits: {', '.join(self.splits) or 'none'})")
-        return self.data["splits"][name]
-
-    def shards(self, split: str) -> list[Shard]:
-        return [
-            Shard(self.root / s["file"], s["num_examples"], s["bytes"], s["sha256"], tuple(s["cases"]))
-            for s in self.split(split)["shards"]
-        ]
-
-    def cases(self, split: str | None = None) -> list[dict]:
-        return [c for c in self.data["cases"] if split is None or c["split"] == split]
-
-    @property
-    def num_cases(self) -> int:
-        return len(self.data["cases"])
+    case = m.case(case_id)
+    shard = m.path(m.shard_of(case))
+    first = m.first_record(case)
+    try:
+        raw = [r for i, _, r in iter_records(shard, m.compression) if first <= i < first + case.num_slices]
+    except FramingError as e:
+        raise RecordsError(f"corrupt record: {shard}: record {e.index} at byte {e.offset}: {e.reason}; "
+                           f"run liverseg verify {m.root}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise RecordsError(f"{shard}: unreadable shard ({e}); run liverseg verify {m.root}") from None
+    ex = decode_example(tf.constant(raw))
+    if len(raw) != case.num_slices or not bool(tf.reduce_all(ex[CASE_ID] == case_id.encode())):
+        raise RecordsError(f"{shard}: records {first}-{first + case.num_slices - 1} are not all {case_id}; "
+                           f"run liverseg verify {m.root}")
+    return ex[IMAGE].numpy(), ex[MASK].numpy()

@@ -23,8 +23,8 @@ configured interval.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -37,16 +37,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-import yaml
 
-from liverseg import LiversegError, __version__, atomic_path, config, objective, overlay, pipeline, unet
+from liverseg import LiversegError, atomic_path, config, objective, overlay, pipeline, rundir, unet
 from liverseg.config import Config
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 42
-# Keys that may change when a run is resumed (they do not change what is learned per step).
-RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.max_nonfinite_steps", "train.num_images", "train.profile_steps", "data.records", "eval.batch_size"}
 
 
 class Preempted(Exception):
@@ -107,20 +103,6 @@ def every(before: int, after: int, n: int) -> bool:
     return after // n > before // n
 
 
-def check_resume(run: Path, cfg: Config) -> None:
-    """A run directory keeps its recipe: only RESUMABLE keys may change on resume."""
-    saved_path = run / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = config.flatten(config.from_dict(yaml.safe_load(saved_path.read_text())))
-    now = config.flatten(cfg)
-    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE)
-    if changed:
-        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
-        raise LiversegError(f"{run} was trained with a different config ({diff}); resume with the same "
-                            f"config or start a new --run")
-
-
 def weights_fingerprint(model) -> str:
     h = hashlib.sha256()
     for w in model.weights:
@@ -131,11 +113,6 @@ def weights_fingerprint(model) -> str:
 def _save_weights(model, path: Path) -> None:
     with atomic_path(path) as tmp:
         model.save_weights(str(tmp))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def precision(cfg: Config) -> str:
@@ -209,7 +186,7 @@ def _validate(ds, run, cfg: Config, num_images: int) -> tuple[dict, list[np.ndar
 # ------------------------------------------------------------------------- the loop
 
 
-def build_step(cfg: Config, strategy, model, optimizer, norm: pipeline.Intensity, step: tf.Variable):
+def build_step(cfg: Config, strategy, model, optimizer, norm: rundir.Intensity, step: tf.Variable):
     """run_steps(batches) -> (losses [k], stats [k, 3], skipped [k]): k training steps in one call.
 
     Each batch is a distributed value (one per-replica batch per replica). Also used by
@@ -318,9 +295,9 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     tc = cfg.train
     if cfg.data.batch_size % replicas:
         raise LiversegError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {replicas} replicas")
-    check_resume(run, cfg)
+    rundir.check_resume(run, cfg)
     manifest = pipeline.open_split(cfg, "train")
-    h, w = manifest.split("train")["slice_shape"]
+    h, w = manifest.split("train").slice_shape
     unet.check_input(cfg.model, h, w)
     norm = pipeline.intensity(cfg, manifest)
     channels = 2 * cfg.data.context + 1
@@ -330,14 +307,10 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
                     "train.eval_every=0" if tc.eval_every == 0 else f"{manifest.root} has no val split")
     if chief:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(config.dump(cfg))
-        _write_json(run / "run.json", {
-            "liverseg_version": __version__,
-            "records": str(Path(cfg.data.records).resolve()),
-            "manifest_sha256": hashlib.sha256((manifest.root / "dataset.json").read_bytes()).hexdigest(),
-            "input": {"height": h, "width": w, "channels": channels, "context": cfg.data.context,
-                      "size": manifest.data["creation"]["options"]["size"], "intensity": norm.to_json()},
-        })
+        rundir.save_config(run, cfg)
+        info = rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256,
+                              rundir.InputSpec(h, w, channels, cfg.data.context, manifest.size, norm))
+        info.save(run)
     else:
         log.info("not the chief: nothing is written to %s", run)
 
@@ -514,8 +487,7 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     log.info("finished at step %d, weights %s", final, summary["weights_fingerprint"])
     if chief:
         _save_weights(model, run / "final.weights.h5")
-        info = json.loads((run / "run.json").read_text())
-        _write_json(run / "run.json", {**info, "result": {k: v for k, v in summary.items() if k != "train"}})
+        dataclasses.replace(info, result={k: v for k, v in summary.items() if k != "train"}).save(run)
     return summary
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from liverseg import records
-from liverseg.records import FramingError, Manifest
+from liverseg.manifest import CaseInfo, Manifest, ShardInfo
+from liverseg.records import FramingError
 
 DECODE_BATCH = 256
 
@@ -27,20 +28,20 @@ class ShardReport:
         return self.status == "ok"
 
 
-def _check_contents(examples: list[dict], shard: records.Shard, cases: dict[str, dict]) -> str | None:
+def _check_contents(examples: list[dict], shard: ShardInfo, cases: dict[str, CaseInfo]) -> str | None:
     """Cases contiguous and complete, slices in order, features consistent with the manifest."""
-    expected = [(cid, s) for cid in shard.cases for s in range(cases[cid]["num_slices"])]
+    expected = [(cid, s) for cid in shard.cases for s in range(cases[cid].num_slices)]
     if len(examples) != len(expected):
         return f"{len(examples)} records, manifest cases need {len(expected)}"
     for k, (ex, (cid, s)) in enumerate(zip(examples, expected)):
         c = cases[cid]
         got = (ex["case_id"], ex["slice_index"], ex["num_slices"], ex["case_index"])
-        if got != (cid, s, c["num_slices"], c["index"]):
-            return f"record {k}: is {got[0]} slice {got[1]}/{got[2]} (index {got[3]}), expected {cid} slice {s}/{c['num_slices']}"
+        if got != (cid, s, c.num_slices, c.index):
+            return f"record {k}: is {got[0]} slice {got[1]}/{got[2]} (index {got[3]}), expected {cid} slice {s}/{c.num_slices}"
         if ex["liver_voxels"] != ex["mask_sum"] or ex["mask_max"] > 1:
             return f"record {k}: mask disagrees with its liver_voxels feature or is not binary"
-        if list(ex["hw"]) != c["geometry"]["stored_shape"][1:]:
-            return f"record {k}: slice {ex['hw']} but the case is stored at {c['geometry']['stored_shape'][1:]}"
+        if tuple(ex["hw"]) != tuple(c.geometry.stored_shape[1:]):
+            return f"record {k}: slice {tuple(ex['hw'])} but the case is stored at {tuple(c.geometry.stored_shape[1:])}"
     return None
 
 
@@ -49,23 +50,24 @@ def verify(root: str | Path) -> list[ShardReport]:
     import tensorflow as tf
 
     m = Manifest.load(root, check_shards=False)
-    cases = {c["case_id"]: c for c in m.cases()}
+    cases = {c.case_id: c for c in m.cases}
     reports = []
     for split in m.splits:
         for shard in m.shards(split):
-            rep = ShardReport(shard.path.name, split, shard.num_examples, shard.bytes, "ok")
+            path = m.path(shard)
+            rep = ShardReport(shard.file, split, shard.num_examples, shard.bytes, "ok")
             reports.append(rep)
-            if not shard.path.is_file():
+            if not path.is_file():
                 rep.status = "missing"
                 continue
-            data = shard.path.read_bytes()
+            data = path.read_bytes()
             if len(data) != shard.bytes:
                 rep.status = f"{len(data)} bytes, manifest says {shard.bytes} (truncated or replaced)"
             elif hashlib.sha256(data).hexdigest() != shard.sha256:
                 rep.status = "sha256 differs from the manifest (corrupted or replaced)"
             del data
             try:
-                raw = [r for _, _, r in records.iter_records(shard.path, m.compression)]
+                raw = [r for _, _, r in records.iter_records(path, m.compression)]
             except FramingError as e:
                 rep.status = f"record {e.index} at byte {e.offset}: {e.reason}"
                 continue
@@ -99,22 +101,6 @@ def verify(root: str | Path) -> list[ShardReport]:
     return reports
 
 
-def read_case(m: Manifest, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """Stored image [Z, H, W] int16 and mask uint8 of one case, from its shard."""
-    import tensorflow as tf
-
-    by_id = {c["case_id"]: c for c in m.cases()}
-    case = by_id[case_id]
-    shard = next(s for s in m.shards(case["split"]) if s.path.name == case["shard"])
-    first = sum(by_id[c]["num_slices"] for c in shard.cases[:shard.cases.index(case_id)])  # cases are contiguous
-    raw = [r for i, _, r in records.iter_records(shard.path, m.compression) if first <= i < first + case["num_slices"]]
-    ex = records.decode_example(tf.constant(raw))  # only this case's slices are decoded
-    if not bool(tf.reduce_all(ex[records.CASE_ID] == case_id.encode())):
-        raise records.RecordsError(f"{shard.path}: records {first}-{first + len(raw) - 1} are not all {case_id}; "
-                                   f"run liverseg verify {m.root}")
-    return ex[records.IMAGE].numpy(), ex[records.MASK].numpy()
-
-
 def inspect(root: str | Path, png_dir: str | Path | None = None, max_cases: int = 3) -> list[dict]:
     """Per-split summary rows; with png_dir, an axial+coronal overlay PNG of up to max_cases cases per split."""
     from liverseg import overlay
@@ -123,14 +109,14 @@ def inspect(root: str | Path, png_dir: str | Path | None = None, max_cases: int 
     rows = []
     for split in m.splits:
         s = m.split(split)
-        rows.append({"split": split, "cases": s["num_cases"], "slices": s["num_examples"],
-                     "liver_slices": s["liver_slices"], "shards": len(s["shards"]), "MB": round(s["bytes"] / 2**20, 1),
-                     "slice_shape": "x".join(map(str, s["slice_shape"])) if s["slice_shape"] else "mixed"})
+        rows.append({"split": split, "cases": s.num_cases, "slices": s.num_examples, "liver_slices": s.liver_slices,
+                     "shards": len(s.shards), "MB": round(s.bytes / 2**20, 1),
+                     "slice_shape": "x".join(map(str, s.slice_shape)) if s.slice_shape else "mixed"})
         if png_dir is None:
             continue
         Path(png_dir).mkdir(parents=True, exist_ok=True)
-        for case in m.cases(split)[:max_cases]:
-            image, mask = read_case(m, case["case_id"])
-            panel = overlay.case_panel(image, case["geometry"]["stored_spacing"], truth=mask)
-            overlay.write_png(Path(png_dir) / f"{case['case_id']}.png", panel)
+        for case in m.cases_in(split)[:max_cases]:
+            image, mask = records.read_case(m, case.case_id)
+            panel = overlay.case_panel(image, case.geometry.stored_spacing, truth=mask)
+            overlay.write_png(Path(png_dir) / f"{case.case_id}.png", panel)
     return rows

@@ -17,6 +17,7 @@ import tensorflow as tf
 from conftest import tree, write_nifti
 from liverseg import LiversegError, nifti_io, records, synth, verify
 from liverseg.convert import ConvertOptions, convert
+from liverseg.manifest import Manifest
 from liverseg.nifti_io import InputError
 
 
@@ -27,35 +28,35 @@ def _decode_shard(path, compression=""):
 
 
 def test_round_trip_equals_reoriented_source(dataset):
-    m = records.Manifest.load(dataset)
-    for case in m.cases():
-        src_img = case["image"]["path"]
+    m = Manifest.load(dataset)
+    for case in m.cases:
+        src_img = case.image.path
         image, header = nifti_io.load_image(src_img)
-        mask, _ = nifti_io.load_mask(case["mask"]["path"])
-        geom = nifti_io.Geometry.from_json(case["geometry"])
-        assert np.allclose(np.array(case["geometry"]["affine"]), nib.load(src_img).affine)
-        assert case["geometry"]["shape"] == list(nib.load(src_img).shape)
-        assert case["geometry"]["orientation"] == "".join(nib.aff2axcodes(nib.load(src_img).affine))
-        ex = _decode_shard(dataset / case["shard"])
-        mine = ex["case_id"] == case["case_id"].encode()
-        assert mine.sum() == case["num_slices"] == image.shape[2]
+        mask, _ = nifti_io.load_mask(case.mask.path)
+        geom = case.geometry
+        assert np.allclose(np.array(geom.affine), nib.load(src_img).affine)
+        assert geom.shape == nib.load(src_img).shape
+        assert geom.orientation == "".join(nib.aff2axcodes(nib.load(src_img).affine))
+        ex = _decode_shard(dataset / case.shard)
+        mine = ex["case_id"] == case.case_id.encode()
+        assert mine.sum() == case.num_slices == image.shape[2]
         assert np.array_equal(ex["image"][mine], nifti_io.to_stored(image, geom, "image"))
         assert np.array_equal(ex["mask"][mine], nifti_io.to_stored(mask, geom, "mask"))
-        assert ex["slice_index"][mine].tolist() == list(range(case["num_slices"]))
-        assert ex["liver_voxels"][mine].sum() == case["liver_voxels"] == mask.sum()
-        assert set(ex["case_index"][mine]) == {case["index"]}
+        assert ex["slice_index"][mine].tolist() == list(range(case.num_slices))
+        assert ex["liver_voxels"][mine].sum() == case.liver_voxels == mask.sum()
+        assert set(ex["case_index"][mine]) == {case.index}
 
 
 def test_splits_never_share_a_case(dataset):
-    m = records.Manifest.load(dataset)
+    m = Manifest.load(dataset)
     seen = {}
     for split in m.splits:
-        for shard in m.shards(split):
-            ex = _decode_shard(shard.path)
+        for path in m.shard_paths(split):
+            ex = _decode_shard(path)
             for cid in set(ex["case_id"].tolist()):
                 assert seen.setdefault(cid, split) == split
-    assert {c["split"] for c in m.cases()} == {"train", "val", "test"}
-    assert sum(m.split(s)["num_examples"] for s in m.splits) == sum(c["num_slices"] for c in m.cases())
+    assert {c.split for c in m.cases} == {"train", "val", "test"}
+    assert sum(m.split(s).num_examples for s in m.splits) == sum(c.num_slices for c in m.cases)
 
 
 def _one_anatomy(tmp_path, orientation):
@@ -71,7 +72,7 @@ def test_same_anatomy_las_ras_lps_gives_identical_records(tmp_path):
     shards = []
     for o in ("LAS", "RAS", "LPS"):
         m = convert(_one_anatomy(tmp_path, o), tmp_path / f"out-{o}", progress=False)
-        assert m["cases"][0]["geometry"]["orientation"] == o
+        assert m.cases[0].geometry.orientation == o
         shards.append((tmp_path / f"out-{o}" / "train-00000-of-00001.tfrecord").read_bytes())
     assert shards[0] == shards[1] == shards[2]
 
@@ -86,15 +87,15 @@ def test_rerun_byte_identical_and_workers_agree(phantoms, tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    assert len(a["splits"]["train"]["shards"]) == 2
+    assert len(a.splits["train"].shards) == 2
 
 
 def test_resize_and_compression(phantoms, tmp_path):
     m = convert(phantoms, tmp_path / "r", ConvertOptions(size=16, compression="GZIP"), progress=False)
-    assert m["splits"]["train"]["slice_shape"] == [16, 16]
-    case = m["cases"][0]
-    assert case["geometry"]["native_hw"] == [32, 32] and case["geometry"]["stored_shape"][1:] == [16, 16]
-    ex = _decode_shard(tmp_path / "r" / case["shard"], "GZIP")
+    assert m.splits["train"].slice_shape == (16, 16)
+    case = m.cases[0]
+    assert case.geometry.native_hw == (32, 32) and case.geometry.stored_shape[1:] == (16, 16)
+    ex = _decode_shard(tmp_path / "r" / case.shard, "GZIP")
     assert ex["image"].shape[1:] == (16, 16) and set(np.unique(ex["mask"])) <= {0, 1}
     assert all(r.ok for r in verify.verify(tmp_path / "r"))
 
@@ -104,18 +105,18 @@ def test_split_file_and_preset(phantoms, tmp_path):
     spec = tmp_path / "split.json"
     spec.write_text(json.dumps({"train": ids[:4], "val": ids[4:5], "test": ids[5:]}))
     m = convert(phantoms, tmp_path / "s", ConvertOptions(split_file=str(spec)), progress=False)
-    assert {c["case_id"]: c["split"] for c in m["cases"]} == {**{i: "train" for i in ids[:4]}, ids[4]: "val", ids[5]: "test"}
+    assert {c.case_id: c.split for c in m.cases} == {**{i: "train" for i in ids[:4]}, ids[4]: "val", ids[5]: "test"}
     spec.write_text(json.dumps({"train": ids[:4], "val": ids[4:5]}))
     with pytest.raises(LiversegError, match=f"not in split file: {ids[5]}"):
         convert(phantoms, tmp_path / "s2", ConvertOptions(split_file=str(spec)), progress=False)
     m = convert(phantoms, tmp_path / "p", ConvertOptions(split_preset="ircad"), progress=False)  # phantom_001..006
-    assert {c["split"] for c in m["cases"]} == {"train"}
+    assert {c.split for c in m.cases} == {"train"}
 
 
 def test_split_subfolders(tmp_path):
     synth.synthesize(tmp_path / "seed", cases=4, size=24, slices=(6, 6), layout="seed", progress=False)
     m = convert(tmp_path / "seed", tmp_path / "out", progress=False)
-    assert {s: m["splits"][s]["num_cases"] for s in m["splits"]} == {"train": 3, "test": 1}
+    assert {s: m.splits[s].num_cases for s in m.splits} == {"train": 3, "test": 1}
 
 
 # ------------------------------------------------------------------------- verify
@@ -242,9 +243,9 @@ def test_bad_voxels_fail_the_run_before_any_shard_is_final(good_src, tmp_path, d
     # one shard per case: a, b, c; b fails while a's shard is already written under its temp name
     _fails(good_src, tmp_path / "out", match, num_shards=3)
     m = convert(good_src, tmp_path / "skip", ConvertOptions(num_shards=3, skip_bad=True), progress=False)
-    assert [c["case_id"] for c in m["cases"]] == ["a", "c"]
-    assert [s["case_id"] for s in m["skipped"]] == ["b"] and "b_" in m["skipped"][0]["error"]
-    assert [s["file"] for s in m["splits"]["train"]["shards"]] == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+    assert [c.case_id for c in m.cases] == ["a", "c"]
+    assert [s.case_id for s in m.skipped] == ["b"] and "b_" in m.skipped[0].error
+    assert [s.file for s in m.splits["train"].shards] == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     assert all(r.ok for r in verify.verify(tmp_path / "skip"))
 
 
@@ -255,7 +256,7 @@ def test_mask_label_conventions_accepted(good_src, tmp_path):
     lits[5, 5, 1] = 2
     write_nifti(good_src / "b_liver.nii.gz", lits, dtype=np.uint8)
     out = convert(good_src, tmp_path / "out", ConvertOptions(merge_tumour=True), progress=False)
-    assert [c["liver_voxels"] for c in out["cases"]] == [m.sum()] * 3
+    assert [c.liver_voxels for c in out.cases] == [m.sum()] * 3
 
 
 def test_out_holding_another_dataset_is_not_overwritten(good_src, phantoms, tmp_path):
@@ -274,7 +275,7 @@ def test_out_holding_another_dataset_is_not_overwritten(good_src, phantoms, tmp_
         convert(good_src, out, progress=False)
     assert {p: (out / p).read_bytes() for p in tree(out)} == before
     m = convert(phantoms, out, ConvertOptions(overwrite=True), progress=False)
-    assert sorted(tree(out)) == sorted(["dataset.json"] + [s["file"] for sp in m["splits"].values() for s in sp["shards"]])
+    assert sorted(tree(out)) == sorted(["dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
 
 
 def test_out_with_foreign_files_is_refused(good_src, tmp_path):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from liverseg import config, pipeline, records, verify
-from liverseg.records import Manifest, RecordsError
+from liverseg import config, pipeline, records
+from liverseg.manifest import Manifest
+from liverseg.records import RecordsError
 
 
 def cfg_for(dataset, *overrides):
@@ -18,7 +19,7 @@ def cfg_for(dataset, *overrides):
 
 def _volumes(dataset):
     m = Manifest.load(dataset)
-    return m, {c["index"]: verify.read_case(m, c["case_id"]) for c in m.cases()}
+    return m, {c.index: records.read_case(m, c.case_id) for c in m.cases}
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -37,14 +38,14 @@ def test_context_channels_are_neighbours_clamped_to_the_case(dataset, k):
                     np.testing.assert_allclose(img[..., c], norm(tf.constant(image[src], tf.float32)).numpy(), atol=1e-6)
                 np.testing.assert_array_equal(msk[..., 0], mask[si])
                 seen.append((ci, si))
-    assert len(seen) == len(set(seen)) == m.split("train")["num_examples"] + m.split("val")["num_examples"]
+    assert len(seen) == len(set(seen)) == m.split("train").num_examples + m.split("val").num_examples
 
 
 def test_eval_order_every_slice_once_in_case_slice_order(dataset):
     m = Manifest.load(dataset)
     batches = list(pipeline.build_dataset(cfg_for(dataset), "train", training=False))
     order = [(int(c), int(s)) for b in batches for c, s in zip(b["case_index"], b["slice_index"])]
-    expected = [(c["index"], s) for c in m.cases("train") for s in range(c["num_slices"])]
+    expected = [(c.index, s) for c in m.cases_in("train") for s in range(c.num_slices)]
     assert order == expected
     assert batches[-1]["mask"].shape[0] == len(expected) % 5 or len(expected) % 5 == 0  # remainder kept
     assert all(b["image"].dtype == tf.float32 for b in batches)
@@ -52,8 +53,7 @@ def test_eval_order_every_slice_once_in_case_slice_order(dataset):
 
 def test_training_batches_are_static_and_foreground_share_matches(dataset):
     m = Manifest.load(dataset)
-    s = m.split("train")
-    f = s["liver_slices"] / s["num_examples"]
+    f = m.split("train").liver_fraction
     for p in (0.0, 0.6):
         cfg = cfg_for(dataset, f"data.foreground_fraction={p}", "augment.placement=none", "data.batch_size=16")
         ds = pipeline.build_dataset(cfg, "train")
@@ -75,7 +75,7 @@ def test_two_input_pipelines_see_every_eval_example_once(dataset, caplog):
             with caplog.at_level(logging.WARNING, logger="liverseg.pipeline"):
                 ds = pipeline.build_dataset(cfg_for(dataset), split, ctx, training=False)
             got += [(int(c), int(s)) for b in ds for c, s in zip(b["case_index"], b["slice_index"])]
-        assert sorted(got) == sorted((c["index"], s) for c in m.cases(split) for s in range(c["num_slices"]))
+        assert sorted(got) == sorted((c.index, s) for c in m.cases_in(split) for s in range(c.num_slices))
         assert len(got) == len(set(got))
     assert "1 shard(s) for 2 input pipelines" in caplog.text
 
@@ -122,8 +122,8 @@ def test_iterator_checkpoint_resumes_on_the_exact_next_batch(dataset, tmp_path):
 def test_zscore_normalisation_uses_manifest_statistics(dataset):
     m = Manifest.load(dataset)
     norm = pipeline.intensity(cfg_for(dataset, "data.normalize=zscore"), m)
-    liver = m.split("train")["hu"]["liver"]
-    assert (norm.shift, norm.scale, norm.lo) == (liver["mean"], liver["std"], liver["percentiles"]["0.5"])
+    liver = m.split("train").hu.liver
+    assert (norm.shift, norm.scale, norm.lo) == (liver.mean, liver.std, liver.percentiles["0.5"])
 
 
 def test_bad_records_folder_fails_before_training(dataset, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from liverseg import records
-from liverseg.records import FramingError, Manifest, RecordsError
+from liverseg.manifest import Manifest
+from liverseg.records import FramingError, RecordsError
 
 
 def _slice(h=5, w=7, seed=0):
@@ -105,7 +106,7 @@ def test_manifest_load_errors(dataset, tmp_path):
     ds = tmp_path / "ds"
     shutil.copytree(dataset, ds)
     m = Manifest.load(ds)
-    assert m.splits == ["train", "val", "test"] and m.compression == ""
+    assert list(m.splits) == ["train", "val", "test"] and m.compression == ""
     with pytest.raises(RecordsError, match="no dataset.json"):
         Manifest.load(tmp_path / "nowhere")
     data = json.loads((ds / "dataset.json").read_text())
@@ -115,7 +116,7 @@ def test_manifest_load_errors(dataset, tmp_path):
         Manifest.load(ds)
     data["schema_version"] = records.SCHEMA_VERSION
     (ds / "dataset.json").write_text(json.dumps(data))
-    shard = m.shards("train")[0].path
+    shard = m.shard_paths("train")[0]
     shard.write_bytes(shard.read_bytes()[:-5])
     with pytest.raises(RecordsError, match="truncated or was replaced"):
         Manifest.load(ds)

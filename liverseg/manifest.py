@@ -1,0 +1,350 @@
+"""`dataset.json`, the manifest of a converted dataset: typed, frozen, with one owner.
+
+Every key of the file is spelled here and nowhere else: the converters build a
+`Manifest` and call `to_json`; the pipeline, trainer, verifier, evaluator and benchmarks
+read it through `Manifest.load` and typed attributes. `ConvertOptions` (how a dataset
+was made) lives here too, because the manifest records it and the CLI builds the
+`convert` flags from its fields.
+
+Versions: `schema_version` is the record schema (`records.SCHEMA_VERSION`);
+`manifest_version` is the layout of this file. A manifest without `manifest_version`
+was written before the field existed and is version 1. A reader meeting a newer version
+says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liverseg import __version__, records
+from liverseg.nifti_io import Geometry
+from liverseg.records import RecordsError
+
+MANIFEST = "dataset.json"
+FORMAT = "liverseg-slices"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val", "test")
+LAYOUT = ("one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
+          "anterior->posterior and columns patient right->left (see nifti_io)")
+
+
+def _opt(default, help: str, **cli):
+    """A ConvertOptions field: its default, and the help (and CLI hints) of its `convert` flag."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options of `liverseg convert`; each field is the flag `--field-name`.
+
+    `creation()` is the subset that determines the output bytes (recorded in the manifest).
+    """
+
+    size: int | None = _opt(None, "Resize slices in-plane to SIZE x SIZE (default: native).")
+    image_pattern: str = _opt("{case}_orig", "Image file name without .nii[.gz].")
+    mask_pattern: str = _opt("{case}_liver", "Mask file name without .nii[.gz].")
+    split_file: str | None = _opt(None, 'JSON {"train": [...], "val": [...], "test": [...]} of case ids.', exists=True)
+    split_preset: str | None = _opt(None, "ircad: cases 1-10 train, 11-15 val, 16-20 test.", choices={"ircad": "ircad"})
+    val: float = _opt(0.0, "Fraction of cases for validation (seeded).")
+    test: float = _opt(0.0, "Fraction of cases for test (seeded).")
+    seed: int = _opt(0, "Seed of the --val/--test split.")
+    shard_mb: float = _opt(128.0, "Target shard size in MB (whole cases per shard).")
+    num_shards: int | None = _opt(None, "Shards per split (overrides --shard-mb).")
+    compression: str = _opt("", "Shard compression.", choices={"none": "", "GZIP": "GZIP", "ZLIB": "ZLIB"})
+    merge_tumour: bool = _opt(False, "LiTS masks: count tumour (label 2) as liver.")
+    affine_tol: float = _opt(1e-3, "Image/mask affine tolerance in mm.")
+    workers: int = _opt(1, "Parallel processes.")
+    skip_bad: bool = _opt(False, "Convert the good cases and list the bad ones in the manifest.")
+    overwrite: bool = _opt(False, "Replace a different dataset already in OUT.")
+
+    RUN_ONLY = ("workers", "overwrite")  # how to run, not what is produced
+
+    def creation(self) -> dict:
+        """The options that determine the output bytes (recorded in the manifest)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
+
+    @classmethod
+    def from_creation(cls, d: dict) -> "ConvertOptions":
+        known = {f.name for f in dataclasses.fields(cls)} - set(cls.RUN_ONLY)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ------------------------------------------------------------------------- parts
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class HUStats:
+    """HU statistics of a region (liver or body): count, and when it is not empty mean, std
+    and percentiles ({"0.5": ..., "99.5": ...}); pooled statistics carry a note."""
+
+    count: int
+    mean: float | None = None
+    std: float | None = None
+    percentiles: dict[str, float] | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        return _drop_none(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HUStats":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RegionHU:
+    liver: HUStats
+    body: HUStats
+
+    def to_json(self) -> dict:
+        return {"liver": self.liver.to_json(), "body": self.body.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RegionHU":
+        return cls(HUStats.from_json(d["liver"]), HUStats.from_json(d["body"]))
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A source file (or DICOM series) as converted: its path, sha256 and size in bytes."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SourceFile":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """One converted case: where it came from, its geometry, its liver and HU statistics,
+    and the shard that holds its slices (contiguous, in slice order)."""
+
+    case_id: str
+    index: int  # position in the manifest's cases; the records' case_index
+    split: str
+    image: SourceFile
+    mask: SourceFile
+    geometry: Geometry
+    num_slices: int
+    liver_voxels: int
+    liver_slices: int
+    hu: RegionHU
+    shard: str = ""  # file name, set when shards are named
+
+    def to_json(self) -> dict:
+        return {"case_id": self.case_id, "index": self.index, "split": self.split, "image": self.image.to_json(),
+                "mask": self.mask.to_json(), "geometry": self.geometry.to_json(), "num_slices": self.num_slices,
+                "liver_voxels": self.liver_voxels, "liver_slices": self.liver_slices, "hu": self.hu.to_json(),
+                "shard": self.shard}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CaseInfo":
+        return cls(d["case_id"], d["index"], d["split"], SourceFile.from_json(d["image"]), SourceFile.from_json(d["mask"]),
+                   Geometry.from_json(d["geometry"]), d["num_slices"], d["liver_voxels"], d["liver_slices"],
+                   RegionHU.from_json(d["hu"]), d.get("shard", ""))
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    num_examples: int
+    bytes: int
+    sha256: str
+    cases: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "num_examples": self.num_examples, "bytes": self.bytes, "sha256": self.sha256,
+                "cases": list(self.cases)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardInfo":
+        return cls(d["file"], d["num_examples"], d["bytes"], d["sha256"], tuple(d["cases"]))
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    num_examples: int
+    num_cases: int
+    liver_slices: int
+    bytes: int
+    slice_shape: tuple[int, int] | None  # None when cases of the split differ in slice size
+    hu: RegionHU
+    shards: tuple[ShardInfo, ...]
+
+    def to_json(self) -> dict:
+        return {"num_examples": self.num_examples, "num_cases": self.num_cases, "liver_slices": self.liver_slices,
+                "bytes": self.bytes, "slice_shape": list(self.slice_shape) if self.slice_shape else None,
+                "hu": self.hu.to_json(), "shards": [s.to_json() for s in self.shards]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SplitInfo":
+        return cls(d["num_examples"], d["num_cases"], d["liver_slices"], d["bytes"],
+                   tuple(d["slice_shape"]) if d["slice_shape"] else None, RegionHU.from_json(d["hu"]),
+                   tuple(ShardInfo.from_json(s) for s in d["shards"]))
+
+    @property
+    def liver_fraction(self) -> float:
+        return self.liver_slices / max(1, self.num_examples)
+
+
+@dataclass(frozen=True)
+class SkippedCase:
+    case_id: str
+    split: str
+    error: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SkippedCase":
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------- the manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The content of `dataset.json`. `root` (the dataset folder) and `sha256` (of the file's
+    bytes) are set by `load` and are not part of the file."""
+
+    source: str
+    options: ConvertOptions
+    splits: dict[str, SplitInfo]
+    cases: tuple[CaseInfo, ...]
+    skipped: tuple[SkippedCase, ...] = ()
+    runner: str = "local"  # which converter wrote it: "local" or "beam:<Runner>"
+    schema_version: int = records.SCHEMA_VERSION
+    manifest_version: int = MANIFEST_VERSION
+    liverseg_version: str = __version__
+    root: Path | None = field(default=None, compare=False)
+    sha256: str | None = field(default=None, compare=False)
+
+    # -- the file
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "schema_version": self.schema_version,
+            "manifest_version": self.manifest_version,
+            "liverseg_version": self.liverseg_version,
+            "creation": {"source": self.source, "options": self.options.creation(), "runner": self.runner},
+            "record": {"keys": records.KEY_DOC, "layout": LAYOUT, "compression": self.options.compression or "none"},
+            "splits": {name: s.to_json() for name, s in self.splits.items()},
+            "cases": [c.to_json() for c in self.cases],
+            "skipped": [s.to_json() for s in self.skipped],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, d: dict, where: str | Path = MANIFEST) -> "Manifest":
+        """Parse a manifest dict, refusing other formats and versions this liverseg cannot read."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise RecordsError(f"{where}: not a liverseg dataset manifest (format {got!r})")
+        if d.get("schema_version") != records.SCHEMA_VERSION:
+            raise RecordsError(f"{where}: record schema version {d.get('schema_version')} cannot be read by this "
+                               f"liverseg (reads version {records.SCHEMA_VERSION}); re-convert the dataset with this version")
+        version = d.get("manifest_version", 1)
+        if not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
+            raise RecordsError(f"{where}: manifest version {version!r} is newer than this liverseg reads "
+                               f"(1..{MANIFEST_VERSION}); upgrade liverseg or re-convert the dataset")
+        try:
+            creation = d["creation"]
+            return cls(source=creation["source"], options=ConvertOptions.from_creation(creation["options"]),
+                       splits={k: SplitInfo.from_json(v) for k, v in d["splits"].items()},
+                       cases=tuple(CaseInfo.from_json(c) for c in d["cases"]),
+                       skipped=tuple(SkippedCase.from_json(s) for s in d.get("skipped", [])),
+                       runner=creation.get("runner", "local"), schema_version=d["schema_version"],
+                       manifest_version=version, liverseg_version=d.get("liverseg_version", "?"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordsError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-run liverseg convert") from None
+
+    @classmethod
+    def load(cls, root: str | Path, check_shards: bool = True) -> "Manifest":
+        """Read ROOT/dataset.json; with check_shards, every listed shard must exist at its size."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            hint = "the conversion did not finish; re-run liverseg convert" if root.is_dir() else "the folder does not exist"
+            raise RecordsError(f"{root}: no {MANIFEST} manifest ({hint})")
+        try:
+            raw = path.read_bytes()
+            data = json.loads(raw)
+        except (OSError, ValueError) as e:
+            raise RecordsError(f"{path}: unreadable manifest ({e}); re-run liverseg convert") from None
+        m = dataclasses.replace(cls.from_json(data, path), root=root, sha256=hashlib.sha256(raw).hexdigest())
+        if check_shards:
+            for split in m.splits:
+                for s in m.shards(split):
+                    p = m.path(s)
+                    if not p.is_file():
+                        raise RecordsError(f"{p}: shard listed in {path} is missing; re-run liverseg convert")
+                    if p.stat().st_size != s.bytes:
+                        raise RecordsError(f"{p}: {p.stat().st_size} bytes on disk, manifest says {s.bytes}; "
+                                           f"the shard is truncated or was replaced (run liverseg verify {root})")
+        return m
+
+    # -- reading it
+
+    @property
+    def compression(self) -> str:
+        """"", "GZIP" or "ZLIB", as TFRecordDataset takes it."""
+        return self.options.compression
+
+    @property
+    def size(self) -> int | None:
+        """The in-plane size slices were resized to (None: native)."""
+        return self.options.size
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise RecordsError(f"{self.root or MANIFEST}: no split {name!r} (splits: {', '.join(self.splits) or 'none'})")
+        return self.splits[name]
+
+    def shards(self, split: str) -> tuple[ShardInfo, ...]:
+        return self.split(split).shards
+
+    def path(self, shard: ShardInfo | str) -> Path:
+        return Path(self.root or ".") / (shard if isinstance(shard, str) else shard.file)
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.path(s) for s in self.shards(split)]
+
+    def cases_in(self, split: str | None = None) -> list[CaseInfo]:
+        return [c for c in self.cases if split is None or c.split == split]
+
+    def case(self, case_id: str) -> CaseInfo:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise RecordsError(f"{self.root or MANIFEST}: no case {case_id!r}")
+
+    def shard_of(self, case: CaseInfo) -> ShardInfo:
+        return next(s for s in self.shards(case.split) if s.file == case.shard)
+
+    def first_record(self, case: CaseInfo) -> int:
+        """Index of the case's first record in its shard (cases are contiguous, in manifest order)."""
+        shard = self.shard_of(case)
+        return sum(self.case(c).num_slices for c in shard.cases[:shard.cases.index(case.case_id)])
+
+
+__all__ = ["CaseInfo", "ConvertOptions", "HUStats", "MANIFEST", "Manifest", "RegionHU", "ShardInfo", "SkippedCase",
+           "SourceFile", "SplitInfo"]
