@@ -383,10 +383,34 @@ def from_canonical_ras(ras: np.ndarray, spacing: tuple[float, float, float], ori
     return np.ascontiguousarray(arr), affine
 
 
-def canonical_ras(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Source array -> RAS-ordered array [x, y, z] (for building anatomy around a real mask)."""
-    t = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(("R", "A", "S")))
-    return np.ascontiguousarray(nio.apply_orientation(arr, t))
+def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Source array -> (RAS-ordered array [x, y, z], its voxel sizes in mm along x, y, z).
+
+    For building anatomy around a real mask in millimetres; `from_ras` is the inverse.
+    """
+    ornt = nio.io_orientation(affine)
+    zooms = nib.affines.voxel_sizes(affine)
+    spacing = [0.0, 0.0, 0.0]
+    for src_axis, (dst_axis, _flip) in enumerate(ornt):
+        spacing[int(dst_axis)] = float(zooms[src_axis])
+    ras = nio.apply_orientation(arr, nio.ornt_transform(ornt, nio.axcodes2ornt(("R", "A", "S"))))
+    return np.ascontiguousarray(ras), tuple(spacing)
+
+
+def from_ras(ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """RAS-ordered array [x, y, z] -> the axis order of the file whose affine is given (inverse of to_ras)."""
+    t = nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), nio.io_orientation(affine))
+    return np.ascontiguousarray(nio.apply_orientation(ras, t))
+
+
+def coronal(vol: np.ndarray, row: int, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Stored [Z, H, W] -> the coronal plane at stored row `row`, superior at the top, its
+    slices repeated (nearest) so that pixels are square: a display view, not data."""
+    plane = vol[::-1, row, :]  # stored Z runs inferior -> superior; images draw top-down
+    stretch = spacing[0] / spacing[2]
+    rows = max(1, int(round(plane.shape[0] * stretch)))
+    idx = np.minimum((np.arange(rows) / stretch).astype(int), plane.shape[0] - 1)
+    return plane[idx]
 
 
 # ------------------------------------------------------------------------- resampling
@@ -436,13 +460,12 @@ def _resize_hw(vol: np.ndarray, hw: tuple[int, int], kind: str) -> np.ndarray:
 # ------------------------------------------------------------------------- writing
 
 
-def save_like(path: str | Path, arr: np.ndarray, geom: Geometry, dtype=np.uint8) -> None:
-    """Write a source-grid array with the source affine, atomically (temp name, then rename)."""
-    path = Path(path)
+def write(path: str | Path, arr: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
+    """Write a NIfTI-1 file atomically (temp name, then rename): voxels as `dtype`, the
+    affine as both sform and qform (code 1, scanner), millimetres, no intensity scaling
+    for integer types."""
     arr = np.asarray(arr).astype(dtype, copy=False)
-    if tuple(arr.shape) != tuple(geom.shape):
-        raise ValueError(f"array shape {arr.shape} does not match source shape {geom.shape}")
-    affine = np.asarray(geom.affine)
+    affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(arr, affine)
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm")
@@ -452,3 +475,10 @@ def save_like(path: str | Path, arr: np.ndarray, geom: Geometry, dtype=np.uint8)
     img.set_sform(affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+
+
+def save_like(path: str | Path, arr: np.ndarray, geom: Geometry, dtype=np.uint8) -> None:
+    """Write a source-grid array with the source affine, atomically."""
+    if tuple(np.shape(arr)) != tuple(geom.shape):
+        raise ValueError(f"array shape {np.shape(arr)} does not match source shape {geom.shape}")
+    write(path, arr, np.asarray(geom.affine), dtype)

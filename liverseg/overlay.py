@@ -1,8 +1,8 @@
 """PNG overlays of CT slices with mask contours (for `inspect` and `evaluate`).
 
 Inputs are stored-geometry arrays (`nifti_io`): a stored axial slice is already in
-display orientation; a coronal view is a stored row with superior at the top, stretched
-to square pixels. PNGs are encoded here with zlib, so no imaging library is needed.
+display orientation; the coronal view comes from `nifti_io.coronal` (superior at the top,
+square pixels). PNGs are encoded here with zlib, so no imaging library is needed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import atomic_path
+from liverseg import atomic_path, nifti_io
 
 GREEN = (0, 220, 0)  # ground truth
 RED = (255, 40, 40)  # prediction
@@ -40,15 +40,6 @@ def draw(grey: np.ndarray, masks: list[tuple[np.ndarray, tuple[int, int, int]]])
     return rgb
 
 
-def coronal(vol: np.ndarray, row: int, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Stored [Z, H, W] -> coronal plane at `row`, superior up, resampled to square pixels."""
-    plane = vol[::-1, row, :]
-    stretch = spacing[0] / spacing[2]
-    rows = max(1, int(round(plane.shape[0] * stretch)))
-    idx = np.minimum((np.arange(rows) / stretch).astype(int), plane.shape[0] - 1)
-    return plane[idx]
-
-
 def case_panel(ct: np.ndarray, spacing, truth: np.ndarray | None = None, pred: np.ndarray | None = None) -> np.ndarray:
     """Axial (slice with most liver) beside coronal (row through the liver's centre), RGB."""
     ref = truth if truth is not None and truth.any() else pred
@@ -59,7 +50,7 @@ def case_panel(ct: np.ndarray, spacing, truth: np.ndarray | None = None, pred: n
         z, row = ct.shape[0] // 2, ct.shape[1] // 2
     layers = [(m, c) for m, c in ((truth, GREEN), (pred, RED)) if m is not None]
     ax = draw(window(ct[z]), [(m[z], c) for m, c in layers])
-    co = draw(window(coronal(ct, row, spacing)), [(coronal(m, row, spacing), c) for m, c in layers])
+    co = draw(window(nifti_io.coronal(ct, row, spacing)), [(nifti_io.coronal(m, row, spacing), c) for m, c in layers])
     h = max(ax.shape[0], co.shape[0])
     pad = lambda im: np.pad(im, ((0, h - im.shape[0]), (0, 4), (0, 0)))  # noqa: E731
     return np.concatenate([pad(ax), pad(co)], axis=1)

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from liverseg import LiversegError, atomic_path, nifti_io
+from liverseg import LiversegError, nifti_io
 
 SLAB = 16  # slices rendered at once (bounds memory at 512x512)
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
@@ -369,34 +368,17 @@ def _procedural_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _masked_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mask_img = nib.load(str(spec.mask_path))
-    raw = np.asanyarray(mask_img.dataobj)
-    if raw.ndim == 4:
-        raw = raw[..., 0]
-    mask_src = (raw > 0).astype(np.uint8)
-    affine = mask_img.affine
-    zooms = nib.affines.voxel_sizes(affine)
-    ras = nifti_io.canonical_ras(mask_src, affine)
-    ras_zooms = [0.0, 0.0, 0.0]
-    ornt = nib.orientations.io_orientation(affine)
-    for src, (dst, _) in enumerate(ornt):
-        ras_zooms[int(dst)] = float(zooms[src])
-    ct_ras, _ = render(np.random.default_rng(spec.seed), ras.shape, tuple(ras_zooms), liver=ras)
-    # Back to the mask's own axis order: invert the RAS transform.
-    t = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
-    ct = np.ascontiguousarray(nib.orientations.apply_orientation(ct_ras, t))
-    return ct, mask_src, affine
+    """A phantom around a real liver mask, at the mask file's own shape, spacing and affine."""
+    mask, header = nifti_io.load_mask(spec.mask_path)  # checked: labels, header, truncation
+    ras, spacing = nifti_io.to_ras(mask, header.affine)
+    ct_ras, _ = render(np.random.default_rng(spec.seed), ras.shape, spacing, liver=ras)
+    return nifti_io.from_ras(ct_ras, header.affine), mask, header.affine
 
 
 def _write_case(spec: CaseSpec, out: Path) -> str:
     ct, mask, affine = _masked_case(spec) if spec.mask_path else _procedural_case(spec)
-    for arr, suffix, dtype in ((ct, "orig", np.int16), (mask, "liver", np.uint8)):
-        img = nib.Nifti1Image(arr.astype(dtype), affine)
-        img.header.set_xyzt_units("mm")
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        with atomic_path(out / f"{spec.name}_{suffix}.nii.gz") as tmp:
-            nib.save(img, str(tmp))
+    nifti_io.write(out / f"{spec.name}_orig.nii.gz", ct, affine, np.int16)
+    nifti_io.write(out / f"{spec.name}_liver.nii.gz", mask, affine, np.uint8)
     return spec.name
 
 
