@@ -6,7 +6,6 @@ averages of per-step rates. Figures belong in docs/benchmarks.md with the comman
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import tempfile
 import time
@@ -168,63 +167,119 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
 # ------------------------------------------------------------------------- training
 
 
-def bench_train(records: str | Path | None = None, sizes=(256, 512), models=("seed_unet", "unet"),
-                precisions=("float32", "mixed_float16"), xla=(False, True), inputs=("synthetic", "records"),
-                batch: int = 2, steps: int = 5, warmup: int = 2, base_filters: int = 32) -> list[dict]:
-    """Images/s and input-wait fraction of the real training step (train.build_step) per setting.
+def _cores() -> int:
+    import os
 
-    "synthetic" repeats one in-memory batch (the model's ceiling); "records" reads the
-    converted dataset through the full input pipeline (only at its slice size).
-    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tuple[float, dict]:
+    """Seconds per step of the real loop (train.Trainer: compiled step, draws, hooks) over
+    `steps` steps after `warmup` calls (at least 2: a call that stages the next call's
+    batches and one that does not are traced apart). Both are whole calls of
+    train.steps_per_call steps, so nothing is traced or compiled while timing. fixed: batches come from
+    one batch held in memory, so no input pipeline runs. Excludes the checkpoint the last
+    step writes; includes the final read of the on-device figures."""
     import tensorflow as tf
 
-    from liverseg import config, objective, pipeline, rundir, train, unet
+    from liverseg import config, train
+
+    class FixedInput(train.Trainer):
+        def dataset(self):
+            one = next(iter(super().dataset()))
+            return tf.data.Dataset.from_tensors(one).repeat()
+
+    k = cfg.train.steps_per_call
+    warmup, steps = max(2, warmup) * k, -(-steps // k) * k
+    cfg = config.replace(cfg, **{"train.steps": warmup, "train.log_every": 10**9, "train.eval_every": 0,
+                                 "train.checkpoint_every": 10**9, "train.keep_checkpoints": 1})
+    trainer = (FixedInput if fixed else train.Trainer)(cfg, run, progress=False)
+    with trainer.signals():
+        trainer.loop()
+        trainer.tc = config.replace(cfg, **{"train.steps": warmup + steps}).train
+        trainer.window = train.Window()
+        t0 = time.perf_counter()
+        trainer.loop()
+        seconds = time.perf_counter() - t0 - trainer.window.paused
+    trainer.close()
+    return seconds / steps, trainer.summary["train"]
+
+
+def _tiny_records(tmp: Path, size: int = 64) -> Path:
+    """A few synthetic cases converted at size x size (the loop-overhead probe's data)."""
+    from liverseg import synth
+    from liverseg.convert import ConvertOptions, convert
+
+    synth.synthesize(tmp / "nifti", cases=3, size=size, slices=(8, 10), seed=1, progress=False)
+    convert(tmp / "nifti", tmp / "records", ConvertOptions(val=0.0, test=0.0), progress=False)
+    return tmp / "records"
+
+
+ROWS = ("model", "loop", "input", "end-to-end")
+
+
+def bench_train(records: str | Path, config_file: str | Path | None = None, overrides=(), steps: int = 8,
+                warmup: int = 2, loop_steps: int = 400, input_batches: int = 20, peak_tflops: float | None = None,
+                rows: tuple = ROWS) -> list[dict]:
+    """Ceilings of training throughput for one config, measured in one run (`rows` picks):
+
+    model          the real loop and compiled step, one batch held on the device (compute only)
+    loop           the same with a one-1x1-conv model on 64x64 slices, without and with device
+                   augmentation: host ms per step (dispatch and bookkeeping)
+    input          the config's training pipeline alone (slices/s, and per core)
+    end-to-end     the real loop on the records, with the device-idle (input wait) fraction
+    always         FLOPs per image (training ~3x forward) and the img/s of 40% MFU at --peak-tflops
+    """
+    import logging
+
+    import tensorflow as tf
+
+    from liverseg import config, pipeline, step, unet
     from liverseg.manifest import Manifest
 
-    record_hw = None
-    if records is not None:
-        record_hw = tuple(Manifest.load(records).split("train").slice_shape)
-    strategy = train.make_strategy("auto")
-    rows = []
-    for model_name, size, precision, jit, source in itertools.product(models, sizes, precisions, xla, inputs):
-        if source == "records" and record_hw != (size, size):
-            continue
-        cfg = config.load(None, [
-            f"model.name={model_name}", f"model.base_filters={base_filters}", "model.depth=5",
-            f"train.precision={precision}", f"train.jit_compile={str(jit).lower()}",
-            f"data.batch_size={batch * strategy.num_replicas_in_sync}", "augment.placement=device",
-            *([f"data.records={records}"] if records is not None else [])])
-        with strategy.scope():
-            model = unet.build(cfg.model, 1, precision)
-            opt = objective.optimizer(cfg.train, strategy.num_replicas_in_sync, precision == "mixed_float16")
-            opt.build(model.trainable_variables)
-        norm = rundir.Intensity(-200.0, 250.0, -200.0, 450.0)
-        run_steps = train.build_step(cfg, strategy, model, opt, norm, tf.Variable(0, dtype=tf.int64))
-        if source == "records":
-            ds = pipeline.build_dataset(cfg, "train", train.input_context(strategy))
-        else:
-            one = {"image": tf.cast(tf.random.uniform([batch, size, size, 1], -1000, 1000), tf.int16),
-                   "mask": tf.cast(tf.random.uniform([batch, size, size, 1]) > 0.7, tf.uint8)}
-            ds = tf.data.Dataset.from_tensors(one).repeat()
-        images_s, wait = _time_steps(run_steps, train.feeder(strategy, iter(ds)), steps, warmup, cfg.data.batch_size)
-        rows.append({"model": model_name, "size": size, "precision": precision, "xla": jit, "input": source,
-                     "images/s": round(images_s, 2), "input wait": f"{100 * wait:.0f}%"})
-    return rows
+    logging.getLogger("liverseg.train").setLevel(logging.ERROR)  # "no validation" is intended here
+    cfg = config.load(config_file, [*overrides, f"data.records={records}"])
+    h, w = Manifest.load(records).split("train").slice_shape
+    batch, channels = cfg.data.batch_size, 2 * cfg.data.context + 1
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")] or ["CPU"]
+    recipe = (f"{batch} x {h}x{w}x{channels}, {step.precision(cfg)}, xla {cfg.train.jit_compile}, "
+              f"{cfg.train.steps_per_call} steps/call, {cfg.augment.placement} augmentation, {', '.join(devices)}")
+    table = []
 
+    def add(name, value, unit, detail=""):
+        table.append({"row": name, "value": value, "unit": unit, "detail": detail})
 
-def _time_steps(run_steps, next_batch, steps: int, warmup: int, global_batch: int) -> tuple[float, float]:
-    """(images/s, input-wait fraction) over `steps` one-step calls after `warmup` calls."""
-    for _ in range(warmup):
-        run_steps([next_batch()])[0].numpy()
-    wait, t0 = 0.0, time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        b = next_batch()
-        wait += time.perf_counter() - t
-        out = run_steps([b])
-    out[0].numpy()  # wait for the last step
-    dt = time.perf_counter() - t0
-    return steps * global_batch / dt, wait / dt
+    with tempfile.TemporaryDirectory(prefix="liverseg-bench-") as tmp:
+        tmp = Path(tmp)
+        if "model" in rows:
+            per_step, _ = _timed_training(cfg, tmp / "model", warmup, steps, fixed=True)
+            add("model", round(batch / per_step, 2), "img/s", f"{cfg.model.name}: {recipe}")
+        if "loop" in rows:
+            probe = config.replace(cfg, **{"model.name": "pointwise", "data.records": str(_tiny_records(tmp))})
+            for placement in ("none", "device"):
+                per_step, _ = _timed_training(config.replace(probe, **{"augment.placement": placement}),
+                                              tmp / f"loop-{placement}", warmup, loop_steps, fixed=True)
+                add("loop overhead" + (" + device augmentation" if placement == "device" else ""),
+                    round(1000 * per_step, 2), "ms/step",
+                    f"pointwise model, {batch} x 64x64x{channels}: drives up to {batch / per_step:,.0f} img/s")
+        if "input" in rows:
+            fill = -(-cfg.data.shuffle_buffer // batch) + 2  # warm-up fills the shuffle buffer first
+            rate, _ = _rate(iter(pipeline.build_dataset(cfg, "train")), input_batches, fill, _batch_count)
+            add("input ceiling", round(rate, 1), "slices/s",
+                f"{rate / _cores():.1f} per core ({_cores()} cores); {cfg.augment.placement} augmentation path")
+        if "end-to-end" in rows:
+            per_step, fig = _timed_training(cfg, tmp / "e2e", warmup, steps, fixed=False)
+            idle = fig.get("input_wait_fraction")
+            add("end to end", round(batch / per_step, 2), "img/s",
+                f"input wait (device idle) {'n/a' if idle is None else f'{100 * idle:.0f}%'}, "
+                f"host blocked on input {100 * fig['host_input_wait_fraction']:.0f}%")
+
+    fwd = unet.flops_per_image(unet.build(cfg.model, channels), h, w)
+    add("FLOPs per image", f"{3 * fwd / 1e9:.4g}", "GFLOP", f"training ~3x forward ({fwd / 1e9:.4g} GFLOP)")
+    if peak_tflops:
+        add("40% MFU target", f"{0.4 * peak_tflops * 1e12 / (3 * fwd):.4g}", "img/s",
+            f"at {peak_tflops:g} TFLOPS peak: the loop and input ceilings must clear it")
+    return table
 
 
 # ------------------------------------------------------------------------- prediction

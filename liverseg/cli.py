@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import typing
 from pathlib import Path
 
@@ -323,28 +324,40 @@ def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batche
     click.echo(_table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches)))
 
 
-def _csv(kind):
-    return lambda ctx, param, value: tuple(kind(v) for v in value.split(","))
+def _bench_rows(ctx, param, value: str) -> tuple:
+    from liverseg.bench import ROWS
+
+    return _choices(value, ROWS, "--rows")
+
+
+def _choices(value: str, valid: tuple, flag: str) -> tuple:
+    picked = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in picked if v not in valid]
+    if bad or not picked:
+        raise click.BadParameter(f"{bad[0] if bad else value!r} is not one of {', '.join(valid)}", param_hint=flag)
+    return picked
 
 
 @runs_tensorflow
 @bench.command("train")
-@click.option("--records", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Converted dataset: adds rows reading it through the input pipeline (at its slice size).")
-@click.option("--sizes", default="256,512", show_default=True, callback=_csv(int))
-@click.option("--models", default="seed_unet,unet", show_default=True, callback=_csv(str))
-@click.option("--precisions", default="float32,mixed_float16", show_default=True, callback=_csv(str))
-@click.option("--xla", default="off,on", show_default=True, callback=_csv(lambda v: v == "on"))
-@click.option("--inputs", default="synthetic,records", show_default=True, callback=_csv(str))
-@click.option("--batch", default=2, show_default=True, help="Per-replica batch size.")
-@click.option("--steps", default=5, show_default=True, help="Timed steps per row (after --warmup).")
-@click.option("--warmup", default=2, show_default=True)
-@click.option("--base-filters", default=32, show_default=True)
-def bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, warmup, base_filters):
-    """Training throughput (images/s) and input-wait fraction per model/size/precision/XLA/input."""
+@click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path(__file__).resolve().parents[1] / "configs" / "default.yaml", show_default=True,
+              help="YAML preset whose recipe is measured.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. data.batch_size=8.")
+@click.option("--steps", default=8, show_default=True, help="Timed steps of the model and end-to-end rows (after --warmup).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed calls of train.steps_per_call steps first (compilation; 2 at least).")
+@click.option("--loop-steps", default=400, show_default=True, help="Timed steps of the loop-overhead rows.")
+@click.option("--input-batches", default=20, show_default=True, help="Batches timed for the input-ceiling row.")
+@click.option("--peak-tflops", type=float, help="Accelerator peak (e.g. 989 for an H100 SXM in bf16): adds the 40% MFU target.")
+@click.option("--rows", default="model,loop,input,end-to-end", show_default=True, callback=_bench_rows,
+              help="Which measured rows (FLOPs always).")
+def bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches, peak_tflops, rows):
+    """Training ceilings in one run: model, loop overhead, input, end to end, FLOPs per image."""
     from liverseg import bench as bench_mod
 
-    click.echo(_table(bench_mod.bench_train(records, sizes, models, precisions, xla, inputs, batch, steps, warmup, base_filters)))
+    click.echo(_table(bench_mod.bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches,
+                                            peak_tflops, rows)))
 
 
 @runs_tensorflow
@@ -389,6 +402,11 @@ def wants_tcmalloc(argv: list[str], env: typing.Mapping[str, str]) -> bool:
         raise LiversegError(f"LIVERSEG_MALLOC={choice!r}: choose one of {', '.join(ALLOCATORS)}")
     if choice == "system" or "tcmalloc" in env.get("LD_PRELOAD", ""):
         return False
+    return wants_tensorflow(argv)
+
+
+def wants_tensorflow(argv: list[str]) -> bool:
+    """Whether `liverseg ARGV` names a command marked `runs_tensorflow`."""
     cmd: click.Command = cli
     for word in argv:
         if not isinstance(cmd, click.Group) or word.startswith("-"):
@@ -412,11 +430,39 @@ def _prefer_tcmalloc() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "liverseg", *sys.argv[1:]], env)
 
 
+# What `import tensorflow` prints on stderr before its logging is set up (TF issue 100442:
+# TF_CPP_MIN_LOG_LEVEL cannot reach it): notices, not problems. Anything else is passed on.
+IMPORT_NOTICES = ("WARNING: All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+                  "cpu_feature_guard.cc", "To enable the following instructions:", "rebuild TensorFlow with the")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its import-time notices filtered out of stderr (file descriptor 2,
+    where the C++ side writes); every other line it printed is written back."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(n in line for n in IMPORT_NOTICES)]
+            sys.stderr.write("".join(kept))
+
+
 def main() -> None:
-    # TensorFlow's C++ INFO lines (CPU feature notices, absl preamble) drown the CLI's own
-    # output; warnings and errors still show. Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    # TensorFlow's C++ INFO and WARNING lines drown the CLI's own output; errors still show.
+    # Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _prefer_tcmalloc()
+    if wants_tensorflow(sys.argv[1:]):
+        import_tensorflow_quietly()
     cli(prog_name="liverseg")
 
 

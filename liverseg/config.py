@@ -35,6 +35,10 @@ class DataConfig:
     context: int = 0
     # Global batch size (all replicas together); each replica gets batch_size / replicas.
     batch_size: int = 8
+    # Make batch_size per replica instead: the global batch grows with the number of
+    # replicas (every GPU keeps a full batch) and train.lr is scaled by the same factor
+    # (linear scaling rule, Goyal et al. 2017).
+    batch_per_replica: bool = False
     # "window": clip HU to hu_window and scale to [0, 1].
     # "zscore": clip to the training split's liver HU percentiles (0.5, 99.5) from the
     # manifest, then subtract the liver mean and divide by the liver std (nnU-Net's CT scheme).
@@ -93,8 +97,9 @@ class AugmentConfig:
 class ModelConfig:
     """The network (the `unet` module)."""
 
-    # "unet": the standard design; "seed_unet": the tutorial's network, for comparison.
-    name: Literal["unet", "seed_unet"] = "unet"
+    # "unet": the standard design; "seed_unet": the tutorial's network, for comparison;
+    # "pointwise": one 1x1 conv, a near-free model that times the training loop itself.
+    name: Literal["unet", "seed_unet", "pointwise"] = "unet"
     # Filters at the first level; doubled at each downsampling (capped at 16x).
     base_filters: int = 32
     # Number of 2x downsamplings. Input height and width must be divisible by 2**depth.
@@ -122,12 +127,19 @@ class TrainConfig:
     # "auto": one device, or MirroredStrategy when several GPUs are visible;
     # "multi_worker": MultiWorkerMirroredStrategy from TF_CONFIG.
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
-    # "auto": mixed_float16 when a GPU is visible, float32 otherwise.
+    # "auto": mixed_bfloat16 on GPUs with bfloat16 tensor cores (compute capability 8.0+),
+    # mixed_float16 on older GPUs, float32 without a GPU.
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
-    # Compile the forward/backward pass with XLA.
+    # Compile each training step (augmentation, forward, backward, all-reduce, update) with XLA.
     jit_compile: bool = False
-    # Training steps per call of the compiled function (amortises Python overhead).
+    # Training steps per call of the step function (amortises Python and dispatch overhead).
     steps_per_call: int = 1
+    # Copy the next call's batches onto the accelerator while this call computes. Exact
+    # resume holds: checkpoints are only taken with nothing drawn ahead, and SIGTERM first
+    # runs the call already copied. Under multi-worker, TF's preemption handler may save
+    # with one call drawn ahead (a resumed run then skips those steps_per_call batches);
+    # false makes that exact too, at the cost of an exposed copy per call.
+    device_prefetch: bool = True
     loss: Literal["bce", "dice", "bce_dice", "focal", "tversky"] = "bce_dice"
     focal_gamma: float = 2.0
     tversky_alpha: float = 0.3  # weight of false positives

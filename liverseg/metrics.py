@@ -63,6 +63,14 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> np.ndarray:
     return np.concatenate([to_ref, to_pred])
 
 
+def dice_from_counts(tp: float, fp: float, fn: float) -> float:
+    """Dice = 2 TP / (2 TP + FP + FN), with the empty rule: nothing predicted and nothing
+    there (all counts 0) is perfect agreement, 1. The one Dice definition in liverseg:
+    per-case metrics, validation and the training log all use it."""
+    denom = 2 * tp + fp + fn
+    return 1.0 if denom == 0 else float(2 * tp / denom)
+
+
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     """Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm) and both volumes (ml) for one case.
 
@@ -79,7 +87,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
     out = {"pred_ml": n_p * voxel_ml, "ref_ml": n_r * voxel_ml}
     if n_p == 0 and n_r == 0:
         return out | {"dice": 1.0, "iou": 1.0, "voe": 0.0, "rvd": 0.0, "hd95": 0.0, "assd": 0.0, "msd": 0.0}
-    dice = 2 * inter / (n_p + n_r)
+    dice = dice_from_counts(inter, n_p - inter, n_r - inter)
     iou = inter / (n_p + n_r - inter)
     out |= {"dice": dice, "iou": iou, "voe": 1 - iou, "rvd": (n_p - n_r) / n_r if n_r else math.inf}
     if n_p == 0 or n_r == 0:

@@ -2,7 +2,7 @@
 
 Losses take logits (any float dtype) and a {0,1} mask, compute in float32 (a float16 sum
 over a 512x512 slice overflows), and return one value per example `[B]`, so the training
-step can average them over the *global* batch with `tf.nn.compute_average_loss`.
+step can average them over the *global* batch (sum over the replica, divided by the global batch).
 """
 
 from __future__ import annotations
@@ -88,19 +88,41 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"lr": self.lr, "steps": self.steps, "warmup": self.warmup, "kind": self.kind}
 
 
-def optimizer(cfg: TrainConfig, replicas: int, mixed_float16: bool) -> keras.optimizers.Optimizer:
+_PRE_REDUCED: dict[type, type] = {}
+
+
+def _pre_reduced(cls: type) -> type:
+    """`cls` for gradients that are already summed across replicas.
+
+    The training step all-reduces the gradients itself, in one collective together with the
+    non-finite flag and before deciding to skip, so the collective overlaps the backward
+    pass under XLA instead of waiting inside the update's conditional. Keras would sum
+    them again inside `apply` (TFOptimizer._all_reduce_sum_gradients, Keras 3.15): this
+    subclass turns that second sum off. `test_mirrored_on_two_devices_matches_one_device`
+    fails if it ever sums twice.
+    """
+    if cls not in _PRE_REDUCED:
+        def _all_reduce_sum_gradients(self, grads_and_vars):
+            return list(grads_and_vars)
+
+        _PRE_REDUCED[cls] = type(f"PreReduced{cls.__name__}", (cls,),
+                                 {"_all_reduce_sum_gradients": _all_reduce_sum_gradients})
+    return _PRE_REDUCED[cls]
+
+
+def optimizer(cfg: TrainConfig, mixed_float16: bool, lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
     """The configured optimiser (loss-scaled for mixed_float16), built by the caller.
 
-    Keras clips gradients before its cross-replica all-reduce, i.e. each replica's share.
-    Clipping each share to clip_norm / replicas bounds the norm of their sum by clip_norm
-    (triangle inequality) and equals global-norm clipping on one replica.
+    It expects gradients already summed across replicas (see `_pre_reduced`), so
+    `clip_norm` bounds the norm of the global gradient exactly, whatever the replica count.
+    lr_scale multiplies train.lr (linear scaling when the global batch grows with replicas).
     """
-    schedule = WarmupSchedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.schedule)
-    clip = {"global_clipnorm": cfg.clip_norm / replicas} if cfg.clip_norm > 0 else {}
+    schedule = WarmupSchedule(cfg.lr * lr_scale, cfg.steps, cfg.warmup_steps, cfg.schedule)
+    clip = {"global_clipnorm": cfg.clip_norm} if cfg.clip_norm > 0 else {}
     if cfg.optimizer == "adam":
-        opt = keras.optimizers.Adam(schedule, **clip)
+        opt = _pre_reduced(keras.optimizers.Adam)(schedule, **clip)
     elif cfg.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **clip)
+        opt = _pre_reduced(keras.optimizers.AdamW)(schedule, weight_decay=cfg.weight_decay, **clip)
     else:
-        opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=True, **clip)
+        opt = _pre_reduced(keras.optimizers.SGD)(schedule, momentum=cfg.momentum, nesterov=True, **clip)
     return keras.optimizers.LossScaleOptimizer(opt) if mixed_float16 else opt

@@ -92,16 +92,46 @@ def unet(cfg: ModelConfig, channels: int, policy: str = "float32") -> keras.Mode
     return keras.Model(inputs, logits, name="unet")
 
 
+def pointwise(channels: int) -> keras.Model:
+    """One 1x1 conv: arithmetic next to nothing, so a step costs what the loop around it costs."""
+    inputs = keras.Input((None, None, channels), name="slices")
+    return keras.Model(inputs, layers.Conv2D(1, 1, dtype="float32", name="logits")(inputs), name="pointwise")
+
+
 def build(cfg: ModelConfig, channels: int, policy: str = "float32") -> keras.Model:
     """The configured network for `channels` input slices under a Keras dtype policy name."""
     if cfg.name == "seed_unet":
         return seed_unet(channels, policy)
+    if cfg.name == "pointwise":
+        return pointwise(channels)
     return unet(cfg, channels, policy)
 
 
 def divisor(cfg: ModelConfig) -> int:
     """Height and width must be multiples of this."""
-    return 2 ** (4 if cfg.name == "seed_unet" else cfg.depth)
+    return {"seed_unet": 16, "pointwise": 1}.get(cfg.name, 2**cfg.depth)
+
+
+def flops_per_image(model: keras.Model, height: int, width: int) -> float:
+    """2 x multiply-adds of one forward pass at height x width, counting the convolutions and
+    transposed convolutions of the traced graph (the rest is a few % at most). A training
+    step costs about 3x this: forward, then backward for activations and for weights."""
+    import tensorflow as tf  # the graph is traced with the TensorFlow backend
+
+    spec = tf.TensorSpec([1, height, width, model.input_shape[-1]], tf.float32)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
+    total = 0.0
+    for op in graph.get_operations():
+        if op.type == "Conv2D":  # output pixels x kernel
+            _, h, w, _ = op.outputs[0].shape
+            kh, kw, cin, cout = op.inputs[1].shape
+        elif op.type == "Conv2DBackpropInput":  # a transposed conv: input pixels x kernel
+            _, h, w, _ = op.inputs[2].shape
+            kh, kw, cout, cin = op.inputs[1].shape
+        else:
+            continue
+        total += 2.0 * h * w * kh * kw * cin * cout
+    return total
 
 
 def check_input(cfg: ModelConfig, height: int, width: int) -> None:

@@ -1,5 +1,6 @@
 """Benchmarks run on tiny data and print every row (figures themselves go in docs/benchmarks.md)."""
 
+import pytest
 from click.testing import CliRunner
 
 from liverseg.cli import cli
@@ -11,20 +12,51 @@ def run(*args):
     return r.output
 
 
+def _rows(out: str, names) -> dict:
+    """{row name: the cells after it} for the printed table's rows that start with one of `names`."""
+    rows = {}
+    for line in out.splitlines()[2:]:
+        name = next((n for n in names if line.startswith(n)), None)
+        if name:
+            rows[name] = line[len(name):].split()
+    assert set(rows) == set(names), out
+    return rows
+
+
 def test_bench_convert(phantoms):
     out = run("bench", "convert", phantoms, "--workers", 2)
-    assert "nibabel load" in out and "convert --workers 1" in out and "convert --workers 2" in out
+    rows = _rows(out, ["nibabel load (image+mask)", "convert --workers 1", "convert --workers 2"])
+    for name, (seconds, slices_s, mb_s, x_load, *speedup) in rows.items():
+        assert float(seconds) > 0 and float(slices_s) > 0 and float(mb_s) > 0, name
+    assert float(rows["nibabel load (image+mask)"][3]) == 1.0  # the load is its own reference
+    assert float(rows["convert --workers 1"][4]) == 1.0
 
 
 def test_bench_pipeline_prints_all_rows(dataset, phantoms):
     out = run("bench", "pipeline", dataset, "--nifti", phantoms, "--batches", 3, "--batch", 4, "--tutorial-batches", 1)
-    for row in ("1 raw TFRecord read", "2 pipeline, no augmentation", "2b pipeline, int16 + uint8 for device augmentation",
-                "3 pipeline, host augmentation",
-                "4 tutorial loader", "5 ImageProjectiveTransformV3 alone"):
-        assert row in out
+    names = ["1 raw TFRecord read", "2 pipeline, no augmentation", "2b pipeline, int16 + uint8 for device augmentation",
+             "3 pipeline, host augmentation", "4 tutorial loader (nib.load per slice)", "5 ImageProjectiveTransformV3 alone"]
+    rows = _rows(out, names)
+    for name, (slices_s, mb_s, vs1, vs4, vs5) in rows.items():
+        assert float(slices_s) > 0 and float(mb_s) > 0, name
+    assert rows[names[0]][2] == "100%" and rows[names[4]][3] == "1x" and rows[names[5]][4] == "100%"
 
 
-def test_bench_train(dataset):
-    out = run("bench", "train", "--records", dataset, "--sizes", 32, "--models", "unet", "--precisions", "float32",
-              "--xla", "off", "--base-filters", 4, "--steps", 2, "--warmup", 1)
-    assert "synthetic" in out and "records" in out and "input wait" in out
+def test_bench_train_reports_every_ceiling(dataset):
+    out = run("bench", "train", dataset, "--config", "configs/smoke.yaml", "--set", "model.base_filters=2",
+              "--set", "model.depth=2", "--set", "data.batch_size=4", "--set", "train.steps_per_call=2",
+              "--steps", 2, "--loop-steps", 4, "--input-batches", 2, "--peak-tflops", 100)
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()[2:]}
+    for name, unit in [("model", "img/s"), ("loop overhead", "ms/step"), ("loop overhead + device augmentation", "ms/step"),
+                       ("input ceiling", "slices/s"), ("end to end", "img/s"), ("FLOPs per image", "GFLOP"),
+                       ("40% MFU target", "img/s")]:
+        value = rows[name][len(name.split())]
+        assert float(value) > 0 and rows[name][len(name.split()) + 1] == unit, (name, rows[name])
+    # 40% of 100 TFLOPS over 3x the forward FLOPs, as printed
+    flops = float(rows["FLOPs per image"][3]) * 1e9
+    assert float(rows["40% MFU target"][3]) == pytest.approx(0.4 * 100e12 / flops, rel=1e-3)
+
+
+def test_bench_train_rejects_an_unknown_row(dataset):
+    r = CliRunner().invoke(cli, ["bench", "train", str(dataset), "--rows", "model,gpu"])
+    assert r.exit_code == 2 and "'gpu' is not one of model, loop, input, end-to-end" in r.output

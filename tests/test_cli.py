@@ -1,5 +1,6 @@
 """The command line through click's CliRunner: thin wrappers, one-line errors, exit codes."""
 
+import os
 import subprocess
 import sys
 
@@ -53,3 +54,16 @@ def test_import_without_tensorflow_is_one_clear_line():
     assert p.stderr.strip().splitlines()[-1] == (
         "ImportError: liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
         "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)")
+
+
+def test_a_tensorflow_command_prints_no_tensorflow_noise(dataset):
+    """The real CLI process (TensorFlow imported, a pipeline run): stderr holds no import notices
+    (oneDNN, absl preamble, CPU features) and no C++ INFO/WARNING/ERROR lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    p = subprocess.run([sys.executable, "-m", "liverseg", "bench", "pipeline", str(dataset), "--batches", "2",
+                        "--batch", "2", "--aug", "none", "--context", "1"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "raw TFRecord read" in p.stdout
+    noise = [line for line in p.stderr.splitlines() if line.strip()]
+    assert noise == [], noise

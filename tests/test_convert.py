@@ -18,7 +18,6 @@ from conftest import tree, write_nifti
 from liverseg import LiversegError, nifti_io, records, synth, verify
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
-from liverseg.nifti_io import InputError
 
 
 def _decode_shard(path, compression=""):
@@ -80,7 +79,7 @@ def test_same_anatomy_las_ras_lps_gives_identical_records(tmp_path):
 def test_rerun_byte_identical_and_workers_agree(phantoms, tmp_path):
     opts = ConvertOptions(val=0.2, num_shards=2)
     a = convert(phantoms, tmp_path / "a", opts, progress=False)
-    b = convert(phantoms, tmp_path / "b", ConvertOptions(val=0.2, num_shards=2, workers=2), progress=False)
+    convert(phantoms, tmp_path / "b", ConvertOptions(val=0.2, num_shards=2, workers=2), progress=False)
     again = convert(phantoms, tmp_path / "a", opts, progress=False)  # same dataset: allowed without --overwrite
     assert a == again
     files = sorted(p.name for p in (tmp_path / "a").iterdir())

@@ -39,9 +39,7 @@ def _train_dice(cfg, weights: Path) -> float:
 def test_overfits_tiny_slices(dataset, tmp_path):
     cfg = smoke(dataset, "train.steps=250", "augment.placement=none", "data.foreground_fraction=1.0", "model.norm=instance",
                 "data.batch_size=8", "train.eval_every=1000", "train.checkpoint_every=1000")
-    t0 = time.time()
     train.train(cfg, tmp_path / "run", progress=False)
-    assert time.time() - t0 < 60
     assert _train_dice(cfg, tmp_path / "run" / "final.weights.h5") > 0.9
 
 
@@ -159,14 +157,14 @@ def test_mixed_precision_trains_with_float32_logits(dataset, tmp_path, precision
 def test_mixed_float16_logits_and_loss_on_an_all_liver_512_slice():
     cfg = config.load(None, ["model.base_filters=4", "model.depth=4"])
     model = unet.build(cfg.model, 1, "mixed_float16")
-    image = tf.random.uniform([1, 512, 512, 1])
-    logits = model(image, training=True) * 0 + 30.0  # a confident, correct prediction everywhere
-    assert model(image).dtype == tf.float32
+    assert model(tf.random.uniform([1, 64, 64, 1])).dtype == tf.float32  # the logits layer stays float32
+    # float16 logits of a confident, correct prediction over 512x512: every loss is ~0, which
+    # needs float32 sums (a float16 sum over the slice overflows to inf, and Dice would be nan)
     mask = tf.ones([1, 512, 512, 1], tf.uint8)
+    logits = tf.fill([1, 512, 512, 1], tf.constant(12.0, tf.float16))
     for name in objective.LOSSES:
-        value = objective.LOSSES[name](mask, tf.cast(logits, tf.float16), cfg.train)
-        assert value.dtype == tf.float32 and np.all(np.isfinite(value.numpy())), name
-    # the reason for float32 reductions: a float16 sum over a 512x512 slice overflows
+        value = objective.LOSSES[name](mask, logits, cfg.train)
+        assert value.dtype == tf.float32 and float(value[0]) == pytest.approx(0.0, abs=2e-5), name
     assert not np.isfinite(tf.reduce_sum(tf.ones([512 * 512], tf.float16)).numpy())
 
 
@@ -218,5 +216,5 @@ def test_xla_with_device_augmentation_and_steps_per_call(dataset, tmp_path):
     """The default recipe's GPU path (jit_compile, device augmentation, several steps per call) on CPU."""
     result = train.train(smoke(dataset, "train.jit_compile=true", "train.steps_per_call=2", "train.steps=5",
                                "augment.placement=device", "train.eval_every=5"), tmp_path / "run", progress=False)
-    assert result["step"] == 5 and np.isfinite(result["train"]["loss"])
-    assert 0 <= result["validation"]["dice_3d"] <= 1
+    assert result["step"] == 5 and np.isfinite(result["train"]["loss"]) and result["train"]["skipped_steps"] == 0
+    assert result["best_step"] == 5 and set(result["validation"]) >= {"loss", "dice_3d", "dice_slice"}

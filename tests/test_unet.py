@@ -43,3 +43,17 @@ def test_input_size_must_divide():
     unet.check_input(cfg, 512, 512)
     with pytest.raises(LiversegError, match="multiples of 16"):
         unet.check_input(cfg, 500, 512)
+
+
+def test_flops_per_image_counts_convolutions_and_transposed_convolutions():
+    x = keras.Input((None, None, 5))
+    y = keras.layers.Conv2D(8, 3, padding="same")(x)  # 2 * 32*32 * 3*3*5 * 8
+    y = keras.layers.MaxPooling2D(2)(y)
+    y = keras.layers.Conv2DTranspose(4, 2, strides=2, padding="same")(y)  # 2 * 16*16 input px * 2*2*8 * 4
+    model = keras.Model(x, keras.layers.Conv2D(1, 1)(y))  # 2 * 32*32 * 4
+    assert unet.flops_per_image(model, 32, 32) == 2 * 32 * 32 * 9 * 5 * 8 + 2 * 16 * 16 * 4 * 8 * 4 + 2 * 32 * 32 * 4
+    pointwise = unet.build(config.replace(config.load(None), **{"model.name": "pointwise"}).model, 5)
+    assert unet.flops_per_image(pointwise, 64, 64) == 2 * 64 * 64 * 5
+    # The tutorial's U-Net at 512x512, 1 channel: its first two convs alone are 2*512^2*9*(1*32) and 2*256^2*9*(32*64)
+    seed = unet.flops_per_image(unet.seed_unet(1), 512, 512)
+    assert 2 * 512**2 * 9 * 32 + 2 * 256**2 * 9 * 32 * 64 < seed < 1e11

@@ -1,0 +1,292 @@
+"""The distributed training step: strategy, precision, the compiled step and how batches reach it.
+
+One training step per replica is, with `train.jit_compile`, a single XLA computation:
+device augmentation, forward, backward, the gradient all-reduce (gradients and the
+non-finite flag in one collective), the skip decision and the optimizer update. A call
+(`run_steps`) runs `steps_per_call` such steps and, first of all, copies the *next*
+call's batches onto the replicas' devices, so that copy overlaps this call's compute
+(the copy is issued before this call's kernels are queued; a copy issued after them would
+wait for them). Nothing in a call reads a value back to the host: losses, Dice counts,
+skipped steps and the non-finite streak are summed on the device (`Accumulators`) and
+read at log and checkpoint intervals.
+
+Where the whole step cannot be one computation: MirroredStrategy and MultiWorkerMirrored
+only run without `merge_call` under XLA when every device is a GPU; elsewhere (several
+CPU devices, i.e. tests) the update needs `merge_call`, which cannot run inside a
+compiled function, so augmentation and forward/backward are compiled and the all-reduce
+and update run outside (`whole_step_compiles`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import keras
+import tensorflow as tf
+
+from liverseg import LiversegError, objective, pipeline
+from liverseg.config import Config
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------- strategy
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """auto: Mirrored over several GPUs, else one device. mirrored without GPUs uses every
+    logical CPU device (for testing). multi_worker reads the cluster from TF_CONFIG."""
+    gpus = tf.config.list_physical_devices("GPU")  # logical devices would start the runtime, too early for MWMS
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise LiversegError("train.strategy=multi_worker needs TF_CONFIG (the cluster and this task's index)")
+        impl = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                else tf.distribute.experimental.CommunicationImplementation.RING)
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl))
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
+    """This worker's input pipeline: one per worker (host), feeding its local replicas."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    pipes, pipe = 1, 0
+    if resolver is not None and resolver.task_type:
+        spec = resolver.cluster_spec().as_dict()
+        tasks = [("chief", 0)] * len(spec.get("chief", [])) + [("worker", i) for i in range(len(spec.get("worker", [])))]
+        pipes, pipe = len(tasks), tasks.index((resolver.task_type, resolver.task_id))
+    return tf.distribute.InputContext(num_input_pipelines=pipes, input_pipeline_id=pipe,
+                                      num_replicas_in_sync=strategy.num_replicas_in_sync)
+
+
+def precision(cfg: Config, gpus: list | None = None) -> str:
+    """The Keras dtype policy. "auto": mixed_bfloat16 on GPUs with bfloat16 tensor cores
+    (compute capability 8.0+: A100, H100; no loss scaling needed), mixed_float16 on older
+    GPUs, float32 without a GPU (CPUs emulate both half types slowly)."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
+    if not gpus:
+        return "float32"
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
+    return "mixed_bfloat16" if tuple(capability) >= (8, 0) else "mixed_float16"
+
+
+def whole_step_compiles(strategy: tf.distribute.Strategy) -> bool:
+    """Can the update (all-reduce + optimizer) run inside the compiled step? Yes for one
+    device and for (multi-worker) mirrored GPUs; no for several CPU devices (merge_call)."""
+    if strategy.num_replicas_in_sync == 1:
+        return True
+    return all("GPU" in d.upper() for d in strategy.extended.worker_devices)
+
+
+# ------------------------------------------------------------------------- on-device figures
+
+
+def confusion(logits, mask, axis=None):
+    """Hard (TP, FP, FN) pixel counts of logits > 0 against the mask, stacked on the last axis."""
+    pred, y = tf.cast(logits > 0, tf.float32), tf.cast(mask, tf.float32)
+    return tf.stack([tf.reduce_sum(pred * y, axis), tf.reduce_sum(pred * (1 - y), axis),
+                     tf.reduce_sum((1 - pred) * y, axis)], axis=-1)
+
+
+class Accumulators:
+    """Training figures kept on the device between two reads (created in strategy scope).
+
+    Replica-local (sync-on-read) variables: each replica adds its own share inside the
+    compiled step, with no collective; reading sums the shares (loss, counts) or takes
+    the first replica's copy of figures that are identical on every replica.
+    """
+
+    def __init__(self):
+        on_read = {"synchronization": tf.VariableSynchronization.ON_READ, "trainable": False}
+        total = {**on_read, "aggregation": tf.VariableAggregation.SUM}
+        first = {**on_read, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
+        self.loss = tf.Variable(0.0, name="loss_sum", **total)  # of applied steps (replica shares of the mean)
+        self.counts = tf.Variable(tf.zeros([3], tf.float64), name="tp_fp_fn", **total)
+        self.applied = tf.Variable(tf.constant(0, tf.int64), name="applied", **first)
+        self.skipped = tf.Variable(tf.constant(0, tf.int64), name="skipped", **first)  # since the run started
+        self.streak = tf.Variable(tf.constant(0, tf.int64), name="streak", **first)  # skipped in a row, up to now
+        self.streak_first = tf.Variable(tf.constant(0, tf.int64), name="streak_first", **first)
+
+    def record(self, ok, loss, counts, step_done):
+        """In replica context, after the update of step `step_done` (1-based)."""
+        ok64 = tf.cast(ok, tf.int64)
+        self.loss.assign_add(tf.where(ok, tf.cast(loss, tf.float32), 0.0))
+        self.counts.assign_add(tf.where(ok, tf.cast(counts, tf.float64), tf.zeros([3], tf.float64)))
+        self.applied.assign_add(ok64)
+        self.skipped.assign_add(1 - ok64)
+        self.streak_first.assign(tf.where(ok, tf.constant(0, tf.int64),
+                                          tf.where(self.streak > 0, self.streak_first, step_done)))
+        self.streak.assign(tf.where(ok, tf.constant(0, tf.int64), self.streak + 1))
+
+    def read(self, reset: bool) -> dict:
+        """The figures since the last reset (a host read: one sync). Cross-replica context."""
+        out = {"loss_sum": float(self.loss.read_value()), "counts": self.counts.read_value().numpy(),
+               "applied": int(self.applied.read_value()), "skipped": int(self.skipped.read_value()),
+               "streak": int(self.streak.read_value()), "streak_first": int(self.streak_first.read_value())}
+        if reset:
+            self.loss.assign(0.0)
+            self.counts.assign(tf.zeros([3], tf.float64))
+            self.applied.assign(0)
+        return out
+
+
+# ------------------------------------------------------------------------- the update
+
+
+def apply_or_skip(optimizer, grads, variables, ok) -> None:
+    """Apply the all-reduced gradients on every replica, or skip the step on every replica.
+
+    One rule for every precision: `ok` (no replica saw a non-finite loss or gradient) is
+    identical on all replicas, so all take the same branch. A skipped step changes
+    nothing, except that a LossScaleOptimizer halves its scale (Keras's own rule for a
+    non-finite step; Keras alone would look at each replica's local gradients).
+    Where replicas synchronise through merge_call (MirroredStrategy outside XLA-on-GPUs,
+    OneDeviceStrategy), a cond in replica context may not contain one and the optimizer's
+    update does: the cond then runs in cross-replica context, as Keras's own does.
+    """
+    lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def update():
+        optimizer.apply(grads, variables)
+
+    def skip():
+        if lso:
+            optimizer.step_counter.assign(0)
+            optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 0.5)
+
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        tf.cond(ok, update, skip)
+        return
+
+    def cross(distribution, ok):
+        flag = distribution.experimental_local_results(ok)[0]
+        tf.cond(flag, lambda: distribution.extended.call_for_each_replica(update), skip)
+
+    tf.distribute.get_replica_context().merge_call(cross, args=(ok,))
+
+
+def batch_norm_sync(strategy: tf.distribute.Strategy, model):
+    """sync(): average batch-norm moving statistics across replicas.
+
+    Keras 3 mirrors them with aggregation NONE, so each replica keeps its own. A moving
+    average is linear in the batch statistics, so averaging just before they are read
+    (validation, checkpoint, saved weights) equals averaging after every step, without a
+    collective per step. Under multi-worker every worker must call it at the same points.
+    """
+    stats = [v for v in model.non_trainable_variables if v.dtype in ("float32", "float16", "bfloat16")]
+    if strategy.num_replicas_in_sync == 1 or not stats:
+        return lambda: None
+
+    def average():
+        ctx = tf.distribute.get_replica_context()
+        for v, mean in zip(stats, ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in stats])):
+            v.assign(mean)
+
+    @tf.function
+    def sync():
+        strategy.run(average)
+
+    return sync
+
+
+# ------------------------------------------------------------------------- the step
+
+
+def build_train_step(cfg: Config, strategy, model, optimizer, norm, step: tf.Variable, acc: Accumulators):
+    """run_steps(batches, upcoming) -> (staged, token).
+
+    batches: this call's steps, each a list of per-local-replica dicts {"image", "mask"}
+    (on the devices when they were staged by the previous call, else host tensors);
+    upcoming: the next call's steps as host tensors (or [] when nothing may be drawn
+    ahead), returned as `staged` on the replicas' devices. token: the step counter after
+    the call (reading it waits for the call). Also used by `liverseg bench train`.
+    """
+    replicas = strategy.num_replicas_in_sync
+    mixed16 = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    loss_fn = objective.per_example_loss(cfg.train)
+    batch = pipeline.global_batch(cfg, replicas)
+    prepare = pipeline.batch_preparer(cfg, norm) if cfg.augment.placement == "device" else None
+    seed = cfg.seed * 1_000_003 + 7919
+    variables = model.trainable_variables
+
+    def compute(b, at):
+        """This replica's share: augment (device placement), forward, backward."""
+        image, mask = b["image"], b["mask"]
+        if prepare is not None:
+            replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+            b = prepare(b, tf.stack([tf.constant(seed, tf.int64), at * replicas + replica]))
+            image, mask = b["image"], b["mask"]
+        with tf.GradientTape() as tape:
+            logits = model(image, training=True)
+            # This replica's share of the global mean (tf.nn.compute_average_loss adds an Assert: a host op)
+            loss = tf.reduce_sum(loss_fn(mask, logits)) / batch
+            scaled = optimizer.scale_loss(loss) if mixed16 else loss
+        grads = tape.gradient(scaled, variables)
+        finite = tf.math.is_finite(loss) & tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        return loss, grads, 1.0 - tf.cast(finite, tf.float32), confusion(logits, mask)
+
+    def update(loss, grads, bad, counts, at):
+        """Gradients and flag summed in one collective; applied everywhere or nowhere; recorded."""
+        *grads, bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, [*grads, bad])
+        ok = bad == 0
+        apply_or_skip(optimizer, grads, variables, ok)
+        acc.record(ok, loss, counts, at + 1)
+
+    if whole_step_compiles(strategy):  # one function per step, traced once (compiled with jit_compile)
+        replica_step = tf.function(lambda b, at: update(*compute(b, at), at), jit_compile=cfg.train.jit_compile)
+    else:
+        if cfg.train.jit_compile:
+            log.info("XLA: several CPU replicas synchronise through merge_call, which cannot run in a compiled "
+                     "function; compiling augmentation and forward/backward, not the update")
+        compute_fn = tf.function(compute, jit_compile=True) if cfg.train.jit_compile else compute
+
+        def replica_step(b, at):
+            update(*compute_fn(b, at), at)
+
+    devices = strategy.extended.worker_devices
+    local = len(devices)
+
+    def stage(per_replica: list) -> list:
+        out = []
+        for device, b in zip(devices, per_replica):
+            with tf.device(device):
+                out.append({k: tf.identity(v) for k, v in b.items()})
+        return out
+
+    @tf.function
+    def run_steps(batches, upcoming):
+        staged = [stage(per_replica) for per_replica in upcoming]  # first, so the copies overlap this call
+        for i, per_replica in enumerate(batches):
+            values = strategy.experimental_distribute_values_from_function(
+                lambda ctx, per_replica=per_replica: per_replica[ctx.replica_id_in_sync_group % local])
+            strategy.run(replica_step, args=(values, step + i))
+        step.assign_add(len(batches))
+        return staged, step.read_value()
+
+    run_steps.replica_step = replica_step  # for tests: one replica's step (compiled as one piece when it can be)
+    return run_steps
+
+
+def draw(iterator, steps: int, local_replicas: int) -> list:
+    """`steps` steps of per-local-replica batches from this worker's iterator (image and mask only)."""
+    return [[{k: b[k] for k in ("image", "mask")} for b in (next(iterator) for _ in range(local_replicas))]
+            for _ in range(steps)]
+
+
+__all__ = ["Accumulators", "apply_or_skip", "batch_norm_sync", "build_train_step", "confusion", "draw",
+           "input_context", "is_chief", "make_strategy", "precision", "whole_step_compiles"]
