@@ -1,0 +1,129 @@
+"""The owners of dataset.json and run.json (round trips, versions), the allocator choice,
+and what conversion measures: HU statistics against numpy, scl_inter applied."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import write_nifti
+from liverseg import LiversegError, cli, nifti_io, records, rundir
+from liverseg.convert import ConvertOptions, convert
+from liverseg.manifest import MANIFEST, Manifest
+
+
+def test_manifest_round_trips_and_refuses_a_newer_version(dataset, tmp_path):
+    text = (dataset / MANIFEST).read_text()
+    m = Manifest.load(dataset)
+    assert json.loads(m.dumps()) == json.loads(text)  # every key owned: nothing lost or added
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    older = json.loads(text)
+    del older["manifest_version"]  # written before the field existed: version 1
+    (copy / MANIFEST).write_text(json.dumps(older))
+    assert Manifest.load(copy).manifest_version == 1
+    (copy / MANIFEST).write_text(json.dumps({**older, "manifest_version": 99}))
+    with pytest.raises(records.RecordsError, match=r"dataset.json: manifest version 99 is newer .* upgrade liverseg"):
+        Manifest.load(copy)
+
+
+def test_run_info_round_trips_and_refuses_a_newer_version(tmp_path):
+    spec = rundir.InputSpec(64, 48, 5, 2, None, rundir.Intensity(-200.0, 250.0, -200.0, 450.0))
+    info = rundir.RunInfo("/data/records", "ab" * 32, spec)
+    info.save(tmp_path)
+    assert rundir.RunInfo.load(tmp_path) == info
+    d = json.loads((tmp_path / rundir.RUN_INFO).read_text())
+    (tmp_path / rundir.RUN_INFO).write_text(json.dumps({**d, "version": 7}))
+    with pytest.raises(LiversegError, match=r"run.json.*7"):
+        rundir.RunInfo.load(tmp_path)
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["train", "--run", "r"], {}, True),
+    (["bench", "train", "x"], {}, True),
+    (["convert", "a", "b"], {}, False),  # no TensorFlow: measured slower under tcmalloc
+    (["synth", "out"], {}, False),
+    (["train"], {"LIVERSEG_MALLOC": "system"}, False),
+    (["train"], {"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, False),  # already loaded
+    (["--help"], {}, False),
+    (["nope"], {}, False),
+])
+def test_allocator_choice(argv, env, expected):
+    assert cli.wants_tcmalloc(argv, env) is expected
+
+
+def test_allocator_choice_refuses_an_unknown_allocator():
+    with pytest.raises(LiversegError, match="LIVERSEG_MALLOC='jemalloc': choose one of"):
+        cli.wants_tcmalloc(["train"], {"LIVERSEG_MALLOC": "jemalloc"})
+
+
+def _pair(folder, case, image, mask, affine):
+    img = write_nifti(folder / f"{case}_orig.nii.gz", image, affine, np.int16)
+    write_nifti(folder / f"{case}_liver.nii.gz", mask, affine, np.uint8)
+    return img
+
+
+def test_hu_statistics_agree_with_numpy(tmp_path):
+    rng = np.random.default_rng(3)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    images, masks = [], []
+    for i in range(3):
+        image = rng.normal(-300, 200, (40, 40, 12)).astype(np.int16)
+        mask = np.zeros((40, 40, 12), np.uint8)
+        mask[8:30, 10:28, 2:10] = 1
+        image[mask > 0] = rng.normal(60 + 10 * i, 15, int(mask.sum())).astype(np.int16)
+        _pair(tmp_path / "src", f"c{i}", image, mask, affine)
+        images.append(image)
+        masks.append(mask)
+    m = convert(tmp_path / "src", tmp_path / "rec", ConvertOptions(val=0.0, test=0.0), progress=False)
+    for case in m.cases:
+        i = int(case.case_id[-1])
+        liver = images[i][masks[i] > 0].astype(np.float64)
+        assert case.liver_voxels == liver.size
+        assert case.hu.liver.mean == pytest.approx(liver.mean(), abs=2.0)  # a subsample: within 2 HU
+        assert case.hu.liver.std == pytest.approx(liver.std(), rel=0.1)
+        assert case.hu.liver.percentiles["50"] == pytest.approx(np.percentile(liver, 50), abs=3.0)
+
+
+def test_uint16_ct_with_intercept_minus_1024_is_stored_as_hu(tmp_path):
+    """Many scanners store HU + 1024 as uint16 with scl_inter = -1024: the records hold HU."""
+    hu = np.random.default_rng(1).integers(-1024, 1500, (24, 24, 6)).astype(np.int16)
+    img = nib.Nifti1Image((hu.astype(np.int32) + 1024).astype(np.uint16), np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.header.set_data_dtype(np.uint16)
+    img.header.set_slope_inter(1.0, -1024.0)
+    (tmp_path / "src").mkdir()
+    nib.save(img, str(tmp_path / "src" / "c0_orig.nii.gz"))
+    write_nifti(tmp_path / "src" / "c0_liver.nii.gz", (hu > 200).astype(np.uint8), np.diag([0.8, 0.8, 2.5, 1.0]), np.uint8)
+    loaded, _ = nifti_io.load_image(tmp_path / "src" / "c0_orig.nii.gz")
+    assert loaded.dtype == np.int16 and int(loaded.min()) >= -1024
+    np.testing.assert_array_equal(np.sort(loaded.ravel()), np.sort(hu.ravel()))  # the same values, HU
+    convert(tmp_path / "src", tmp_path / "rec", ConvertOptions(val=0.0, test=0.0), progress=False)
+    m = Manifest.load(tmp_path / "rec")
+    image, _ = records.read_case(m, m.cases[0].case_id)
+    np.testing.assert_array_equal(np.sort(image.ravel()), np.sort(hu.ravel()))
+
+
+def test_overlay_png_decodes_to_the_drawn_contours(tmp_path):
+    import tensorflow as tf
+
+    from liverseg import overlay
+
+    ct = np.full((5, 20, 24), 50, np.int16)
+    truth = np.zeros((5, 20, 24), np.uint8)
+    truth[1:4, 4:14, 5:15] = 1  # most liver on slices 1-3; slice 1 is the first with the maximum
+    pred = np.zeros_like(truth)
+    pred[1:4, 6:16, 8:18] = 1
+    panel = overlay.case_panel(ct, (2.0, 1.0, 1.0), truth, pred)
+    overlay.write_png(tmp_path / "p.png", panel)
+    decoded = tf.io.decode_png((tmp_path / "p.png").read_bytes(), channels=3).numpy()
+    np.testing.assert_array_equal(decoded, panel)  # our PNG encoder, read back by another decoder
+    axial = decoded[:20, :24]
+    green = np.all(axial == overlay.GREEN, axis=-1)
+    red = np.all(axial == overlay.RED, axis=-1)
+    # the prediction is drawn last, so it wins where the two contours cross
+    np.testing.assert_array_equal(red, overlay.contour(pred[1]))
+    np.testing.assert_array_equal(green, overlay.contour(truth[1]) & ~overlay.contour(pred[1]))
+    grey = int(overlay.window(np.int16(50)))
+    assert np.all(axial[~(green | red)] == grey)
