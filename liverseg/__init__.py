@@ -12,10 +12,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 __version__ = "0.1.0"
+
+
+# Set by SIGTERM in a long-running command (the CLI installs the handler before importing
+# TensorFlow, so a SIGTERM in its first seconds is not lost); the trainer checkpoints and stops.
+TERMINATE = threading.Event()
 
 
 class LiversegError(Exception):

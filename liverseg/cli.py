@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ctypes.util
 import dataclasses
+import functools
 import logging
 import os
-import subprocess
+import signal
 import sys
 import tempfile
 import typing
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from liverseg import LiversegError
+from liverseg import TERMINATE, LiversegError
 
 
 def _table(rows: list[dict]) -> str:
@@ -27,10 +28,25 @@ def _table(rows: list[dict]) -> str:
     return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def runs_tensorflow(cmd: click.Command) -> click.Command:
-    """Mark a command that runs TensorFlow (it then runs under tcmalloc; see wants_tcmalloc)."""
-    cmd.runs_tensorflow = True
-    return cmd
+def runs_tensorflow(cmd: click.Command | None = None, *, import_first: bool = True):
+    """Mark a command that runs TensorFlow: it runs under tcmalloc (see wants_tcmalloc) and
+    imports TensorFlow quietly before its body (import_first=False: the body does, after the
+    checks that need no TensorFlow)."""
+
+    def mark(cmd: click.Command) -> click.Command:
+        cmd.runs_tensorflow = True
+        if import_first:
+            body = cmd.callback
+
+            @functools.wraps(body)
+            def quiet_first(*args, **kw):
+                import_tensorflow_quietly()
+                return body(*args, **kw)
+
+            cmd.callback = quiet_first
+        return cmd
+
+    return mark if cmd is None else mark(cmd)
 
 
 class UserError(click.ClickException):
@@ -152,11 +168,15 @@ def convert(src, out, **kw):
     click.echo(f"wrote {out / 'dataset.json'}")
 
 
-@runs_tensorflow
+@runs_tensorflow(import_first=False)
 @cli.command()
 @click.argument("root", type=click.Path(path_type=Path))
 def verify(root):
     """Read every record of every shard in ROOT and check it against the manifest."""
+    from liverseg.manifest import Manifest
+
+    Manifest.load(root, check_shards=False)  # a missing or unreadable manifest needs no TensorFlow
+    import_tensorflow_quietly()
     from liverseg import verify as verify_mod
 
     reports = verify_mod.verify(root)
@@ -216,14 +236,19 @@ def train(config_path, records, run_dir, overrides):
     click.echo(f"TensorBoard: liverseg tensorboard {run_dir}   (or: tensorboard --logdir {run_dir})")
 
 
+@runs_tensorflow
 @cli.command()
 @click.argument("logdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it to the network).")
 @click.option("--port", default=6006, show_default=True)
 def tensorboard(logdir, host, port):
     """Serve TensorBoard for a run (or a folder of runs), on localhost by default."""
-    raise SystemExit(subprocess.call([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-                                      "--host", host, "--port", str(port)]))
+    from tensorboard import program
+
+    # In this process, not a child: stopping this PID (SIGTERM, Ctrl-C) stops the server and frees its port.
+    board = program.TensorBoard()
+    board.configure(logdir=str(logdir), host=host, port=port)
+    raise SystemExit(board.main())
 
 
 # ------------------------------------------------------------------------- evaluation and prediction
@@ -427,6 +452,11 @@ def _prefer_tcmalloc() -> None:
     if lib is None:
         return
     env = {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    # The blocked signal mask survives execve: a SIGTERM during the new process's start-up stays
+    # pending until `main` there has installed its handler, instead of killing it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if TERMINATE.is_set():  # arrived before the mask was set
+        env[_TERMINATED] = "1"
     os.execve(sys.executable, [sys.executable, "-m", "liverseg", *sys.argv[1:]], env)
 
 
@@ -456,13 +486,32 @@ def import_tensorflow_quietly() -> None:
             sys.stderr.write("".join(kept))
 
 
+_TERMINATED = "LIVERSEG_SIGTERM_BEFORE_EXEC"
+
+
+def _on_sigterm(argv: list[str]) -> None:
+    """SIGTERM: `train` checkpoints and exits 42 (it only sets TERMINATE here, from the first
+    line, so a SIGTERM while TensorFlow loads is not lost); every other command unwinds as on
+    Ctrl-C (exit 143), so its clean-up runs: temporary files removed, worker processes stopped."""
+    if argv[:1] == ["train"]:
+        signal.signal(signal.SIGTERM, lambda *_: TERMINATE.set())
+        if os.environ.pop(_TERMINATED, None):
+            TERMINATE.set()
+    else:
+        def unwind(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, unwind)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked across a re-exec: deliver it now
+
+
 def main() -> None:
     # TensorFlow's C++ INFO and WARNING lines drown the CLI's own output; errors still show.
     # Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _prefer_tcmalloc()
-    if wants_tensorflow(sys.argv[1:]):
-        import_tensorflow_quietly()
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # unset or empty
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    _on_sigterm(sys.argv[1:])
+    _prefer_tcmalloc()  # may re-execute this process (SIGTERM blocked across it)
     cli(prog_name="liverseg")
 
 

@@ -19,10 +19,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from liverseg import __version__, records
-from liverseg.nifti_io import Geometry
 from liverseg.records import RecordsError
+
+if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from this module and starts fast
+    from liverseg.nifti_io import Geometry
 
 MANIFEST = "dataset.json"
 FORMAT = "liverseg-slices"
@@ -153,6 +156,8 @@ class CaseInfo:
 
     @classmethod
     def from_json(cls, d: dict) -> "CaseInfo":
+        from liverseg.nifti_io import Geometry
+
         return cls(d["case_id"], d["index"], d["split"], SourceFile.from_json(d["image"]), SourceFile.from_json(d["mask"]),
                    Geometry.from_json(d["geometry"]), d["num_slices"], d["liver_voxels"], d["liver_slices"],
                    RegionHU.from_json(d["hu"]), d.get("shard", ""))

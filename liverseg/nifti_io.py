@@ -22,10 +22,12 @@ Spacing tuples are always in millimetres. In stored geometry they are ordered
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,29 +121,75 @@ def read_header(path: str | Path) -> Header:
     affine. Raises InputError naming the file.
     """
     path = Path(path)
+    check_readable(path)
     try:
-        img = nib.load(str(path))
+        with open(path, "rb") as f:
+            head = f.read(4)
+        _check_gzip(path, head)
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as f:
             block = f.read(540)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
+        img = _nifti_class(path, block).from_filename(str(path))
+    except InputError:
+        raise
     except Exception as e:  # nibabel raises several types for unreadable headers
         raise InputError(f"{path}: not a readable NIfTI file ({e}); re-export it as .nii or .nii.gz") from None
     return _check_header(path, img, block)
 
 
-def _raw_zooms(block: bytes) -> tuple[float, ...]:
+def check_readable(path: Path) -> None:
+    """Raise InputError saying why `path` cannot be opened (missing, a dangling or looping
+    symbolic link, no permission), rather than a generic "not found"."""
+    try:
+        os.stat(path)
+        if not os.access(path, os.R_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{path}: symbolic link loop ({path} -> {os.readlink(path)} -> ...); "
+                             "point the link at the real file") from None
+        if e.errno == errno.ENOENT and path.is_symlink():
+            raise InputError(f"{path}: symbolic link to {os.readlink(path)}, which does not exist; "
+                             "fix or remove the link") from None
+        if e.errno == errno.ENOENT:
+            raise InputError(f"{path}: file not found") from None
+        raise InputError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
+
+
+def _check_gzip(path: Path, head: bytes) -> None:
+    if path.name.endswith(".gz") and head[:2] != b"\x1f\x8b":
+        hint = "rename it to .nii" if head[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c",
+                                                 b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else "re-export it"
+        raise InputError(f"{path}: named .gz but not gzip-compressed (it starts with {head[:4].hex()}); {hint}")
+
+
+def _nifti_class(path: Path, block: bytes):
+    """Nifti1Image or Nifti2Image from sizeof_hdr (348 or 540, either byte order), so nibabel
+    is never asked to parse one as the other (it logs errors when it is)."""
+    for order in "<>":
+        size = int.from_bytes(block[:4], "little" if order == "<" else "big") if len(block) >= 4 else 0
+        if size == 348:
+            return nib.Nifti1Image
+        if size == 540:
+            return nib.Nifti2Image
+    raise InputError(f"{path}: not a NIfTI-1 or NIfTI-2 file (header size field {block[:4].hex()}); "
+                     "re-export it as .nii or .nii.gz")
+
+
+def _raw_zooms(img, block: bytes) -> tuple[float, ...]:
     """pixdim[1:4] as stored. nibabel's checked header silently turns pixdim 0 into 1 mm."""
-    for cls in (nib.Nifti1Header, nib.Nifti2Header):
-        try:
-            return tuple(float(z) for z in cls.from_fileobj(io.BytesIO(block), check=False)["pixdim"][1:4])
-        except Exception:
-            continue
-    return ()
+    try:
+        return tuple(float(z) for z in img.header_class.from_fileobj(io.BytesIO(block), check=False)["pixdim"][1:4])
+    except Exception:
+        return ()
 
 
 def _check_header(path: Path, img, block: bytes) -> Header:
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        kind = {"c": "complex", "V": "structured (e.g. RGB)", "b": "boolean"}.get(dtype.kind, dtype.kind)
+        raise InputError(f"{path}: voxels are {kind} ({dtype}), not real numbers; a CT or mask must hold integer or "
+                         "float values (export the magnitude or the label volume)")
     shape = tuple(int(s) for s in img.header.get_data_shape())
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -154,7 +202,7 @@ def _check_header(path: Path, img, block: bytes) -> Header:
         )
     if any(s < 1 or s > MAX_DIM for s in shape) or math.prod(shape) > MAX_VOXELS:
         raise InputError(f"{path}: header claims shape {shape}, which is not a plausible CT volume; the header is corrupt")
-    raw = _raw_zooms(block)
+    raw = _raw_zooms(img, block)
     if not raw or not all(math.isfinite(z) and z > 0 for z in raw):
         raise InputError(f"{path}: voxel sizes (pixdim) {raw} must be positive; fix the header's pixdim")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -164,24 +212,37 @@ def _check_header(path: Path, img, block: bytes) -> Header:
     return Header(path, shape, affine, zooms, img.get_data_dtype())
 
 
-def check_pair(image: Header, mask: Header, atol_mm: float = 1e-3) -> None:
-    """Image and mask must share a grid: same shape, same affine within atol_mm.
+def stored_grid(header: Header) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) of the header's grid once reoriented to stored axes: the same physical
+    grid whatever the file's axis order (an RAS and an LAS file of one grid give the same)."""
+    t = _transform_to_stored(header.affine)
+    shape = [0, 0, 0]
+    for src_axis, (dst_axis, _flip) in enumerate(t):
+        shape[int(dst_axis)] = header.shape[src_axis]
+    return tuple(shape), header.affine @ nio.inv_ornt_aff(t, header.shape)
 
-    The tolerance is in millimetres on every affine entry (direction cosines scaled by
-    voxel size, and the origin), so rounding in a header rewrite passes and a mask from
-    another series does not.
+
+def check_pair(image: Header, mask: Header, atol_mm: float = 1e-3) -> None:
+    """Image and mask must share a grid: the same voxels at the same world positions, within
+    atol_mm on every affine entry (direction cosines scaled by voxel size, and the origin).
+
+    Compared after both are brought to stored axes, so a mask written in another axis order
+    (image RAS, mask LAS) over the same grid is accepted; rounding in a header rewrite passes,
+    a mask from another series does not.
     """
-    if image.shape != mask.shape:
+    (img_shape, img_affine), (mask_shape, mask_affine) = stored_grid(image), stored_grid(mask)
+    if img_shape != mask_shape:
         raise InputError(
-            f"{mask.path}: mask shape {mask.shape} differs from image {image.path.name} shape {image.shape}; "
+            f"{mask.path}: mask shape {mask.shape} differs from image {image.path.name} shape {image.shape} "
+            f"(compared in one axis order: mask {orientation_of(mask.affine)}, image {orientation_of(image.affine)}); "
             "image and mask must be on the same voxel grid"
         )
-    if not np.allclose(image.spacing, mask.spacing, atol=atol_mm, rtol=0):
+    if not np.allclose(nib.affines.voxel_sizes(img_affine), nib.affines.voxel_sizes(mask_affine), atol=atol_mm, rtol=0):
         raise InputError(
             f"{mask.path}: voxel sizes {mask.spacing} differ from image {image.path.name} {image.spacing} "
             f"by more than {atol_mm} mm"
         )
-    diff = float(np.max(np.abs(image.affine - mask.affine)))
+    diff = float(np.max(np.abs(img_affine - mask_affine)))
     if diff > atol_mm:
         raise InputError(
             f"{mask.path}: affine differs from image {image.path.name} by {diff:.4g} mm (tolerance {atol_mm} mm); "
@@ -189,33 +250,41 @@ def check_pair(image: Header, mask: Header, atol_mm: float = 1e-3) -> None:
         )
 
 
+def onto_grid(arr: np.ndarray, src: Header, dst: Header) -> np.ndarray:
+    """An array on `src`'s grid in `dst`'s axis order (the grids must agree: `check_pair`)."""
+    t = nio.ornt_transform(nio.io_orientation(src.affine), nio.io_orientation(dst.affine))
+    return np.ascontiguousarray(nio.apply_orientation(arr, t))
+
+
 # ------------------------------------------------------------------------- voxel data
 
 
 def read_file(path: Path) -> tuple[bytes, str]:
     """The file's bytes and their sha256 (one read serves hashing and decoding)."""
+    check_readable(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     return raw, hashlib.sha256(raw).hexdigest()
 
 
 def _image_from_bytes(path: Path, raw: bytes):
     """(nibabel image, uncompressed file bytes)."""
     if path.name.endswith(".gz"):
+        _check_gzip(path, raw[:4])
         try:
             # The gzip trailer holds the uncompressed size (mod 2**32): allocate it once.
             size = int.from_bytes(raw[-4:], "little") if len(raw) >= 18 else 0
             raw = _inflate.decompress(raw, zlib.MAX_WBITS | 32, max(size, 2**16))  # gzip or zlib header
         except (zlib.error, _inflate.error) as e:
             raise InputError(f"{path}: truncated or corrupt gzip data ({e}); re-copy or re-export the file") from None
-    for cls in (nib.Nifti1Image, nib.Nifti2Image):
-        try:
-            return cls.from_bytes(raw), raw
-        except Exception:
-            continue
-    raise InputError(f"{path}: not a readable NIfTI-1/NIfTI-2 file; re-export it as .nii or .nii.gz")
+    try:
+        return _nifti_class(path, raw[:4]).from_bytes(raw), raw
+    except InputError:
+        raise
+    except Exception as e:  # nibabel raises several types for unreadable headers
+        raise InputError(f"{path}: not a readable NIfTI-1/NIfTI-2 file ({e}); re-export it as .nii or .nii.gz") from None
 
 
 def _voxels(path: Path, img, raw: bytes, scaled: bool) -> np.ndarray:

@@ -14,6 +14,7 @@ deserialised.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -178,7 +179,9 @@ def folder_cases(run: Run, data: str | Path):
         for case in found:
             image, header = nifti_io.load_image(case.image)
             pred, _, geom = predict_image(run, image, header)
-            ref, _ = nifti_io.load_mask(case.mask)
+            ref, mask_header = nifti_io.load_mask(case.mask)
+            nifti_io.check_pair(header, mask_header)
+            ref = nifti_io.onto_grid(ref, mask_header, header)
 
             def panel(image=image, geom=geom, ref=ref, pred=pred):  # overlays are drawn in stored geometry
                 return (nifti_io.to_stored(image, geom, "image"), geom.stored_spacing,
@@ -194,19 +197,26 @@ def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True) -> tu
     and the means in TensorBoard (RUN/evaluation). Written into a temporary folder renamed
     onto `out` at the end, so a failure part-way leaves no folder."""
     rows = []
+    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        for case_id, pred, ref, spacing, panel in cases:
-            rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
-            if pngs:
-                overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
-        if not rows:
-            raise LiversegError(f"{name}: no cases to evaluate")
-        summary = metrics.summarize(rows)
-        _write_table(tmp / "cases.csv", rows)
-        (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
-                                                     indent=1, default=_json_number) + "\n")
+    try:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            for case_id, pred, ref, spacing, panel in cases:
+                rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
+                if pngs:
+                    overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
+            if not rows:
+                raise LiversegError(f"{name}: no cases to evaluate")
+            summary = metrics.summarize(rows)
+            _write_table(tmp / "cases.csv", rows)
+            (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
+                                                         indent=1, default=_json_number) + "\n")
+    except BaseException:
+        for p in new_parents:  # innermost first: folders this call created, left empty by the failure
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
     writer = tf.summary.create_file_writer(str(run.root / "evaluation"))
     with writer.as_default(step=0):
         for k, v in summary.items():

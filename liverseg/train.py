@@ -32,14 +32,13 @@ import logging
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from liverseg import LiversegError, atomic_path, config, metrics, objective, pipeline, rundir, step, unet, validate
+from liverseg import TERMINATE, LiversegError, atomic_path, config, metrics, objective, pipeline, rundir, step, unet, validate
 from liverseg.config import Config
 
 log = logging.getLogger(__name__)
@@ -107,8 +106,6 @@ class Trainer:
     """Set-up in __init__, then `loop()`, then `finish()`; the hooks are methods."""
 
     def __init__(self, cfg: Config, run: Path, progress: bool = True):
-        from tqdm import tqdm
-
         self.cfg, self.tc, self.run = cfg, cfg.train, run
         self.strategy = step.make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
         tf.keras.utils.set_random_seed(cfg.seed)
@@ -118,6 +115,18 @@ class Trainer:
         self.local = len(self.strategy.extended.worker_devices)
         self.global_batch = pipeline.global_batch(cfg, self.replicas)
         self.manifest, self.info = self._check_inputs()
+        self.cleanup = contextlib.ExitStack()  # the run lock, a worker's temporary folder: released by close()
+        try:
+            self._set_up(progress)
+        except BaseException:
+            self.cleanup.close()
+            raise
+
+    def _set_up(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self._claim_run()
         self._build_state()
         self._build_input_and_checkpoint()
         self.run_steps = step.build_train_step(cfg, self.strategy, self.model, self.optimizer, self.info.input.intensity,
@@ -131,28 +140,34 @@ class Trainer:
                          if self.has_val and self.chief else None)
         self.writers = self._writers()
         self.bar = tqdm(total=self.tc.steps, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief))
-        self.window, self.summary, self.stop_requested, self.profiling, self.calls = Window(), {}, False, False, 0
+        self.window, self.summary, self.profiling, self.calls = Window(), {}, False, 0
 
     # ------------------------------------------------------------------ set-up
 
     def _check_inputs(self) -> tuple:
-        cfg, run = self.cfg, self.run
+        """Everything about the inputs that can be checked before anything is written."""
+        cfg = self.cfg
         if self.global_batch % self.replicas:
             raise LiversegError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {self.replicas} replicas")
-        rundir.check_resume(run, cfg)
         manifest = pipeline.open_split(cfg, "train")
         h, w = manifest.split("train").slice_shape
         unet.check_input(cfg.model, h, w)
+        pipeline.check_context(cfg, manifest)
         spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,
                                 pipeline.intensity(cfg, manifest))
-        info = rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec)
-        if self.chief:
-            run.mkdir(parents=True, exist_ok=True)
-            rundir.save_config(run, cfg)
-            info.save(run)
-        else:
-            log.info("not the chief: nothing is written to %s", run)
-        return manifest, info
+        return manifest, rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec)
+
+    def _claim_run(self) -> None:
+        """The chief locks the run directory, checks that a resumed run keeps its recipe and its
+        dataset, and only then writes config.yaml and run.json."""
+        if not self.chief:
+            log.info("not the chief: nothing is written to %s", self.run)
+            return
+        self.cleanup.enter_context(rundir.claim(self.run))
+        rundir.check_resume(self.run, self.cfg)
+        rundir.check_dataset(self.run, self.info)
+        rundir.save_config(self.run, self.cfg)
+        self.info.save(self.run)
 
     def _build_state(self) -> None:
         policy = step.precision(self.cfg)
@@ -181,15 +196,19 @@ class Trainer:
         else:
             tracked["iterator"] = self.iterator
         self.ckpt = tf.train.Checkpoint(**tracked)
-        self.ckpt_dir = self.run / "checkpoints"
-        self.write_dir = self.ckpt_dir if self.chief else Path(tempfile.mkdtemp(prefix="liverseg-worker-ckpt-"))
+        self.ckpt_dir = self.run / rundir.CHECKPOINTS
+        # Every worker restores from the chief's checkpoints; only the chief repairs them.
+        restored = rundir.restore_newest(self.ckpt, self.ckpt_dir, repair=self.chief)
+        if self.chief:
+            self.write_dir = self.ckpt_dir
+        else:
+            resolver = self.strategy.cluster_resolver
+            self.write_dir = rundir.worker_checkpoint_dir(self.run, f"{resolver.task_type}{resolver.task_id}")
+            self.cleanup.callback(shutil.rmtree, self.write_dir, ignore_errors=True)
         self.manager = tf.train.CheckpointManager(self.ckpt, str(self.write_dir), max_to_keep=self.tc.keep_checkpoints)
-        latest = tf.train.latest_checkpoint(str(self.ckpt_dir))
-        if latest:
-            self.ckpt.restore(latest).assert_existing_objects_matched()
         self.at = self.last_saved = int(self.step_var.numpy())  # the one read of the step counter
-        if latest:
-            log.info("resumed from %s at step %d", latest, self.at)
+        if restored is not None:
+            log.info("resumed from %s at step %d", self.ckpt_dir / f"ckpt-{restored}", self.at)
 
     def _writers(self) -> dict:
         if not self.chief:
@@ -202,6 +221,11 @@ class Trainer:
                        trial_id=self.run.name)
         return writers
 
+    @property
+    def stop_requested(self) -> bool:
+        """SIGTERM arrived: during the run, or before it (the CLI sets TERMINATE from its first line)."""
+        return TERMINATE.is_set()
+
     @contextlib.contextmanager
     def signals(self):
         """SIGTERM asks the loop to checkpoint and stop (multi-worker: TF's handler does it)."""
@@ -212,7 +236,7 @@ class Trainer:
                 termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=lambda: sys.exit(PREEMPTED_EXIT)))
         else:
             with contextlib.suppress(ValueError):  # not the main thread: no signal handling
-                old = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
+                old = signal.signal(signal.SIGTERM, lambda *_: TERMINATE.set())
         try:
             yield
         finally:
@@ -223,6 +247,7 @@ class Trainer:
 
     def loop(self) -> None:
         tc, staged, token = self.tc, [], None
+        self.preempt_hook(self.at, staged=False)  # SIGTERM during set-up
         with pipeline.named_data_errors(self.cfg, "train"):
             while self.at < tc.steps:
                 before = self.at
@@ -358,8 +383,7 @@ class Trainer:
             tf.profiler.experimental.stop()
         for wr in self.writers.values():
             wr.flush()
-        if not self.chief:
-            shutil.rmtree(self.write_dir, ignore_errors=True)
+        self.cleanup.close()
 
     def finish(self) -> dict:
         self.sync_bn()
@@ -377,12 +401,27 @@ class Trainer:
 def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     """Train (or resume) in `run`. Returns the summary also written to RUN/run.json (chief)."""
     trainer = Trainer(cfg, Path(run), progress)
-    with trainer.signals():
-        try:
+    try:
+        with trainer.signals(), lost_workers_explained(trainer):
             trainer.loop()
-        finally:
-            trainer.close()
-    return trainer.finish()
+            return trainer.finish()
+    finally:
+        trainer.close()
+
+
+@contextlib.contextmanager
+def lost_workers_explained(trainer: Trainer):
+    """Under multi-worker, a peer that died or became unreachable surfaces as a collective's
+    UnavailableError (or a deadline/abort) with a long trace: say it in one line instead."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError) as e:
+        if trainer.tc.strategy != "multi_worker":
+            raise
+        first = (e.message or type(e).__name__).strip().splitlines()[0][:200]
+        raise LiversegError(f"lost contact with a worker of the cluster ({type(e).__name__}: {first}); restart every "
+                            f"worker with the same command: training resumes from the last checkpoint "
+                            f"(step {trainer.last_saved} in {trainer.ckpt_dir})") from None
 
 
 __all__ = ["NonFiniteLoss", "PREEMPTED_EXIT", "Preempted", "Trainer", "every", "train"]

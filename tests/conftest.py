@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,6 +37,13 @@ def write_nifti(path: Path, arr: np.ndarray, affine=None, dtype=None, slope: flo
     return path
 
 
+def liverseg_process(*args, env=None, **kw) -> subprocess.Popen:
+    """`python -m liverseg ARGS` as a user runs it (stdout and stderr together, text)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "liverseg", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
 def tree(path: Path) -> list[str]:
     """Every file under path (relative), for 'nothing written' assertions."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
@@ -65,3 +74,15 @@ def shared_masks() -> Path:
     if not SHARED_MASKS.is_dir():
         pytest.skip(f"real masks not available at {SHARED_MASKS}")
     return SHARED_MASKS
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset, tmp_path_factory) -> Path:
+    """A smoke run of 40 steps on `dataset` (context 1), validated at 20 and 40. Read it, do not change it."""
+    from liverseg import config, train
+
+    run = tmp_path_factory.mktemp("run") / "smoke"
+    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"data.records={dataset}", "train.steps=40", "data.context=1",
+                                                        "train.eval_every=20"])
+    train.train(cfg, run, progress=False)
+    return run

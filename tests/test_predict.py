@@ -13,15 +13,6 @@ from liverseg import LiversegError, config, metrics, nifti_io, predict, synth, t
 from liverseg.cli import cli
 
 
-@pytest.fixture(scope="session")
-def trained_run(dataset, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run") / "smoke"
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"data.records={dataset}", "train.steps=40", "data.context=1",
-                                                        "train.eval_every=20"])
-    train.train(cfg, run, progress=False)
-    return run
-
-
 def _anatomy(tmp_path, orientation, name="case01"):
     ras_ct, ras_mask = synth.render(np.random.default_rng(3), (32, 32, 9), (11.0, 11.0, 18.0))
     paths = []

@@ -1,0 +1,156 @@
+"""Offline conversion: CT volume + liver mask pairs -> sharded TFRecords + manifest.
+
+Three phases (one module each), so a bad input or a killed run never leaves a
+half-written dataset:
+
+1. `discover`: find pairs, assign splits (by patient) and check every header (shape,
+   affine, voxel sizes, dimensionality) before reading any voxel;
+2. `shards`: plan shards by bytes; workers write whole shards under temporary names
+   (`.tmp-*`), validating each case's voxels (NaN/Inf, mask labels, truncated data)
+   before any of its slices is written;
+3. `output`: only when every shard is complete, the manifest is written under a
+   temporary name, shards are renamed to `{split}-{i:05d}-of-{n:05d}.tfrecord`, then the
+   manifest is renamed into place. The manifest is the commit point.
+
+Output is deterministic: cases are sorted, records are encoded byte-for-byte the same
+(`records`), so a re-run with the same inputs and options produces identical shards,
+whichever runner wrote them (local processes here, Apache Beam in `convert.beam`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+import threading
+from multiprocessing import get_context
+from pathlib import Path
+
+from liverseg import LiversegError, records
+from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
+from liverseg.convert.output import assemble, check_out, check_same_sources, commit
+from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, estimated_bytes, plan_shards, write_shard
+from liverseg.manifest import ConvertOptions, Manifest
+from liverseg.nifti_io import InputError
+
+
+def prepare(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[Case], list[ShardJob], Manifest | None]:
+    """Everything before any voxel is read: option checks, discovery, splits, header checks,
+    the output folder's state, the shard plan and the space it needs. Raises on the first problem."""
+    if opts.compression not in records.COMPRESSIONS:
+        raise LiversegError(f"--compression {opts.compression!r}: choose none, GZIP or ZLIB")
+    if opts.size is not None and not 16 <= opts.size <= 4096:
+        raise LiversegError(f"--size {opts.size}: choose a slice size between 16 and 4096")
+    if opts.shard_mb <= 0 or opts.workers < 1 or (opts.num_shards is not None and opts.num_shards < 1):
+        raise LiversegError("--shard-mb must be > 0, --workers >= 1, --num-shards >= 1")
+    cases = discover(src, opts)
+    old = check_out(out, opts, src)
+    check_headers(cases, opts)
+    bad = [c for c in cases if c.error]
+    if bad and not opts.skip_bad:
+        raise InputError(f"{len(bad)} case(s) failed header checks, nothing written (--skip-bad converts the rest):\n  "
+                         + "\n  ".join(c.error for c in bad))
+    jobs = plan_shards(cases, opts, out)
+    _check_space(out, jobs, opts)
+    return cases, jobs, old
+
+
+def _check_space(out: Path, jobs: list[ShardJob], opts: ConvertOptions) -> None:
+    """Uncompressed shards have a size known from the headers: refuse to start a conversion
+    that cannot fit (compressed sizes are unknown; a full disk is then reported when met)."""
+    if opts.compression:
+        return
+    need = sum(estimated_bytes(c) for j in jobs for c in j.cases)
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise LiversegError(f"{out}: the dataset needs about {need / 2**20:,.0f} MB but {where} has "
+                            f"{free / 2**20:,.0f} MB free; free space or choose another output folder")
+
+
+def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True) -> Manifest:
+    """Convert SRC to a sharded dataset in OUT. Returns the manifest (also written to OUT/dataset.json)."""
+    from tqdm import tqdm
+
+    src, out = Path(src), Path(out)
+    cases, jobs, old = prepare(src, out, opts)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=sum(c.geometry.stored_shape[0] for j in jobs for c in j.cases), desc="convert", unit="slice",
+               disable=not progress)
+    try:
+        results = _write_all(jobs, opts, lambda job: bar.update(sum(c.geometry.stored_shape[0] for c in job.cases)))
+        bar.close()
+        manifest = assemble(src, opts, cases, results)
+        check_same_sources(out, old, manifest, opts)
+        return commit(out, manifest, results)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise LiversegError(no_space(Path(e.filename or out))) from None
+    finally:
+        bar.close()
+        for j in jobs:
+            j.tmp.unlink(missing_ok=True)  # gone already when committed
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def no_space(path: Path) -> str:
+    return f"{path}: no space left on device; nothing was made final; free space (or choose another output folder) and re-run"
+
+
+def _write_all(jobs: list[ShardJob], opts: ConvertOptions, done) -> list[ShardResult]:
+    """Write every shard: in this process, or in `opts.workers` spawned processes that die
+    with this one (a killed convert leaves no worker behind) and are stopped on any failure."""
+    if opts.workers == 1 or len(jobs) == 1:
+        results = []
+        for j in jobs:
+            results.append(write_shard(j, opts))
+            done(j)
+        return results
+    by_name = {(j.split, j.ordinal): j for j in jobs}
+    # spawn: never fork a process that may hold TensorFlow's threads.
+    pool = get_context("spawn").Pool(min(opts.workers, len(jobs)), initializer=_die_with_parent, initargs=(os.getpid(),))
+    try:
+        results = []
+        for r in pool.imap_unordered(_write_shard_args, [(j, opts) for j in jobs]):
+            results.append(r)
+            done(by_name[(r.split, r.ordinal)])
+        pool.close()
+        return results
+    except BaseException:
+        pool.terminate()  # a failed case, Ctrl-C or SIGTERM: stop the other shards now
+        raise
+    finally:
+        pool.join()
+
+
+def _write_shard_args(args) -> ShardResult:  # picklable entry point for the process pool
+    return write_shard(*args)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker start-up: end when the converting process ends, however it ends (SIGKILL included).
+
+    Linux delivers SIGKILL on the parent's death (PR_SET_PDEATHSIG); elsewhere, or if the
+    parent died before this ran, a thread notices the worker was re-parented.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it terminates the pool)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+__all__ = ["ConvertOptions", "SPLIT_PRESETS", "TMP_PREFIX", "assemble", "commit", "convert", "discover", "plan_shards",
+           "prepare", "write_shard"]

@@ -1,0 +1,159 @@
+"""Conversion, phase 1: find the cases in a source folder, give each its split, check headers.
+
+A case is an image and a liver mask of one patient. Cases are found by file-name patterns
+(`{case}_orig.nii.gz` / `{case}_liver.nii.gz` by default). Splits are by patient: from
+train/val/test subfolders, a split file, a preset (`ircad`), or seeded fractions.
+Headers are checked before any voxel is read, so a bad case fails the run (or, with
+--skip-bad, is listed) before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from liverseg import LiversegError, nifti_io
+from liverseg.manifest import SPLITS, ConvertOptions
+from liverseg.nifti_io import InputError
+
+
+def _ircad_split(number: int) -> str:
+    """3D-IRCADb-01 customary split: 1-10 train, 11-15 val, 16-20 test."""
+    return "train" if number <= 10 else "val" if number <= 15 else "test"
+
+
+SPLIT_PRESETS = {"ircad": _ircad_split}
+
+
+@dataclass
+class Case:
+    case_id: str
+    split: str
+    image: Path
+    mask: Path
+    index: int = -1
+    geometry: nifti_io.Geometry | None = None
+    error: str | None = None
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    if pattern.count("{case}") != 1:
+        raise LiversegError(f"pattern {pattern!r} must contain {{case}} exactly once, e.g. '{{case}}_orig'")
+    head, tail = pattern.split("{case}")
+    return re.compile(re.escape(head) + r"(?P<case>.+?)" + re.escape(tail) + r"\.nii(\.gz)?$")
+
+
+def discover(src: Path, opts: ConvertOptions) -> list[Case]:
+    """Pair images with masks; the split comes from subfolders, a split file, a preset or seeded fractions."""
+    if not src.is_dir():
+        raise LiversegError(f"{src}: source folder does not exist")
+    img_re, mask_re = _pattern_regex(opts.image_pattern), _pattern_regex(opts.mask_pattern)
+    folders = [src / s for s in SPLITS if (src / s).is_dir()]
+    loose = [p for p in src.iterdir() if p.is_file() and (img_re.match(p.name) or mask_re.match(p.name))]
+    if folders and loose:
+        raise LiversegError(
+            f"{src}: has both split subfolders ({', '.join(f.name for f in folders)}) and loose volumes "
+            f"({loose[0].name}, ...); keep one layout"
+        )
+    found: dict[str, Case] = {}
+    unpaired: list[str] = []
+    for folder in folders or [src]:
+        split = folder.name if folders else ""
+        images, masks = {}, {}
+        for p in sorted(folder.iterdir()):
+            m_img, m_mask = img_re.match(p.name), mask_re.match(p.name)
+            if m_img:
+                images[m_img["case"]] = p
+            elif m_mask:
+                masks[m_mask["case"]] = p
+        unpaired += [str(images[c]) for c in sorted(set(images) - set(masks))]
+        unpaired += [str(masks[c]) for c in sorted(set(masks) - set(images))]
+        for c in sorted(set(images) & set(masks)):
+            if c in found:
+                raise LiversegError(f"case {c!r} appears in two split folders: {found[c].image} and {images[c]}")
+            found[c] = Case(c, split, images[c], masks[c])
+    if unpaired:
+        raise LiversegError(
+            f"{src}: {len(unpaired)} file(s) without a partner ({opts.image_pattern} <-> {opts.mask_pattern}): "
+            + ", ".join(unpaired)
+        )
+    if not found:
+        raise LiversegError(
+            f"{src}: no image/mask pairs named {opts.image_pattern}.nii[.gz] / {opts.mask_pattern}.nii[.gz] "
+            "(set --image-pattern/--mask-pattern)"
+        )
+    cases = [found[c] for c in sorted(found)]
+    _assign_splits(cases, opts, from_folders=bool(folders))
+    order = {s: i for i, s in enumerate(SPLITS)}
+    cases.sort(key=lambda c: (order[c.split], c.case_id))
+    for i, c in enumerate(cases):
+        c.index = i
+    return cases
+
+
+def _assign_splits(cases: list[Case], opts: ConvertOptions, from_folders: bool) -> None:
+    chosen = [x for x in (opts.split_file, opts.split_preset, (opts.val or opts.test) or None) if x]
+    if len(chosen) > 1:
+        raise LiversegError("choose one of --split-file, --split-preset or --val/--test")
+    if from_folders and chosen:
+        raise LiversegError("the source already has train/val/test subfolders; drop --split-file/--split-preset/--val/--test")
+    ids = [c.case_id for c in cases]
+    if opts.split_file:
+        path = Path(opts.split_file)
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise LiversegError(f"{path}: cannot read split file ({e})") from None
+        if not isinstance(spec, dict) or set(spec) - set(SPLITS):
+            raise LiversegError(f"{path}: must map some of {SPLITS} to lists of case ids")
+        where: dict[str, str] = {}
+        for split, members in spec.items():
+            for c in members:
+                if c in where:
+                    raise LiversegError(f"{path}: case {c!r} is in both {where[c]} and {split}")
+                where[c] = split
+        missing = sorted(set(where) - set(ids))
+        extra = sorted(set(ids) - set(where))
+        if missing or extra:
+            raise LiversegError(
+                f"{path}: split file and source disagree; "
+                + (f"not in source: {', '.join(missing)}; " if missing else "")
+                + (f"not in split file: {', '.join(extra)}" if extra else "")
+            )
+        for c in cases:
+            c.split = where[c.case_id]
+    elif opts.split_preset:
+        if opts.split_preset not in SPLIT_PRESETS:
+            raise LiversegError(f"--split-preset {opts.split_preset!r}: choose one of {', '.join(SPLIT_PRESETS)}")
+        for c in cases:
+            m = re.search(r"(\d+)$", c.case_id)
+            if not m:
+                raise LiversegError(f"case {c.case_id!r} has no trailing number for --split-preset {opts.split_preset}")
+            c.split = SPLIT_PRESETS[opts.split_preset](int(m.group(1)))
+    elif not from_folders:
+        if not (0 <= opts.val < 1 and 0 <= opts.test < 1 and opts.val + opts.test < 1):
+            raise LiversegError(f"--val {opts.val} / --test {opts.test}: fractions in [0, 1) that sum below 1")
+        order = sorted(ids)
+        random.Random(opts.seed).shuffle(order)
+        n = len(order)
+        n_test = max(1, round(opts.test * n)) if opts.test else 0
+        n_val = max(1, round(opts.val * n)) if opts.val else 0
+        if n_test + n_val >= n:
+            raise LiversegError(f"{n} cases cannot give {n_val} val + {n_test} test cases and keep one for training")
+        split_of = {c: "test" for c in order[:n_test]} | {c: "val" for c in order[n_test:n_test + n_val]}
+        for c in cases:
+            c.split = split_of.get(c.case_id, "train")
+
+
+def check_headers(cases: list[Case], opts: ConvertOptions) -> None:
+    """Fill each case's stored geometry, or its error, from headers alone."""
+    for c in cases:
+        try:
+            image, mask = nifti_io.read_header(c.image), nifti_io.read_header(c.mask)
+            nifti_io.check_pair(image, mask, opts.affine_tol)
+            c.geometry = nifti_io.stored_geometry(image, opts.size)
+        except InputError as e:
+            c.error = str(e)

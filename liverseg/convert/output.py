@@ -1,0 +1,136 @@
+"""Conversion, phase 3: the output folder, the manifest of the written shards, the commit.
+
+The commit makes a conversion final in an order that never shows a partial dataset: the
+new manifest is written under a temporary name first (the one write that may fail for
+space), then the shards are renamed to their final names, then the manifest. A failure
+before the last rename leaves no manifest, and a failure before the shard renames leaves
+no final-named shard.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from liverseg import LiversegError, records
+from liverseg.convert.discover import Case
+from liverseg.convert.shards import TMP_PREFIX, ShardResult
+from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, HUStats, Manifest, RegionHU, ShardInfo,
+                               SkippedCase, SplitInfo)
+
+
+def check_out(out: Path, opts: ConvertOptions, src: Path) -> Manifest | None:
+    """Refuse to clobber a different dataset or unrelated files; return the old manifest, if any."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise LiversegError(f"{out}: exists and is not a folder")
+    for p in out.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run
+        p.unlink()
+    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^" + re.escape(MANIFEST) + "$")
+    foreign = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
+    if foreign and not opts.overwrite:
+        raise LiversegError(f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}); "
+                            "choose an empty or new folder")
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        old = Manifest.load(out, check_shards=False)
+    except LiversegError:
+        old = None
+    same = old is not None and old.options.creation() == opts.creation() and old.source == str(src.resolve())
+    if not same and not opts.overwrite:
+        raise LiversegError(f"{out}: already holds a different dataset (see {out / MANIFEST}); "
+                            "pass --overwrite to replace it or choose another folder")
+    return old
+
+
+def _aggregate_hu(infos: list[CaseInfo], region: str) -> HUStats:
+    stats = [getattr(i.hu, region) for i in infos if getattr(i.hu, region).count > 0]
+    if not stats:
+        return HUStats(0)
+    w = np.array([s.count for s in stats], np.float64)
+    means = np.array([s.mean for s in stats])
+    var = np.array([s.std ** 2 for s in stats])
+    mean = float((w * means).sum() / w.sum())
+    std = float(np.sqrt((w * (var + (means - mean) ** 2)).sum() / w.sum()))
+    pct = {p: float(sum(wi * s.percentiles[p] for wi, s in zip(w, stats)) / w.sum()) for p in stats[0].percentiles}
+    return HUStats(int(w.sum()), round(mean, 3), round(std, 3), {k: round(v, 3) for k, v in pct.items()},
+                   "pooled mean/std; percentiles are the voxel-weighted mean of per-case percentiles")
+
+
+def assemble(src: Path, opts: ConvertOptions, cases: list[Case], results: list[ShardResult],
+             runner: str = "local") -> Manifest:
+    """The manifest of a conversion from its written shards (any order) and the header-failed cases."""
+    results = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
+    skipped = [SkippedCase(c.case_id, c.split, c.error) for c in cases if c.error]
+    skipped += [s for r in results for s in r.skipped]
+    kept = [r for r in results if r.num_examples > 0]
+    splits: dict[str, SplitInfo] = {}
+    infos: list[CaseInfo] = []
+    for split in SPLITS:
+        shards = [r for r in kept if r.split == split]
+        if not shards:
+            continue
+        named = [(records.shard_name(split, k, len(shards)), r) for k, r in enumerate(shards)]
+        members = [replace(i, shard=name) for name, r in named for i in r.cases]
+        shapes = {tuple(i.geometry.stored_shape[1:]) for i in members}
+        splits[split] = SplitInfo(
+            num_examples=sum(r.num_examples for r in shards), num_cases=len(members),
+            liver_slices=sum(i.liver_slices for i in members), bytes=sum(r.bytes for r in shards),
+            slice_shape=shapes.pop() if len(shapes) == 1 else None,
+            hu=RegionHU(_aggregate_hu(members, "liver"), _aggregate_hu(members, "body")),
+            shards=tuple(ShardInfo(name, r.num_examples, r.bytes, r.sha256, tuple(i.case_id for i in r.cases))
+                         for name, r in named))
+        infos += members
+    return Manifest(source=str(src.resolve()), options=ConvertOptions.from_creation(opts.creation()), splits=splits,
+                    cases=tuple(sorted(infos, key=lambda i: i.index)), skipped=tuple(skipped), runner=runner)
+
+
+def check_same_sources(out: Path, old: Manifest | None, new: Manifest, opts: ConvertOptions) -> None:
+    """Re-running into a dataset with the same options must also mean the same source bytes."""
+    if old is None or opts.overwrite:
+        return
+    before = {c.case_id: (c.image.sha256, c.mask.sha256) for c in old.cases}
+    if before != {c.case_id: (c.image.sha256, c.mask.sha256) for c in new.cases}:
+        raise LiversegError(f"{out}: already holds a dataset converted from different source files; "
+                            "pass --overwrite to replace it or choose another folder")
+
+
+def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifest:
+    """Make a complete conversion final: new manifest written (temp name), old manifest out,
+    shards to their final names, new manifest in.
+
+    The manifest is written first because it is the one write left (a full disk fails it
+    with nothing final-named yet); renames need no space. A crash after the old manifest is
+    removed leaves no manifest, i.e. an incomplete dataset that a re-run completes; a shard
+    under its final name is always complete.
+    """
+    tmp = out / f"{TMP_PREFIX}{MANIFEST}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(manifest.dumps())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    (out / MANIFEST).unlink(missing_ok=True)
+    ordered = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
+    for r in ordered:
+        if r.num_examples == 0:  # every case of the shard was skipped
+            Path(r.tmp).unlink(missing_ok=True)
+    final = set()
+    for split, info in manifest.splits.items():
+        for r, s in zip([r for r in ordered if r.split == split and r.num_examples > 0], info.shards):
+            os.replace(r.tmp, out / s.file)
+            final.add(s.file)
+    for p in out.glob("*-of-*.tfrecord"):
+        if p.name not in final:
+            p.unlink()
+    os.replace(tmp, out / MANIFEST)
+    return manifest

@@ -1,0 +1,164 @@
+"""Conversion, phase 2: plan shards (whole cases, in case order) and write one shard.
+
+`write_shard` is what a worker runs (a local process, or a Beam worker): it reads and
+checks each case's voxels, reorients them to stored geometry, and writes the case's
+slices in order under the shard's temporary name. It never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from liverseg import nifti_io, records
+from liverseg.convert.discover import Case
+from liverseg.manifest import SPLITS, CaseInfo, ConvertOptions, HUStats, RegionHU, SkippedCase, SourceFile
+from liverseg.nifti_io import InputError
+
+TMP_PREFIX = ".tmp-"
+PERCENTILES = (0.5, 5, 25, 50, 75, 95, 99.5)
+STAT_SAMPLES = 1_000_000  # HU statistics from a strided subsample of about this many voxels
+BODY_HU = -500  # voxels above this are "body" for the body HU statistics
+
+
+@dataclass
+class ShardJob:
+    split: str
+    ordinal: int
+    tmp: Path
+    cases: list[Case] = field(default_factory=list)
+
+
+@dataclass
+class ShardResult:
+    """A shard written under its temporary name: what the manifest needs to list it."""
+
+    split: str
+    ordinal: int
+    tmp: Path
+    num_examples: int
+    bytes: int
+    sha256: str
+    cases: list[CaseInfo]
+    skipped: list[SkippedCase]
+
+
+def estimated_bytes(c: Case) -> int:
+    """Uncompressed bytes of a case's records (from its header): int16 image + uint8 mask + features and framing."""
+    z, h, w = c.geometry.stored_shape
+    return z * (3 * h * w + 160)
+
+
+def plan_shards(cases: list[Case], opts: ConvertOptions, out: Path) -> list[ShardJob]:
+    """Whole cases per shard, in case order; by size (shard_mb) or by count (num_shards)."""
+    jobs: list[ShardJob] = []
+    for split in SPLITS:
+        members = [c for c in cases if c.split == split and c.error is None]
+        if not members:
+            continue
+        sizes = np.array([estimated_bytes(c) for c in members], np.float64)
+        if opts.num_shards:
+            n = min(opts.num_shards, len(members))  # a case never spans shards
+            cum = np.cumsum(sizes)
+            cuts, prev = [], 0
+            for k in range(1, n):  # cut where the running size is closest to k/n of the total
+                hi = len(members) - (n - k)
+                i = prev + 1 + int(np.argmin(np.abs(cum[prev:hi] - k * cum[-1] / n)))
+                cuts.append(i)
+                prev = i
+            groups = np.split(np.arange(len(members)), cuts)
+        else:
+            limit = opts.shard_mb * 2**20
+            groups, current, acc = [], [], 0.0
+            for i, s in enumerate(sizes):
+                if current and acc + s > limit:
+                    groups.append(current)
+                    current, acc = [], 0.0
+                current.append(i)
+                acc += s
+            groups.append(current)
+        for g in groups:
+            ordinal = len([j for j in jobs if j.split == split])
+            jobs.append(ShardJob(split, ordinal, out / f"{TMP_PREFIX}{split}-{ordinal:05d}.tfrecord", [members[i] for i in g]))
+    return jobs
+
+
+def _prime_at_least(n: int) -> int:
+    n = max(2, n)
+    while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n
+
+
+def _hu_stats(sample: np.ndarray, count: int) -> HUStats:
+    """Statistics of `count` voxels estimated from `sample` (HU values)."""
+    if sample.size == 0:
+        return HUStats(int(count))
+    sample = sample.astype(np.float32)
+    pct = np.percentile(sample, PERCENTILES, method="linear")
+    return HUStats(int(count), round(float(sample.mean()), 3), round(float(sample.std()), 3),
+                   {str(p): round(float(v), 3) for p, v in zip(PERCENTILES, pct)})
+
+
+def _case_stats(image: np.ndarray, mask: np.ndarray, liver_voxels: int) -> RegionHU:
+    """Liver and body HU statistics from one strided subsample of the volume.
+
+    The stride is prime, so it never aliases with the row length. The liver count is exact
+    (from the per-slice sums), the body count is estimated from the sample.
+    """
+    step = _prime_at_least(image.size // STAT_SAMPLES)
+    img = image.ravel()[::step]
+    liver = mask.ravel()[::step].astype(bool)
+    body = img > BODY_HU
+    body_count = int(body.sum()) * image.size // img.size  # estimated from the sample
+    return RegionHU(_hu_stats(img[liver], liver_voxels), _hu_stats(img[body], body_count))
+
+
+def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, CaseInfo, np.ndarray]:
+    """Read, check and reorient one case: (stored image, stored mask, its CaseInfo, liver voxels per slice)."""
+    raw_img, sha_img = nifti_io.read_file(c.image)
+    raw_mask, sha_mask = nifti_io.read_file(c.mask)
+    image, h_img = nifti_io.load_image(c.image, raw_img)
+    mask, h_mask = nifti_io.load_mask(c.mask, raw_mask, opts.merge_tumour)
+    nifti_io.check_pair(h_img, h_mask, opts.affine_tol)  # the data-time header must match the planned one
+    image = nifti_io.to_stored(image, c.geometry, "image")
+    mask = nifti_io.to_stored(nifti_io.onto_grid(mask, h_mask, h_img), c.geometry, "mask")
+    per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1, dtype=np.int64)
+    liver = int(per_slice.sum())
+    info = CaseInfo(c.case_id, c.index, c.split, SourceFile(str(c.image), sha_img, len(raw_img)),
+                    SourceFile(str(c.mask), sha_mask, len(raw_mask)), c.geometry, int(mask.shape[0]), liver,
+                    int(np.count_nonzero(per_slice)), _case_stats(image, mask, liver))
+    return image, mask, info, per_slice
+
+
+def write_shard(job: ShardJob, opts: ConvertOptions) -> "ShardResult":
+    """Write one shard (temp name). Returns counts, bytes, sha256, case infos and skipped cases."""
+    writer = records.ShardWriter(job.tmp, opts.compression)
+    infos, skipped = [], []
+    try:
+        for c in job.cases:
+            try:
+                image, mask, info, per_slice = _load_case(c, opts)
+            except InputError as e:
+                if not opts.skip_bad:
+                    raise
+                skipped.append(SkippedCase(c.case_id, c.split, str(e)))
+                continue
+            z, h, w = image.shape
+            spacing = c.geometry.stored_spacing
+            image = image.astype("<i2", copy=False)  # little-endian on any host; stored arrays are C-contiguous
+            for s in range(z):
+                writer.write(records.encode_parts(image[s], mask[s], h, w, c.case_id, c.index, s, z,
+                                                  int(per_slice[s]), spacing))
+            infos.append(info)
+        n, nbytes, sha = writer.close()
+    except BaseException as e:
+        writer.abort()
+        job.tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:  # writes name no file: name it
+            raise OSError(errno.ENOSPC, e.strerror, str(job.tmp)) from None
+        raise
+    return ShardResult(job.split, job.ordinal, job.tmp, n, nbytes, sha, infos, skipped)
