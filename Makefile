@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 demo: $(STAMP)
 	$(BIN)/liverseg synth $(DEMO)/nifti --cases 16 --size 128 --slices 40..56 --seed 0

@@ -31,6 +31,10 @@ class LiversegError(Exception):
     """
 
 
+class InputError(LiversegError):
+    """A bad input file (NIfTI, DICOM, zip). The message starts with the file's path."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Write to the yielded temporary sibling of `path`; it is renamed onto `path` when the

@@ -14,6 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from liverseg import LiversegError
+
 MB = 2**20
 
 
@@ -23,40 +25,51 @@ def _warm(paths: list[Path]) -> None:
         p.read_bytes()
 
 
-def bench_convert(src: str | Path, workers: int = 2, opts=None) -> list[dict]:
-    """Plain nibabel load of every volume vs `convert` with 1 and `workers` processes."""
+def bench_convert(src: str | Path, workers: int = 2, opts=None, dicom: str | Path | None = None) -> list[dict]:
+    """Plain nibabel load of every volume vs `convert` with 1 and `workers` processes; with
+    `dicom` (the same volumes as 3D-IRCADb-01 DICOM trees), the same conversions from DICOM."""
     from liverseg.convert import ConvertOptions, convert, discover
 
     src = Path(src)
     opts = opts or ConvertOptions()
     cases = discover(src, opts)
-    files = [p for c in cases for p in (c.image, c.mask)]
+    files = [p.path for c in cases for p in (c.image, c.mask)]
     _warm(files)
     t0 = time.perf_counter()
     slices = voxel_bytes = 0
     for c in cases:
-        image = np.asanyarray(nib.load(str(c.image)).dataobj)
-        mask = np.asanyarray(nib.load(str(c.mask)).dataobj)
+        image = np.asanyarray(nib.load(str(c.image.path)).dataobj)
+        mask = np.asanyarray(nib.load(str(c.mask.path)).dataobj)
         slices += image.shape[2]
         voxel_bytes += image.nbytes + mask.nbytes
-    t_load = time.perf_counter() - t0
-    rows = [{"run": "nibabel load (image+mask)", "seconds": t_load}]
+    rows = [{"run": "nibabel load (image+mask)", "seconds": time.perf_counter() - t0}]
+    runs = [(f"convert --workers {n}", src, _with(opts, workers=n)) for n in sorted({1, workers})]
+    if dicom is not None:
+        dicom_cases = discover(Path(dicom), _with(opts, layout="ircad"))
+        if len(dicom_cases) != len(cases):
+            raise LiversegError(f"{dicom}: {len(dicom_cases)} DICOM cases, {src} has {len(cases)}; give the same volumes")
+        _warm([Path(c.image.path) / m for c in dicom_cases for m in c.image.members]
+              + [Path(c.mask.path) / m for c in dicom_cases for m in c.mask.members])
+        runs += [(f"convert DICOM --workers {n}", Path(dicom), _with(opts, workers=n, layout="ircad"))
+                 for n in sorted({1, workers})]
     tmp = Path(tempfile.mkdtemp(prefix="liverseg-bench-"))
     try:
-        for n in sorted({1, workers}):
-            out = tmp / f"w{n}"
+        for name, source, o in runs:
             t0 = time.perf_counter()
-            convert(src, out, _with(opts, workers=n), progress=False)
-            rows.append({"run": f"convert --workers {n}", "seconds": time.perf_counter() - t0})
-            shutil.rmtree(out)
+            convert(source, tmp / "out", o, progress=False)
+            rows.append({"run": name, "seconds": time.perf_counter() - t0})
+            shutil.rmtree(tmp / "out")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    t_one = rows[1]["seconds"]
+    t_load, t_one = rows[0]["seconds"], {}
     for r in rows:
+        kind = r["run"].rsplit(" --workers", 1)[0]
+        t_one.setdefault(kind, r["seconds"])
+        r["s/volume"] = round(r["seconds"] / len(cases), 3)
         r["slices/s"] = round(slices / r["seconds"], 1)
         r["MB/s"] = round(voxel_bytes / MB / r["seconds"], 1)
         r["x load time"] = round(r["seconds"] / t_load, 2)
-        r["speedup vs 1 worker"] = round(t_one / r["seconds"], 2) if r["run"].startswith("convert") else ""
+        r["speedup vs 1 worker"] = round(t_one[kind] / r["seconds"], 2) if r["run"].startswith("convert") else ""
         r["seconds"] = round(r["seconds"], 2)
     return rows
 
@@ -143,7 +156,7 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
 
         cases = [c for c in discover(Path(nifti), ConvertOptions(split_preset=m.options.split_preset))
                  if c.split == split] or discover(Path(nifti), ConvertOptions())
-        loader = TutorialLoader([(c.image, c.mask) for c in cases], batch)
+        loader = TutorialLoader([(c.image.path, c.mask.path) for c in cases], batch)
         it = (loader[i] for i in range(10**9))
         add("4 tutorial loader (nib.load per slice)",
             _rate(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)))
@@ -288,19 +301,19 @@ def bench_train(records: str | Path, config_file: str | Path | None = None, over
 def bench_predict(run_dir: str | Path, data: str | Path, cases: int = 5) -> list[dict]:
     """Per NIfTI pair: whole-volume prediction seconds (read, infer, restore geometry) and
     slices/s, and metric seconds (Dice ... HD95/ASSD on the source grid)."""
-    from liverseg import metrics, nifti_io, predict
+    from liverseg import metrics, predict, volumes
     from liverseg.convert import ConvertOptions, discover
 
     run = predict.load_run(run_dir)
     pairs = discover(Path(data), ConvertOptions())[:cases]
-    _warm([p for c in pairs for p in (c.image, c.mask)])
-    predict.predict_nifti(run, pairs[0].image)  # trace and warm up once
+    _warm([p.path for c in pairs for p in (c.image, c.mask)])
+    predict.predict_source(run, pairs[0].image)  # trace and warm up once
     rows = []
     for c in pairs:
         t0 = time.perf_counter()
-        pred, _, geom = predict.predict_nifti(run, c.image)
+        pred, _, geom = predict.predict_source(run, c.image)
         t_pred = time.perf_counter() - t0
-        ref, _ = nifti_io.load_mask(c.mask)
+        ref, _, _, _ = volumes.load_mask(c.mask)
         t0 = time.perf_counter()
         m = metrics.case_metrics(pred, ref, geom.spacing)
         t_metric = time.perf_counter() - t0

@@ -89,8 +89,8 @@ def cli() -> None:
 @click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Build one phantom around each real *_liver.nii[.gz] here, at its real geometry.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--layout", type=click.Choice(["flat", "seed"]), default="flat", show_default=True,
-              help="seed: the tutorial's train/ + test/ folders.")
+@click.option("--layout", type=click.Choice(["flat", "seed", "ircad"]), default="flat", show_default=True,
+              help="seed: the tutorial's train/ + test/ folders; ircad: 3D-IRCADb-01's DICOM tree.")
 @click.option("--workers", default=1, show_default=True, help="Parallel processes.")
 def synth(out, cases, size, slices, masks, seed, layout, workers):
     """Write synthetic CT phantoms (<case>_orig.nii.gz, <case>_liver.nii.gz) to OUT."""
@@ -267,13 +267,17 @@ _weights_option = click.option("--weights", type=click.Path(exists=True, dir_oka
               help="Converted dataset (default: the one the run trained on).")
 @click.option("--split", default="test", show_default=True, help="Records split to evaluate.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of <case>_orig/<case>_liver NIfTI pairs, scored on each file's own grid instead.")
+              help="Folder of image/mask pairs in a convert --layout, scored on each case's own grid instead.")
+@click.option("--layout", type=click.Choice(["pattern", "ircad", "msd", "lits"]), default="pattern", show_default=True,
+              help="Layout of --data (as for convert).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval/<split>).")
-def evaluate(run_dir, weights, records, split, data, out):
+def evaluate(run_dir, weights, records, split, data, layout, out):
     """Per-case Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm): CSV, JSON, overlays, TensorBoard."""
+    from liverseg import evaluate as evaluate_mod
     from liverseg import predict as predict_mod
 
-    rows, summary, out = predict_mod.evaluate(predict_mod.load_run(run_dir, weights), records, split, data, out)
+    rows, summary, out = evaluate_mod.evaluate(predict_mod.load_run(run_dir, weights), records, split, data, out,
+                                               layout=layout)
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and abs(v) < 1e6 else str(v)  # noqa: E731
     click.echo(_table([{k: fmt(v) for k, v in r.items()} for r in rows]))
     click.echo()
@@ -291,7 +295,7 @@ def evaluate(run_dir, weights, records, split, data, out):
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--prob", is_flag=True, help="Also write <case>_liver_prob.nii.gz probability maps.")
 def predict(run_dir, weights, inputs, out, force, prob):
-    """Write <case>_liver.nii.gz masks for NIfTI files or folders, in each input's geometry."""
+    """Write <case>_liver.nii.gz masks for NIfTI files, DICOM series (folders or zips), on each input's own grid."""
     from liverseg import predict as predict_mod
 
     written, failures = predict_mod.predict(predict_mod.load_run(run_dir, weights), inputs, out, force, prob)
@@ -323,13 +327,15 @@ def bench():
 
 @bench.command("convert")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dicom", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The same volumes as 3D-IRCADb-01 DICOM trees (liverseg synth --layout ircad): adds DICOM rows.")
 @convert_options
-def bench_convert(src, **kw):
+def bench_convert(src, dicom, **kw):
     """Time a plain nibabel load of SRC against `convert` with 1 and --workers processes."""
     from liverseg import bench as bench_mod
 
     workers = kw["workers"] if kw["workers"] > 1 else 2
-    click.echo(_table(bench_mod.bench_convert(src, workers, build_convert_options(**kw))))
+    click.echo(_table(bench_mod.bench_convert(src, workers, build_convert_options(**kw), dicom)))
 
 
 @runs_tensorflow

@@ -8,8 +8,10 @@ was made) lives here too, because the manifest records it and the CLI builds the
 
 Versions: `schema_version` is the record schema (`records.SCHEMA_VERSION`);
 `manifest_version` is the layout of this file. A manifest without `manifest_version`
-was written before the field existed and is version 1. A reader meeting a newer version
-says so instead of guessing.
+was written before the field existed and is version 1. Version 2 adds DICOM sources
+(`series`), the `layout` and `spacing` options and a case geometry's `resampled_hw` and
+`window`; version 1 files read as before. A reader meeting a newer version says so
+instead of guessing.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from liverseg import __version__, records
 from liverseg.records import RecordsError
 
 if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from this module and starts fast
-    from liverseg.nifti_io import Geometry
+    from liverseg.geometry import Geometry
 
 MANIFEST = "dataset.json"
 FORMAT = "liverseg-slices"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 SPLITS = ("train", "val", "test")
 LAYOUT = ("one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
           "anterior->posterior and columns patient right->left (see nifti_io)")
@@ -47,7 +49,14 @@ class ConvertOptions:
     `creation()` is the subset that determines the output bytes (recorded in the manifest).
     """
 
-    size: int | None = _opt(None, "Resize slices in-plane to SIZE x SIZE (default: native).")
+    layout: str = _opt("pattern", "Source layout: pattern (NIfTI pairs named by --image-pattern/--mask-pattern), "
+                       "ircad (3D-IRCADb-01 DICOM: 3Dircadb1.N/PATIENT_DICOM + MASKS_DICOM/liver, zipped or not), "
+                       "msd (Decathlon imagesTr/labelsTr), lits (volume-N/segmentation-N).",
+                       choices={"pattern": "pattern", "ircad": "ircad", "msd": "msd", "lits": "lits"})
+    size: int | None = _opt(None, "Resize slices in-plane to SIZE x SIZE (default: native); with --spacing, "
+                             "the SIZE x SIZE window cropped or padded around the body.")
+    spacing: float | None = _opt(None, "Resample slices in-plane to SPACING mm pixels (image: antialiased linear, "
+                                 "mask: nearest), then crop/pad to --size around the body's centre (needs --size).")
     image_pattern: str = _opt("{case}_orig", "Image file name without .nii[.gz].")
     mask_pattern: str = _opt("{case}_liver", "Mask file name without .nii[.gz].")
     split_file: str | None = _opt(None, 'JSON {"train": [...], "val": [...], "test": [...]} of case ids.', exists=True)
@@ -117,14 +126,16 @@ class RegionHU:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A source file (or DICOM series) as converted: its path, sha256 and size in bytes."""
+    """A source as converted: a NIfTI file, or a DICOM series (`path` its folder or zip,
+    `series` its SeriesInstanceUID); sha256 and size in bytes of its file(s)."""
 
     path: str
     sha256: str
     bytes: int
+    series: str | None = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return _drop_none(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, d: dict) -> "SourceFile":
@@ -156,7 +167,7 @@ class CaseInfo:
 
     @classmethod
     def from_json(cls, d: dict) -> "CaseInfo":
-        from liverseg.nifti_io import Geometry
+        from liverseg.geometry import Geometry
 
         return cls(d["case_id"], d["index"], d["split"], SourceFile.from_json(d["image"]), SourceFile.from_json(d["mask"]),
                    Geometry.from_json(d["geometry"]), d["num_slices"], d["liver_voxels"], d["liver_slices"],
@@ -316,8 +327,13 @@ class Manifest:
 
     @property
     def size(self) -> int | None:
-        """The in-plane size slices were resized to (None: native)."""
+        """The in-plane size slices were resized (or, with spacing, windowed) to (None: native)."""
         return self.options.size
+
+    @property
+    def spacing(self) -> float | None:
+        """The in-plane pixel size slices were resampled to, in mm (None: native)."""
+        return self.options.spacing
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

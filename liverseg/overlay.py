@@ -1,7 +1,7 @@
 """PNG overlays of CT slices with mask contours (for `inspect` and `evaluate`).
 
-Inputs are stored-geometry arrays (`nifti_io`): a stored axial slice is already in
-display orientation; the coronal view comes from `nifti_io.coronal` (superior at the top,
+Inputs are stored-geometry arrays (`geometry`): a stored axial slice is already in
+display orientation; the coronal view comes from `geometry.coronal` (superior at the top,
 square pixels). PNGs are encoded here with zlib, so no imaging library is needed.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import atomic_path, nifti_io
+from liverseg import atomic_path, geometry
 
 GREEN = (0, 220, 0)  # ground truth
 RED = (255, 40, 40)  # prediction
@@ -50,7 +50,7 @@ def case_panel(ct: np.ndarray, spacing, truth: np.ndarray | None = None, pred: n
         z, row = ct.shape[0] // 2, ct.shape[1] // 2
     layers = [(m, c) for m, c in ((truth, GREEN), (pred, RED)) if m is not None]
     ax = draw(window(ct[z]), [(m[z], c) for m, c in layers])
-    co = draw(window(nifti_io.coronal(ct, row, spacing)), [(nifti_io.coronal(m, row, spacing), c) for m, c in layers])
+    co = draw(window(geometry.coronal(ct, row, spacing)), [(geometry.coronal(m, row, spacing), c) for m, c in layers])
     h = max(ax.shape[0], co.shape[0])
     pad = lambda im: np.pad(im, ((0, h - im.shape[0]), (0, 4), (0, 0)))  # noqa: E731
     return np.concatenate([pad(ax), pad(co)], axis=1)

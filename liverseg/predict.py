@@ -1,11 +1,11 @@
-"""Whole-volume inference, evaluation, NIfTI prediction and export: one inference path.
+"""Whole-volume inference, prediction and export: one inference path.
 
 `infer_volume` turns a stored-geometry CT volume into liver probabilities with the run's
 2.5D context, intensity normalisation and optional flip TTA; `postprocess` thresholds
-and keeps the largest 3D component (holes filled). `evaluate` and `predict` both go
-through these two functions with the run's saved settings, so the masks `predict` writes
-are exactly the masks `evaluate` scores. NIfTI inputs are brought into stored geometry
-and the prediction back to each input's own grid by `nifti_io` (one way in, one way out).
+and keeps the largest 3D component (holes filled). `predict_image` brings a source CT
+(NIfTI or DICOM) into the run's stored geometry, infers, and maps the probabilities back
+to the source's own grid through `geometry` (one way in, one way out); `evaluate` scores
+exactly what it returns.
 
 A run's model is rebuilt in code from its saved config and only its *weights* are
 loaded (`*.weights.h5`): no user-supplied `.keras`/`.h5` model or pickle is ever
@@ -14,9 +14,6 @@ deserialised.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import logging
 import math
 import shutil
@@ -27,10 +24,9 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
-from liverseg import LiversegError, atomic_path, metrics, nifti_io, overlay, pipeline, rundir, unet
+from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, nifti_io, pipeline, rundir, unet, volumes
 from liverseg.config import Config
-from liverseg.manifest import ConvertOptions, Manifest
-from liverseg.records import read_case
+from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +52,13 @@ class Run:
 
     @property
     def size(self) -> int | None:
-        """Slices were resized to size x size for training (None: native)."""
+        """Slices were resized (or with spacing windowed) to size x size for training (None: native)."""
         return self.spec.size
+
+    @property
+    def spacing(self) -> float | None:
+        """Slices were resampled to this in-plane pixel size (mm) for training (None: native)."""
+        return self.spec.spacing
 
 
 def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
@@ -121,167 +122,87 @@ def postprocess(prob: np.ndarray, threshold: float, largest_component: bool, min
     return mask.astype(np.uint8)
 
 
-def predict_nifti(run: Run, path: str | Path) -> tuple[np.ndarray, np.ndarray, nifti_io.Geometry]:
-    """(mask uint8, probability float32) on the input file's own grid, and its geometry."""
-    return predict_image(run, *nifti_io.load_image(path))
+def predict_source(run: Run, src: Source) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
+    """(mask uint8, probability float32) on the source's own grid (a NIfTI file or DICOM series), and its geometry."""
+    image, header, _, _ = volumes.load_image(src)
+    return predict_image(run, image, header)
 
 
-def predict_image(run: Run, image: np.ndarray, header) -> tuple[np.ndarray, np.ndarray, nifti_io.Geometry]:
-    """predict_nifti for a CT already loaded with `nifti_io.load_image`."""
-    geom = nifti_io.stored_geometry(header, run.size)
-    prob_stored = infer_volume(run, nifti_io.to_stored(image, geom, "image"))
-    prob = nifti_io.from_stored(prob_stored, geom, "prob")
+def predict_nifti(run: Run, path: str | Path) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
+    return predict_source(run, Source.nifti(path))
+
+
+def predict_image(run: Run, image: np.ndarray, header: geometry.Header) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
+    """A source-grid CT (int16 HU) -> (mask, probability) on the same grid, and its geometry."""
+    stored, geom = geometry.to_stored_image(image, header, run.size, run.spacing)
+    prob = geometry.from_stored(infer_volume(run, stored), geom, "prob")
     e = run.cfg.eval
     return postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction), prob, geom
-
-
-# ------------------------------------------------------------------------- evaluate
-
-
-def evaluate(run: Run, records: str | Path | None = None, split: str = "test", data: str | Path | None = None,
-             out: str | Path | None = None, pngs: bool = True) -> tuple[list[dict], dict, Path]:
-    """Per-case metrics (+ summary) on a records split (stored geometry) or on NIfTI pairs
-    (each case on its own source grid, exactly what `predict` writes). Writes CSV, JSON,
-    overlay PNGs and TensorBoard scalars into `out` (default RUN/eval/<split or folder>)."""
-    name = split if data is None else Path(data).name
-    cases = record_cases(run, records, split) if data is None else folder_cases(run, data)
-    return write_report(run, cases, Path(out) if out else run.root / "eval" / name, name, pngs)
-
-
-# A scored case: (case id, prediction, reference, spacing in mm of their grid, a function
-# returning the overlay panel's (stored CT, stored spacing, stored reference, stored prediction)).
-Scored = tuple
-
-
-def record_cases(run: Run, records: str | Path | None, split: str):
-    """Cases of a records split, predicted and scored in stored geometry (checked before the first case)."""
-    m = Manifest.load(Path(records or run.cfg.data.records))
-    m.split(split)  # names the folder and its splits when the split is not there
-    e = run.cfg.eval
-
-    def cases():
-        for case in m.cases_in(split):
-            image, ref = read_case(m, case.case_id)
-            pred = postprocess(infer_volume(run, image), e.threshold, e.largest_component, e.min_component_fraction)
-            spacing = case.geometry.stored_spacing
-            yield case.case_id, pred, ref, spacing, lambda image=image, ref=ref, pred=pred: (image, spacing, ref, pred)
-
-    return cases()
-
-
-def folder_cases(run: Run, data: str | Path):
-    """NIfTI pairs in a folder, each predicted and scored on its own source grid."""
-    from liverseg.convert import discover
-
-    found = discover(Path(data), ConvertOptions())  # raises naming the folder when it holds no pairs
-
-    def cases():
-        for case in found:
-            image, header = nifti_io.load_image(case.image)
-            pred, _, geom = predict_image(run, image, header)
-            ref, mask_header = nifti_io.load_mask(case.mask)
-            nifti_io.check_pair(header, mask_header)
-            ref = nifti_io.onto_grid(ref, mask_header, header)
-
-            def panel(image=image, geom=geom, ref=ref, pred=pred):  # overlays are drawn in stored geometry
-                return (nifti_io.to_stored(image, geom, "image"), geom.stored_spacing,
-                        nifti_io.to_stored(ref, geom, "mask"), nifti_io.to_stored(pred, geom, "mask"))
-
-            yield case.case_id, pred, ref, geom.spacing, panel
-
-    return cases()
-
-
-def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True) -> tuple[list[dict], dict, Path]:
-    """The evaluation report of scored cases: cases.csv, metrics.json, one overlay PNG per case
-    and the means in TensorBoard (RUN/evaluation). Written into a temporary folder renamed
-    onto `out` at the end, so a failure part-way leaves no folder."""
-    rows = []
-    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(out) as tmp:
-            tmp.mkdir()
-            for case_id, pred, ref, spacing, panel in cases:
-                rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
-                if pngs:
-                    overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
-            if not rows:
-                raise LiversegError(f"{name}: no cases to evaluate")
-            summary = metrics.summarize(rows)
-            _write_table(tmp / "cases.csv", rows)
-            (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
-                                                         indent=1, default=_json_number) + "\n")
-    except BaseException:
-        for p in new_parents:  # innermost first: folders this call created, left empty by the failure
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
-    writer = tf.summary.create_file_writer(str(run.root / "evaluation"))
-    with writer.as_default(step=0):
-        for k, v in summary.items():
-            tf.summary.scalar(f"{name}/{k}_mean", v["mean"])
-    writer.flush()
-    return rows, summary, out
-
-
-def _json_number(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def _write_table(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 # ------------------------------------------------------------------------- predict
 
 
-def _inputs(paths) -> list[Path]:
-    files = []
+def inputs(paths) -> list[tuple[Source, str]]:
+    """(source, output stem) of every scan to predict: `.nii`/`.nii.gz` files; in a folder its
+    NIfTI files (not our own outputs) or, when it holds none, every CT DICOM series below it;
+    in a `.zip`, every CT DICOM series inside. A DICOM series is named by its folder."""
+    found: list[tuple[Source, str]] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz"))
-                            and not f.name.endswith(("_liver.nii", "_liver.nii.gz", "_liver_prob.nii.gz")))
-        else:
-            files.append(p)
-    return files
+        niftis = ([p] if not p.is_dir() and p.name.endswith((".nii", ".nii.gz")) else
+                  sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz"))
+                         and not f.name.endswith(("_liver.nii", "_liver.nii.gz", "_liver_prob.nii.gz")))
+                  if p.is_dir() else [])
+        if niftis:
+            found += [(Source.nifti(f), _nifti_stem(f)) for f in niftis]
+            continue
+        if not p.is_dir() and not p.name.lower().endswith(".zip"):
+            raise InputError(f"{p}: not a NIfTI file (.nii, .nii.gz), a folder or a zip of DICOM series")
+        series = [s for s in dicom_io.find_series(p) if s.modality in ("CT", "")]
+        if not series:
+            raise InputError(f"{p}: holds no NIfTI files and no CT DICOM series")
+        names = [s.path.name if s.path != Path(s.container) or p.is_dir() else p.name.removesuffix(".zip") for s in series]
+        for s, name in zip(series, names):
+            unique = name if names.count(name) == 1 else f"{name}_{s.uid.rsplit('.', 1)[-1]}"
+            found.append((Source.dicom(s), unique))
+    return found
+
+
+def _nifti_stem(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".nii").removesuffix("_orig")
 
 
 def output_name(path: Path, suffix: str = "_liver") -> str:
-    stem = path.name.removesuffix(".gz").removesuffix(".nii")
-    return f"{stem.removesuffix('_orig')}{suffix}.nii.gz"
+    return f"{_nifti_stem(path)}{suffix}.nii.gz"
 
 
-def predict(run: Run, inputs, out: str | Path, force: bool = False, probabilities: bool = False) -> tuple[list[Path], list[str]]:
-    """Write `<case>_liver.nii.gz` for every input, in that input's geometry.
+def predict(run: Run, paths, out: str | Path, force: bool = False, probabilities: bool = False) -> tuple[list[Path], list[str]]:
+    """Write `<case>_liver.nii.gz` for every input scan, on that scan's own grid (a DICOM
+    series: a NIfTI whose affine puts every voxel where the DICOM does).
 
     A bad input (unreadable, corrupt, existing output without force) is reported by name
     and does not stop the others. Returns (written files, failure messages).
     """
     out = Path(out)
     written, failures = [], []
-    files = _inputs(inputs)
-    if not files:
-        raise LiversegError(f"no .nii/.nii.gz inputs in {', '.join(map(str, inputs))}")
+    scans = inputs(paths)
+    if not scans:
+        raise LiversegError(f"no .nii/.nii.gz inputs or DICOM series in {', '.join(map(str, paths))}")
     out.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        target = out / output_name(f)
-        prob_target = out / output_name(f, "_liver_prob")
+    for src, stem in scans:
+        target, prob_target = out / f"{stem}_liver.nii.gz", out / f"{stem}_liver_prob.nii.gz"
         try:
             if target.exists() and not force:
                 raise LiversegError(f"{target} exists; pass --force to overwrite")
-            mask, prob, geom = predict_nifti(run, f)
+            mask, prob, geom = predict_source(run, src)
             nifti_io.save_like(target, mask, geom, np.uint8)
             written.append(target)
             if probabilities:
                 nifti_io.save_like(prob_target, prob, geom, np.float32)
                 written.append(prob_target)
-            log.info("%s -> %s (%.0f ml)", f, target, mask.sum() * math.prod(geom.spacing) / 1000)
+            log.info("%s -> %s (%.0f ml)", src.name, target, mask.sum() * math.prod(geom.spacing) / 1000)
         except (LiversegError, OSError) as err:
-            msg = str(err) if str(err).startswith(str(f)) or str(f) in str(err) else f"{f}: {err}"
+            msg = str(err) if str(src.name) in str(err) else f"{src.name}: {err}"
             failures.append(msg)
             log.error("%s", msg)
     return written, failures

@@ -72,7 +72,8 @@ class Intensity:
 @dataclass(frozen=True)
 class InputSpec:
     """What the network was trained on: slice size, 2k+1 channels, how HU were normalised,
-    and how source slices were brought to the stored grid (`size`: in-plane resize)."""
+    and how source slices were brought to the stored grid (`size`: in-plane resize, or with
+    `spacing` the window after resampling to spacing-mm pixels)."""
 
     height: int
     width: int
@@ -80,14 +81,16 @@ class InputSpec:
     context: int
     size: int | None
     intensity: Intensity
+    spacing: float | None = None
 
     def to_json(self) -> dict:
         return {"height": self.height, "width": self.width, "channels": self.channels, "context": self.context,
-                "size": self.size, "intensity": self.intensity.to_json()}
+                "size": self.size, "spacing": self.spacing, "intensity": self.intensity.to_json()}
 
     @classmethod
     def from_json(cls, d: dict) -> "InputSpec":
-        return cls(d["height"], d["width"], d["channels"], d["context"], d.get("size"), Intensity.from_json(d["intensity"]))
+        return cls(d["height"], d["width"], d["channels"], d["context"], d.get("size"), Intensity.from_json(d["intensity"]),
+                   d.get("spacing"))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from liverseg import LiversegError, nifti_io
+from liverseg import LiversegError, atomic_path, dicom_io, geometry, nifti_io, volumes
 
 SLAB = 16  # slices rendered at once (bounds memory at 512x512)
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
@@ -344,7 +344,7 @@ def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple
     for z0 in range(0, Z, SLAB):
         sl = slice(z0, min(Z, z0 + SLAB))
         ct[:, :, sl] += noise * rng.standard_normal(ct[:, :, sl].shape, dtype=np.float32)
-    ct = np.clip(np.rint(ct), nifti_io.HU_MIN, nifti_io.HU_MAX).astype(np.int16)
+    ct = np.clip(np.rint(ct), volumes.HU_MIN, volumes.HU_MAX).astype(np.int16)
     return ct, mask
 
 
@@ -362,24 +362,37 @@ def _procedural_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray
     ct, mask = render(rng, (spec.size, spec.size, spec.slices), (sxy, sxy, sz))
     # World origin like 3D-IRCADb headers: the array is centred laterally, table at y < 0.
     origin = (-(spec.size - 1) / 2 * sxy, -(spec.size - 1) * sxy, 0.0)
-    ct_o, affine = nifti_io.from_canonical_ras(ct, (sxy, sxy, sz), str(orientation), origin)
-    mask_o, _ = nifti_io.from_canonical_ras(mask, (sxy, sxy, sz), str(orientation), origin)
+    ct_o, affine = geometry.from_canonical_ras(ct, (sxy, sxy, sz), str(orientation), origin)
+    mask_o, _ = geometry.from_canonical_ras(mask, (sxy, sxy, sz), str(orientation), origin)
     return ct_o, mask_o, affine
 
 
 def _masked_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A phantom around a real liver mask, at the mask file's own shape, spacing and affine."""
     mask, header = nifti_io.load_mask(spec.mask_path)  # checked: labels, header, truncation
-    ras, spacing = nifti_io.to_ras(mask, header.affine)
+    ras, spacing = geometry.to_ras(mask, header.affine)
     ct_ras, _ = render(np.random.default_rng(spec.seed), ras.shape, spacing, liver=ras)
-    return nifti_io.from_ras(ct_ras, header.affine), mask, header.affine
+    return geometry.from_ras(ct_ras, header.affine), mask, header.affine
 
 
-def _write_case(spec: CaseSpec, out: Path) -> str:
+def _write_case(spec: CaseSpec, out: Path, layout: str = "flat") -> str:
     ct, mask, affine = _masked_case(spec) if spec.mask_path else _procedural_case(spec)
+    if layout == "ircad":  # 3D-IRCADb-01's DICOM tree: the CT series and the liver mask series (0/255)
+        patient = out / ircad_folder(spec.name)
+        with atomic_path(patient) as tmp:
+            dicom_io.write_series(tmp / "PATIENT_DICOM", ct, affine, "CT", spec.seed, patient=patient.name)
+            dicom_io.write_series(tmp / "MASKS_DICOM" / "liver", mask * np.uint8(255), affine, "OT", spec.seed,
+                                  patient=patient.name)
+        return spec.name
     nifti_io.write(out / f"{spec.name}_orig.nii.gz", ct, affine, np.int16)
     nifti_io.write(out / f"{spec.name}_liver.nii.gz", mask, affine, np.uint8)
     return spec.name
+
+
+def ircad_folder(name: str) -> str:
+    """`3Dircadb1.N` for a case named with a trailing number N (ircad_e07, phantom_007)."""
+    number = int(re.search(r"(\d+)$", name).group(1))
+    return f"3Dircadb1.{number}"
 
 
 def synthesize(out: str | Path, cases: int = 20, size: int = 512, slices: tuple[int, int] = (40, 200),
@@ -388,15 +401,16 @@ def synthesize(out: str | Path, cases: int = 20, size: int = 512, slices: tuple[
     """Write `<case>_orig.nii.gz` (int16 HU) + `<case>_liver.nii.gz` (uint8) pairs into `out`.
 
     layout "flat": all pairs in `out`; "seed": the tutorial's `train/` + `test/` folders
-    (the last quarter of the cases, at least one, are test). With `masks`, one case per
+    (the last quarter of the cases, at least one, are test); "ircad": DICOM series in
+    3D-IRCADb-01's tree (`3Dircadb1.N/PATIENT_DICOM/image_k`, `MASKS_DICOM/liver/`). With `masks`, one case per
     `*_liver.nii*` file there, at its real geometry (`cases`, `size`, `slices` ignored).
     Returns the folders written.
     """
     from tqdm import tqdm
 
     out = Path(out)
-    if layout not in ("flat", "seed"):
-        raise LiversegError(f"--layout {layout!r}: choose flat or seed")
+    if layout not in ("flat", "seed", "ircad"):
+        raise LiversegError(f"--layout {layout!r}: choose flat, seed or ircad")
     if masks is not None:
         mask_files = sorted(Path(masks).glob("*_liver.nii*"))
         if not mask_files:
@@ -416,11 +430,11 @@ def synthesize(out: str | Path, cases: int = 20, size: int = 512, slices: tuple[
     bar = tqdm(total=len(specs), desc="synth", unit="case", disable=not progress)
     if workers <= 1:
         for s in specs:
-            _write_case(s, folders[s.name])
+            _write_case(s, folders[s.name], layout)
             bar.update()
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for _ in pool.map(_write_case, specs, [folders[s.name] for s in specs]):
+            for _ in pool.map(_write_case, specs, [folders[s.name] for s in specs], [layout] * len(specs)):
                 bar.update()
     bar.close()
     return sorted(set(folders.values()))

@@ -154,7 +154,7 @@ class Trainer:
         unet.check_input(cfg.model, h, w)
         pipeline.check_context(cfg, manifest)
         spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,
-                                pipeline.intensity(cfg, manifest))
+                                pipeline.intensity(cfg, manifest), manifest.spacing)
         return manifest, rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec)
 
     def _claim_run(self) -> None:

@@ -12,7 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import nibabel as nib
 import numpy as np
 import pytest
-import tensorflow as tf
+
+from liverseg.cli import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # as the CLI does: no absl/oneDNN import notices in the test output
+import tensorflow as tf  # noqa: E402
 
 # Two logical CPU devices, so MirroredStrategy can be tested on a CPU-only machine. This
 # must happen before TensorFlow initialises its runtime, i.e. before any test runs an op.

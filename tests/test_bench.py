@@ -23,13 +23,19 @@ def _rows(out: str, names) -> dict:
     return rows
 
 
-def test_bench_convert(phantoms):
-    out = run("bench", "convert", phantoms, "--workers", 2)
-    rows = _rows(out, ["nibabel load (image+mask)", "convert --workers 1", "convert --workers 2"])
-    for name, (seconds, slices_s, mb_s, x_load, *speedup) in rows.items():
+def test_bench_convert(phantoms, tmp_path):
+    from liverseg import synth
+
+    synth.synthesize(tmp_path / "dicom", cases=6, size=32, slices=(8, 12), seed=7, layout="ircad", progress=False)
+    out = run("bench", "convert", phantoms, "--workers", 2, "--dicom", tmp_path / "dicom")
+    names = ["nibabel load (image+mask)", "convert --workers 1", "convert --workers 2", "convert DICOM --workers 1",
+             "convert DICOM --workers 2"]
+    rows = _rows(out, names)
+    for name, (seconds, per_volume, slices_s, mb_s, x_load, *speedup) in rows.items():
         assert float(seconds) > 0 and float(slices_s) > 0 and float(mb_s) > 0, name
-    assert float(rows["nibabel load (image+mask)"][3]) == 1.0  # the load is its own reference
-    assert float(rows["convert --workers 1"][4]) == 1.0
+        assert float(per_volume) == pytest.approx(float(seconds) / 6, abs=0.002), name  # 6 volumes
+    assert float(rows["nibabel load (image+mask)"][4]) == 1.0  # the load is its own reference
+    assert float(rows["convert --workers 1"][5]) == 1.0 and float(rows["convert DICOM --workers 1"][5]) == 1.0
 
 
 def test_bench_pipeline_prints_all_rows(dataset, phantoms):

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tree, write_nifti
-from liverseg import LiversegError, nifti_io, records, synth, verify
+from liverseg import LiversegError, geometry, nifti_io, records, synth, verify
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
 
@@ -39,8 +39,8 @@ def test_round_trip_equals_reoriented_source(dataset):
         ex = _decode_shard(dataset / case.shard)
         mine = ex["case_id"] == case.case_id.encode()
         assert mine.sum() == case.num_slices == image.shape[2]
-        assert np.array_equal(ex["image"][mine], nifti_io.to_stored(image, geom, "image"))
-        assert np.array_equal(ex["mask"][mine], nifti_io.to_stored(mask, geom, "mask"))
+        assert np.array_equal(ex["image"][mine], geometry.to_stored(image, geom, "image"))
+        assert np.array_equal(ex["mask"][mine], geometry.to_stored(mask, geom, "mask"))
         assert ex["slice_index"][mine].tolist() == list(range(case.num_slices))
         assert ex["liver_voxels"][mine].sum() == case.liver_voxels == mask.sum()
         assert set(ex["case_index"][mine]) == {case.index}
@@ -62,7 +62,7 @@ def _one_anatomy(tmp_path, orientation):
     ras_ct, ras_mask = synth.render(np.random.default_rng(5), (24, 20, 6), (12.0, 13.0, 20.0))
     src = tmp_path / orientation
     for arr, kind, dtype in ((ras_ct, "orig", np.int16), (ras_mask, "liver", np.uint8)):
-        a, aff = nifti_io.from_canonical_ras(arr, (12.0, 13.0, 20.0), orientation, origin=(-100, 50, 10))
+        a, aff = geometry.from_canonical_ras(arr, (12.0, 13.0, 20.0), orientation, origin=(-100, 50, 10))
         write_nifti(src / f"case01_{kind}.nii.gz", a, aff, dtype)
     return src
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, liverseg_process, tree, write_nifti
-from liverseg import LiversegError, config, nifti_io, rundir, synth, train
+from liverseg import LiversegError, config, geometry, nifti_io, rundir, synth, train
 from liverseg.cli import cli
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
@@ -375,7 +375,7 @@ def test_verify_reports_a_missing_manifest_without_importing_tensorflow(tmp_path
 def good_pair_src(tmp_path):
     ct, mask = synth.render(np.random.default_rng(5), (24, 24, 6), (14.0, 14.0, 15.0))
     for kind, arr, dtype in (("orig", ct, np.int16), ("liver", mask, np.uint8)):
-        a, aff = nifti_io.from_canonical_ras(arr, (14.0, 14.0, 15.0), "RAS")
+        a, aff = geometry.from_canonical_ras(arr, (14.0, 14.0, 15.0), "RAS")
         write_nifti(tmp_path / "pair" / f"c1_{kind}.nii.gz", a, aff, dtype)
     return tmp_path / "pair"
 
@@ -385,7 +385,7 @@ def test_a_mask_in_another_axis_order_of_the_same_grid_is_accepted(tmp_path, ima
     ct, mask = synth.render(np.random.default_rng(5), (24, 24, 6), (14.0, 14.0, 15.0))
 
     def write(folder, kind, arr, axes, dtype):
-        a, aff = nifti_io.from_canonical_ras(arr, (14.0, 14.0, 15.0), axes, origin=(-100, 50, 7))
+        a, aff = geometry.from_canonical_ras(arr, (14.0, 14.0, 15.0), axes, origin=(-100, 50, 7))
         write_nifti(tmp_path / folder / f"c1_{kind}.nii.gz", a, aff, dtype)
 
     for folder, (ia, ma) in (("plain", (image_axes, image_axes)), ("mixed", (image_axes, mask_axes))):
@@ -395,7 +395,7 @@ def test_a_mask_in_another_axis_order_of_the_same_grid_is_accepted(tmp_path, ima
     a, b = (sorted((tmp_path / f"{f}-rec").glob("*.tfrecord")) for f in ("plain", "mixed"))
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     # a genuinely different grid (shifted by one voxel) is still refused
-    shifted, aff = nifti_io.from_canonical_ras(mask, (14.0, 14.0, 15.0), mask_axes, origin=(-86, 50, 7))
+    shifted, aff = geometry.from_canonical_ras(mask, (14.0, 14.0, 15.0), mask_axes, origin=(-86, 50, 7))
     write_nifti(tmp_path / "mixed" / "c1_liver.nii.gz", shifted, aff, np.uint8)
     with pytest.raises(LiversegError, match=r"c1_liver\.nii\.gz: affine differs from image c1_orig\.nii\.gz by 14 mm"):
         convert(tmp_path / "mixed", tmp_path / "bad-rec", ConvertOptions(), progress=False)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import write_nifti
-from liverseg import atomic_path, nifti_io
+from liverseg import atomic_path, geometry, nifti_io, volumes
 from liverseg.nifti_io import InputError
 
 ORIENTATIONS = ["LAS", "RAS", "LPS", "PIR", "SAL"]
@@ -18,27 +18,27 @@ def _asymmetric(shape=(7, 5, 3)) -> np.ndarray:
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
 def test_same_anatomy_in_any_orientation_gives_the_same_stored_volume(tmp_path, orientation):
     ras = _asymmetric()
-    ref_arr, ref_aff = nifti_io.from_canonical_ras(ras, (0.7, 0.8, 2.5), "RAS")
-    arr, aff = nifti_io.from_canonical_ras(ras, (0.7, 0.8, 2.5), orientation)
+    ref_arr, ref_aff = geometry.from_canonical_ras(ras, (0.7, 0.8, 2.5), "RAS")
+    arr, aff = geometry.from_canonical_ras(ras, (0.7, 0.8, 2.5), orientation)
     p_ref = write_nifti(tmp_path / "ref.nii.gz", ref_arr, ref_aff, np.int16)
     p = write_nifti(tmp_path / "x.nii.gz", arr, aff, np.int16)
-    g_ref = nifti_io.stored_geometry(nifti_io.read_header(p_ref))
-    g = nifti_io.stored_geometry(nifti_io.read_header(p))
+    g_ref = geometry.stored_geometry(nifti_io.read_header(p_ref))
+    g = geometry.stored_geometry(nifti_io.read_header(p))
     assert g.orientation == orientation
-    stored = nifti_io.to_stored(nifti_io.load_image(p)[0], g, "image")
-    assert np.array_equal(stored, nifti_io.to_stored(nifti_io.load_image(p_ref)[0], g_ref, "image"))
+    stored = geometry.to_stored(nifti_io.load_image(p)[0], g, "image")
+    assert np.array_equal(stored, geometry.to_stored(nifti_io.load_image(p_ref)[0], g_ref, "image"))
     assert g.stored_spacing == g_ref.stored_spacing
     assert np.allclose(g.stored_spacing, (2.5, 0.8, 0.7))  # (slice, row=A/P, col=R/L)
     # Stored layout: [Z=S, H=P, W=L]; RAS index (x, y, z) -> stored (z, Y-1-y, X-1-x).
     assert stored[2, 0, 0] == ras[6, 4, 2]
-    back = nifti_io.from_stored(stored, g, "mask")
+    back = geometry.from_stored(stored, g, "mask")
     assert back.shape == arr.shape and np.array_equal(back, arr)
 
 
 def test_world_positions_agree_across_orientations():
     ras = _asymmetric()
     for o in ORIENTATIONS:
-        arr, aff = nifti_io.from_canonical_ras(ras, (0.7, 0.8, 2.5), o, origin=(10, -20, 30))
+        arr, aff = geometry.from_canonical_ras(ras, (0.7, 0.8, 2.5), o, origin=(10, -20, 30))
         # the voxel holding value v sits at the same world point whatever the orientation
         idx = np.argwhere(arr == 17)[0]
         world = aff @ np.r_[idx, 1]
@@ -52,10 +52,10 @@ def test_resize_round_trip_and_spacing(tmp_path):
     arr = np.ascontiguousarray(vol.transpose(2, 1, 0)[::-1, ::-1, :])  # -> RAS [x, y, z]
     p = write_nifti(tmp_path / "a.nii.gz", arr, np.diag([0.5, 0.6, 2.0, 1]), np.int16)
     h = nifti_io.read_header(p)
-    g = nifti_io.stored_geometry(h, size=16)
+    g = geometry.stored_geometry(h, size=16)
     assert g.stored_shape == (4, 16, 16) and g.native_hw == (40, 30) and g.resized
     assert np.allclose(g.stored_spacing, (2.0, 0.6 * 40 / 16, 0.5 * 30 / 16))
-    small = nifti_io.to_stored(arr, g, "image")
+    small = geometry.to_stored(arr, g, "image")
     assert small.dtype == np.int16 and small.shape == (4, 16, 16)
     # area-like shrinking preserves the mean closely
     assert abs(small.astype(float).mean() - vol.astype(float).mean()) < 25
@@ -63,9 +63,9 @@ def test_resize_round_trip_and_spacing(tmp_path):
     x, y = np.meshgrid(np.arange(30), np.arange(40), indexing="ij")
     blob = ((x - 14) ** 2 / 81 + (y - 22) ** 2 / 144 < 1)
     mask = np.repeat(blob[:, :, None], 4, axis=2).astype(np.uint8)  # RAS [x, y, z]
-    small_mask = nifti_io.to_stored(mask, g, "mask")
+    small_mask = geometry.to_stored(mask, g, "mask")
     assert set(np.unique(small_mask)) == {0, 1}
-    back = nifti_io.from_stored(small_mask, g, "mask")
+    back = geometry.from_stored(small_mask, g, "mask")
     assert back.shape == arr.shape and back.dtype == mask.dtype
     dice = 2 * np.sum(back & mask) / (back.sum() + mask.sum())
     assert dice > 0.9, dice
@@ -74,7 +74,7 @@ def test_resize_round_trip_and_spacing(tmp_path):
 
 def test_constant_image_survives_resize_exactly():
     vol = np.full((3, 37, 29), 123, np.int16)
-    out = nifti_io._resize_hw(vol, (64, 16), "image")
+    out = geometry.resize_hw(vol, (64, 16), "image")
     assert out.shape == (3, 64, 16) and np.all(out == 123)
 
 
@@ -109,16 +109,16 @@ def test_header_rejects_bad_pixdim_and_absurd_size(tmp_path):
 def test_pair_checks(tmp_path):
     a = _hdr(tmp_path, np.zeros((8, 8, 4)), name="a.nii.gz")
     with pytest.raises(InputError, match="mask shape"):
-        nifti_io.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 5)), name="b.nii.gz"))
+        geometry.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 5)), name="b.nii.gz"))
     shifted = np.diag([0.8, 0.8, 2.5, 1.0])
     shifted[0, 3] = 5.0
     with pytest.raises(InputError, match="affine differs"):
-        nifti_io.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 4)), shifted, name="c.nii.gz"))
+        geometry.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 4)), shifted, name="c.nii.gz"))
     with pytest.raises(InputError, match="voxel sizes"):
-        nifti_io.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 4)), np.diag([0.9, 0.8, 2.5, 1]), name="d.nii.gz"))
+        geometry.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 4)), np.diag([0.9, 0.8, 2.5, 1]), name="d.nii.gz"))
     nudged = np.diag([0.8, 0.8, 2.5, 1.0])
     nudged[0, 3] = 1e-5  # header rounding passes
-    nifti_io.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 4)), nudged, name="e.nii.gz"))
+    geometry.check_pair(a, _hdr(tmp_path, np.zeros((8, 8, 4)), nudged, name="e.nii.gz"))
 
 
 def test_mask_labels_judged_on_stored_values(tmp_path):
@@ -165,9 +165,9 @@ def test_hu_scaling_and_clipping(tmp_path):
 
 
 def test_save_like_restores_source_header(tmp_path):
-    arr, aff = nifti_io.from_canonical_ras(_asymmetric(), (0.7, 0.8, 2.5), "LPS", origin=(5, 6, 7))
+    arr, aff = geometry.from_canonical_ras(_asymmetric(), (0.7, 0.8, 2.5), "LPS", origin=(5, 6, 7))
     p = write_nifti(tmp_path / "src.nii.gz", arr, aff, np.int16)
-    g = nifti_io.stored_geometry(nifti_io.read_header(p))
+    g = geometry.stored_geometry(nifti_io.read_header(p))
     out = tmp_path / "out.nii.gz"
     nifti_io.save_like(out, (arr > 50).astype(np.uint8), g)
     img = nib.load(str(out))

@@ -9,7 +9,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, tree, write_nifti
-from liverseg import LiversegError, config, metrics, nifti_io, predict, synth, train
+from liverseg import LiversegError, config, evaluate, geometry, metrics, nifti_io, predict, synth, train
 from liverseg.cli import cli
 
 
@@ -17,7 +17,7 @@ def _anatomy(tmp_path, orientation, name="case01"):
     ras_ct, ras_mask = synth.render(np.random.default_rng(3), (32, 32, 9), (11.0, 11.0, 18.0))
     paths = []
     for arr, kind, dtype in ((ras_ct, "orig", np.int16), (ras_mask, "liver", np.uint8)):
-        a, aff = nifti_io.from_canonical_ras(arr, (11.0, 11.0, 18.0), orientation, origin=(-170, -340, 0))
+        a, aff = geometry.from_canonical_ras(arr, (11.0, 11.0, 18.0), orientation, origin=(-170, -340, 0))
         paths.append(write_nifti(tmp_path / orientation / f"{name}_{kind}.nii.gz", a, aff, dtype))
     return paths
 
@@ -33,7 +33,7 @@ def test_prediction_lands_on_each_inputs_own_grid(trained_run, tmp_path):
         assert out.shape == src.shape and np.allclose(out.affine, src.affine) and out.get_data_dtype() == np.uint8
         assert nib.aff2axcodes(out.affine) == tuple(o)
         prob = nib.load(str(written[1]))
-        probs[o] = nifti_io.to_ras(np.asanyarray(prob.dataobj), prob.affine)[0]
+        probs[o] = geometry.to_ras(np.asanyarray(prob.dataobj), prob.affine)[0]
     assert probs["LAS"].std() > 0
     np.testing.assert_array_equal(probs["LAS"], probs["RAS"])
     np.testing.assert_array_equal(probs["LAS"], probs["LPS"])
@@ -90,7 +90,7 @@ def test_predict_refuses_to_overwrite_and_reports_a_corrupt_input(trained_run, t
 
 def test_evaluate_scores_exactly_what_predict_writes(trained_run, phantoms, tmp_path):
     run = predict.load_run(trained_run)
-    rows, summary, out = predict.evaluate(run, data=phantoms, out=tmp_path / "eval")
+    rows, summary, out = evaluate.evaluate(run, data=phantoms, out=tmp_path / "eval")
     assert len(rows) == 6 and (out / "cases.csv").is_file() and len(list(out.glob("*.png"))) == 6
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["summary"]["dice"]["n"] == 6
@@ -103,7 +103,7 @@ def test_evaluate_scores_exactly_what_predict_writes(trained_run, phantoms, tmp_
 
 
 def test_evaluate_records_split_and_tensorboard(trained_run):
-    rows, summary, out = predict.evaluate(predict.load_run(trained_run), split="val")
+    rows, summary, out = evaluate.evaluate(predict.load_run(trained_run), split="val")
     assert [r["case"] for r in rows] and set(summary) == set(metrics.METRICS)
     assert out == trained_run / "eval" / "val"
     assert list((trained_run / "evaluation").glob("events.*"))
@@ -112,12 +112,12 @@ def test_evaluate_records_split_and_tensorboard(trained_run):
 def test_bad_evaluate_and_predict_requests_leave_no_output(trained_run, tmp_path):
     run = predict.load_run(trained_run)
     with pytest.raises(LiversegError, match=r"no split 'nope' \(splits: train, val"):
-        predict.evaluate(run, split="nope")
+        evaluate.evaluate(run, split="nope")
     assert not (trained_run / "eval" / "nope").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(LiversegError, match=r"empty: no image/mask pairs"):
-        predict.evaluate(run, data=tmp_path / "empty", out=tmp_path / "eval")
-    with pytest.raises(LiversegError, match=r"no \.nii/\.nii\.gz inputs in .*empty"):
+        evaluate.evaluate(run, data=tmp_path / "empty", out=tmp_path / "eval")
+    with pytest.raises(LiversegError, match=r"empty: holds no NIfTI files and no CT DICOM series"):
         predict.predict(run, [tmp_path / "empty"], tmp_path / "pred")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no eval/ or pred/ folder
 

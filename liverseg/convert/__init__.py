@@ -20,6 +20,7 @@ whichever runner wrote them (local processes here, Apache Beam in `convert.beam`
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import shutil
@@ -30,21 +31,33 @@ from pathlib import Path
 
 from liverseg import LiversegError, records
 from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
+from liverseg.convert.layouts import MERGES_TUMOUR
 from liverseg.convert.output import assemble, check_out, check_same_sources, commit
 from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, estimated_bytes, plan_shards, write_shard
 from liverseg.manifest import ConvertOptions, Manifest
-from liverseg.nifti_io import InputError
+from liverseg import InputError
 
 
-def prepare(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[Case], list[ShardJob], Manifest | None]:
-    """Everything before any voxel is read: option checks, discovery, splits, header checks,
-    the output folder's state, the shard plan and the space it needs. Raises on the first problem."""
+def resolve(opts: ConvertOptions) -> ConvertOptions:
+    """Check the options and fill what the layout implies (msd and lits: tumour is liver)."""
     if opts.compression not in records.COMPRESSIONS:
         raise LiversegError(f"--compression {opts.compression!r}: choose none, GZIP or ZLIB")
     if opts.size is not None and not 16 <= opts.size <= 4096:
         raise LiversegError(f"--size {opts.size}: choose a slice size between 16 and 4096")
+    if opts.spacing is not None and (opts.size is None or not 0.05 <= opts.spacing <= 20):
+        raise LiversegError(f"--spacing {opts.spacing}: needs --size (the window slices are cropped or padded to) "
+                            "and a pixel size between 0.05 and 20 mm")
     if opts.shard_mb <= 0 or opts.workers < 1 or (opts.num_shards is not None and opts.num_shards < 1):
         raise LiversegError("--shard-mb must be > 0, --workers >= 1, --num-shards >= 1")
+    if opts.layout in MERGES_TUMOUR and not opts.merge_tumour:
+        opts = dataclasses.replace(opts, merge_tumour=True)
+    return opts
+
+
+def prepare(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[Case], list[ShardJob], Manifest | None]:
+    """Everything before any voxel is read: discovery, splits, header checks, the output
+    folder's state, the shard plan and the space it needs (opts: `resolve`d). Raises on the
+    first problem."""
     cases = discover(src, opts)
     old = check_out(out, opts, src)
     check_headers(cases, opts)
@@ -74,7 +87,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
     """Convert SRC to a sharded dataset in OUT. Returns the manifest (also written to OUT/dataset.json)."""
     from tqdm import tqdm
 
-    src, out = Path(src), Path(out)
+    src, out, opts = Path(src), Path(out), resolve(opts)
     cases, jobs, old = prepare(src, out, opts)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,4 +166,4 @@ def _die_with_parent(parent: int) -> None:
 
 
 __all__ = ["ConvertOptions", "SPLIT_PRESETS", "TMP_PREFIX", "assemble", "commit", "convert", "discover", "plan_shards",
-           "prepare", "write_shard"]
+           "prepare", "resolve", "write_shard"]

@@ -1,10 +1,10 @@
 """Conversion, phase 1: find the cases in a source folder, give each its split, check headers.
 
-A case is an image and a liver mask of one patient. Cases are found by file-name patterns
-(`{case}_orig.nii.gz` / `{case}_liver.nii.gz` by default). Splits are by patient: from
-train/val/test subfolders, a split file, a preset (`ircad`), or seeded fractions.
-Headers are checked before any voxel is read, so a bad case fails the run (or, with
---skip-bad, is listed) before anything is written.
+A case is an image and a liver mask of one patient, NIfTI files or DICOM series, found by
+the source's layout (`layouts`: file-name patterns by default; ircad, msd, lits). Splits
+are by patient: from train/val/test subfolders, a split file, a preset (`ircad`), or
+seeded fractions. Headers (DICOM: tags) are checked before any voxel is read, so a bad case
+fails the run (or, with --skip-bad, is listed) before anything is written.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from liverseg import LiversegError, nifti_io
+from liverseg import InputError, LiversegError, geometry, volumes
+from liverseg.convert import layouts
 from liverseg.manifest import SPLITS, ConvertOptions
-from liverseg.nifti_io import InputError
+from liverseg.volumes import Source
 
 
 def _ircad_split(number: int) -> str:
@@ -32,61 +33,20 @@ SPLIT_PRESETS = {"ircad": _ircad_split}
 class Case:
     case_id: str
     split: str
-    image: Path
-    mask: Path
+    image: Source
+    mask: Source
     index: int = -1
-    geometry: nifti_io.Geometry | None = None
+    geometry: geometry.Geometry | None = None  # planned from the headers (a --spacing window is placed later)
     error: str | None = None
 
 
-def _pattern_regex(pattern: str) -> re.Pattern:
-    if pattern.count("{case}") != 1:
-        raise LiversegError(f"pattern {pattern!r} must contain {{case}} exactly once, e.g. '{{case}}_orig'")
-    head, tail = pattern.split("{case}")
-    return re.compile(re.escape(head) + r"(?P<case>.+?)" + re.escape(tail) + r"\.nii(\.gz)?$")
-
-
 def discover(src: Path, opts: ConvertOptions) -> list[Case]:
-    """Pair images with masks; the split comes from subfolders, a split file, a preset or seeded fractions."""
+    """Pair images with masks by the layout; the split comes from subfolders, a split file, a preset or seeded fractions."""
     if not src.is_dir():
         raise LiversegError(f"{src}: source folder does not exist")
-    img_re, mask_re = _pattern_regex(opts.image_pattern), _pattern_regex(opts.mask_pattern)
-    folders = [src / s for s in SPLITS if (src / s).is_dir()]
-    loose = [p for p in src.iterdir() if p.is_file() and (img_re.match(p.name) or mask_re.match(p.name))]
-    if folders and loose:
-        raise LiversegError(
-            f"{src}: has both split subfolders ({', '.join(f.name for f in folders)}) and loose volumes "
-            f"({loose[0].name}, ...); keep one layout"
-        )
-    found: dict[str, Case] = {}
-    unpaired: list[str] = []
-    for folder in folders or [src]:
-        split = folder.name if folders else ""
-        images, masks = {}, {}
-        for p in sorted(folder.iterdir()):
-            m_img, m_mask = img_re.match(p.name), mask_re.match(p.name)
-            if m_img:
-                images[m_img["case"]] = p
-            elif m_mask:
-                masks[m_mask["case"]] = p
-        unpaired += [str(images[c]) for c in sorted(set(images) - set(masks))]
-        unpaired += [str(masks[c]) for c in sorted(set(masks) - set(images))]
-        for c in sorted(set(images) & set(masks)):
-            if c in found:
-                raise LiversegError(f"case {c!r} appears in two split folders: {found[c].image} and {images[c]}")
-            found[c] = Case(c, split, images[c], masks[c])
-    if unpaired:
-        raise LiversegError(
-            f"{src}: {len(unpaired)} file(s) without a partner ({opts.image_pattern} <-> {opts.mask_pattern}): "
-            + ", ".join(unpaired)
-        )
-    if not found:
-        raise LiversegError(
-            f"{src}: no image/mask pairs named {opts.image_pattern}.nii[.gz] / {opts.mask_pattern}.nii[.gz] "
-            "(set --image-pattern/--mask-pattern)"
-        )
-    cases = [found[c] for c in sorted(found)]
-    _assign_splits(cases, opts, from_folders=bool(folders))
+    found, from_folders = layouts.find(src.resolve(), opts)  # absolute: the manifest names the sources
+    cases = [Case(c, split, image, mask) for c, (image, mask, split) in sorted(found.items())]
+    _assign_splits(cases, opts, from_folders)
     order = {s: i for i, s in enumerate(SPLITS)}
     cases.sort(key=lambda c: (order[c.split], c.case_id))
     for i, c in enumerate(cases):
@@ -149,11 +109,11 @@ def _assign_splits(cases: list[Case], opts: ConvertOptions, from_folders: bool) 
 
 
 def check_headers(cases: list[Case], opts: ConvertOptions) -> None:
-    """Fill each case's stored geometry, or its error, from headers alone."""
+    """Fill each case's planned stored geometry, or its error, from headers alone."""
     for c in cases:
         try:
-            image, mask = nifti_io.read_header(c.image), nifti_io.read_header(c.mask)
-            nifti_io.check_pair(image, mask, opts.affine_tol)
-            c.geometry = nifti_io.stored_geometry(image, opts.size)
+            image, mask = volumes.read_header(c.image, ct=True), volumes.read_header(c.mask)
+            geometry.check_pair(image, mask, opts.affine_tol)
+            c.geometry = geometry.stored_geometry(image, opts.size, opts.spacing)
         except InputError as e:
             c.error = str(e)

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import nifti_io, records
+from liverseg import InputError, geometry, records, volumes
 from liverseg.convert.discover import Case
 from liverseg.manifest import SPLITS, CaseInfo, ConvertOptions, HUStats, RegionHU, SkippedCase, SourceFile
-from liverseg.nifti_io import InputError
 
 TMP_PREFIX = ".tmp-"
 PERCENTILES = (0.5, 5, 25, 50, 75, 95, 99.5)
 STAT_SAMPLES = 1_000_000  # HU statistics from a strided subsample of about this many voxels
-BODY_HU = -500  # voxels above this are "body" for the body HU statistics
+BODY_HU = geometry.BODY_HU  # voxels above this are "body" for the body HU statistics
 
 
 @dataclass
@@ -119,17 +118,18 @@ def _case_stats(image: np.ndarray, mask: np.ndarray, liver_voxels: int) -> Regio
 
 def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, CaseInfo, np.ndarray]:
     """Read, check and reorient one case: (stored image, stored mask, its CaseInfo, liver voxels per slice)."""
-    raw_img, sha_img = nifti_io.read_file(c.image)
-    raw_mask, sha_mask = nifti_io.read_file(c.mask)
-    image, h_img = nifti_io.load_image(c.image, raw_img)
-    mask, h_mask = nifti_io.load_mask(c.mask, raw_mask, opts.merge_tumour)
-    nifti_io.check_pair(h_img, h_mask, opts.affine_tol)  # the data-time header must match the planned one
-    image = nifti_io.to_stored(image, c.geometry, "image")
-    mask = nifti_io.to_stored(nifti_io.onto_grid(mask, h_mask, h_img), c.geometry, "mask")
+    image, h_img, sha_img, n_img = volumes.load_image(c.image)
+    mask, h_mask, sha_mask, n_mask = volumes.load_mask(c.mask, opts.merge_tumour)
+    geometry.check_pair(h_img, h_mask, opts.affine_tol)  # the data-time headers must agree too
+    image, geom = geometry.to_stored_image(image, h_img, opts.size, opts.spacing)
+    if geom.stored_shape != c.geometry.stored_shape:
+        raise InputError(f"{c.image.name}: its voxels ({geom.stored_shape}) disagree with its header "
+                         f"({c.geometry.stored_shape}); the file changed during conversion")
+    mask = geometry.to_stored(geometry.onto_grid(mask, h_mask, h_img), geom, "mask")
     per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1, dtype=np.int64)
     liver = int(per_slice.sum())
-    info = CaseInfo(c.case_id, c.index, c.split, SourceFile(str(c.image), sha_img, len(raw_img)),
-                    SourceFile(str(c.mask), sha_mask, len(raw_mask)), c.geometry, int(mask.shape[0]), liver,
+    info = CaseInfo(c.case_id, c.index, c.split, SourceFile(str(c.image.path), sha_img, n_img, c.image.series),
+                    SourceFile(str(c.mask.path), sha_mask, n_mask, c.mask.series), geom, int(mask.shape[0]), liver,
                     int(np.count_nonzero(per_slice)), _case_stats(image, mask, liver))
     return image, mask, info, per_slice
 

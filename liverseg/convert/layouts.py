@@ -1,0 +1,185 @@
+"""Where the image and the mask of each case are, for the source layouts users hold.
+
+Each layout returns the cases it finds as {case id: (image Source, mask Source, split)}
+(split "" unless the layout's folders say it), or raises naming what does not fit.
+
+pattern  NIfTI pairs named by patterns (`{case}_orig.nii.gz` / `{case}_liver.nii.gz`), loose
+         in the folder or in train/val/test subfolders (the default)
+ircad    3D-IRCADb-01 as IRCAD distributes it: per patient `3Dircadb1.N/` (or `3Dircadb1.N.zip`)
+         holding the CT series in `PATIENT_DICOM/` and the liver mask series (0/255) in
+         `MASKS_DICOM/liver/`, each folder possibly zipped (`PATIENT_DICOM.zip`, ...)
+msd      Medical Segmentation Decathlon Task03_Liver: `imagesTr/liver_N.nii.gz` with
+         `labelsTr/liver_N.nii.gz` (0 background, 1 liver, 2 tumour)
+lits     LiTS: `volume-N.nii` with `segmentation-N.nii` anywhere below the folder (its
+         "Training Batch" folders), labels 0/1/2
+msd and lits masks hold tumour as label 2; conversion merges it into the liver.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from liverseg import InputError, LiversegError, dicom_io
+from liverseg.manifest import SPLITS, ConvertOptions
+from liverseg.volumes import Source
+
+LAYOUTS = ("pattern", "ircad", "msd", "lits")
+MERGES_TUMOUR = ("msd", "lits")  # layouts whose masks label tumour 2 inside the liver
+Found = dict[str, tuple[Source, Source, str]]
+
+
+def find(src: Path, opts: ConvertOptions) -> tuple[Found, bool]:
+    """The cases of `src` in layout `opts.layout`, and whether splits came from its folders."""
+    if opts.layout not in LAYOUTS:
+        raise LiversegError(f"--layout {opts.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if opts.layout == "pattern":
+        return _pattern(src, opts)
+    return {"ircad": _ircad, "msd": _msd, "lits": _lits}[opts.layout](src), False
+
+
+def _unpaired(src: Path, what: str, lone: list[Path]) -> None:
+    if lone:
+        raise LiversegError(f"{src}: {len(lone)} file(s) without a partner ({what}): " + ", ".join(map(str, lone)))
+
+
+def _none_found(src: Path, what: str) -> None:
+    raise LiversegError(f"{src}: no cases found ({what}); check --layout and the folder")
+
+
+# ------------------------------------------------------------------------- pattern (NIfTI)
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    if pattern.count("{case}") != 1:
+        raise LiversegError(f"pattern {pattern!r} must contain {{case}} exactly once, e.g. '{{case}}_orig'")
+    head, tail = pattern.split("{case}")
+    return re.compile(re.escape(head) + r"(?P<case>.+?)" + re.escape(tail) + r"\.nii(\.gz)?$")
+
+
+def _pattern(src: Path, opts: ConvertOptions) -> tuple[Found, bool]:
+    img_re, mask_re = _pattern_regex(opts.image_pattern), _pattern_regex(opts.mask_pattern)
+    folders = [src / s for s in SPLITS if (src / s).is_dir()]
+    loose = [p for p in src.iterdir() if p.is_file() and (img_re.match(p.name) or mask_re.match(p.name))]
+    if folders and loose:
+        raise LiversegError(
+            f"{src}: has both split subfolders ({', '.join(f.name for f in folders)}) and loose volumes "
+            f"({loose[0].name}, ...); keep one layout"
+        )
+    found: Found = {}
+    lone: list[Path] = []
+    for folder in folders or [src]:
+        split = folder.name if folders else ""
+        images, masks = {}, {}
+        for p in sorted(folder.iterdir()):
+            m_img, m_mask = img_re.match(p.name), mask_re.match(p.name)
+            if m_img:
+                images[m_img["case"]] = p
+            elif m_mask:
+                masks[m_mask["case"]] = p
+        lone += [images[c] for c in sorted(set(images) - set(masks))] + [masks[c] for c in sorted(set(masks) - set(images))]
+        for c in sorted(set(images) & set(masks)):
+            if c in found:
+                raise LiversegError(f"case {c!r} appears in two split folders: {found[c][0].path} and {images[c]}")
+            found[c] = (Source.nifti(images[c]), Source.nifti(masks[c]), split)
+    _unpaired(src, f"{opts.image_pattern} <-> {opts.mask_pattern}", lone)
+    if not found:
+        raise LiversegError(
+            f"{src}: no image/mask pairs named {opts.image_pattern}.nii[.gz] / {opts.mask_pattern}.nii[.gz] "
+            "(set --image-pattern/--mask-pattern, or --layout for ircad, msd or lits)"
+        )
+    return found, bool(folders)
+
+
+# ------------------------------------------------------------------------- 3D-IRCADb-01 (DICOM)
+
+_IRCAD = re.compile(r"^3Dircadb1\.(\d+)(\.zip)?$")
+
+
+def _ircad(src: Path) -> Found:
+    found: Found = {}
+    for p in sorted(src.iterdir()):
+        m = _IRCAD.match(p.name)
+        if not m:
+            continue
+        case = p.name.removesuffix(".zip")
+        series = _ircad_series(p)
+        for role in ("image", "mask"):
+            if role not in series:
+                where = "PATIENT_DICOM/" if role == "image" else "MASKS_DICOM/liver/"
+                raise InputError(f"{p}: no {where} series (3D-IRCADb-01 keeps the CT in PATIENT_DICOM/ and the "
+                                 "liver mask in MASKS_DICOM/liver/)")
+        found[case] = (Source.dicom(series["image"]), Source.dicom(series["mask"]), "")
+    if not found:
+        _none_found(src, "--layout ircad expects 3Dircadb1.N folders or zips")
+    return found
+
+
+def _ircad_series(patient: Path) -> dict[str, dicom_io.Series]:
+    """The CT series (PATIENT_DICOM) and the liver mask series (MASKS_DICOM/liver) of a patient."""
+    def role(member: str) -> str | None:
+        parts = [p.removesuffix(".zip") for p in member.replace(dicom_io.NESTED, "/").split("/")]
+        if "PATIENT_DICOM" in parts[:-1]:
+            return "image"
+        if "MASKS_DICOM" in parts[:-1] and parts[-2] == "liver":
+            return "mask"
+        return None
+
+    out = {}
+    for r in ("image", "mask"):
+        found = dicom_io.find_series(patient, select=lambda m, r=r: role(m) == r)
+        if len(found) > 1:
+            raise InputError(f"{patient}: {len(found)} series in {'PATIENT_DICOM' if r == 'image' else 'MASKS_DICOM/liver'}"
+                             "; expected one")
+        if found:
+            out[r] = found[0]
+    return out
+
+
+# ------------------------------------------------------------------------- MSD Task03_Liver, LiTS (NIfTI)
+
+
+def _nifti_name(p: Path) -> str:
+    return p.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def _msd(src: Path) -> Found:
+    images_dir, labels_dir = src / "imagesTr", src / "labelsTr"
+    if not images_dir.is_dir() or not labels_dir.is_dir():
+        raise LiversegError(f"{src}: --layout msd expects imagesTr/ and labelsTr/ (the Decathlon's Task03_Liver)")
+
+    def volumes(folder: Path) -> dict[str, Path]:  # "._liver_0.nii.gz" files are macOS metadata in the MSD tarball
+        return {_nifti_name(p): p for p in sorted(folder.iterdir())
+                if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")}
+
+    images, labels = volumes(images_dir), volumes(labels_dir)
+    _unpaired(src, "imagesTr <-> labelsTr", [images[c] for c in sorted(set(images) - set(labels))]
+              + [labels[c] for c in sorted(set(labels) - set(images))])
+    found = {c: (Source.nifti(images[c]), Source.nifti(labels[c]), "") for c in sorted(set(images) & set(labels))}
+    if not found:
+        _none_found(src, "imagesTr/ and labelsTr/ hold no NIfTI pairs")
+    return found
+
+
+_LITS = re.compile(r"^(volume|segmentation)-(\d+)\.nii(\.gz)?$")
+
+
+def _lits(src: Path) -> Found:
+    files: dict[str, dict[int, Path]] = {"volume": {}, "segmentation": {}}
+    for p in sorted(src.rglob("*")):
+        m = _LITS.match(p.name)
+        if m and p.is_file():
+            kind, n = m.group(1), int(m.group(2))
+            if n in files[kind]:
+                raise LiversegError(f"{src}: {kind}-{n} appears twice ({files[kind][n]} and {p})")
+            files[kind][n] = p
+    vol, seg = files["volume"], files["segmentation"]
+    _unpaired(src, "volume-N <-> segmentation-N", [vol[n] for n in sorted(set(vol) - set(seg))]
+              + [seg[n] for n in sorted(set(seg) - set(vol))])
+    found = {f"lits_{n:03d}": (Source.nifti(vol[n]), Source.nifti(seg[n]), "") for n in sorted(set(vol) & set(seg))}
+    if not found:
+        _none_found(src, "--layout lits expects volume-N.nii / segmentation-N.nii files")
+    return found
+
+
+__all__ = ["LAYOUTS", "MERGES_TUMOUR", "find"]

@@ -1,0 +1,355 @@
+"""DICOM series: find them in a folder or a zip, read them with pydicom, check them.
+
+A series is the set of files sharing a SeriesInstanceUID (several series in one folder
+are told apart by it). Its slices are ordered by their position along the slice normal
+(ImagePositionPatient projected on the cross product of the two ImageOrientationPatient
+cosines), never by file name or InstanceNumber; the modality LUT (RescaleSlope /
+RescaleIntercept) turns stored values into Hounsfield units. The voxel array and its RAS
+affine come from `geometry.dicom_voxels` and `geometry.dicom_affine` (the one place DICOM's LPS becomes RAS), so a
+series is handled downstream exactly like a NIfTI volume.
+
+Refused, naming the series: multi-frame files, a non-CT series where a CT is expected,
+missing geometry tags, mixed slice sizes, orientations or pixel spacings, duplicate or
+missing slice positions and uneven spacing beyond a tolerance, sheared (gantry-tilted)
+stacks, compressed pixel data without a decoder, and a zip that is not a zip.
+
+Files inside zips (also a zip inside a zip, as in 3D-IRCADb-01's PATIENT_DICOM.zip) are
+named `inner/path` with `!/` between zip levels, and read without unpacking to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from liverseg import InputError, geometry
+
+NESTED = "!/"  # separates the levels of a zip inside a zip in a member name
+POSITION_TOL_MM = 0.01  # two slices closer than this along the normal are duplicates
+SPACING_TOL = 0.02  # a gap may differ from the median gap by this fraction (plus the position tolerance)
+COSINE_TOL = 1e-4  # orientation cosines that differ by more are a different orientation
+MAX_SHEAR = 0.01  # |sin| of the angle between the slice step and the normal (~0.6 degrees)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One DICOM series: its container (a folder or a .zip), its files (relative names,
+    sorted), and its SeriesInstanceUID."""
+
+    container: str
+    members: tuple[str, ...]
+    uid: str
+    modality: str = ""
+
+    @property
+    def path(self) -> Path:
+        """The folder (or zip) holding the series, for messages and output names."""
+        common = _common_folder(self.members)
+        return Path(self.container) / common if common else Path(self.container)
+
+
+def _common_folder(members: tuple[str, ...]) -> str:
+    parts = [m.replace(NESTED, "/").split("/")[:-1] for m in members]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return "/".join(common)
+
+
+# ------------------------------------------------------------------------- files
+
+
+def _zip(container, where: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(container)
+    except zipfile.BadZipFile:
+        raise InputError(f"{where}: not a zip archive (or a damaged one); re-download or re-create it") from None
+    except OSError as e:
+        raise InputError(f"{where}: cannot read ({e.strerror})") from None
+
+
+def _zip_members(z: zipfile.ZipFile, where: str, prefix: str = "") -> list[str]:
+    out = []
+    for info in z.infolist():
+        if info.is_dir() or Path(info.filename).name.startswith("."):
+            continue
+        if info.filename.lower().endswith(".zip"):
+            inner = _zip(io.BytesIO(z.read(info)), f"{where}{NESTED}{info.filename}")
+            out += _zip_members(inner, f"{where}{NESTED}{info.filename}", f"{prefix}{info.filename}{NESTED}")
+        else:
+            out.append(prefix + info.filename)
+    return out
+
+
+def list_files(root: Path) -> list[str]:
+    """Every file under a folder, or inside a zip (and zips inside it), as relative names."""
+    if root.is_dir():
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    with _zip(root, str(root)) as z:
+        return sorted(_zip_members(z, str(root)))
+
+
+def read_member(container: str | Path, member: str) -> bytes:
+    container = Path(container)
+    if container.is_dir():
+        try:
+            return (container / member).read_bytes()
+        except OSError as e:
+            raise InputError(f"{container / member}: cannot read ({e.strerror})") from None
+    levels = member.split(NESTED)
+    data, where = None, str(container)
+    for level in levels:
+        with _zip(container if data is None else io.BytesIO(data), where) as z:
+            try:
+                data = z.read(level)
+            except KeyError:
+                raise InputError(f"{where}: has no {level}") from None
+        where = f"{where}{NESTED}{level}"
+    return data
+
+
+# ------------------------------------------------------------------------- finding series
+
+
+def find_series(root: str | Path, select=None) -> list[Series]:
+    """The DICOM series in a folder or zip, by SeriesInstanceUID (optionally only the files
+    whose member name `select(name)` accepts). Files that are not DICOM images (a DICOMDIR,
+    a readme) are ignored."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: not found")
+    groups: dict[str, list[str]] = {}
+    modality: dict[str, str] = {}
+    for member in list_files(root):
+        if select is not None and not select(member):
+            continue
+        try:
+            ds = _open(str(root), member, True, str(root))
+        except InputError:  # not DICOM
+            continue
+        if "SeriesInstanceUID" not in ds or "Rows" not in ds:  # not an image (a DICOMDIR, a report)
+            continue
+        uid = str(ds.SeriesInstanceUID)
+        groups.setdefault(uid, []).append(member)
+        modality.setdefault(uid, str(getattr(ds, "Modality", "")))
+    return [Series(str(root), tuple(sorted(m)), uid, modality[uid]) for uid, m in sorted(groups.items())]
+
+
+# ------------------------------------------------------------------------- reading a series
+
+
+def _float_tuple(ds, tag: str, n: int, where: str) -> tuple[float, ...]:
+    value = getattr(ds, tag, None)
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != n or not all(np.isfinite(out)):
+        raise InputError(f"{where}: {tag} is missing or malformed ({value!r}); the series has no usable geometry")
+    return out
+
+
+def _open(container: str, member: str, header_only: bool, where: str):
+    import pydicom
+
+    try:
+        if Path(container).is_dir():  # from the file: pydicom stops before the pixel data
+            return pydicom.dcmread(Path(container) / member, stop_before_pixels=header_only)
+        return pydicom.dcmread(io.BytesIO(read_member(container, member)), stop_before_pixels=header_only)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom raises several types for damaged files
+        raise InputError(f"{where}/{member}: not a readable DICOM file ({e})") from None
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """The checked geometry of a series: slice order, cosines, pixel spacing, first position, step."""
+
+    order: list[int]
+    cosines: np.ndarray
+    spacing: tuple[float, float]
+    first: np.ndarray
+    step: np.ndarray
+    size: tuple[int, int]
+
+
+def _stack(series: Series, datasets: list, ct: bool) -> _Stack:
+    where = str(series.path)
+    if ct:
+        modalities = {str(getattr(ds, "Modality", "")) for ds in datasets}
+        if modalities != {"CT"}:
+            raise InputError(f"{where}: a {'/'.join(sorted(modalities)) or 'no-modality'} series, not CT; "
+                             "point the image at the CT series")
+    frames = max(int(getattr(ds, "NumberOfFrames", 1) or 1) for ds in datasets)
+    if frames > 1:
+        raise InputError(f"{where}: multi-frame DICOM ({frames} frames in one file) is not supported; convert it to "
+                         "NIfTI (e.g. with dcm2niix) or to one file per slice")
+    first = datasets[0]
+    cosines = np.array(_float_tuple(first, "ImageOrientationPatient", 6, where))
+    spacing = _float_tuple(first, "PixelSpacing", 2, where)
+    size = (int(first.Rows), int(first.Columns))
+    names = [m.replace(NESTED, "/").rsplit("/", 1)[-1] for m in series.members]  # file names, for messages
+    for member, ds in zip(names[1:], datasets[1:]):
+        if (int(ds.Rows), int(ds.Columns)) != size:
+            raise InputError(f"{where}: mixed slice sizes ({member} is {ds.Rows}x{ds.Columns}, others "
+                             f"{size[0]}x{size[1]}); a series must hold one image size")
+        if np.max(np.abs(np.array(_float_tuple(ds, "ImageOrientationPatient", 6, where)) - cosines)) > COSINE_TOL:
+            raise InputError(f"{where}: mixed orientations ({member} differs in ImageOrientationPatient); "
+                             "one series must have one orientation")
+        if not np.allclose(_float_tuple(ds, "PixelSpacing", 2, where), spacing, atol=1e-4, rtol=0):
+            raise InputError(f"{where}: mixed pixel spacings ({member}); one series must have one pixel spacing")
+    normal = np.cross(cosines[:3], cosines[3:])
+    positions = np.array([_float_tuple(ds, "ImagePositionPatient", 3, where) for ds in datasets])
+    order = [int(i) for i in np.argsort(positions @ normal, kind="stable")]
+    step = _check_positions(where, [names[i] for i in order], positions[order], normal)
+    return _Stack(order, cosines, spacing, positions[order[0]], step, size)
+
+
+def _header(series: Series, stack: _Stack, dtype) -> geometry.Header:
+    n = len(stack.order)
+    shape = (stack.size[1], stack.size[0], n)  # [i = column, j = row, k = slice], as dicom_grid lays voxels out
+    affine = geometry.dicom_affine(stack.cosines[:3], stack.cosines[3:], stack.first, stack.step, stack.spacing)
+    return geometry.Header(series.path, shape, affine,
+                           (stack.spacing[1], stack.spacing[0], float(np.linalg.norm(stack.step))), np.dtype(dtype))
+
+
+def read_header(series: Series, ct: bool = False) -> geometry.Header:
+    """The series' grid from its tags alone (no pixel data is decoded), every check applied."""
+    where = str(series.path)
+    stack = _stack(series, [_open(series.container, m, True, where) for m in series.members], ct)
+    return _header(series, stack, np.float32 if ct else np.uint16)
+
+
+def read_series(series: Series, ct: bool) -> tuple[np.ndarray, geometry.Header, str, int]:
+    """(voxels [i, j, k] on the series' grid, its Header, sha256 of its files in member order, their bytes).
+
+    ct: the image of a case (Modality must be CT; values through the modality LUT: HU, as
+    float32); otherwise a mask (stored values, unscaled).
+    """
+    where = str(series.path)
+    sha, nbytes, datasets = hashlib.sha256(), 0, []
+    for member in series.members:
+        raw = read_member(series.container, member)
+        sha.update(raw)
+        nbytes += len(raw)
+        datasets.append(_open_bytes(raw, f"{where}/{member}"))
+    stack = _stack(series, datasets, ct)
+    pixels = [_pixels(datasets[i], ct, f"{where}/{series.members[i]}") for i in stack.order]
+    voxels = geometry.dicom_voxels(pixels)
+    return voxels, _header(series, stack, voxels.dtype), sha.hexdigest(), nbytes
+
+
+def _open_bytes(raw: bytes, where: str):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(raw))
+    except Exception as e:  # noqa: BLE001 - pydicom raises several types for damaged files
+        raise InputError(f"{where}: not a readable DICOM file ({e})") from None
+
+
+def _check_positions(where: str, members: list[str], positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The step between consecutive slices, once positions are unique, evenly spaced and along the normal."""
+    if len(positions) == 1:
+        return normal * 1.0  # a single slice: no step to measure; 1 mm along the normal
+    along = positions @ normal
+    gaps = np.diff(along)
+    dup = np.flatnonzero(gaps < POSITION_TOL_MM)
+    if dup.size:
+        i = dup[0]
+        raise InputError(f"{where}: duplicate slice position {along[i]:.3f} mm ({members[i]} and {members[i + 1]}); "
+                         "remove the duplicate files or split the series")
+    median = float(np.median(gaps))
+    bad = np.flatnonzero(np.abs(gaps - median) > POSITION_TOL_MM + SPACING_TOL * median)
+    if bad.size:
+        i = bad[0]
+        missing = f", about {round(gaps[i] / median) - 1} slice(s) missing" if gaps[i] > 1.5 * median else ""
+        raise InputError(f"{where}: uneven slice spacing: {gaps[i]:.3f} mm between {members[i]} and {members[i + 1]}, "
+                         f"{median:.3f} mm elsewhere{missing}; the series must be complete and evenly spaced")
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    if np.linalg.norm(np.cross(step / np.linalg.norm(step), normal)) > MAX_SHEAR:
+        raise InputError(f"{where}: slices are offset sideways along the stack (gantry tilt); resample the series "
+                         "to an orthogonal grid first")
+    return step
+
+
+def _pixels(ds, ct: bool, where: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - no decoder for a compressed transfer syntax, or damaged pixel data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise InputError(f"{where}: cannot decode its pixel data (transfer syntax {name}: {e}); for compressed DICOM "
+                         "install a decoder (pip install pylibjpeg pylibjpeg-libjpeg) or decompress it") from None
+    if arr.ndim != 2:
+        raise InputError(f"{where}: pixel data of shape {arr.shape} is not one greyscale slice")
+    return np.asarray(apply_modality_lut(arr, ds), np.float32) if ct else arr
+
+
+# ------------------------------------------------------------------------- writing (phantoms, tests)
+
+
+def write_series(folder: str | Path, voxels: np.ndarray, affine: np.ndarray, modality: str = "CT",
+                 seed: int = 0, shuffle: bool = False, patient: str = "phantom") -> str:
+    """Write voxels [i, j, k] with an RAS affine as a DICOM series, one uncompressed file per
+    slice named `image_0`, `image_1`, ... (3D-IRCADb-01's naming). Returns its SeriesInstanceUID.
+
+    modality "CT": HU stored as uint16 HU + 1024 with RescaleIntercept -1024 (as many scanners
+    do); otherwise a mask stored as 8-bit values, unscaled. shuffle: file names and
+    InstanceNumbers in a random order unrelated to position (a reader must sort by position).
+    UIDs derive from `seed`, so the same call writes the same bytes.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    slices, row_c, col_c, positions, (dr, dc) = geometry.to_dicom_slices(voxels, affine)
+    uid = lambda *what: generate_uid(entropy_srcs=[patient, str(seed), modality, *map(str, what)])  # noqa: E731
+    study, series = uid("study"), uid("series")
+    names = np.arange(len(slices))
+    if shuffle:
+        names = np.random.default_rng(seed).permutation(len(slices))
+    ct = modality == "CT"
+    sop_class = CTImageStorage if ct else SecondaryCaptureImageStorage
+    thickness = float(np.linalg.norm(positions[1] - positions[0])) if len(positions) > 1 else 1.0
+    for k, pixels in enumerate(slices):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, uid("sop", k)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.PatientID = ds.PatientName = patient
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.InstanceNumber = modality, int(names[k]) + 1
+        ds.ImageOrientationPatient = [round(float(v), 8) for v in (*row_c, *col_c)]
+        ds.ImagePositionPatient = [round(float(v), 6) for v in positions[k]]
+        ds.PixelSpacing = [round(dr, 6), round(dc, 6)]
+        ds.SliceThickness = round(thickness, 6)
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+        if ct:
+            stored = (np.asarray(pixels, np.int32) + 1024).clip(0, 65535).astype("<u2")
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        else:
+            stored = np.asarray(pixels).astype(np.uint8)
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.PixelData = stored.tobytes()
+        ds.save_as(folder / f"image_{int(names[k])}", enforce_file_format=True)
+    return series
+
+
+__all__ = ["NESTED", "Series", "find_series", "list_files", "read_header", "read_member", "read_series", "write_series"]

@@ -1,0 +1,164 @@
+"""Evaluation: per-case metrics in millimetres on a records split or on a folder of scans.
+
+Every case is predicted by `predict` (one inference path) and scored on the source's own
+grid: cases of a folder (NIfTI pairs or DICOM series, by `--layout`) always; cases of a
+records split in stored geometry when that *is* the source grid up to reorientation, and
+otherwise (records resized with --size or resampled with --spacing) on the source grid too,
+the probabilities mapped back and the reference mask read from the source files recorded in
+the manifest. When those files are gone or changed (sha256), the case is scored in stored
+geometry, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, metrics, overlay, volumes
+from liverseg.manifest import CaseInfo, ConvertOptions, Manifest, SourceFile
+from liverseg.predict import Run, infer_volume, postprocess, predict_image
+from liverseg.records import read_case
+from liverseg.volumes import Source
+
+log = logging.getLogger(__name__)
+
+# A scored case: (case id, prediction, reference, spacing in mm of their grid, a function
+# returning the overlay panel's (stored CT, stored spacing, stored reference, stored prediction)).
+
+
+def evaluate(run: Run, records: str | Path | None = None, split: str = "test", data: str | Path | None = None,
+             out: str | Path | None = None, pngs: bool = True, layout: str = "pattern") -> tuple[list[dict], dict, Path]:
+    """Per-case metrics (+ summary) on a records split or on the scans of a folder in `layout`.
+    Writes CSV, JSON, overlay PNGs and TensorBoard scalars into `out` (default
+    RUN/eval/<split or folder>)."""
+    name = split if data is None else Path(data).name
+    cases = record_cases(run, records, split) if data is None else folder_cases(run, data, layout)
+    return write_report(run, cases, Path(out) if out else run.root / "eval" / name, name, pngs)
+
+
+def record_cases(run: Run, records: str | Path | None, split: str):
+    """Cases of a records split, predicted from their stored slices (checked before the first case)."""
+    m = Manifest.load(Path(records or run.cfg.data.records))
+    m.split(split)  # names the folder and its splits when the split is not there
+    e = run.cfg.eval
+
+    def cases():
+        for case in m.cases_in(split):
+            image, ref = read_case(m, case.case_id)
+            prob = infer_volume(run, image)
+            on_source = _source_reference(case, m.options.merge_tumour) if case.geometry.resized else None
+            pred_stored = postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction)
+            spacing = case.geometry.stored_spacing
+            panel = lambda image=image, ref=ref, pred=pred_stored: (image, spacing, ref, pred)  # noqa: E731
+            if on_source is None:
+                yield case.case_id, pred_stored, ref, spacing, panel
+                continue
+            pred = postprocess(geometry.from_stored(prob, case.geometry, "prob"), e.threshold, e.largest_component,
+                               e.min_component_fraction)
+            yield case.case_id, pred, on_source, case.geometry.spacing, panel
+
+    return cases()
+
+
+def source(sf: SourceFile) -> Source:
+    """The Source a manifest entry was converted from (a DICOM series is found again by its UID)."""
+    if sf.series is None:
+        return Source.nifti(sf.path)
+    match = [s for s in dicom_io.find_series(sf.path) if s.uid == sf.series]
+    if not match:
+        raise InputError(f"{sf.path}: no DICOM series {sf.series} any more")
+    return Source.dicom(match[0])
+
+
+def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
+    """The case's reference mask on its image's source grid, read from the source files, or
+    None (with a warning) when they are gone or changed since conversion."""
+    try:
+        mask, header, sha, _ = volumes.load_mask(source(case.mask), merge_tumour)
+    except InputError as e:
+        log.warning("%s: scored in stored geometry: its source mask cannot be read (%s)", case.case_id, e)
+        return None
+    if sha != case.mask.sha256:
+        log.warning("%s: scored in stored geometry: %s changed since conversion (sha256)", case.case_id, case.mask.path)
+        return None
+    image_grid = geometry.Header(Path(case.image.path), tuple(case.geometry.shape), np.asarray(case.geometry.affine),
+                                 tuple(case.geometry.spacing), np.dtype(np.int16))
+    geometry.check_pair(image_grid, header)
+    return geometry.onto_grid(mask, header, image_grid)
+
+
+def folder_cases(run: Run, data: str | Path, layout: str = "pattern"):
+    """The cases of a folder (any convert layout), each predicted and scored on its own source grid."""
+    from liverseg.convert import discover
+    from liverseg.convert.layouts import MERGES_TUMOUR
+
+    found = discover(Path(data), ConvertOptions(layout=layout))  # raises naming the folder when it holds no pairs
+
+    def cases():
+        for case in found:
+            image, header, _, _ = volumes.load_image(case.image)
+            pred, _, geom = predict_image(run, image, header)
+            ref, mask_header, _, _ = volumes.load_mask(case.mask, layout in MERGES_TUMOUR)
+            geometry.check_pair(header, mask_header)
+            ref = geometry.onto_grid(ref, mask_header, header)
+
+            def panel(image=image, geom=geom, ref=ref, pred=pred):  # overlays are drawn in stored geometry
+                return (geometry.to_stored(image, geom, "image"), geom.stored_spacing,
+                        geometry.to_stored(ref, geom, "mask"), geometry.to_stored(pred, geom, "mask"))
+
+            yield case.case_id, pred, ref, geom.spacing, panel
+
+    return cases()
+
+
+def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True) -> tuple[list[dict], dict, Path]:
+    """The evaluation report of scored cases: cases.csv, metrics.json, one overlay PNG per case
+    and the means in TensorBoard (RUN/evaluation). Written into a temporary folder renamed
+    onto `out` at the end, so a failure part-way leaves no folder."""
+    rows = []
+    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            for case_id, pred, ref, spacing, panel in cases:
+                rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
+                if pngs:
+                    overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
+            if not rows:
+                raise LiversegError(f"{name}: no cases to evaluate")
+            summary = metrics.summarize(rows)
+            _write_table(tmp / "cases.csv", rows)
+            (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
+                                                         indent=1, default=_json_number) + "\n")
+    except BaseException:
+        for p in new_parents:  # innermost first: folders this call created, left empty by the failure
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    writer = tf.summary.create_file_writer(str(run.root / "evaluation"))
+    with writer.as_default(step=0):
+        for k, v in summary.items():
+            tf.summary.scalar(f"{name}/{k}_mean", v["mean"])
+    writer.flush()
+    return rows, summary, out
+
+
+def _json_number(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+

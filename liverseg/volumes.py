@@ -1,0 +1,147 @@
+"""A case's volumes, wherever they come from, and the one set of rules for their values.
+
+A `Source` is a NIfTI file or a DICOM series (files in a folder or a zip). `read_header`,
+`load_image` and `load_mask` read either kind into source-grid arrays with a
+`geometry.Header` (`nifti_io` and `dicom_io` do the reading), then apply the same rules:
+
+* a CT becomes int16 Hounsfield units, clipped to [-1024, 3071] (the record format);
+  NaN or Inf voxels are refused;
+* a mask is judged on its stored values: {0, 1} as is, {0, 255} -> {0, 1}, LiTS/MSD
+  {0, 1, 2} (liver, tumour) -> liver + tumour = 1 only with merge_tumour; anything
+  else is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from liverseg import InputError
+from liverseg.geometry import Header
+
+HU_MIN, HU_MAX = -1024, 3071  # int16 storage range (12-bit CT)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a volume comes from: `path` is a NIfTI file, or the folder/zip holding a DICOM
+    series (`series`: its SeriesInstanceUID; `members`: its files, relative to `path`)."""
+
+    kind: Literal["nifti", "dicom"]
+    path: Path
+    series: str | None = None
+    members: tuple[str, ...] = ()
+
+    @classmethod
+    def nifti(cls, path: str | Path) -> "Source":
+        return cls("nifti", Path(path))
+
+    @classmethod
+    def dicom(cls, s) -> "Source":  # s: dicom_io.Series
+        return cls("dicom", Path(s.container), s.uid, s.members)
+
+    @property
+    def name(self) -> Path:
+        """The file, or the series' own folder: what messages name."""
+        if self.kind == "nifti":
+            return self.path
+        return self._series().path
+
+    def _series(self):
+        from liverseg.dicom_io import Series
+
+        return Series(str(self.path), self.members, self.series or "")
+
+
+def read_header(src: Source, ct: bool = False) -> Header:
+    """The grid a source promises, checked before its voxels are read (DICOM: tags only;
+    ct: the series must be a CT)."""
+    if src.kind == "nifti":
+        from liverseg import nifti_io
+
+        return nifti_io.read_header(src.path)
+    from liverseg import dicom_io
+
+    return dicom_io.read_header(src._series(), ct)
+
+
+def _read(src: Source, ct: bool) -> tuple[np.ndarray, Header, str, int]:
+    """(voxels as stored, or HU-scaled for a CT; header; sha256; bytes) of a source."""
+    if src.kind == "nifti":
+        from liverseg import nifti_io
+
+        raw, sha = nifti_io.read_file(src.path)
+        arr, header = nifti_io.read_voxels(src.path, raw, scaled=ct)
+        return arr, header, sha, len(raw)
+    from liverseg import dicom_io
+
+    arr, header, sha, nbytes = dicom_io.read_series(src._series(), ct)
+    return arr, header, sha, nbytes
+
+
+def load_image(src: Source) -> tuple[np.ndarray, Header, str, int]:
+    """CT voxels in Hounsfield units as int16 (source grid), header, sha256 and size of the source."""
+    arr, header, sha, nbytes = _read(src, ct=True)
+    return hounsfield(arr, src.name), header, sha, nbytes
+
+
+def load_mask(src: Source, merge_tumour: bool = False) -> tuple[np.ndarray, Header, str, int]:
+    """Liver mask as uint8 {0, 1} (source grid), header, sha256 and size of the source."""
+    arr, header, sha, nbytes = _read(src, ct=False)
+    return liver(arr, src.name, merge_tumour), header, sha, nbytes
+
+
+# ------------------------------------------------------------------------- the value rules
+
+
+def hounsfield(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Scaled CT values -> int16 HU clipped to [HU_MIN, HU_MAX]; NaN/Inf refused naming the file."""
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise InputError(f"{path}: {bad} voxels are NaN or Inf; fix the source volume")
+        arr = np.rint(arr)
+    if arr.dtype != np.int16 or arr.min() < HU_MIN or arr.max() > HU_MAX:
+        arr = np.clip(arr, HU_MIN, HU_MAX).astype(np.int16)
+    return arr
+
+
+def liver(arr: np.ndarray, path: Path, merge_tumour: bool = False) -> np.ndarray:
+    """Stored mask labels -> uint8 {0, 1} liver (see the module docstring for the conventions).
+
+    A scale factor is never applied first: a uint8 mask saved with slope 1/255 reads back as
+    1.00000006 after scaling, but its stored values are the labels.
+    """
+    labels = _labels(path, arr)
+    if labels <= {0, 1}:
+        return arr.astype(np.uint8, copy=False)
+    if labels <= {0, 255}:
+        return (arr == 255).astype(np.uint8)
+    if labels <= {0, 1, 2}:
+        if not merge_tumour:
+            raise InputError(f"{path}: mask labels {sorted(labels)} look like LiTS (1 liver, 2 tumour); "
+                             "pass --merge-tumour to count tumour as liver")
+        return (arr > 0).astype(np.uint8)
+    shown = sorted(labels)[:8]
+    raise InputError(f"{path}: mask labels {shown}{'...' if len(labels) > 8 else ''} are not a liver mask; "
+                     "expected {0,1}, {0,255} or LiTS {0,1,2} with --merge-tumour")
+
+
+def _labels(path: Path, arr: np.ndarray) -> set[int]:
+    """Distinct stored values of a mask; fast for the usual uint8 (two passes, no copy)."""
+    flat = arr.ravel(order="K")  # memory order: a view, whatever the array's layout
+    lo, hi = flat.min(), flat.max()
+    if lo >= 0 and hi <= 1 and (arr.dtype.kind != "f" or np.all((flat == 0) | (flat == 1))):
+        return {int(lo), int(hi)}
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(flat)):
+        raise InputError(f"{path}: mask holds NaN or Inf values; a mask must hold integer labels")
+    values = np.unique(flat)
+    if arr.dtype.kind == "f" and not np.all(values == np.round(values)):
+        raise InputError(f"{path}: mask holds non-integer values {values[:6].tolist()}; a mask must hold labels")
+    return set(int(v) for v in values)
+
+
+__all__ = ["HU_MAX", "HU_MIN", "Source", "hounsfield", "liver", "load_image", "load_mask", "read_header"]
