@@ -25,10 +25,14 @@ def _warm(paths: list[Path]) -> None:
         p.read_bytes()
 
 
-def bench_convert(src: str | Path, workers: int = 2, opts=None, dicom: str | Path | None = None) -> list[dict]:
+def bench_convert(src: str | Path, workers: int = 2, opts=None, dicom: str | Path | None = None,
+                  beam: bool = False) -> list[dict]:
     """Plain nibabel load of every volume vs `convert` with 1 and `workers` processes; with
-    `dicom` (the same volumes as 3D-IRCADb-01 DICOM trees), the same conversions from DICOM."""
+    `dicom` (the same volumes as 3D-IRCADb-01 DICOM trees), the same conversions from DICOM;
+    with `beam`, the same conversions on Apache Beam's DirectRunner ("x local": its time over
+    the local converter's with as many workers)."""
     from liverseg.convert import ConvertOptions, convert, discover
+    from liverseg.convert.beam import convert_beam
 
     src = Path(src)
     opts = opts or ConvertOptions()
@@ -44,6 +48,8 @@ def bench_convert(src: str | Path, workers: int = 2, opts=None, dicom: str | Pat
         voxel_bytes += image.nbytes + mask.nbytes
     rows = [{"run": "nibabel load (image+mask)", "seconds": time.perf_counter() - t0}]
     runs = [(f"convert --workers {n}", src, _with(opts, workers=n)) for n in sorted({1, workers})]
+    if beam:
+        runs += [(f"beam direct --workers {n}", src, _with(opts, workers=n, runner="direct")) for n in sorted({1, workers})]
     if dicom is not None:
         dicom_cases = discover(Path(dicom), _with(opts, layout="ircad"))
         if len(dicom_cases) != len(cases):
@@ -56,7 +62,7 @@ def bench_convert(src: str | Path, workers: int = 2, opts=None, dicom: str | Pat
     try:
         for name, source, o in runs:
             t0 = time.perf_counter()
-            convert(source, tmp / "out", o, progress=False)
+            convert_beam(source, tmp / "out", o) if o.runner != "local" else convert(source, tmp / "out", o, progress=False)
             rows.append({"run": name, "seconds": time.perf_counter() - t0})
             shutil.rmtree(tmp / "out")
     finally:
@@ -69,7 +75,10 @@ def bench_convert(src: str | Path, workers: int = 2, opts=None, dicom: str | Pat
         r["slices/s"] = round(slices / r["seconds"], 1)
         r["MB/s"] = round(voxel_bytes / MB / r["seconds"], 1)
         r["x load time"] = round(r["seconds"] / t_load, 2)
-        r["speedup vs 1 worker"] = round(t_one[kind] / r["seconds"], 2) if r["run"].startswith("convert") else ""
+        r["speedup vs 1 worker"] = round(t_one[kind] / r["seconds"], 2) if r["run"] != rows[0]["run"] else ""
+    local = {r["run"].rsplit("--workers ", 1)[1]: r["seconds"] for r in rows if r["run"].startswith("convert --workers")}
+    for r in rows:
+        r["x local"] = round(r["seconds"] / local[r["run"].rsplit("--workers ", 1)[1]], 2) if "--workers" in r["run"] else ""
         r["seconds"] = round(r["seconds"], 2)
     return rows
 
@@ -122,9 +131,12 @@ class TutorialLoader:
 
 
 def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, batches: int = 40, aug: str = "host",
-                   context: int = 0, batch: int = 8, tutorial_batches: int = 2, split: str = "train") -> list[dict]:
+                   context: int = 0, batch: int = 8, tutorial_batches: int = 2, split: str = "train",
+                   service: bool = False) -> list[dict]:
     """Slices/s and MB/s of: raw TFRecord read, the pipeline without augmentation (float32 out,
-    and int16 out as shipped for device augmentation) and with host augmentation, the tutorial's loader (with nifti), and TF's batched bilinear transform alone (the floor)."""
+    and int16 out as shipped for device augmentation) and with host augmentation, the tutorial's
+    loader (with nifti), TF's batched bilinear transform alone (the floor), and with `service`
+    the 2b (and 3) pipelines through a tf.data service of 1 and 2 workers on loopback."""
     import tensorflow as tf
 
     from liverseg import config, pipeline
@@ -160,6 +172,12 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
         it = (loader[i] for i in range(10**9))
         add("4 tutorial loader (nib.load per slice)",
             _rate(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)))
+    if service:
+        for name, cfg in [("6 tf.data service, int16 + uint8", config.replace(base, **{"augment.placement": "device"}))] + (
+                [("7 tf.data service, host augmentation", base)] if aug == "host" else []):
+            for n, rate in _through_service(cfg, split, batches):
+                number, what = name.split(" ", 1)
+                add(f"{number}{'b' if n > 1 else ''} {what}, {n} worker{'s' if n > 1 else ''}", rate)
     x = tf.random.uniform([batch, h, w, 2 * context + 1], -1000, 1000)
     theta = np.deg2rad(7.0)
     t = tf.constant([[np.cos(theta), -np.sin(theta), 3.0, np.sin(theta), np.cos(theta), -2.0, 0.0, 0.0]] * batch, tf.float32)
@@ -175,6 +193,24 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
         r["vs 5"] = f"{100 * r['slices/s'] / ref['5']:.0f}%"
         r["slices/s"], r["MB/s"] = round(r["slices/s"], 1), round(r["MB/s"], 1)
     return rows
+
+
+def _through_service(cfg, split: str, batches: int) -> list[tuple[int, tuple[float, float]]]:
+    """The pipeline of `cfg` through a dispatcher and 1, then 2, workers in this process (loopback)."""
+    from liverseg import config, data_service, pipeline
+
+    out = []
+    for n in (1, 2):
+        dispatcher, address = data_service.dispatcher(0, block=False)
+        workers = [data_service.worker(address, 0, block=False)[0] for _ in range(n)]
+        try:
+            ds = pipeline.build_dataset(config.replace(cfg, **{"data.service": address}), split, service_job=f"bench-{n}")
+            out.append((n, _rate(iter(ds), batches, 5, _batch_count)))
+        finally:
+            for w in workers:
+                w.stop()
+            dispatcher.stop()
+    return out
 
 
 # ------------------------------------------------------------------------- training

@@ -156,11 +156,20 @@ convert_options, build_convert_options = _convert_cli()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @convert_options
-def convert(src, out, **kw):
-    """Convert NIfTI volume/mask pairs in SRC to sharded TFRecords + manifest in OUT."""
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM PIPELINE OPTIONS]")
+def convert(src, out, beam_args, **kw):
+    """Convert CT volume/mask pairs in SRC (NIfTI or DICOM, see --layout) to sharded TFRecords + manifest in OUT."""
     from liverseg import convert as convert_mod
 
-    manifest = convert_mod.convert(src, out, build_convert_options(**kw))
+    opts = build_convert_options(**kw)
+    if opts.runner == "local":
+        if beam_args:
+            raise LiversegError(f"{' '.join(beam_args)}: Beam pipeline options need --runner (e.g. --runner direct)")
+        manifest = convert_mod.convert(src, out, opts)
+    else:
+        from liverseg.convert.beam import convert_beam
+
+        manifest = convert_beam(src, out, opts, beam_args)
     for split, s in manifest.splits.items():
         click.echo(f"{split}: {s.num_cases} cases, {s.num_examples} slices, {len(s.shards)} shard(s)")
     for s in manifest.skipped:
@@ -251,6 +260,37 @@ def tensorboard(logdir, host, port):
     raise SystemExit(board.main())
 
 
+@cli.group("data-service")
+def data_service_group():
+    """tf.data service servers: input processing on CPU hosts (set data.service in the config)."""
+
+
+@runs_tensorflow
+@data_service_group.command("dispatcher")
+@click.option("--port", default=5050, show_default=True, help="Port (0: any free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address given out to trainers and workers (TF's servers listen on every interface).")
+@click.option("--work-dir", type=click.Path(file_okay=False), help="Journal folder: a restarted dispatcher resumes its jobs.")
+def data_service_dispatcher(port, host, work_dir):
+    """Run a tf.data service dispatcher until SIGTERM or Ctrl-C."""
+    from liverseg import data_service
+
+    data_service.dispatcher(port, host, work_dir)
+
+
+@runs_tensorflow
+@data_service_group.command("worker")
+@click.option("--dispatcher", "dispatcher_address", required=True, help="The dispatcher, grpc://HOST:PORT or HOST:PORT.")
+@click.option("--port", default=0, show_default=True, help="Port (0: any free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address this worker gives the dispatcher for trainers to fetch from.")
+def data_service_worker(dispatcher_address, port, host):
+    """Run a tf.data service worker until SIGTERM or Ctrl-C."""
+    from liverseg import data_service
+
+    data_service.worker(dispatcher_address, port, host)
+
+
 # ------------------------------------------------------------------------- evaluation and prediction
 
 _run_option = click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -329,13 +369,14 @@ def bench():
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--dicom", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The same volumes as 3D-IRCADb-01 DICOM trees (liverseg synth --layout ircad): adds DICOM rows.")
+@click.option("--beam", is_flag=True, help="Add the same conversions on Apache Beam's DirectRunner (needs liverseg[beam]).")
 @convert_options
-def bench_convert(src, dicom, **kw):
+def bench_convert(src, dicom, beam, **kw):
     """Time a plain nibabel load of SRC against `convert` with 1 and --workers processes."""
     from liverseg import bench as bench_mod
 
     workers = kw["workers"] if kw["workers"] > 1 else 2
-    click.echo(_table(bench_mod.bench_convert(src, workers, build_convert_options(**kw), dicom)))
+    click.echo(_table(bench_mod.bench_convert(src, workers, build_convert_options(**kw), dicom, beam)))
 
 
 @runs_tensorflow
@@ -348,11 +389,13 @@ def bench_convert(src, dicom, **kw):
 @click.option("--context", default=0, show_default=True, help="2.5D context k (2k+1 channels).")
 @click.option("--batch", default=8, show_default=True, help="Batch size.")
 @click.option("--tutorial-batches", default=2, show_default=True, help="Batches timed for the (slow) tutorial loader.")
-def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches):
+@click.option("--service", is_flag=True, help="Add the pipeline through a tf.data service of 1 and 2 loopback workers.")
+def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches, service):
     """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
     from liverseg import bench as bench_mod
 
-    click.echo(_table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches)))
+    click.echo(_table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches,
+                                               service=service)))
 
 
 def _bench_rows(ctx, param, value: str) -> tuple:

@@ -55,6 +55,12 @@ class DataConfig:
     cycle_length: int = 4
     # Keep parsed shards in memory after the first pass (for datasets that fit in RAM).
     cache: bool = False
+    # "grpc://HOST:PORT" of a tf.data service dispatcher (`liverseg data-service`): the
+    # training pipeline's shard reads, parsing, 2.5D gather and host augmentation run on its
+    # workers. A resumed run then continues with a fresh data order, not the exact next batch.
+    service: str = ""
+    # Stop with an error when the service delivers no batch for this long (dead workers).
+    service_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -360,6 +366,9 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         need(0.0 <= cfg.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]")
         need(cfg.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         need(cfg.cycle_length >= 1, "cycle_length", "must be >= 1")
+        need(not cfg.service or cfg.service.startswith("grpc://"), "service", "must be empty or grpc://HOST:PORT")
+        need(not (cfg.service and cfg.cache), "service", "cannot be combined with data.cache (the workers read)")
+        need(cfg.service_timeout_s > 0, "service_timeout_s", "must be > 0")
     elif isinstance(cfg, AugmentConfig):
         for f in dataclasses.fields(cfg):
             if f.name.endswith("_p"):

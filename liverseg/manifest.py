@@ -69,11 +69,13 @@ class ConvertOptions:
     compression: str = _opt("", "Shard compression.", choices={"none": "", "GZIP": "GZIP", "ZLIB": "ZLIB"})
     merge_tumour: bool = _opt(False, "LiTS masks: count tumour (label 2) as liver.")
     affine_tol: float = _opt(1e-3, "Image/mask affine tolerance in mm.")
-    workers: int = _opt(1, "Parallel processes.")
+    workers: int = _opt(1, "Parallel processes (with --runner direct: Beam's worker processes).")
+    runner: str = _opt("local", "local: processes on this machine; direct: Apache Beam's DirectRunner; or a Beam runner "
+                       "name (FlinkRunner, SparkRunner, ...) with its pipeline options after --. Needs liverseg[beam].")
     skip_bad: bool = _opt(False, "Convert the good cases and list the bad ones in the manifest.")
     overwrite: bool = _opt(False, "Replace a different dataset already in OUT.")
 
-    RUN_ONLY = ("workers", "overwrite")  # how to run, not what is produced
+    RUN_ONLY = ("workers", "overwrite", "runner")  # how to run, not what is produced
 
     def creation(self) -> dict:
         """The options that determine the output bytes (recorded in the manifest)."""

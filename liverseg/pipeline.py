@@ -35,7 +35,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from liverseg import augment, records
+from liverseg import augment, data_service, records
 from liverseg.config import Config
 from liverseg.manifest import Manifest
 from liverseg.rundir import Intensity
@@ -177,15 +177,21 @@ def batch_preparer(cfg: Config, norm: Intensity):
 
 
 def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputContext | None = None,
-                  training: bool | None = None) -> tf.data.Dataset:
-    """The dataset of one input pipeline. training defaults to split == "train"."""
+                  training: bool | None = None, epochs: int | None = None, service_job: str = "liverseg") -> tf.data.Dataset:
+    """The dataset of one input pipeline. training defaults to split == "train".
+
+    Training repeats for ever (epochs: that many passes over the shards instead). With
+    `data.service`, everything up to the prepared batches runs on the tf.data service in
+    job `service_job` (one job shared by the trainers of a run: the service shards it).
+    """
     training = split == "train" if training is None else training
+    on_service = training and bool(cfg.data.service)
     m = open_split(cfg, split)
     h, w = m.split(split).slice_shape
     norm = intensity(cfg, m)
     shards = m.shards(split)
-    n_pipes = input_context.num_input_pipelines if input_context else 1
-    pipe = input_context.input_pipeline_id if input_context else 0
+    n_pipes = input_context.num_input_pipelines if input_context and not on_service else 1  # the service shards
+    pipe = input_context.input_pipeline_id if input_context and not on_service else 0
     if training:  # equal per-replica batches: the global batch must divide
         replicas = input_context.num_replicas_in_sync if input_context else 1
         batch = global_batch(cfg, replicas) // replicas
@@ -222,6 +228,8 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
     prepare = batch_preparer(cfg, norm)
 
     def augment_batch(i, batch):
+        if on_service:  # workers count batches apart: the batch's first slice tells them apart
+            i = i * 1_000_003 + batch["case_index"][0] * 100_003 + batch["slice_index"][0]
         return prepare(batch, tf.stack([tf.cast(cfg.seed * 1_000_003 + pipe, tf.int64), i]))
 
     def normalize_batch(batch):
@@ -231,9 +239,9 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
     if training:
         n = len(shards)
         if cfg.data.cache:  # parsed shards kept in memory after the first pass
-            parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+            parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs)
         else:
-            parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat().map(
+            parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs).map(
                 read, num_parallel_calls=cfg.data.cycle_length)
         # This interleave only hands out row references, so it needs no parallelism (and TF's
         # parallel interleave is not safe under symbolic checkpointing); the copying
@@ -256,14 +264,17 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
         ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(normalize_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Deterministic order always: symbolic checkpoints (positions, not buffers) can only replay
     # a deterministic pipeline, and exact resume needs them. Order is a function of the seed.
     options.deterministic = True
     options.experimental_symbolic_checkpoint = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # sharded above
-    return ds.with_options(options)
+    if on_service:  # the workers run the pipeline above (DYNAMIC sharding: each shard once per pass)
+        ds = data_service.distribute(ds.with_options(options), cfg.data.service, service_job)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 @contextlib.contextmanager

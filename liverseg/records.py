@@ -239,6 +239,12 @@ class ShardWriter:
         self._out(struct.pack("<I", _masked_crc(*parts)))
         self.num_examples += 1
 
+    def append_framed(self, data, count: int) -> None:
+        """Append `count` records already framed (the bytes of an uncompressed TFRecord file):
+        the result is what writing them one by one would give."""
+        self._out(data)
+        self.num_examples += count
+
     def close(self) -> tuple[int, int, str]:
         if self._gzip is not None:
             self._gzip.close()

@@ -32,13 +32,15 @@ import logging
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from liverseg import TERMINATE, LiversegError, atomic_path, config, metrics, objective, pipeline, rundir, step, unet, validate
+from liverseg import (TERMINATE, LiversegError, atomic_path, config, data_service, metrics, objective, pipeline, rundir, step,
+                      unet, validate)
 from liverseg.config import Config
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,26 @@ class Preempted(Exception):
 
 class NonFiniteLoss(LiversegError):
     pass
+
+
+def _within(seconds: float, fn, *args, what: str):
+    """fn(*args), or LiversegError(what) when it has not returned after `seconds` (it is left
+    running in a daemon thread: a tf.data service iterator waiting for workers cannot be interrupted)."""
+    done, out = threading.Event(), {}
+
+    def call():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = e
+        done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    if not done.wait(seconds):
+        raise LiversegError(what)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def every(before: int, after: int, n: int) -> bool:
@@ -182,23 +204,44 @@ class Trainer:
         self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice")
 
     def dataset(self) -> tf.data.Dataset:
-        """This worker's training batches (`liverseg bench train` substitutes batches already in memory)."""
-        return pipeline.build_dataset(self.cfg, "train", step.input_context(self.strategy))
+        """This worker's training batches (`liverseg bench train` substitutes batches already in memory).
+
+        On the tf.data service, each start of the run reads a job of its own, seeded by the
+        number of restarts: a fresh data order, the same for every trainer of the run."""
+        cfg, job = self.cfg, "liverseg"
+        if cfg.data.service:
+            restarts = int(self.restarts.numpy())
+            cfg = config.replace(cfg, seed=cfg.seed + 7919 * restarts)
+            job = f"liverseg-{self.info.manifest_sha256[:12]}-{self.run.name}-{restarts}"
+        return pipeline.build_dataset(cfg, "train", step.input_context(self.strategy), service_job=job)
 
     def _build_input_and_checkpoint(self) -> None:
         # One plain tf.data iterator per worker, feeding its local replicas: unlike TF's
         # DistributedIterator (not trackable, TF issue 56372) it can be checkpointed, so a
-        # resumed run continues on the exact next batch.
-        self.iterator = iter(self.dataset())
+        # resumed run continues on the exact next batch. A cache or the tf.data service
+        # cannot be checkpointed: then a resumed run continues with a fresh data order.
         tracked = {"model": self.model, "optimizer": self.optimizer, "step": self.step_var, "best": self.best}
-        if self.cfg.data.cache:
-            log.warning("data.cache: tf.data cannot checkpoint a cache, so a resumed run restarts the data order")
+        service = self.cfg.data.service
+        if service:
+            data_service.check_reachable(service)
+            log.warning("data.service %s: the service's position cannot be checkpointed, so a resumed run continues "
+                        "with a fresh, non-repeating data order, not the exact next batch", service)
+            self.restarts = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_restarts")
+            tracked["input_restarts"] = self.restarts
         else:
-            tracked["iterator"] = self.iterator
+            self.iterator = iter(self.dataset())
+            if self.cfg.data.cache:
+                log.warning("data.cache: tf.data cannot checkpoint a cache, so a resumed run restarts the data order")
+            else:
+                tracked["iterator"] = self.iterator
         self.ckpt = tf.train.Checkpoint(**tracked)
         self.ckpt_dir = self.run / rundir.CHECKPOINTS
         # Every worker restores from the chief's checkpoints; only the chief repairs them.
         restored = rundir.restore_newest(self.ckpt, self.ckpt_dir, repair=self.chief)
+        if service:
+            if restored is not None:
+                self.restarts.assign_add(1)
+            self.iterator = iter(self.dataset())
         if self.chief:
             self.write_dir = self.ckpt_dir
         else:
@@ -277,7 +320,13 @@ class Trainer:
 
     def _draw(self, k: int) -> list:
         t = time.perf_counter()
-        batches = step.draw(self.iterator, k, self.local)
+        if self.cfg.data.service:
+            batches = _within(self.cfg.data.service_timeout_s, step.draw, self.iterator, k, self.local,
+                              what=f"no batch from the tf.data service at {self.cfg.data.service} for "
+                                   f"{self.cfg.data.service_timeout_s:g} s (data.service_timeout_s): are its workers "
+                                   "running? (liverseg data-service worker --dispatcher ...)")
+        else:
+            batches = step.draw(self.iterator, k, self.local)
         self.window.input_wait += time.perf_counter() - t
         return batches
 

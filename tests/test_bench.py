@@ -27,15 +27,20 @@ def test_bench_convert(phantoms, tmp_path):
     from liverseg import synth
 
     synth.synthesize(tmp_path / "dicom", cases=6, size=32, slices=(8, 12), seed=7, layout="ircad", progress=False)
-    out = run("bench", "convert", phantoms, "--workers", 2, "--dicom", tmp_path / "dicom")
-    names = ["nibabel load (image+mask)", "convert --workers 1", "convert --workers 2", "convert DICOM --workers 1",
-             "convert DICOM --workers 2"]
+    out = run("bench", "convert", phantoms, "--workers", 2, "--dicom", tmp_path / "dicom", "--beam")
+    names = ["nibabel load (image+mask)", "convert --workers 1", "convert --workers 2", "beam direct --workers 1",
+             "beam direct --workers 2", "convert DICOM --workers 1", "convert DICOM --workers 2"]
     rows = _rows(out, names)
-    for name, (seconds, per_volume, slices_s, mb_s, x_load, *speedup) in rows.items():
+    for name, (seconds, per_volume, slices_s, mb_s, x_load, *rest) in rows.items():
         assert float(seconds) > 0 and float(slices_s) > 0 and float(mb_s) > 0, name
         assert float(per_volume) == pytest.approx(float(seconds) / 6, abs=0.002), name  # 6 volumes
     assert float(rows["nibabel load (image+mask)"][4]) == 1.0  # the load is its own reference
-    assert float(rows["convert --workers 1"][5]) == 1.0 and float(rows["convert DICOM --workers 1"][5]) == 1.0
+    for kind in ("convert", "beam direct", "convert DICOM"):  # speedup and x local against their own 1-worker run
+        assert float(rows[f"{kind} --workers 1"][5]) == 1.0
+    for n in (1, 2):
+        assert float(rows[f"convert --workers {n}"][6]) == 1.0
+        beam_s, local_s = float(rows[f"beam direct --workers {n}"][0]), float(rows[f"convert --workers {n}"][0])
+        assert float(rows[f"beam direct --workers {n}"][6]) == pytest.approx(beam_s / local_s, rel=0.1, abs=0.05)
 
 
 def test_bench_pipeline_prints_all_rows(dataset, phantoms):
@@ -46,6 +51,14 @@ def test_bench_pipeline_prints_all_rows(dataset, phantoms):
     for name, (slices_s, mb_s, vs1, vs4, vs5) in rows.items():
         assert float(slices_s) > 0 and float(mb_s) > 0, name
     assert rows[names[0]][2] == "100%" and rows[names[4]][3] == "1x" and rows[names[5]][4] == "100%"
+
+
+def test_bench_pipeline_through_the_service(dataset):
+    out = run("bench", "pipeline", dataset, "--batches", 2, "--batch", 2, "--aug", "none", "--service")
+    rows = _rows(out, ["1 raw TFRecord read", "2 pipeline, no augmentation", "2b pipeline, int16 + uint8 for device augmentation",
+                       "6 tf.data service, int16 + uint8, 1 worker", "6b tf.data service, int16 + uint8, 2 workers",
+                       "5 ImageProjectiveTransformV3 alone"])
+    assert all(float(cells[0]) > 0 for cells in rows.values())
 
 
 def test_bench_train_reports_every_ceiling(dataset):

@@ -134,31 +134,41 @@ def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, C
     return image, mask, info, per_slice
 
 
-def write_shard(job: ShardJob, opts: ConvertOptions) -> "ShardResult":
-    """Write one shard (temp name). Returns counts, bytes, sha256, case infos and skipped cases."""
-    writer = records.ShardWriter(job.tmp, opts.compression)
-    infos, skipped = [], []
+def write_case(writer: records.ShardWriter, c: Case, opts: ConvertOptions) -> CaseInfo | SkippedCase:
+    """Append one case's slices to `writer`, in slice order; or, with --skip-bad, return why
+    it was skipped (nothing of it is written: its voxels are checked before its first slice)."""
     try:
-        for c in job.cases:
-            try:
-                image, mask, info, per_slice = _load_case(c, opts)
-            except InputError as e:
-                if not opts.skip_bad:
-                    raise
-                skipped.append(SkippedCase(c.case_id, c.split, str(e)))
-                continue
-            z, h, w = image.shape
-            spacing = c.geometry.stored_spacing
-            image = image.astype("<i2", copy=False)  # little-endian on any host; stored arrays are C-contiguous
-            for s in range(z):
-                writer.write(records.encode_parts(image[s], mask[s], h, w, c.case_id, c.index, s, z,
-                                                  int(per_slice[s]), spacing))
-            infos.append(info)
-        n, nbytes, sha = writer.close()
+        image, mask, info, per_slice = _load_case(c, opts)
+    except InputError as e:
+        if not opts.skip_bad:
+            raise
+        return SkippedCase(c.case_id, c.split, str(e))
+    z, h, w = image.shape
+    spacing = c.geometry.stored_spacing
+    image = image.astype("<i2", copy=False)  # little-endian on any host; stored arrays are C-contiguous
+    for s in range(z):
+        writer.write(records.encode_parts(image[s], mask[s], h, w, c.case_id, c.index, s, z, int(per_slice[s]), spacing))
+    return info
+
+
+def writing(path: Path, compression: str, fill) -> tuple[int, int, str]:
+    """Open a ShardWriter on `path`, let fill(writer) write, close it: (records, bytes, sha256).
+    On any failure the file is removed; a full disk is reported naming it."""
+    writer = records.ShardWriter(path, compression)
+    try:
+        fill(writer)
+        return writer.close()
     except BaseException as e:
         writer.abort()
-        job.tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:  # writes name no file: name it
-            raise OSError(errno.ENOSPC, e.strerror, str(job.tmp)) from None
+            raise OSError(errno.ENOSPC, e.strerror, str(path)) from None
         raise
-    return ShardResult(job.split, job.ordinal, job.tmp, n, nbytes, sha, infos, skipped)
+
+
+def write_shard(job: ShardJob, opts: ConvertOptions) -> ShardResult:
+    """Write one shard (temp name), its cases in order. Returns counts, bytes, sha256, case infos and skipped cases."""
+    done: list[CaseInfo | SkippedCase] = []
+    n, nbytes, sha = writing(job.tmp, opts.compression, lambda w: done.extend(write_case(w, c, opts) for c in job.cases))
+    return ShardResult(job.split, job.ordinal, job.tmp, n, nbytes, sha, [d for d in done if isinstance(d, CaseInfo)],
+                       [d for d in done if isinstance(d, SkippedCase)])

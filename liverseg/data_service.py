@@ -1,0 +1,114 @@
+"""The tf.data service: input processing on CPU hosts apart from the trainers.
+
+A dispatcher and any number of workers (`liverseg data-service dispatcher|worker`, thin
+over TensorFlow's `DispatchServer` / `WorkerServer`) run the expensive part of the
+training pipeline (shard reads, parsing, 2.5D gather, host augmentation) when the config
+sets `data.service: grpc://HOST:PORT`; trainers only receive finished batches.
+
+Sharding policy DYNAMIC: the dispatcher hands the pipeline's *files* (shards, in the
+pipeline's shuffled order) to whichever worker asks next, so every slice is produced once
+per pass over the files (at most once: a worker that dies takes its current file with
+it), however many workers there are and whatever their speed. OFF would make every worker
+produce the whole dataset (each slice once per worker per epoch); the static policies
+need a fixed worker list. Trainers of a multi-worker job read one shared job (the job
+name is derived from the run), so each receives its own share of the batches.
+
+What it costs: the service's iterators cannot be checkpointed, so a resumed run cannot
+continue on the exact next batch. The trainer says so at start and keeps a count of
+restarts in its checkpoint; each restart reads a fresh job with a pipeline seeded by that
+count, i.e. a new, non-repeating data order.
+
+TensorFlow's tf.data servers listen on every interface (TF 2.21 has no bind address); the
+address they give out (the dispatcher's, and each worker's to the dispatcher) is
+127.0.0.1 unless `--host` names another, so only this machine is sent to them by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from urllib.parse import urlparse
+
+from liverseg import LiversegError
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 10.0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """"grpc://host:port" or "host:port" -> (host, port); an error naming the value otherwise."""
+    url = urlparse(address if "://" in address else f"grpc://{address}")
+    if url.scheme != "grpc" or not url.hostname or url.port is None:
+        raise LiversegError(f"data service address {address!r}: write grpc://HOST:PORT (e.g. grpc://127.0.0.1:5050)")
+    return url.hostname, url.port
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S, what: str = "data.service") -> None:
+    """Fail within `timeout` seconds, naming the address, when no dispatcher listens there
+    (TensorFlow itself would retry for ever)."""
+    host, port = parse_address(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else e.strerror or type(e).__name__
+        raise LiversegError(f"{what} {address}: no tf.data service dispatcher reachable ({reason}, waited at most "
+                            f"{timeout:g} s); start one with `liverseg data-service dispatcher --port {port}`") from None
+
+
+def distribute(ds, address: str, job_name: str):
+    """Run `ds` (everything up to here) on the service, DYNAMIC sharding, in job `job_name`."""
+    import tensorflow as tf
+
+    service = tf.data.experimental.service
+    return ds.apply(service.distribute(processing_mode=service.ShardingPolicy.DYNAMIC, service=address,
+                                       job_name=job_name))
+
+
+# ------------------------------------------------------------------------- servers
+
+
+def _serve(server, what: str, address: str) -> None:
+    """Print the address, then serve until SIGTERM or SIGINT (which the CLI raises as
+    SystemExit / KeyboardInterrupt here): a requested stop, so the command exits 0."""
+    try:
+        print(f"{what} serving at {address} (Ctrl-C or SIGTERM stops it)", flush=True)
+        while not threading.Event().wait(3600):
+            pass
+    except (SystemExit, KeyboardInterrupt):
+        pass
+    finally:
+        server.stop()
+    print(f"{what} at {address} stopped", flush=True)
+
+
+def dispatcher(port: int, host: str = "127.0.0.1", work_dir: str | None = None, block: bool = True):
+    """Start a dispatcher on `port` (0: any free one). With work_dir it journals its state
+    there (fault-tolerant mode): a restarted dispatcher resumes its jobs."""
+    import tensorflow as tf
+
+    config = tf.data.experimental.service.DispatcherConfig(port=port, work_dir=work_dir,
+                                                           fault_tolerant_mode=work_dir is not None)
+    server = tf.data.experimental.service.DispatchServer(config)
+    address = f"grpc://{host}:{server.target.rsplit(':', 1)[1]}"
+    if block:
+        _serve(server, "tf.data service dispatcher", address)
+    return server, address
+
+
+def worker(dispatcher_address: str, port: int, host: str = "127.0.0.1", block: bool = True):
+    """Start a worker on `port` (0: any free one), registered with the dispatcher as HOST:PORT."""
+    import tensorflow as tf
+
+    d_host, d_port = parse_address(dispatcher_address)
+    check_reachable(dispatcher_address, what="--dispatcher")
+    config = tf.data.experimental.service.WorkerConfig(dispatcher_address=f"{d_host}:{d_port}",
+                                                       worker_address=f"{host}:%port%", port=port)
+    server = tf.data.experimental.service.WorkerServer(config)
+    address = f"{host}:{server._address.rsplit(':', 1)[1]}" if hasattr(server, "_address") else f"{host}:{port}"
+    if block:
+        _serve(server, f"tf.data service worker (dispatcher {dispatcher_address})", address)
+    return server, address
+
+
+__all__ = ["check_reachable", "dispatcher", "distribute", "parse_address", "worker"]
