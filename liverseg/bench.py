@@ -73,7 +73,7 @@ def bench_convert(src: str | Path, workers: int = 2, opts=None, dicom: str | Pat
         t_one.setdefault(kind, r["seconds"])
         r["s/volume"] = round(r["seconds"] / len(cases), 3)
         r["slices/s"] = round(slices / r["seconds"], 1)
-        r["MB/s"] = round(voxel_bytes / MB / r["seconds"], 1)
+        r["MB/s"] = round(voxel_bytes / MB / r["seconds"], 2)
         r["x load time"] = round(r["seconds"] / t_load, 2)
         r["speedup vs 1 worker"] = round(t_one[kind] / r["seconds"], 2) if r["run"] != rows[0]["run"] else ""
     local = {r["run"].rsplit("--workers ", 1)[1]: r["seconds"] for r in rows if r["run"].startswith("convert --workers")}

@@ -242,8 +242,7 @@ def read_series(series: Series, ct: bool) -> tuple[np.ndarray, geometry.Header, 
         nbytes += len(raw)
         datasets.append(_open_bytes(raw, f"{where}/{member}"))
     stack = _stack(series, datasets, ct)
-    pixels = [_pixels(datasets[i], ct, f"{where}/{series.members[i]}") for i in stack.order]
-    voxels = geometry.dicom_voxels(pixels)
+    voxels = geometry.dicom_voxels([_pixels(datasets[i], ct, f"{where}/{series.members[i]}") for i in stack.order])
     return voxels, _header(series, stack, voxels.dtype), sha.hexdigest(), nbytes
 
 
@@ -293,7 +292,14 @@ def _pixels(ds, ct: bool, where: str) -> np.ndarray:
                          "install a decoder (pip install pylibjpeg pylibjpeg-libjpeg) or decompress it") from None
     if arr.ndim != 2:
         raise InputError(f"{where}: pixel data of shape {arr.shape} is not one greyscale slice")
-    return np.asarray(apply_modality_lut(arr, ds), np.float32) if ct else arr
+    if not ct:
+        return arr
+    if "ModalityLUTSequence" in ds:  # a lookup table instead of a linear rescale: pydicom applies it
+        return np.asarray(apply_modality_lut(arr, ds), np.float32)
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    if slope == 1 and intercept.is_integer():  # the usual CT: integer HU, exactly, in integer arithmetic
+        return arr.astype(np.int32) + np.int32(intercept)
+    return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
 # ------------------------------------------------------------------------- writing (phantoms, tests)

@@ -201,10 +201,19 @@ def dicom_affine(row_cosine, column_cosine, first_position, step, pixel_spacing)
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def dicom_voxels(slices: list[np.ndarray]) -> np.ndarray:
-    """Pixel arrays [Rows, Columns], ordered along the slice normal -> voxels [i, j, k]:
-    column i, row j of slice k, the layout a NIfTI file of the series holds."""
-    return np.asfortranarray(np.stack(slices, axis=-1).transpose(1, 0, 2))
+def dicom_voxels(slices) -> np.ndarray:
+    """Pixel arrays [Rows, Columns] (a sequence, ordered along the slice normal) -> voxels
+    [i, j, k]: column i, row j of slice k, the layout a NIfTI file of the series holds.
+
+    Filled in place, Fortran-ordered: voxel (i, j, k) then sits where a NIfTI file stores
+    it, and each slice is one contiguous copy (a C-ordered [Rows, Columns] slice is its own
+    transpose in Fortran order)."""
+    out = None
+    for k, pixels in enumerate(slices):
+        if out is None:
+            out = np.empty((pixels.shape[1], pixels.shape[0], len(slices)), pixels.dtype, order="F")
+        out[:, :, k] = pixels.T
+    return out
 
 
 def to_dicom_slices(voxels: np.ndarray, affine: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,

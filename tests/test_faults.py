@@ -3,7 +3,6 @@ resume, refused values, leaked processes, full disks, corrupt shards, early SIGT
 second trainer, a quiet log, and image/mask pairs written in different axis orders."""
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -13,13 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import REPO, liverseg_process, tree, write_nifti
+from conftest import REPO, liverseg_process, write_nifti
 from liverseg import LiversegError, config, geometry, nifti_io, rundir, synth, train
 from liverseg.cli import cli
 from liverseg.convert import ConvertOptions, convert

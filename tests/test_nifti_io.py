@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import write_nifti
-from liverseg import atomic_path, geometry, nifti_io, volumes
+from liverseg import atomic_path, geometry, nifti_io
 from liverseg.nifti_io import InputError
 
 ORIENTATIONS = ["LAS", "RAS", "LPS", "PIR", "SAL"]

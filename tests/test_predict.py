@@ -9,7 +9,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, tree, write_nifti
-from liverseg import LiversegError, config, evaluate, geometry, metrics, nifti_io, predict, synth, train
+from liverseg import LiversegError, config, evaluate, geometry, metrics, predict, synth, train
 from liverseg.cli import cli
 
 

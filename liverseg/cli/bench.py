@@ -1,0 +1,106 @@
+"""Benchmark commands (`liverseg bench ...`): figures go in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from liverseg.cli import _table, cli, runs_tensorflow
+from liverseg.cli.data import build_convert_options, convert_options
+from liverseg.cli.run import _run_option
+
+
+@cli.group()
+def bench():
+    """Throughput benchmarks (figures go in docs/benchmarks.md)."""
+
+
+@bench.command("convert")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dicom", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The same volumes as 3D-IRCADb-01 DICOM trees (liverseg synth --layout ircad): adds DICOM rows.")
+@click.option("--beam", is_flag=True, help="Add the same conversions on Apache Beam's DirectRunner (needs liverseg[beam]).")
+@convert_options
+def bench_convert(src, dicom, beam, **kw):
+    """Time a plain nibabel load of SRC against `convert` with 1 and --workers processes."""
+    from liverseg import bench as bench_mod
+
+    workers = kw["workers"] if kw["workers"] > 1 else 2
+    click.echo(_table(bench_mod.bench_convert(src, workers, build_convert_options(**kw), dicom, beam)))
+
+
+@runs_tensorflow
+@bench.command("pipeline")
+@click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--nifti", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Source NIfTI folder: adds the tutorial's per-slice nib.load loader.")
+@click.option("--batches", default=40, show_default=True, help="Batches timed per row (after 5 warm-up batches).")
+@click.option("--aug", type=click.Choice(["none", "host"]), default="host", show_default=True)
+@click.option("--context", default=0, show_default=True, help="2.5D context k (2k+1 channels).")
+@click.option("--batch", default=8, show_default=True, help="Batch size.")
+@click.option("--tutorial-batches", default=2, show_default=True, help="Batches timed for the (slow) tutorial loader.")
+@click.option("--service", is_flag=True, help="Add the pipeline through a tf.data service of 1 and 2 loopback workers.")
+def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches, service):
+    """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches,
+                                               service=service)))
+
+
+def _bench_rows(ctx, param, value: str) -> tuple:
+    from liverseg.bench import ROWS
+
+    return _choices(value, ROWS, "--rows")
+
+
+def _choices(value: str, valid: tuple, flag: str) -> tuple:
+    picked = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in picked if v not in valid]
+    if bad or not picked:
+        raise click.BadParameter(f"{bad[0] if bad else value!r} is not one of {', '.join(valid)}", param_hint=flag)
+    return picked
+
+
+@runs_tensorflow
+@bench.command("train")
+@click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path(__file__).resolve().parents[1] / "configs" / "default.yaml", show_default=True,
+              help="YAML preset whose recipe is measured.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. data.batch_size=8.")
+@click.option("--steps", default=8, show_default=True, help="Timed steps of the model and end-to-end rows (after --warmup).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed calls of train.steps_per_call steps first (compilation; 2 at least).")
+@click.option("--loop-steps", default=400, show_default=True, help="Timed steps of the loop-overhead rows.")
+@click.option("--input-batches", default=20, show_default=True, help="Batches timed for the input-ceiling row.")
+@click.option("--peak-tflops", type=float, help="Accelerator peak (e.g. 989 for an H100 SXM in bf16): adds the 40% MFU target.")
+@click.option("--rows", default="model,loop,input,end-to-end", show_default=True, callback=_bench_rows,
+              help="Which measured rows (FLOPs always).")
+def bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches, peak_tflops, rows):
+    """Training ceilings in one run: model, loop overhead, input, end to end, FLOPs per image."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches,
+                                            peak_tflops, rows)))
+
+
+@runs_tensorflow
+@bench.command("predict")
+@_run_option
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--cases", default=5, show_default=True)
+def bench_predict(run_dir, data, cases):
+    """Whole-volume prediction time and slices/s, and metric time per case, on NIfTI pairs in DATA."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_predict(run_dir, data, cases)))
+
+
+@bench.command("metrics")
+@click.argument("masks", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def bench_metrics(masks):
+    """Metric time per case on real *_liver.nii[.gz] masks against a shifted, eroded copy."""
+    from liverseg import bench as bench_mod
+
+    click.echo(_table(bench_mod.bench_metrics(masks)))
