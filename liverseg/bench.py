@@ -136,7 +136,8 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
     """Slices/s and MB/s of: raw TFRecord read, the pipeline without augmentation (float32 out,
     and int16 out as shipped for device augmentation) and with host augmentation, the tutorial's
     loader (with nifti), TF's batched bilinear transform alone (the floor), and with `service`
-    the 2b (and 3) pipelines through a tf.data service of 1 and 2 workers on loopback."""
+    the 2b (and 3) pipelines through a tf.data service of 1 and 2 workers on loopback
+    (uncompressed: data.service_compression none)."""
     import tensorflow as tf
 
     from liverseg import config, pipeline
@@ -204,7 +205,8 @@ def _through_service(cfg, split: str, batches: int) -> list[tuple[int, tuple[flo
         dispatcher, address = data_service.dispatcher(0, block=False)
         workers = [data_service.worker(address, 0, block=False)[0] for _ in range(n)]
         try:
-            ds = pipeline.build_dataset(config.replace(cfg, **{"data.service": address}), split, service_job=f"bench-{n}")
+            on_loopback = {"data.service": address, "data.service_compression": "none"}  # compressing costs CPU here
+            ds = pipeline.build_dataset(config.replace(cfg, **on_loopback), split, service_job=f"bench-{n}")
             out.append((n, _rate(iter(ds), batches, 5, _batch_count)))
         finally:
             for w in workers:

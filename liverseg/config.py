@@ -61,6 +61,9 @@ class DataConfig:
     service: str = ""
     # Stop with an error when the service delivers no batch for this long (dead workers).
     service_timeout_s: float = 300.0
+    # "auto": workers compress batches before sending them (less network, more worker CPU);
+    # "none": send them as they are (loopback, or a network faster than the compression).
+    service_compression: Literal["auto", "none"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -56,13 +56,14 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S, what: str 
                             f"{timeout:g} s); start one with `liverseg data-service dispatcher --port {port}`") from None
 
 
-def distribute(ds, address: str, job_name: str):
-    """Run `ds` (everything up to here) on the service, DYNAMIC sharding, in job `job_name`."""
+def distribute(ds, address: str, job_name: str, compression: str = "auto"):
+    """Run `ds` (everything up to here) on the service, DYNAMIC sharding, in job `job_name`;
+    compression "auto" (the workers compress what they send) or "none"."""
     import tensorflow as tf
 
     service = tf.data.experimental.service
     return ds.apply(service.distribute(processing_mode=service.ShardingPolicy.DYNAMIC, service=address,
-                                       job_name=job_name))
+                                       job_name=job_name, compression="AUTO" if compression == "auto" else None))
 
 
 # ------------------------------------------------------------------------- servers

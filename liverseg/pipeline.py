@@ -271,7 +271,7 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
     options.experimental_symbolic_checkpoint = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # sharded above
     if on_service:  # the workers run the pipeline above (DYNAMIC sharding: each shard once per pass)
-        ds = data_service.distribute(ds.with_options(options), cfg.data.service, service_job)
+        ds = data_service.distribute(ds.with_options(options), cfg.data.service, service_job, cfg.data.service_compression)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

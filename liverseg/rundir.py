@@ -45,7 +45,7 @@ RUN_INFO_VERSION = 1
 # Keys that may change when a run is resumed (they do not change what is learned per step).
 RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.max_nonfinite_steps", "train.num_images", "train.profile_steps", "data.records", "eval.batch_size",
-             "data.service", "data.service_timeout_s"}
+             "data.service", "data.service_timeout_s", "data.service_compression"}
 
 
 @dataclass(frozen=True)
