@@ -69,18 +69,25 @@ def distribute(ds, address: str, job_name: str, compression: str = "auto"):
 # ------------------------------------------------------------------------- servers
 
 
-def _serve(server, what: str, address: str) -> None:
-    """Print the address, then serve until SIGTERM or SIGINT (which the CLI raises as
-    SystemExit / KeyboardInterrupt here): a requested stop, so the command exits 0."""
-    try:
-        print(f"{what} serving at {address} (Ctrl-C or SIGTERM stops it)", flush=True)
-        while not threading.Event().wait(3600):
-            pass
-    except (SystemExit, KeyboardInterrupt):
+def _serve(server, what: str, address: str, stop_timeout: float = 10.0) -> None:
+    """Print the address, then serve until SIGTERM or SIGINT: a requested stop, so the
+    command exits 0. The server is stopped from this thread, outside the signal handler;
+    one that does not stop within `stop_timeout` seconds is left to the process's exit."""
+    import os
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"{what} serving at {address} (Ctrl-C or SIGTERM stops it)", flush=True)
+    while not stop.wait(0.5):
         pass
-    finally:
-        server.stop()
+    stopper = threading.Thread(target=server.stop, daemon=True)
+    stopper.start()
+    stopper.join(stop_timeout)
     print(f"{what} at {address} stopped", flush=True)
+    if stopper.is_alive():  # TensorFlow's server is still winding down: the process ends it
+        os._exit(0)
 
 
 def dispatcher(port: int, host: str = "127.0.0.1", work_dir: str | None = None, block: bool = True):

@@ -19,6 +19,7 @@ named `inner/path` with `!/` between zip levels, and read without unpacking to d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import zipfile
@@ -75,16 +76,20 @@ def _zip(container, where: str) -> zipfile.ZipFile:
         raise InputError(f"{where}: cannot read ({e.strerror})") from None
 
 
-def _zip_members(z: zipfile.ZipFile, where: str, prefix: str = "") -> list[str]:
+def _zip_members(root: Path, chain: tuple[str, ...] = ()) -> list[str]:
+    """The files of a zip (`chain`: the zips inside it leading to this one), zips inside it expanded."""
+    stat = root.stat()
+    where = NESTED.join([str(root), *chain])
+    inner = _inner_zip(str(root), chain, (stat.st_mtime_ns, stat.st_size)) if chain else None
     out = []
-    for info in z.infolist():
-        if info.is_dir() or Path(info.filename).name.startswith("."):
-            continue
-        if info.filename.lower().endswith(".zip"):
-            inner = _zip(io.BytesIO(z.read(info)), f"{where}{NESTED}{info.filename}")
-            out += _zip_members(inner, f"{where}{NESTED}{info.filename}", f"{prefix}{info.filename}{NESTED}")
-        else:
-            out.append(prefix + info.filename)
+    with _zip(root if inner is None else io.BytesIO(inner), where) as z:
+        for info in z.infolist():
+            if info.is_dir() or Path(info.filename).name.startswith("."):
+                continue
+            if info.filename.lower().endswith(".zip"):  # inflated once, kept for reading its files next
+                out += _zip_members(root, (*chain, info.filename))
+            else:
+                out.append(NESTED.join([*chain, info.filename]))
     return out
 
 
@@ -92,20 +97,35 @@ def list_files(root: Path) -> list[str]:
     """Every file under a folder, or inside a zip (and zips inside it), as relative names."""
     if root.is_dir():
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    with _zip(root, str(root)) as z:
-        return sorted(_zip_members(z, str(root)))
+    return sorted(_zip_members(root))
 
 
 def read_member(container: str | Path, member: str) -> bytes:
+    """The bytes of one file of a folder, or of a zip (through the zips inside it: `!/`)."""
     container = Path(container)
     if container.is_dir():
         try:
             return (container / member).read_bytes()
         except OSError as e:
             raise InputError(f"{container / member}: cannot read ({e.strerror})") from None
-    levels = member.split(NESTED)
-    data, where = None, str(container)
-    for level in levels:
+    *chain, name = member.split(NESTED)
+    stat = container.stat()
+    inner = _inner_zip(str(container), tuple(chain), (stat.st_mtime_ns, stat.st_size)) if chain else None
+    where = NESTED.join([str(container), *chain])
+    with _zip(container if inner is None else io.BytesIO(inner), where) as z:
+        try:
+            return z.read(name)
+        except KeyError:
+            raise InputError(f"{where}: has no {name}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _inner_zip(container: str, chain: tuple[str, ...], stamp: tuple[int, int]) -> bytes:
+    """The bytes of a zip inside a zip (`chain`: the members leading to it), kept for the
+    series' next file: without it, every file would inflate its whole inner zip again.
+    `stamp` (mtime, size) makes a rewritten container read anew."""
+    data, where = None, container
+    for level in chain:
         with _zip(container if data is None else io.BytesIO(data), where) as z:
             try:
                 data = z.read(level)

@@ -143,29 +143,37 @@ def predict_image(run: Run, image: np.ndarray, header: geometry.Header) -> tuple
 # ------------------------------------------------------------------------- predict
 
 
-def inputs(paths) -> list[tuple[Source, str]]:
-    """(source, output stem) of every scan to predict: `.nii`/`.nii.gz` files; in a folder its
-    NIfTI files (not our own outputs) or, when it holds none, every CT DICOM series below it;
-    in a `.zip`, every CT DICOM series inside. A DICOM series is named by its folder."""
+def inputs(paths) -> tuple[list[tuple[Source, str]], list[str]]:
+    """(source, output stem) of every scan to predict, and why any path gave none. A path is a
+    `.nii`/`.nii.gz` file; a folder: its NIfTI files (not our own outputs) or, when it holds
+    none, every CT DICOM series below it; or a `.zip` of DICOM series. A series is named by
+    its folder (and its UID's last part where two share a folder name)."""
     found: list[tuple[Source, str]] = []
+    failures: list[str] = []
     for p in map(Path, paths):
-        niftis = ([p] if not p.is_dir() and p.name.endswith((".nii", ".nii.gz")) else
-                  sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz"))
-                         and not f.name.endswith(("_liver.nii", "_liver.nii.gz", "_liver_prob.nii.gz")))
-                  if p.is_dir() else [])
+        try:
+            found += _scans_in(p)
+        except InputError as e:
+            failures.append(str(e))
+    return found, failures
+
+
+def _scans_in(p: Path) -> list[tuple[Source, str]]:
+    if p.is_file() and p.name.endswith((".nii", ".nii.gz")):
+        return [(Source.nifti(p), _nifti_stem(p))]
+    if p.is_dir():
+        niftis = sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz"))
+                        and not f.name.endswith(("_liver.nii", "_liver.nii.gz", "_liver_prob.nii.gz")))
         if niftis:
-            found += [(Source.nifti(f), _nifti_stem(f)) for f in niftis]
-            continue
-        if not p.is_dir() and not p.name.lower().endswith(".zip"):
-            raise InputError(f"{p}: not a NIfTI file (.nii, .nii.gz), a folder or a zip of DICOM series")
-        series = [s for s in dicom_io.find_series(p) if s.modality in ("CT", "")]
-        if not series:
-            raise InputError(f"{p}: holds no NIfTI files and no CT DICOM series")
-        names = [s.path.name if s.path != Path(s.container) or p.is_dir() else p.name.removesuffix(".zip") for s in series]
-        for s, name in zip(series, names):
-            unique = name if names.count(name) == 1 else f"{name}_{s.uid.rsplit('.', 1)[-1]}"
-            found.append((Source.dicom(s), unique))
-    return found
+            return [(Source.nifti(f), _nifti_stem(f)) for f in niftis]
+    elif not p.name.lower().endswith(".zip"):
+        raise InputError(f"{p}: not a NIfTI file (.nii, .nii.gz), a folder or a zip of DICOM series")
+    series = [s for s in dicom_io.find_series(p) if s.modality in ("CT", "")]
+    if not series:
+        raise InputError(f"{p}: holds no NIfTI files and no CT DICOM series")
+    names = [s.path.name.removesuffix(".zip") for s in series]  # the series' folder (or zip)
+    return [(Source.dicom(s), name if names.count(name) == 1 else f"{name}_{s.uid.rsplit('.', 1)[-1]}")
+            for s, name in zip(series, names)]
 
 
 def _nifti_stem(path: Path) -> str:
@@ -184,10 +192,12 @@ def predict(run: Run, paths, out: str | Path, force: bool = False, probabilities
     and does not stop the others. Returns (written files, failure messages).
     """
     out = Path(out)
-    written, failures = [], []
-    scans = inputs(paths)
+    written = []
+    scans, failures = inputs(paths)
     if not scans:
-        raise LiversegError(f"no .nii/.nii.gz inputs or DICOM series in {', '.join(map(str, paths))}")
+        raise LiversegError("; ".join(failures) or f"no .nii/.nii.gz inputs or DICOM series in {', '.join(map(str, paths))}")
+    for msg in failures:
+        log.error("%s", msg)
     out.mkdir(parents=True, exist_ok=True)
     for src, stem in scans:
         target, prob_target = out / f"{stem}_liver.nii.gz", out / f"{stem}_liver_prob.nii.gz"

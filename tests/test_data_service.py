@@ -45,9 +45,9 @@ def test_every_training_slice_is_delivered_once_per_pass(dataset, service):
 
 def test_training_and_resuming_through_the_service(dataset, service, tmp_path, caplog):
     run = tmp_path / "run"
-    result = train.train(_cfg(dataset, service[0], "train.steps=4", "train.checkpoint_every=2", "train.eval_every=4"),
+    result = train.train(_cfg(dataset, service[0], "train.steps=4", "train.checkpoint_every=2", "train.eval_every=100"),
                          run, progress=False)
-    assert result["step"] == 4 and result["train"]["skipped_steps"] == 0 and result["best_step"] == 4
+    assert result["step"] == 4 and result["train"]["skipped_steps"] == 0
     assert "cannot be checkpointed, so a resumed run continues with a fresh, non-repeating data order" in caplog.text
     result = train.train(_cfg(dataset, service[0], "train.steps=6", "train.checkpoint_every=2", "train.eval_every=100"),
                          run, progress=False)

@@ -100,15 +100,15 @@ def test_no_readable_checkpoint_stops_naming_the_files(tmp_path):
         rundir.restore_newest(ckpt, tmp_path / "only", repair=True)
 
 
-def test_training_resumes_past_a_truncated_newest_checkpoint(dataset, tmp_path):
+def test_training_resumes_past_a_truncated_newest_checkpoint(trained_run, tmp_path):
     run = tmp_path / "run"
-    train.train(smoke(dataset, "train.steps=6", "train.checkpoint_every=2", "train.eval_every=1000"), run, progress=False)
-    _truncate(run / "checkpoints" / "ckpt-6.data-00000-of-00001")
-    result = train.train(smoke(dataset, "train.steps=8", "train.checkpoint_every=2", "train.eval_every=1000"), run,
-                         progress=False)
-    assert result["step"] == 8
-    assert sorted(int(p.name.split("-")[1].split(".")[0]) for p in (run / "checkpoints").glob("ckpt-*.index")) == [4, 6, 8]
-    assert (run / "checkpoints" / "damaged" / "ckpt-6.index").is_file()
+    shutil.copytree(trained_run, run)  # 40 steps, checkpoints 20, 30, 40 kept
+    _truncate(run / "checkpoints" / "ckpt-40.data-00000-of-00001")
+    cfg = config.replace(rundir.load_config(run), **{"train.steps": 35, "train.checkpoint_every": 5, "train.eval_every": 1000})
+    result = train.train(cfg, run, progress=False)
+    assert result["step"] == 35  # resumed at 30, not 0
+    assert sorted(int(p.name.split("-")[1].split(".")[0]) for p in (run / "checkpoints").glob("ckpt-*.index")) == [20, 30, 35]
+    assert (run / "checkpoints" / "damaged" / "ckpt-40.index").is_file()
 
 
 # ------------------------------------------------------------------------- 2. another dataset on resume

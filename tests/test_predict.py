@@ -86,6 +86,10 @@ def test_predict_refuses_to_overwrite_and_reports_a_corrupt_input(trained_run, t
     assert (tmp_path / "out" / "good_liver.nii.gz").read_bytes() == before
     r = CliRunner().invoke(cli, ["predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out"), "--force"])
     assert r.exit_code == 0, r.output
+    (tmp_path / "notes.txt").write_text("not a scan")  # a path that is no scan does not stop the others
+    written, failures = predict.predict(run, [tmp_path / "notes.txt", good], tmp_path / "out2")
+    assert [p.name for p in written] == ["good_liver.nii.gz"]
+    assert failures == [f"{tmp_path / 'notes.txt'}: not a NIfTI file (.nii, .nii.gz), a folder or a zip of DICOM series"]
 
 
 def test_evaluate_scores_exactly_what_predict_writes(trained_run, phantoms, tmp_path):
