@@ -209,9 +209,8 @@ def _through_service(cfg, split: str, batches: int) -> list[tuple[int, tuple[flo
             ds = pipeline.build_dataset(config.replace(cfg, **on_loopback), split, service_job=f"bench-{n}")
             out.append((n, _rate(iter(ds), batches, 5, _batch_count)))
         finally:
-            for w in workers:
-                w.stop()
-            dispatcher.stop()
+            for server in (*workers, dispatcher):
+                data_service.stop_within(server)
     return out
 
 

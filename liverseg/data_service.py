@@ -82,12 +82,19 @@ def _serve(server, what: str, address: str, stop_timeout: float = 10.0) -> None:
     print(f"{what} serving at {address} (Ctrl-C or SIGTERM stops it)", flush=True)
     while not stop.wait(0.5):
         pass
+    stopped = stop_within(server, stop_timeout)
+    print(f"{what} at {address} stopped", flush=True)
+    if not stopped:  # TensorFlow's server is still winding down: the process ends it
+        os._exit(0)
+
+
+def stop_within(server, seconds: float = 10.0) -> bool:
+    """Stop a tf.data server, waiting at most `seconds` (a worker may wait for its clients);
+    whether it stopped in time."""
     stopper = threading.Thread(target=server.stop, daemon=True)
     stopper.start()
-    stopper.join(stop_timeout)
-    print(f"{what} at {address} stopped", flush=True)
-    if stopper.is_alive():  # TensorFlow's server is still winding down: the process ends it
-        os._exit(0)
+    stopper.join(seconds)
+    return not stopper.is_alive()
 
 
 def dispatcher(port: int, host: str = "127.0.0.1", work_dir: str | None = None, block: bool = True):
@@ -119,4 +126,4 @@ def worker(dispatcher_address: str, port: int, host: str = "127.0.0.1", block: b
     return server, address
 
 
-__all__ = ["check_reachable", "dispatcher", "distribute", "parse_address", "worker"]
+__all__ = ["check_reachable", "dispatcher", "distribute", "parse_address", "stop_within", "worker"]

@@ -23,9 +23,8 @@ def service():
     dispatcher, address = data_service.dispatcher(0, block=False)
     workers = [data_service.worker(address, 0, block=False)[0] for _ in range(2)]
     yield address, workers
-    for w in workers:
-        w.stop()
-    dispatcher.stop()
+    for server in (*workers, dispatcher):
+        data_service.stop_within(server, 5)
 
 
 def _cfg(dataset, address, *overrides):
