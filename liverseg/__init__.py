@@ -1,7 +1,8 @@
 """liverseg: fast, distributed U-Net training for liver segmentation in CT.
 
-Data flow (one module per stage): nifti_io -> convert -> records -> pipeline -> augment
--> unet -> train -> metrics -> predict, with `cli` on top and `config` beside.
+Data flow (one module per stage): geometry + nifti_io / dicom_io + volumes -> convert ->
+records -> pipeline -> augment -> unet -> step -> train (+ hooks) -> validate -> metrics ->
+predict -> evaluate, with `cli` on top and `config` beside.
 
 Importing the package is cheap and does not import TensorFlow; the stages that need it
 import it themselves. `require_tensorflow()` turns a missing install into one clear line.

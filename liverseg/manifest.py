@@ -34,7 +34,7 @@ FORMAT = "liverseg-slices"
 MANIFEST_VERSION = 2
 SPLITS = ("train", "val", "test")
 LAYOUT = ("one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
-          "anterior->posterior and columns patient right->left (see nifti_io)")
+          "anterior->posterior and columns patient right->left (see geometry)")
 
 
 def _opt(default, help: str, **cli):

@@ -1,6 +1,6 @@
 """The record schema and TFRecord framing: writer and reader both import this.
 
-One `tf.train.Example` per axial slice (stored geometry, see `nifti_io`). Encoding is done
+One `tf.train.Example` per axial slice (stored geometry, see `geometry`). Encoding is done
 here in pure Python (the converter never imports TensorFlow) with map keys in sorted
 order, so the same slice always serialises to the same bytes. Decoding uses TensorFlow's
 `parse_example`; `tests/test_records.py` checks the two against each other.
