@@ -177,16 +177,19 @@ def _float_tuple(ds, tag: str, n: int, where: str) -> tuple[float, ...]:
 
 
 def _open(container: str, member: str, header_only: bool, where: str):
+    """One file's tags (header_only: pydicom stops before the pixel data, read from the file
+    itself when the series is in a folder)."""
+    source = Path(container) / member if Path(container).is_dir() else io.BytesIO(read_member(container, member))
+    return _parse(source, f"{where}/{member}", header_only)
+
+
+def _parse(source, where: str, header_only: bool = False):
     import pydicom
 
     try:
-        if Path(container).is_dir():  # from the file: pydicom stops before the pixel data
-            return pydicom.dcmread(Path(container) / member, stop_before_pixels=header_only)
-        return pydicom.dcmread(io.BytesIO(read_member(container, member)), stop_before_pixels=header_only)
-    except InputError:
-        raise
+        return pydicom.dcmread(source, stop_before_pixels=header_only)
     except Exception as e:  # noqa: BLE001 - pydicom raises several types for damaged files
-        raise InputError(f"{where}/{member}: not a readable DICOM file ({e})") from None
+        raise InputError(f"{where}: not a readable DICOM file ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -260,19 +263,10 @@ def read_series(series: Series, ct: bool) -> tuple[np.ndarray, geometry.Header, 
         raw = read_member(series.container, member)
         sha.update(raw)
         nbytes += len(raw)
-        datasets.append(_open_bytes(raw, f"{where}/{member}"))
+        datasets.append(_parse(io.BytesIO(raw), f"{where}/{member}"))
     stack = _stack(series, datasets, ct)
     voxels = geometry.dicom_voxels([_pixels(datasets[i], ct, f"{where}/{series.members[i]}") for i in stack.order])
     return voxels, _header(series, stack, voxels.dtype), sha.hexdigest(), nbytes
-
-
-def _open_bytes(raw: bytes, where: str):
-    import pydicom
-
-    try:
-        return pydicom.dcmread(io.BytesIO(raw))
-    except Exception as e:  # noqa: BLE001 - pydicom raises several types for damaged files
-        raise InputError(f"{where}: not a readable DICOM file ({e})") from None
 
 
 def _check_positions(where: str, members: list[str], positions: np.ndarray, normal: np.ndarray) -> np.ndarray:

@@ -26,16 +26,16 @@ import os
 import shutil
 import signal
 import threading
+import time
 from multiprocessing import get_context
 from pathlib import Path
 
-from liverseg import LiversegError, records
+from liverseg import InputError, LiversegError, records
 from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
 from liverseg.convert.layouts import MERGES_TUMOUR
 from liverseg.convert.output import assemble, check_out, check_same_sources, commit
 from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, estimated_bytes, plan_shards, write_shard
 from liverseg.manifest import ConvertOptions, Manifest
-from liverseg import InputError
 
 
 def resolve(opts: ConvertOptions) -> ConvertOptions:
@@ -95,24 +95,20 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
                disable=not progress)
     try:
         results = _write_all(jobs, opts, lambda job: bar.update(sum(c.geometry.stored_shape[0] for c in job.cases)))
-        bar.close()
         manifest = assemble(src, opts, cases, results)
         check_same_sources(out, old, manifest, opts)
         return commit(out, manifest, results)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise LiversegError(no_space(Path(e.filename or out))) from None
+        raise LiversegError(f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
+                            "(or choose another output folder) and re-run") from None
     finally:
         bar.close()
         for j in jobs:
             j.tmp.unlink(missing_ok=True)  # gone already when committed
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-
-
-def no_space(path: Path) -> str:
-    return f"{path}: no space left on device; nothing was made final; free space (or choose another output folder) and re-run"
 
 
 def _write_all(jobs: list[ShardJob], opts: ConvertOptions, done) -> list[ShardResult]:
@@ -159,7 +155,7 @@ def _die_with_parent(parent: int) -> None:
 
     def watch() -> None:
         while os.getppid() == parent:
-            threading.Event().wait(1.0)
+            time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()

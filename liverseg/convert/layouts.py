@@ -126,7 +126,7 @@ def _ircad_series(patient: Path) -> dict[str, dicom_io.Series]:
         return None
 
     out = {}
-    for r in ("image", "mask"):
+    for r in ("image", "mask"):  # one search per folder: a derived mask series may reuse the CT's UID
         found = dicom_io.find_series(patient, select=lambda m, r=r: role(m) == r)
         if len(found) > 1:
             raise InputError(f"{patient}: {len(found)} series in {'PATIENT_DICOM' if r == 'image' else 'MASKS_DICOM/liver'}"
