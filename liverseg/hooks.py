@@ -160,5 +160,6 @@ class Hooks:
         if self.preemption is not None:
             self.preemption.save_checkpoint_if_preempted()
         elif self.stop_requested and not staged:  # with batches staged, their call runs first (exact resume)
-            self.checkpoint_hook(at)
+            if self.last_saved != at:  # not saved by this step's checkpoint hook already
+                self.checkpoint_hook(at)
             raise Preempted(at)

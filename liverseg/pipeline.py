@@ -116,6 +116,27 @@ def _read_shard(path, count, compression: str, h: int, w: int) -> dict:
                                records.NUM_SLICES, records.LIVER_VOXELS)}
 
 
+def numbered(ds: tf.data.Dataset, on_service: bool = False) -> tf.data.Dataset:
+    """(i, element) with i = 0, 1, ...: `enumerate`, as a scan where the iterator is checkpointed.
+
+    `Dataset.enumerate` is a zip with a counter, and in TF 2.21 a zip over a shuffle cannot
+    be checkpointed twice under symbolic checkpointing: an iterator restored once saves an
+    empty state for the shuffle, and restoring *that* fails ("Expected N components but got
+    0"), so a run could resume only once. A scan keeps its count as plain iterator state
+    (guarded by tests/test_pipeline.py::test_resumed_three_times_reads_exactly_like_one_pass).
+    On the tf.data service nothing is checkpointed, and DYNAMIC sharding needs every stage to
+    pass the shard files' split provider through, which a scan does not (each worker would
+    then read every shard): there it stays `enumerate`.
+    """
+    if on_service:
+        return ds.enumerate()
+
+    def count(i, element):
+        return i + 1, (i, element)
+
+    return ds.scan(tf.constant(0, tf.int64), count)
+
+
 def context_rows(slice_index, num_slices, row, k: int):
     """Rows (within a case-contiguous block) of the 2k+1 slices around `row`, clamped to its case."""
     offsets = tf.range(-k, k + 1, dtype=tf.int64)
@@ -236,24 +257,28 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
         return prepare(batch)
 
     keep_bg = liver_keep_probability(cfg, m, split) if training else 1.0
+    # Under op determinism (deterministic: true) TF runs these maps sequentially anyway, by
+    # rewriting each node, and logs an error line for an attribute the rewrite drops
+    # (use_unbounded_threadpool): ask for sequential maps instead.
+    parallel = None if cfg.deterministic else tf.data.AUTOTUNE
     if training:
         n = len(shards)
         if cfg.data.cache:  # parsed shards kept in memory after the first pass
             parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs)
         else:
             parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs).map(
-                read, num_parallel_calls=cfg.data.cycle_length)
+                read, num_parallel_calls=None if cfg.deterministic else cfg.data.cycle_length)
         # This interleave only hands out row references, so it needs no parallelism (and TF's
         # parallel interleave is not safe under symbolic checkpointing); the copying
         # happens in the parallel map after it.
-        ds = parsed.enumerate().interleave(rows_of_visit, cycle_length=cfg.data.cycle_length, block_length=1)
+        ds = numbered(parsed, on_service).interleave(rows_of_visit, cycle_length=cfg.data.cycle_length, block_length=1)
         if record_shard:  # on row references, before any voxel is copied
             ds = ds.shard(n_pipes, pipe)
-        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(gather, num_parallel_calls=parallel)
         ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + pipe, reshuffle_each_iteration=True)
         ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
         if cfg.augment.placement != "device":
-            ds = ds.enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = numbered(ds, on_service).map(augment_batch, num_parallel_calls=parallel)
     else:
         parsed = files.map(read)
         if cfg.data.cache:
@@ -261,9 +286,9 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
         ds = parsed.flat_map(_shard_rows)
         if record_shard:
             ds = ds.shard(n_pipes, pipe)
-        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(gather, num_parallel_calls=parallel)
         ds = ds.batch(batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.map(normalize_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(normalize_batch, num_parallel_calls=parallel)
     options = tf.data.Options()
     # Deterministic order always: symbolic checkpoints (positions, not buffers) can only replay
     # a deterministic pipeline, and exact resume needs them. Order is a function of the seed.

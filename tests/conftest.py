@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from liverseg.cli import import_tensorflow_quietly
+from liverseg.cli.startup import import_tensorflow_quietly
 
-import_tensorflow_quietly()  # as the CLI does: no absl/oneDNN import notices in the test output
+import_tensorflow_quietly()  # no absl/oneDNN import notices in the test output
 import tensorflow as tf  # noqa: E402
 
 # Two logical CPU devices, so MirroredStrategy can be tested on a CPU-only machine. This

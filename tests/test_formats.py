@@ -1,5 +1,4 @@
-"""The owners of dataset.json and run.json (round trips, versions), the allocator choice,
-and what conversion measures: HU statistics against numpy, scl_inter applied."""
+"""The owners of dataset.json and run.json (round trips, versions), and what conversion measures: HU statistics against numpy, scl_inter applied."""
 
 import json
 import shutil
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import write_nifti
-from liverseg import LiversegError, cli, nifti_io, records, rundir
+from liverseg import LiversegError, nifti_io, records, rundir
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import MANIFEST, Manifest
 
@@ -38,25 +37,6 @@ def test_run_info_round_trips_and_refuses_a_newer_version(tmp_path):
     (tmp_path / rundir.RUN_INFO).write_text(json.dumps({**d, "version": 7}))
     with pytest.raises(LiversegError, match=r"run.json.*7"):
         rundir.RunInfo.load(tmp_path)
-
-
-@pytest.mark.parametrize("argv, env, expected", [
-    (["train", "--run", "r"], {}, True),
-    (["bench", "train", "x"], {}, True),
-    (["convert", "a", "b"], {}, False),  # no TensorFlow: measured slower under tcmalloc
-    (["synth", "out"], {}, False),
-    (["train"], {"LIVERSEG_MALLOC": "system"}, False),
-    (["train"], {"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, False),  # already loaded
-    (["--help"], {}, False),
-    (["nope"], {}, False),
-])
-def test_allocator_choice(argv, env, expected):
-    assert cli.wants_tcmalloc(argv, env) is expected
-
-
-def test_allocator_choice_refuses_an_unknown_allocator():
-    with pytest.raises(LiversegError, match="LIVERSEG_MALLOC='jemalloc': choose one of"):
-        cli.wants_tcmalloc(["train"], {"LIVERSEG_MALLOC": "jemalloc"})
 
 
 def _pair(folder, case, image, mask, affine):

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from liverseg.cli import _table, cli, runs_tensorflow
 from liverseg.cli.data import build_convert_options, convert_options
-from liverseg.cli.run import _run_option
+from liverseg.cli.group import cli, run_option, runs_tensorflow, set_option, table
 
 
 @cli.group()
@@ -27,7 +26,7 @@ def bench_convert(src, dicom, beam, **kw):
     from liverseg import bench as bench_mod
 
     workers = kw["workers"] if kw["workers"] > 1 else 2
-    click.echo(_table(bench_mod.bench_convert(src, workers, build_convert_options(**kw), dicom, beam)))
+    click.echo(table(bench_mod.bench_convert(src, workers, build_convert_options(**kw), dicom, beam)))
 
 
 @runs_tensorflow
@@ -45,7 +44,7 @@ def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batche
     """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
     from liverseg import bench as bench_mod
 
-    click.echo(_table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches,
+    click.echo(table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches,
                                                service=service)))
 
 
@@ -67,9 +66,9 @@ def _choices(value: str, valid: tuple, flag: str) -> tuple:
 @bench.command("train")
 @click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=Path(__file__).resolve().parents[1] / "configs" / "default.yaml", show_default=True,
+              default=Path(__file__).resolve().parents[2] / "configs" / "default.yaml", show_default=True,
               help="YAML preset whose recipe is measured.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. data.batch_size=8.")
+@set_option
 @click.option("--steps", default=8, show_default=True, help="Timed steps of the model and end-to-end rows (after --warmup).")
 @click.option("--warmup", default=2, show_default=True, help="Untimed calls of train.steps_per_call steps first (compilation; 2 at least).")
 @click.option("--loop-steps", default=400, show_default=True, help="Timed steps of the loop-overhead rows.")
@@ -81,20 +80,20 @@ def bench_train(records, config_path, overrides, steps, warmup, loop_steps, inpu
     """Training ceilings in one run: model, loop overhead, input, end to end, FLOPs per image."""
     from liverseg import bench as bench_mod
 
-    click.echo(_table(bench_mod.bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches,
+    click.echo(table(bench_mod.bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches,
                                             peak_tflops, rows)))
 
 
 @runs_tensorflow
 @bench.command("predict")
-@_run_option
+@run_option
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--cases", default=5, show_default=True)
 def bench_predict(run_dir, data, cases):
     """Whole-volume prediction time and slices/s, and metric time per case, on NIfTI pairs in DATA."""
     from liverseg import bench as bench_mod
 
-    click.echo(_table(bench_mod.bench_predict(run_dir, data, cases)))
+    click.echo(table(bench_mod.bench_predict(run_dir, data, cases)))
 
 
 @bench.command("metrics")
@@ -103,4 +102,4 @@ def bench_metrics(masks):
     """Metric time per case on real *_liver.nii[.gz] masks against a shifted, eroded copy."""
     from liverseg import bench as bench_mod
 
-    click.echo(_table(bench_mod.bench_metrics(masks)))
+    click.echo(table(bench_mod.bench_metrics(masks)))

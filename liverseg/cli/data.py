@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from liverseg import LiversegError
 import dataclasses
 import typing
 
-from liverseg.cli import _table, cli, import_tensorflow_quietly, runs_tensorflow
+from liverseg import LiversegError
+from liverseg.cli.group import cli, runs_tensorflow, table
 
 
 @cli.command()
@@ -109,7 +109,7 @@ def convert(src, out, beam_args, **kw):
     click.echo(f"wrote {out / 'dataset.json'}")
 
 
-@runs_tensorflow(import_first=False)
+@runs_tensorflow
 @cli.command()
 @click.argument("root", type=click.Path(path_type=Path))
 def verify(root):
@@ -117,11 +117,10 @@ def verify(root):
     from liverseg.manifest import Manifest
 
     Manifest.load(root, check_shards=False)  # a missing or unreadable manifest needs no TensorFlow
-    import_tensorflow_quietly()
     from liverseg import verify as verify_mod
 
     reports = verify_mod.verify(root)
-    click.echo(_table([{"shard": r.file, "examples": r.num_examples, "bytes": r.bytes, "status": r.status} for r in reports]))
+    click.echo(table([{"shard": r.file, "examples": r.num_examples, "bytes": r.bytes, "status": r.status} for r in reports]))
     bad = [r for r in reports if not r.ok]
     if bad:
         raise LiversegError(f"{len(bad)} of {len(reports)} shard(s) failed: " + "; ".join(f"{root / r.file}: {r.status}" for r in bad))
@@ -137,7 +136,7 @@ def inspect(root, png, max_cases):
     """Summarise a converted dataset per split; optionally draw overlays."""
     from liverseg import verify as verify_mod
 
-    click.echo(_table(verify_mod.inspect(root, png, max_cases)))
+    click.echo(table(verify_mod.inspect(root, png, max_cases)))
     if png:
         click.echo(f"overlays in {png} (green: liver mask)")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from liverseg import LiversegError
-from liverseg.cli import _table, cli, runs_tensorflow
+from liverseg.cli.group import cli, run_option, runs_tensorflow, set_option, table, weights_option
 
 
 def _config(config_path, records, overrides):
@@ -26,7 +26,7 @@ def _config(config_path, records, overrides):
 @click.option("--records", type=click.Path(file_okay=False, path_type=Path), help="Converted dataset (sets data.records).")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory; re-running on it resumes.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=3e-4.")
+@set_option
 def train(config_path, records, run_dir, overrides):
     """Train (or resume) a U-Net; TensorBoard logs go to RUN/train and RUN/validation."""
     from liverseg import train as train_mod
@@ -57,16 +57,11 @@ def tensorboard(logdir, host, port):
     raise SystemExit(board.main())
 
 
-_run_option = click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-                           help="A training run directory.")
-_weights_option = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                               help="A *.weights.h5 file of this run (default: best, else final).")
-
 
 @runs_tensorflow
 @cli.command()
-@_run_option
-@_weights_option
+@run_option
+@weights_option
 @click.option("--records", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Converted dataset (default: the one the run trained on).")
 @click.option("--split", default="test", show_default=True, help="Records split to evaluate.")
@@ -83,17 +78,17 @@ def evaluate(run_dir, weights, records, split, data, layout, out):
     rows, summary, out = evaluate_mod.evaluate(predict_mod.load_run(run_dir, weights), records, split, data, out,
                                                layout=layout)
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and abs(v) < 1e6 else str(v)  # noqa: E731
-    click.echo(_table([{k: fmt(v) for k, v in r.items()} for r in rows]))
+    click.echo(table([{k: fmt(v) for k, v in r.items()} for r in rows]))
     click.echo()
-    click.echo(_table([{"metric": k, "mean": fmt(v["mean"]), "sd": fmt(v["sd"]), "median": fmt(v["median"]),
+    click.echo(table([{"metric": k, "mean": fmt(v["mean"]), "sd": fmt(v["sd"]), "median": fmt(v["median"]),
                         "cases": v["n"], "infinite": v["n_inf"]} for k, v in summary.items()]))
     click.echo(f"wrote {out}/cases.csv, {out}/metrics.json and overlays; TensorBoard: {run_dir}/evaluation")
 
 
 @runs_tensorflow
 @cli.command()
-@_run_option
-@_weights_option
+@run_option
+@weights_option
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
@@ -110,8 +105,8 @@ def predict(run_dir, weights, inputs, out, force, prob):
 
 @runs_tensorflow
 @cli.command()
-@_run_option
-@_weights_option
+@run_option
+@weights_option
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 def export(run_dir, weights, out, force):

@@ -1,0 +1,86 @@
+"""The `liverseg` click group and what its commands share: the one-line error, the
+`runs_tensorflow` mark, the options several commands take, the console table.
+
+The command modules (`cli.data`, `cli.run`, `cli.bench`) import this module and register
+their commands on `cli`; `cli/__init__` imports them all and holds the entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from liverseg import LiversegError
+
+
+class UserError(click.ClickException):
+    """A LiversegError shown as one line (`Error: ...`), exit status 2."""
+
+    exit_code = 2
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LiversegError as e:
+            raise UserError(str(e)) from None
+        except ImportError as e:
+            if "liverseg needs TensorFlow" in str(e):
+                raise UserError(str(e)) from None
+            raise
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="liverseg")
+def cli() -> None:
+    """liverseg: liver segmentation in CT with U-Nets, from NIfTI to distributed training.
+
+    Typical flow: synth (or your data) -> convert -> verify -> train -> evaluate -> predict.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint timings at INFO
+
+
+def runs_tensorflow(cmd: click.Command) -> click.Command:
+    """Mark a command that runs TensorFlow: `cli.main` runs it under tcmalloc (startup.prefer_tcmalloc)."""
+    cmd.runs_tensorflow = True
+    return cmd
+
+
+def runs_tensorflow_command(argv: list[str]) -> bool:
+    """Whether `liverseg ARGV` names a command marked `runs_tensorflow`."""
+    cmd: click.Command = cli
+    for word in argv:
+        if not isinstance(cmd, click.Group) or word.startswith("-"):
+            break
+        cmd = cmd.commands.get(word)
+        if cmd is None:
+            return False
+    return getattr(cmd, "runs_tensorflow", False)
+
+
+def table(rows: list[dict]) -> str:
+    """Rows of dicts as an aligned text table (the first row's keys are the columns)."""
+    if not rows:
+        return "(nothing)"
+    keys = list(rows[0])
+    cells = [[str(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+
+    return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+# ------------------------------------------------------------------------- shared options
+
+run_option = click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                          help="A training run directory.")
+weights_option = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                              help="A *.weights.h5 file of this run (default: best, else final).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a config key, e.g. train.lr=3e-4.")

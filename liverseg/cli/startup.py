@@ -1,0 +1,174 @@
+"""Process start-up of the `liverseg` command, in the order `cli.main` calls it:
+
+1. `catch_sigterm`: from the first line, so a SIGTERM while TensorFlow loads is not lost;
+2. `prefer_tcmalloc`: re-execute under tcmalloc for commands that run TensorFlow (SIGTERM
+   stays blocked across the exec, and is delivered by step 1 of the new process);
+3. `quiet_stderr`: file descriptor 2 through a filter process that drops TensorFlow's
+   start-up notices whenever they come.
+
+Nothing here imports TensorFlow. `import_tensorflow_quietly` is for library users and tests
+(the CLI's filter already covers it).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes.util
+import os
+import signal
+import sys
+import tempfile
+import typing
+
+from liverseg import TERMINATE, LiversegError
+
+ALLOCATORS = ("tcmalloc", "system")
+_TERMINATED = "LIVERSEG_SIGTERM_BEFORE_EXEC"  # set across the re-exec when SIGTERM arrived before its mask
+
+# What TensorFlow prints on stderr at start-up whatever TF_CPP_MIN_LOG_LEVEL says (TF issue
+# 100442: its logging is not set up yet): notices, not problems. The absl preamble comes once
+# per native library, at the first line that library logs, which may be long after the import.
+NOTICES = (b"WARNING: All log messages before absl::InitializeLog()", b"oneDNN custom operations are on",
+           b"cpu_feature_guard.cc", b"To enable the following instructions:", b"rebuild TensorFlow with the")
+
+
+def catch_sigterm(argv: list[str]) -> None:
+    """SIGTERM: `train` checkpoints and exits 42 (here it only sets TERMINATE, which the
+    trainer polls); every other command unwinds as on Ctrl-C (exit 143), so its clean-up
+    runs: temporary files removed, worker processes stopped."""
+    if argv[:1] == ["train"]:
+        signal.signal(signal.SIGTERM, lambda *_: TERMINATE.set())
+        if os.environ.pop(_TERMINATED, None):
+            TERMINATE.set()
+    else:
+        def unwind(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, unwind)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked across a re-exec: deliver it now
+
+
+def wants_tcmalloc(runs_tensorflow: bool, env: typing.Mapping[str, str]) -> bool:
+    """Whether a command should run under tcmalloc: it runs TensorFlow, LIVERSEG_MALLOC is
+    "tcmalloc" (the default) and tcmalloc is not loaded already.
+
+    With glibc malloc, TensorFlow's large per-slice tensors come from fresh mmaps and the
+    input pipeline spends ~25% of its CPU in page faults (perf, 512x512 slices); tcmalloc
+    keeps freed memory and raised pipeline throughput 1.7-2.7x (docs/benchmarks.md).
+    `synth` and `convert` do not run TensorFlow and were measured slower under it.
+    """
+    choice = env.get("LIVERSEG_MALLOC", "tcmalloc")
+    if choice not in ALLOCATORS:
+        raise LiversegError(f"LIVERSEG_MALLOC={choice!r}: choose one of {', '.join(ALLOCATORS)}")
+    if choice == "system" or "tcmalloc" in env.get("LD_PRELOAD", ""):
+        return False
+    return runs_tensorflow
+
+
+def prefer_tcmalloc(runs_tensorflow: bool) -> None:
+    """Re-execute this command under tcmalloc when `wants_tcmalloc` says so and it is installed."""
+    try:
+        wanted = wants_tcmalloc(runs_tensorflow, os.environ)
+    except LiversegError as e:
+        raise SystemExit(f"Error: {e}") from None
+    lib = (ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")) if wanted else None
+    if lib is None:
+        return
+    env = {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    # The blocked signal mask survives execve: a SIGTERM during the new process's start-up stays
+    # pending until `catch_sigterm` there has installed its handler, instead of killing it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if TERMINATE.is_set():  # arrived before the mask was set
+        env[_TERMINATED] = "1"
+    os.execve(sys.executable, [sys.executable, "-m", "liverseg", *sys.argv[1:]], env)
+
+
+def quiet_stderr(notices: tuple[bytes, ...] = NOTICES) -> None:
+    """From now on, this process's file descriptor 2 (Python's and C++'s stderr) goes through
+    a filter that drops the lines containing one of `notices` and passes everything else on.
+
+    The filter is a forked process, not a thread: it drains the pipe until every writer has
+    closed it, so what a crashing process printed last (a C++ "Check failed", a fatal signal)
+    still reaches the console. It ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole
+    process group) and ends with the last writer; at exit this process waits (briefly) for it,
+    so its output comes before the shell's prompt.
+    """
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the filter
+        try:
+            os.close(write_end)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            _filter(read_end, 2, notices)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    real = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes this process's write end: the filter sees EOF once children have closed theirs
+        _wait(pid, seconds=2.0)
+
+    atexit.register(restore)
+
+
+def _filter(src: int, dst: int, notices: tuple[bytes, ...]) -> None:
+    """Copy src to dst, dropping whole lines that contain a notice.
+
+    A C++ log line is one write() shorter than PIPE_BUF, so it arrives whole: only complete
+    lines need checking, and a partial one (a progress bar's carriage-return update) is
+    passed on at once rather than held back until its newline.
+    """
+    continuing = False  # the previous read ended mid-line (already passed on)
+    while chunk := os.read(src, 1 << 16):
+        parts = chunk.split(b"\n")
+        out = []
+        for i, part in enumerate(parts):
+            complete = i < len(parts) - 1
+            if complete and not (continuing and i == 0) and any(n in part for n in notices):
+                continue
+            out.append(part + b"\n" if complete else part)
+        continuing = bool(parts[-1])
+        data = b"".join(out)
+        try:
+            while data:
+                data = data[os.write(dst, data):]
+        except OSError:  # the console is gone: keep draining, so writers never block
+            pass
+
+
+def _wait(pid: int, seconds: float) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the notices it prints while importing filtered out of stderr
+    (file descriptor 2, where the C++ side writes); every other line is written back."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not any(n in line for n in NOTICES)]
+            sys.stderr.write(b"".join(kept).decode(errors="replace"))

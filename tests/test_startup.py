@@ -1,0 +1,91 @@
+"""Process start-up (liverseg.cli.startup): the allocator choice, SIGTERM from the first line,
+and stderr kept free of TensorFlow's start-up notices whenever they come."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from liverseg import LiversegError
+from liverseg.cli import group, startup
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["train", "--run", "r"], {}, True),
+    (["bench", "train", "x"], {}, True),
+    (["convert", "a", "b"], {}, False),  # no TensorFlow: measured slower under tcmalloc
+    (["synth", "out"], {}, False),
+    (["train"], {"LIVERSEG_MALLOC": "system"}, False),
+    (["train"], {"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, False),  # already loaded
+    (["--help"], {}, False),
+    (["nope"], {}, False),
+])
+def test_allocator_choice(argv, env, expected):
+    assert startup.wants_tcmalloc(group.runs_tensorflow_command(argv), env) is expected
+
+
+def test_allocator_choice_refuses_an_unknown_allocator():
+    with pytest.raises(LiversegError, match="LIVERSEG_MALLOC='jemalloc': choose one of"):
+        startup.wants_tcmalloc(True, {"LIVERSEG_MALLOC": "jemalloc"})
+
+
+
+def _python(code: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, timeout=60, **kw)
+
+
+def test_stderr_drops_notices_whenever_they_come_and_keeps_everything_else():
+    proc = _python("""
+        import os, sys, time
+        from liverseg.cli import startup
+        startup.quiet_stderr()
+        os.write(2, b"I0000 00:00:17.1 12 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
+        sys.stderr.write("kept: liverseg's own line\\n")
+        sys.stderr.flush()
+        time.sleep(0.3)  # long after the import: the absl preamble of a library that logs late
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n"
+                    b"E0000 00:00:18.2 12 some.cc:1] a real error\\n")
+        sys.stderr.write("train:  50%|#####     | 1/2\\r")  # a progress bar: no newline, shown at once
+        sys.stderr.flush()
+        time.sleep(0.3)
+        sys.stderr.write("train: 100%|##########| 2/2\\n")
+    """)
+    assert proc.returncode == 0
+    assert proc.stderr.decode() == ("kept: liverseg's own line\n" "E0000 00:00:18.2 12 some.cc:1] a real error\n"
+                                    "train:  50%|#####     | 1/2\rtrain: 100%|##########| 2/2\n")
+
+
+def test_what_a_crashing_process_printed_last_still_reaches_the_console():
+    proc = _python("""
+        import os, signal
+        from liverseg.cli import startup
+        startup.quiet_stderr()
+        os.write(2, b"F0000 00:00:01.0 12 some.cc:9] Check failed: the reason\\n")
+        os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no flush: only the filter process can pass it on
+    """)
+    assert proc.returncode == -signal.SIGKILL
+    assert proc.stderr.decode() == "F0000 00:00:01.0 12 some.cc:9] Check failed: the reason\n"
+
+
+def test_the_filter_survives_ctrl_c_of_the_process_group_and_ends_with_the_command():
+    proc = _python("""
+        import os, signal, sys, time
+        from liverseg.cli import startup
+        startup.quiet_stderr()
+        os.killpg(0, signal.SIGINT)  # as a Ctrl-C in a terminal: every process of the group
+        time.sleep(0.2)
+    """, start_new_session=True)
+    assert proc.returncode == -signal.SIGINT and b"KeyboardInterrupt" in proc.stderr  # its traceback got through
+
+
+def test_import_tensorflow_quietly_drops_only_the_notices():
+    proc = _python("""
+        import os
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # TensorFlow prints its oneDNN notice at this level
+        from liverseg.cli import startup
+        startup.import_tensorflow_quietly()
+    """)
+    assert proc.returncode == 0 and b"oneDNN" not in proc.stderr and b"absl::InitializeLog" not in proc.stderr
