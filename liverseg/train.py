@@ -132,6 +132,8 @@ class Trainer(Hooks):
         h, w = manifest.split("train").slice_shape
         unet.check_input(cfg.model, h, w)
         pipeline.check_context(cfg, manifest)
+        if cfg.data.service:
+            data_service.check_reachable(cfg.data.service)
         spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,
                                 pipeline.intensity(cfg, manifest), manifest.spacing)
         return manifest, rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec)
@@ -180,7 +182,6 @@ class Trainer(Hooks):
         tracked = {"model": self.model, "optimizer": self.optimizer, "step": self.step_var, "best": self.best}
         service = self.cfg.data.service
         if service:
-            data_service.check_reachable(service)
             log.warning("data.service %s: the service's position cannot be checkpointed, so a resumed run continues "
                         "with a fresh, non-repeating data order, not the exact next batch", service)
             self.restarts = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_restarts")

