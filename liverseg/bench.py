@@ -165,11 +165,11 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
     if aug == "host":
         add("3 pipeline, host augmentation", _rate(iter(pipeline.build_dataset(base, split)), batches, 5, _batch_count))
     if nifti is not None:
-        from liverseg.convert import ConvertOptions, discover
+        from liverseg import layouts
 
-        cases = [c for c in discover(Path(nifti), ConvertOptions(split_preset=m.options.split_preset))
-                 if c.split == split] or discover(Path(nifti), ConvertOptions())
-        loader = TutorialLoader([(c.image.path, c.mask.path) for c in cases], batch)
+        found, _ = layouts.find(Path(nifti))
+        pairs = [(found[c.case_id][0].path, found[c.case_id][1].path) for c in m.cases_in(split) if c.case_id in found]
+        loader = TutorialLoader(pairs or [(image.path, mask.path) for image, mask, _ in found.values()], batch)
         it = (loader[i] for i in range(10**9))
         add("4 tutorial loader (nib.load per slice)",
             _rate(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)))
@@ -338,23 +338,23 @@ def bench_train(records: str | Path, config_file: str | Path | None = None, over
 def bench_predict(run_dir: str | Path, data: str | Path, cases: int = 5) -> list[dict]:
     """Per NIfTI pair: whole-volume prediction seconds (read, infer, restore geometry) and
     slices/s, and metric seconds (Dice ... HD95/ASSD on the source grid)."""
-    from liverseg import metrics, predict, volumes
-    from liverseg.convert import ConvertOptions, discover
+    from liverseg import layouts, metrics, predict, volumes
 
     run = predict.load_run(run_dir)
-    pairs = discover(Path(data), ConvertOptions())[:cases]
-    _warm([p.path for c in pairs for p in (c.image, c.mask)])
-    predict.predict_source(run, pairs[0].image)  # trace and warm up once
+    found, _ = layouts.find(Path(data))
+    pairs = sorted(found.items())[:cases]
+    _warm([p.path for _, (image, mask, _) in pairs for p in (image, mask)])
+    predict.predict_source(run, pairs[0][1][0])  # trace and warm up once
     rows = []
-    for c in pairs:
+    for case_id, (image, mask, _) in pairs:
         t0 = time.perf_counter()
-        pred, _, geom = predict.predict_source(run, c.image)
+        pred, _, geom = predict.predict_source(run, image)
         t_pred = time.perf_counter() - t0
-        ref, _, _, _ = volumes.load_mask(c.mask)
+        ref = volumes.load_mask(mask).voxels
         t0 = time.perf_counter()
         m = metrics.case_metrics(pred, ref, geom.spacing)
         t_metric = time.perf_counter() - t0
-        rows.append({"case": c.case_id, "shape": "x".join(map(str, geom.shape)), "predict s": round(t_pred, 2),
+        rows.append({"case": case_id, "shape": "x".join(map(str, geom.shape)), "predict s": round(t_pred, 2),
                      "slices/s": round(geom.stored_shape[0] / t_pred, 1), "metrics s": round(t_metric, 2),
                      "dice": round(m["dice"], 3)})
     return rows

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, metrics, overlay, volumes
-from liverseg.manifest import CaseInfo, ConvertOptions, Manifest, SourceFile
+from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, layouts, metrics, overlay, volumes
+from liverseg.manifest import CaseInfo, Manifest, SourceFile
 from liverseg.predict import Run, infer_volume, postprocess, predict_image
 from liverseg.records import read_case
 from liverseg.volumes import Source
@@ -51,7 +51,7 @@ def record_cases(run: Run, records: str | Path | None, split: str):
 
     def cases():
         for case in m.cases_in(split):
-            image, ref = read_case(m, case.case_id)
+            image, ref = read_case(m.records_of(case.case_id))
             prob = infer_volume(run, image)
             on_source = _source_reference(case, m.options.merge_tumour) if case.geometry.resized else None
             pred_stored = postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction)
@@ -95,17 +95,14 @@ def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
 
 
 def folder_cases(run: Run, data: str | Path, layout: str = "pattern"):
-    """The cases of a folder (any convert layout), each predicted and scored on its own source grid."""
-    from liverseg.convert import discover
-    from liverseg.convert.layouts import MERGES_TUMOUR
-
-    found = discover(Path(data), ConvertOptions(layout=layout))  # raises naming the folder when it holds no pairs
+    """The cases of a folder (any case layout), each predicted and scored on its own source grid."""
+    found, _ = layouts.find(Path(data), layout)  # raises naming the folder when it holds no pairs
 
     def cases():
-        for case in found:
-            image, header, _, _ = volumes.load_image(case.image)
+        for case_id, (image_src, mask_src, _) in sorted(found.items()):
+            image, header = volumes.load_image(image_src)[:2]
             pred, _, geom = predict_image(run, image, header)
-            ref, mask_header, _, _ = volumes.load_mask(case.mask, layout in MERGES_TUMOUR)
+            ref, mask_header = volumes.load_mask(mask_src, layout in layouts.MERGES_TUMOUR)[:2]
             geometry.check_pair(header, mask_header)
             ref = geometry.onto_grid(ref, mask_header, header)
 
@@ -113,7 +110,7 @@ def folder_cases(run: Run, data: str | Path, layout: str = "pattern"):
                 return (geometry.to_stored(image, geom, "image"), geom.stored_spacing,
                         geometry.to_stored(ref, geom, "mask"), geometry.to_stored(pred, geom, "mask"))
 
-            yield case.case_id, pred, ref, geom.spacing, panel
+            yield case_id, pred, ref, geom.spacing, panel
 
     return cases()
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from liverseg import __version__, records
-from liverseg.records import RecordsError
+from liverseg.layouts import LAYOUTS
+from liverseg.records import COMPRESSIONS, SPLITS, RecordsError
 
 if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from this module and starts fast
     from liverseg.geometry import Geometry
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from 
 MANIFEST = "dataset.json"
 FORMAT = "liverseg-slices"
 MANIFEST_VERSION = 2
-SPLITS = ("train", "val", "test")
 LAYOUT = ("one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
           "anterior->posterior and columns patient right->left (see geometry)")
 
@@ -52,7 +52,7 @@ class ConvertOptions:
     layout: str = _opt("pattern", "Source layout: pattern (NIfTI pairs named by --image-pattern/--mask-pattern), "
                        "ircad (3D-IRCADb-01 DICOM: 3Dircadb1.N/PATIENT_DICOM + MASKS_DICOM/liver, zipped or not), "
                        "msd (Decathlon imagesTr/labelsTr), lits (volume-N/segmentation-N).",
-                       choices={"pattern": "pattern", "ircad": "ircad", "msd": "msd", "lits": "lits"})
+                       choices={name: name for name in LAYOUTS})
     size: int | None = _opt(None, "Resize slices in-plane to SIZE x SIZE (default: native); with --spacing, "
                              "the SIZE x SIZE window cropped or padded around the body.")
     spacing: float | None = _opt(None, "Resample slices in-plane to SPACING mm pixels (image: antialiased linear, "
@@ -66,7 +66,7 @@ class ConvertOptions:
     seed: int = _opt(0, "Seed of the --val/--test split.")
     shard_mb: float = _opt(128.0, "Target shard size in MB (whole cases per shard).")
     num_shards: int | None = _opt(None, "Shards per split (overrides --shard-mb).")
-    compression: str = _opt("", "Shard compression.", choices={"none": "", "GZIP": "GZIP", "ZLIB": "ZLIB"})
+    compression: str = _opt("", "Shard compression.", choices={c or "none": c for c in COMPRESSIONS})
     merge_tumour: bool = _opt(False, "LiTS masks: count tumour (label 2) as liver.")
     affine_tol: float = _opt(1e-3, "Image/mask affine tolerance in mm.")
     workers: int = _opt(1, "Parallel processes (with --runner direct: Beam's worker processes).")
@@ -360,13 +360,14 @@ class Manifest:
                 return c
         raise RecordsError(f"{self.root or MANIFEST}: no case {case_id!r}")
 
-    def shard_of(self, case: CaseInfo) -> ShardInfo:
-        return next(s for s in self.shards(case.split) if s.file == case.shard)
-
-    def first_record(self, case: CaseInfo) -> int:
-        """Index of the case's first record in its shard (cases are contiguous, in manifest order)."""
-        shard = self.shard_of(case)
-        return sum(self.case(c).num_slices for c in shard.cases[:shard.cases.index(case.case_id)])
+    def records_of(self, case_id: str) -> records.CaseRecords:
+        """Where a case's records are (for `records.read_case`): its shard and its first record
+        there (cases are contiguous in their shard, in manifest order)."""
+        case = self.case(case_id)
+        shard = next(s for s in self.shards(case.split) if s.file == case.shard)
+        first = sum(self.case(c).num_slices for c in shard.cases[:shard.cases.index(case_id)])
+        return records.CaseRecords(case_id, self.path(shard), first, case.num_slices, self.compression,
+                                   Path(self.root or "."))
 
 
 __all__ = ["CaseInfo", "ConvertOptions", "HUStats", "MANIFEST", "Manifest", "RegionHU", "ShardInfo", "SkippedCase",

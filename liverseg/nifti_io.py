@@ -2,8 +2,8 @@
 
 Headers are checked before any voxel is read (`read_header`); voxels are read straight from
 the decompressed bytes (`read_voxels`), which also catches truncated files that nibabel
-would read lazily. What the values mean (HU, mask labels) is `volumes`' rule; every flip,
-transpose and resampling is `geometry`'s.
+would read lazily. What the values mean (HU, mask labels) is `volumes`' rule (which loads
+images and masks from any source); every flip, transpose and resampling is `geometry`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverseg import InputError, atomic_path, geometry, volumes
+from liverseg import InputError, atomic_path, geometry
 from liverseg.geometry import Header
 
 try:  # Intel ISA-L inflate: ~1.5x faster than zlib on CT volumes, same output
@@ -192,18 +192,6 @@ def read_voxels(path: Path, raw: bytes | None, scaled: bool) -> tuple[np.ndarray
     img, raw = _image_from_bytes(path, raw)
     header = _check_header(path, img, raw[:540])
     return _voxels(path, img, raw, scaled=scaled), header
-
-
-def load_image(path: str | Path, raw: bytes | None = None) -> tuple[np.ndarray, Header]:
-    """CT voxels in Hounsfield units as int16 (`volumes.hounsfield`), source orientation."""
-    arr, header = read_voxels(Path(path), raw, scaled=True)
-    return volumes.hounsfield(arr, Path(path)), header
-
-
-def load_mask(path: str | Path, raw: bytes | None = None, merge_tumour: bool = False) -> tuple[np.ndarray, Header]:
-    """Liver mask as uint8 {0, 1} (`volumes.liver`, judged on the stored values), source orientation."""
-    arr, header = read_voxels(Path(path), raw, scaled=False)
-    return volumes.liver(arr, Path(path), merge_tumour), header
 
 
 # ------------------------------------------------------------------------- writing

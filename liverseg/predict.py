@@ -124,7 +124,7 @@ def postprocess(prob: np.ndarray, threshold: float, largest_component: bool, min
 
 def predict_source(run: Run, src: Source) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
     """(mask uint8, probability float32) on the source's own grid (a NIfTI file or DICOM series), and its geometry."""
-    image, header, _, _ = volumes.load_image(src)
+    image, header = volumes.load_image(src)[:2]
     return predict_image(run, image, header)
 
 

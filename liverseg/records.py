@@ -20,15 +20,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import google_crc32c
 import numpy as np
 
 from liverseg import LiversegError
-
-if TYPE_CHECKING:
-    from liverseg.manifest import Manifest
 
 SCHEMA_VERSION = 1
 
@@ -57,6 +54,7 @@ KEY_DOC = {
     SPACING: "float[3], (slice, row, column) mm",
 }
 COMPRESSIONS = ("", "GZIP", "ZLIB")
+SPLITS = ("train", "val", "test")  # shards are named {split}-{i:05d}-of-{n:05d}.tfrecord
 
 
 class RecordsError(LiversegError):
@@ -315,25 +313,37 @@ def shard_name(split: str, i: int, n: int) -> str:
 # ------------------------------------------------------------------------- reading a case
 
 
-def read_case(m: "Manifest", case_id: str) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class CaseRecords:
+    """Where one case's records are: `count` consecutive records from record `first` of
+    `shard` (cases are contiguous in their shard). `Manifest.records_of` locates them;
+    `dataset` (the folder) is named in error messages."""
+
+    case_id: str
+    shard: Path
+    first: int
+    count: int
+    compression: str
+    dataset: Path
+
+
+def read_case(where: CaseRecords) -> tuple[np.ndarray, np.ndarray]:
     """Stored image [Z, H, W] int16 and mask [Z, H, W] uint8 of one case, from its shard.
 
-    Only the case's own records are decoded (cases are contiguous in their shard).
+    Only the case's own records are decoded.
     """
     import tensorflow as tf
 
-    case = m.case(case_id)
-    shard = m.path(m.shard_of(case))
-    first = m.first_record(case)
+    shard, first, last = where.shard, where.first, where.first + where.count
     try:
-        raw = [r for i, _, r in iter_records(shard, m.compression) if first <= i < first + case.num_slices]
+        raw = [r for i, _, r in iter_records(shard, where.compression) if first <= i < last]
     except FramingError as e:
         raise RecordsError(f"corrupt record: {shard}: record {e.index} at byte {e.offset}: {e.reason}; "
-                           f"run liverseg verify {m.root}") from None
+                           f"run liverseg verify {where.dataset}") from None
     except (OSError, EOFError, zlib.error) as e:
-        raise RecordsError(f"{shard}: unreadable shard ({e}); run liverseg verify {m.root}") from None
+        raise RecordsError(f"{shard}: unreadable shard ({e}); run liverseg verify {where.dataset}") from None
     ex = decode_example(tf.constant(raw))
-    if len(raw) != case.num_slices or not bool(tf.reduce_all(ex[CASE_ID] == case_id.encode())):
-        raise RecordsError(f"{shard}: records {first}-{first + case.num_slices - 1} are not all {case_id}; "
-                           f"run liverseg verify {m.root}")
+    if len(raw) != where.count or not bool(tf.reduce_all(ex[CASE_ID] == where.case_id.encode())):
+        raise RecordsError(f"{shard}: records {first}-{last - 1} are not all {where.case_id}; "
+                           f"run liverseg verify {where.dataset}")
     return ex[IMAGE].numpy(), ex[MASK].numpy()

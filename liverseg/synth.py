@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, atomic_path, dicom_io, geometry, nifti_io
+from liverseg import LiversegError, atomic_path, dicom_io, geometry, nifti_io, volumes
 from liverseg.anatomy import render
+from liverseg.volumes import Source
 
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
 THICKNESSES = (1.0, 1.25, 1.6, 2.0, 2.5, 3.0, 4.0)
@@ -57,7 +58,7 @@ def _procedural_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _masked_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A phantom around a real liver mask, at the mask file's own shape, spacing and affine."""
-    mask, header = nifti_io.load_mask(spec.mask_path)  # checked: labels, header, truncation
+    mask, header, _, _ = volumes.load_mask(Source.nifti(spec.mask_path))  # checked: labels, header, truncation
     ras, spacing = geometry.to_ras(mask, header.affine)
     ct_ras, _ = render(np.random.default_rng(spec.seed), ras.shape, spacing, liver=ras)
     return geometry.from_ras(ct_ras, header.affine), mask, header.affine

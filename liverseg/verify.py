@@ -116,7 +116,7 @@ def inspect(root: str | Path, png_dir: str | Path | None = None, max_cases: int 
             continue
         Path(png_dir).mkdir(parents=True, exist_ok=True)
         for case in m.cases_in(split)[:max_cases]:
-            image, mask = records.read_case(m, case.case_id)
+            image, mask = records.read_case(m.records_of(case.case_id))
             panel = overlay.case_panel(image, case.geometry.stored_spacing, truth=mask)
             overlay.write_png(Path(png_dir) / f"{case.case_id}.png", panel)
     return rows

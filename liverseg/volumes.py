@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
 from liverseg import InputError
-from liverseg.geometry import Header
+
+if TYPE_CHECKING:  # geometry (nibabel, scipy) is imported by the readers, when a volume is read
+    from liverseg.geometry import Header
 
 HU_MIN, HU_MAX = -1024, 3071  # int16 storage range (12-bit CT)
 
@@ -56,6 +58,16 @@ class Source:
         return Series(str(self.path), self.members, self.series or "")
 
 
+class Volume(NamedTuple):
+    """A loaded source volume: voxels on the source's grid (in its own axis order), the grid,
+    and the sha256 and size in bytes of the file(s) read."""
+
+    voxels: np.ndarray
+    header: Header
+    sha256: str
+    nbytes: int
+
+
 def read_header(src: Source, ct: bool = False) -> Header:
     """The grid a source promises, checked before its voxels are read (DICOM: tags only;
     ct: the series must be a CT)."""
@@ -68,30 +80,29 @@ def read_header(src: Source, ct: bool = False) -> Header:
     return dicom_io.read_header(src._series(), ct)
 
 
-def _read(src: Source, ct: bool) -> tuple[np.ndarray, Header, str, int]:
-    """(voxels as stored, or HU-scaled for a CT; header; sha256; bytes) of a source."""
+def _read(src: Source, ct: bool) -> Volume:
+    """The voxels as stored (HU-scaled for a CT) of a source."""
     if src.kind == "nifti":
         from liverseg import nifti_io
 
         raw, sha = nifti_io.read_file(src.path)
         arr, header = nifti_io.read_voxels(src.path, raw, scaled=ct)
-        return arr, header, sha, len(raw)
+        return Volume(arr, header, sha, len(raw))
     from liverseg import dicom_io
 
-    arr, header, sha, nbytes = dicom_io.read_series(src._series(), ct)
-    return arr, header, sha, nbytes
+    return Volume(*dicom_io.read_series(src._series(), ct))
 
 
-def load_image(src: Source) -> tuple[np.ndarray, Header, str, int]:
-    """CT voxels in Hounsfield units as int16 (source grid), header, sha256 and size of the source."""
-    arr, header, sha, nbytes = _read(src, ct=True)
-    return hounsfield(arr, src.name), header, sha, nbytes
+def load_image(src: Source) -> Volume:
+    """A CT: voxels in Hounsfield units as int16 (`hounsfield`)."""
+    vol = _read(src, ct=True)
+    return vol._replace(voxels=hounsfield(vol.voxels, src.name))
 
 
-def load_mask(src: Source, merge_tumour: bool = False) -> tuple[np.ndarray, Header, str, int]:
-    """Liver mask as uint8 {0, 1} (source grid), header, sha256 and size of the source."""
-    arr, header, sha, nbytes = _read(src, ct=False)
-    return liver(arr, src.name, merge_tumour), header, sha, nbytes
+def load_mask(src: Source, merge_tumour: bool = False) -> Volume:
+    """A liver mask: voxels uint8 {0, 1} (`liver`, judged on the stored values)."""
+    vol = _read(src, ct=False)
+    return vol._replace(voxels=liver(vol.voxels, src.name, merge_tumour))
 
 
 # ------------------------------------------------------------------------- the value rules
@@ -144,4 +155,4 @@ def _labels(path: Path, arr: np.ndarray) -> set[int]:
     return set(int(v) for v in values)
 
 
-__all__ = ["HU_MAX", "HU_MIN", "Source", "hounsfield", "liver", "load_image", "load_mask", "read_header"]
+__all__ = ["HU_MAX", "HU_MIN", "Source", "Volume", "hounsfield", "liver", "load_image", "load_mask", "read_header"]

@@ -41,6 +41,20 @@ def write_nifti(path: Path, arr: np.ndarray, affine=None, dtype=None, slope: flo
     return path
 
 
+def load_image(path):
+    """(int16 HU voxels, header) of a NIfTI CT, through the loader every stage uses."""
+    from liverseg import volumes
+
+    return volumes.load_image(volumes.Source.nifti(path))[:2]
+
+
+def load_mask(path, merge_tumour: bool = False):
+    """(uint8 liver voxels, header) of a NIfTI mask, through the loader every stage uses."""
+    from liverseg import volumes
+
+    return volumes.load_mask(volumes.Source.nifti(path), merge_tumour)[:2]
+
+
 def liverseg_process(*args, env=None, **kw) -> subprocess.Popen:
     """`python -m liverseg ARGS` as a user runs it (stdout and stderr together, text)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}

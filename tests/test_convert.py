@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tree, write_nifti
+from conftest import load_image, load_mask, tree, write_nifti
 from liverseg import LiversegError, geometry, nifti_io, records, synth, verify
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
@@ -30,8 +30,8 @@ def test_round_trip_equals_reoriented_source(dataset):
     m = Manifest.load(dataset)
     for case in m.cases:
         src_img = case.image.path
-        image, header = nifti_io.load_image(src_img)
-        mask, _ = nifti_io.load_mask(case.mask.path)
+        image, header = load_image(src_img)
+        mask, _ = load_mask(case.mask.path)
         geom = case.geometry
         assert np.allclose(np.array(geom.affine), nib.load(src_img).affine)
         assert geom.shape == nib.load(src_img).shape

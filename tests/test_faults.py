@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import REPO, liverseg_process, write_nifti
+from conftest import REPO, liverseg_process, load_image, write_nifti
 from liverseg import LiversegError, config, geometry, nifti_io, rundir, synth, train
 from liverseg.cli import cli
 from liverseg.convert import ConvertOptions, convert
@@ -309,7 +309,7 @@ def test_unreadable_inputs_say_why(tmp_path):
     plain = write_nifti(tmp_path / "plain.nii", np.zeros((8, 8, 3), np.int16))
     named = tmp_path / "plain_orig.nii.gz"
     shutil.copy(plain, named)
-    for fn in (nifti_io.read_header, nifti_io.load_image):
+    for fn in (nifti_io.read_header, load_image):
         with pytest.raises(nifti_io.InputError, match=r"plain_orig\.nii\.gz: named \.gz but not gzip-compressed.*rename it to \.nii"):
             fn(named)
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import write_nifti
+from conftest import load_image, write_nifti
 from liverseg import LiversegError, nifti_io, records, rundir
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import MANIFEST, Manifest
@@ -76,12 +76,12 @@ def test_uint16_ct_with_intercept_minus_1024_is_stored_as_hu(tmp_path):
     (tmp_path / "src").mkdir()
     nib.save(img, str(tmp_path / "src" / "c0_orig.nii.gz"))
     write_nifti(tmp_path / "src" / "c0_liver.nii.gz", (hu > 200).astype(np.uint8), np.diag([0.8, 0.8, 2.5, 1.0]), np.uint8)
-    loaded, _ = nifti_io.load_image(tmp_path / "src" / "c0_orig.nii.gz")
+    loaded, _ = load_image(tmp_path / "src" / "c0_orig.nii.gz")
     assert loaded.dtype == np.int16 and int(loaded.min()) >= -1024
     np.testing.assert_array_equal(np.sort(loaded.ravel()), np.sort(hu.ravel()))  # the same values, HU
     convert(tmp_path / "src", tmp_path / "rec", ConvertOptions(val=0.0, test=0.0), progress=False)
     m = Manifest.load(tmp_path / "rec")
-    image, _ = records.read_case(m, m.cases[0].case_id)
+    image, _ = records.read_case(m.records_of(m.cases[0].case_id))
     np.testing.assert_array_equal(np.sort(image.ravel()), np.sort(hu.ravel()))
 
 

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import write_nifti
+from conftest import load_image, load_mask, write_nifti
 from liverseg import atomic_path, geometry, nifti_io
 from liverseg.nifti_io import InputError
 
@@ -25,8 +25,8 @@ def test_same_anatomy_in_any_orientation_gives_the_same_stored_volume(tmp_path, 
     g_ref = geometry.stored_geometry(nifti_io.read_header(p_ref))
     g = geometry.stored_geometry(nifti_io.read_header(p))
     assert g.orientation == orientation
-    stored = geometry.to_stored(nifti_io.load_image(p)[0], g, "image")
-    assert np.array_equal(stored, geometry.to_stored(nifti_io.load_image(p_ref)[0], g_ref, "image"))
+    stored = geometry.to_stored(load_image(p)[0], g, "image")
+    assert np.array_equal(stored, geometry.to_stored(load_image(p_ref)[0], g_ref, "image"))
     assert g.stored_spacing == g_ref.stored_spacing
     assert np.allclose(g.stored_spacing, (2.5, 0.8, 0.7))  # (slice, row=A/P, col=R/L)
     # Stored layout: [Z=S, H=P, W=L]; RAS index (x, y, z) -> stored (z, Y-1-y, X-1-x).
@@ -124,43 +124,43 @@ def test_pair_checks(tmp_path):
 def test_mask_labels_judged_on_stored_values(tmp_path):
     base = np.zeros((6, 6, 3), np.uint8)
     base[2:4, 2:4, 1] = 1
-    ok, _ = nifti_io.load_mask(write_nifti(tmp_path / "m01.nii.gz", base, dtype=np.uint8))
+    ok, _ = load_mask(write_nifti(tmp_path / "m01.nii.gz", base, dtype=np.uint8))
     assert np.array_equal(ok, base)
-    m255, _ = nifti_io.load_mask(write_nifti(tmp_path / "m255.nii.gz", base * 255, dtype=np.uint8))
+    m255, _ = load_mask(write_nifti(tmp_path / "m255.nii.gz", base * 255, dtype=np.uint8))
     assert np.array_equal(m255, base)
     # stored {0, 255} with scl_slope 1/255 reads back as 1.00000006 when scaled; stored values decide
     sl = write_nifti(tmp_path / "slope.nii.gz", base * 255, dtype=np.uint8, slope=1 / 255)
     assert np.asanyarray(nib.load(str(sl)).dataobj).max() != 1.0
-    assert np.array_equal(nifti_io.load_mask(sl)[0], base)
+    assert np.array_equal(load_mask(sl)[0], base)
     lits = base.copy()
     lits[3, 3, 1] = 2
     p = write_nifti(tmp_path / "lits.nii.gz", lits, dtype=np.uint8)
     with pytest.raises(InputError, match=r"lits\.nii\.gz: .*--merge-tumour"):
-        nifti_io.load_mask(p)
-    assert nifti_io.load_mask(p, merge_tumour=True)[0].sum() == base.sum()
+        load_mask(p)
+    assert load_mask(p, merge_tumour=True)[0].sum() == base.sum()
     with pytest.raises(InputError, match=r"bad\.nii\.gz: mask labels \[0, 1, 3\]"):
-        nifti_io.load_mask(write_nifti(tmp_path / "bad.nii.gz", np.where(lits == 2, 3, lits), dtype=np.uint8))
+        load_mask(write_nifti(tmp_path / "bad.nii.gz", np.where(lits == 2, 3, lits), dtype=np.uint8))
 
 
 def test_image_nan_and_truncation_name_the_file(tmp_path):
     vol = np.zeros((6, 6, 3), np.float32)
     vol[1, 1, 1] = np.nan
     with pytest.raises(InputError, match=r"nan\.nii\.gz: 1 voxels are NaN"):
-        nifti_io.load_image(write_nifti(tmp_path / "nan.nii.gz", vol, dtype=np.float32))
+        load_image(write_nifti(tmp_path / "nan.nii.gz", vol, dtype=np.float32))
     good = write_nifti(tmp_path / "t.nii.gz", np.random.default_rng(0).integers(-999, 999, (32, 32, 8)), dtype=np.int16)
     (tmp_path / "trunc.nii.gz").write_bytes(good.read_bytes()[:-300])
     with pytest.raises(InputError, match=r"trunc\.nii\.gz: truncated or corrupt"):
-        nifti_io.load_image(tmp_path / "trunc.nii.gz")
+        load_image(tmp_path / "trunc.nii.gz")
     raw = write_nifti(tmp_path / "t.nii", np.zeros((32, 32, 8)), dtype=np.int16).read_bytes()
     (tmp_path / "short.nii").write_bytes(raw[:-100])
     with pytest.raises(InputError, match=r"short\.nii: voxel data is shorter than the header"):
-        nifti_io.load_image(tmp_path / "short.nii")
+        load_image(tmp_path / "short.nii")
 
 
 def test_hu_scaling_and_clipping(tmp_path):
     vol = np.array([[[-2000, 0, 1000, 5000]]], np.int16).reshape(1, 2, 2)
     p = write_nifti(tmp_path / "hu.nii.gz", vol, dtype=np.int16, slope=1.0)
-    arr, _ = nifti_io.load_image(p)
+    arr, _ = load_image(p)
     assert arr.dtype == np.int16 and arr.min() == -1024 and arr.max() == 3071
 
 

@@ -19,7 +19,7 @@ def cfg_for(dataset, *overrides):
 
 def _volumes(dataset):
     m = Manifest.load(dataset)
-    return m, {c.index: records.read_case(m, c.case_id) for c in m.cases}
+    return m, {c.index: records.read_case(m.records_of(c.case_id)) for c in m.cases}
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from liverseg import InputError, LiversegError, records
 from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
-from liverseg.convert.layouts import MERGES_TUMOUR
+from liverseg.layouts import MERGES_TUMOUR
 from liverseg.convert.output import assemble, check_out, check_same_sources, commit
 from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, estimated_bytes, plan_shards, write_shard
 from liverseg.manifest import ConvertOptions, Manifest

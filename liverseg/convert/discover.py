@@ -1,7 +1,7 @@
 """Conversion, phase 1: find the cases in a source folder, give each its split, check headers.
 
 A case is an image and a liver mask of one patient, NIfTI files or DICOM series, found by
-the source's layout (`layouts`: file-name patterns by default; ircad, msd, lits). Splits
+the source's layout (`liverseg.layouts`: file-name patterns by default; ircad, msd, lits). Splits
 are by patient: from train/val/test subfolders, a split file, a preset (`ircad`), or
 seeded fractions. Headers (DICOM: tags) are checked before any voxel is read, so a bad case
 fails the run (or, with --skip-bad, is listed) before anything is written.
@@ -15,8 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from liverseg import InputError, LiversegError, geometry, volumes
-from liverseg.convert import layouts
+from liverseg import InputError, LiversegError, geometry, layouts, volumes
 from liverseg.manifest import SPLITS, ConvertOptions
 from liverseg.volumes import Source
 
@@ -44,7 +43,7 @@ def discover(src: Path, opts: ConvertOptions) -> list[Case]:
     """Pair images with masks by the layout; the split comes from subfolders, a split file, a preset or seeded fractions."""
     if not src.is_dir():
         raise LiversegError(f"{src}: source folder does not exist")
-    found, from_folders = layouts.find(src.resolve(), opts)  # absolute: the manifest names the sources
+    found, from_folders = layouts.find(src.resolve(), opts.layout, opts.image_pattern, opts.mask_pattern)  # absolute: the manifest names the sources
     cases = [Case(c, split, image, mask) for c, (image, mask, split) in sorted(found.items())]
     _assign_splits(cases, opts, from_folders)
     order = {s: i for i, s in enumerate(SPLITS)}

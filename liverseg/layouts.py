@@ -1,7 +1,8 @@
-"""Where the image and the mask of each case are, for the source layouts users hold.
+"""Case layouts: where the image and the mask of each case are, in the layouts users hold.
 
-Each layout returns the cases it finds as {case id: (image Source, mask Source, split)}
-(split "" unless the layout's folders say it), or raises naming what does not fit.
+`find` returns the cases of a folder as {case id: (image Source, mask Source, split)}
+(split "" unless the layout's folders say it), or raises naming what does not fit. The
+converter, `evaluate --data` and the benchmarks pair cases through it.
 
 pattern  NIfTI pairs named by patterns (`{case}_orig.nii.gz` / `{case}_liver.nii.gz`), loose
          in the folder or in train/val/test subfolders (the default)
@@ -20,8 +21,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from liverseg import InputError, LiversegError, dicom_io
-from liverseg.manifest import SPLITS, ConvertOptions
+from liverseg import InputError, LiversegError
+from liverseg.records import SPLITS
 from liverseg.volumes import Source
 
 LAYOUTS = ("pattern", "ircad", "msd", "lits")
@@ -29,13 +30,15 @@ MERGES_TUMOUR = ("msd", "lits")  # layouts whose masks label tumour 2 inside the
 Found = dict[str, tuple[Source, Source, str]]
 
 
-def find(src: Path, opts: ConvertOptions) -> tuple[Found, bool]:
-    """The cases of `src` in layout `opts.layout`, and whether splits came from its folders."""
-    if opts.layout not in LAYOUTS:
-        raise LiversegError(f"--layout {opts.layout!r}: choose one of {', '.join(LAYOUTS)}")
-    if opts.layout == "pattern":
-        return _pattern(src, opts)
-    return {"ircad": _ircad, "msd": _msd, "lits": _lits}[opts.layout](src), False
+def find(src: Path, layout: str = "pattern", image_pattern: str = "{case}_orig",
+         mask_pattern: str = "{case}_liver") -> tuple[Found, bool]:
+    """The cases of `src` in `layout`, and whether splits came from its folders (the patterns
+    name the files of the pattern layout)."""
+    if layout not in LAYOUTS:
+        raise LiversegError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if layout == "pattern":
+        return _pattern(src, image_pattern, mask_pattern)
+    return {"ircad": _ircad, "msd": _msd, "lits": _lits}[layout](src), False
 
 
 def _unpaired(src: Path, what: str, lone: list[Path]) -> None:
@@ -57,8 +60,8 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     return re.compile(re.escape(head) + r"(?P<case>.+?)" + re.escape(tail) + r"\.nii(\.gz)?$")
 
 
-def _pattern(src: Path, opts: ConvertOptions) -> tuple[Found, bool]:
-    img_re, mask_re = _pattern_regex(opts.image_pattern), _pattern_regex(opts.mask_pattern)
+def _pattern(src: Path, image_pattern: str, mask_pattern: str) -> tuple[Found, bool]:
+    img_re, mask_re = _pattern_regex(image_pattern), _pattern_regex(mask_pattern)
     folders = [src / s for s in SPLITS if (src / s).is_dir()]
     loose = [p for p in src.iterdir() if p.is_file() and (img_re.match(p.name) or mask_re.match(p.name))]
     if folders and loose:
@@ -82,10 +85,10 @@ def _pattern(src: Path, opts: ConvertOptions) -> tuple[Found, bool]:
             if c in found:
                 raise LiversegError(f"case {c!r} appears in two split folders: {found[c][0].path} and {images[c]}")
             found[c] = (Source.nifti(images[c]), Source.nifti(masks[c]), split)
-    _unpaired(src, f"{opts.image_pattern} <-> {opts.mask_pattern}", lone)
+    _unpaired(src, f"{image_pattern} <-> {mask_pattern}", lone)
     if not found:
         raise LiversegError(
-            f"{src}: no image/mask pairs named {opts.image_pattern}.nii[.gz] / {opts.mask_pattern}.nii[.gz] "
+            f"{src}: no image/mask pairs named {image_pattern}.nii[.gz] / {mask_pattern}.nii[.gz] "
             "(set --image-pattern/--mask-pattern, or --layout for ircad, msd or lits)"
         )
     return found, bool(folders)
@@ -115,8 +118,10 @@ def _ircad(src: Path) -> Found:
     return found
 
 
-def _ircad_series(patient: Path) -> dict[str, dicom_io.Series]:
+def _ircad_series(patient: Path) -> dict:
     """The CT series (PATIENT_DICOM) and the liver mask series (MASKS_DICOM/liver) of a patient."""
+    from liverseg import dicom_io  # pydicom and geometry: only for DICOM layouts
+
     def role(member: str) -> str | None:
         parts = [p.removesuffix(".zip") for p in member.replace(dicom_io.NESTED, "/").split("/")]
         if "PATIENT_DICOM" in parts[:-1]:
