@@ -11,6 +11,7 @@ import it themselves. `require_tensorflow()` turns a missing install into one cl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import shutil
 import threading
@@ -62,6 +63,13 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent seed in [0, 2**31) for one random stream ("host-augment-0", ...) of a
+    run seeded with `seed`: the same on every machine and Python version (not `hash`)."""
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def require_tensorflow() -> None:

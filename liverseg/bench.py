@@ -224,35 +224,32 @@ def _cores() -> int:
 
 
 def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tuple[float, dict]:
-    """Seconds per step of the real loop (train.Trainer: compiled step, draws, hooks) over
-    `steps` steps after `warmup` calls (at least 2: a call that stages the next call's
+    """Seconds per step of the real loop (`train.Trainer.run`: compiled step, draws, hooks)
+    over `steps` steps after `warmup` calls (at least 2: a call that stages the next call's
     batches and one that does not are traced apart). Both are whole calls of
-    train.steps_per_call steps, so nothing is traced or compiled while timing. fixed: batches come from
-    one batch held in memory, so no input pipeline runs. Excludes the checkpoint the last
-    step writes; includes the final read of the on-device figures."""
+    train.steps_per_call steps, so nothing is traced or compiled while timing. fixed: batches
+    come from one batch held in memory, so no input pipeline runs. Excludes the checkpoint
+    the last step writes; includes the final read of the on-device figures."""
     import tensorflow as tf
 
     from liverseg import config, train
 
-    class FixedInput(train.Trainer):
-        def dataset(self):
-            one = next(iter(super().dataset()))
-            return tf.data.Dataset.from_tensors(one).repeat()
+    def one_batch(ds):
+        return tf.data.Dataset.from_tensors(next(iter(ds))).repeat()
 
     k = cfg.train.steps_per_call
     warmup, steps = max(2, warmup) * k, -(-steps // k) * k
-    cfg = config.replace(cfg, **{"train.steps": warmup, "train.log_every": 10**9, "train.eval_every": 0,
+    cfg = config.replace(cfg, **{"train.steps": warmup + steps, "train.log_every": 10**9, "train.eval_every": 0,
                                  "train.checkpoint_every": 10**9, "train.keep_checkpoints": 1})
-    trainer = (FixedInput if fixed else train.Trainer)(cfg, run, progress=False)
-    with trainer.signals():
-        trainer.loop()
-        trainer.tc = config.replace(cfg, **{"train.steps": warmup + steps}).train
-        trainer.window = train.Window()
-        t0 = time.perf_counter()
-        trainer.loop()
-        seconds = time.perf_counter() - t0 - trainer.window.paused
-    trainer.close()
-    return seconds / steps, trainer.summary["train"]
+    trainer = train.Trainer(cfg, run, progress=False, input_transform=one_batch if fixed else None)
+    try:
+        trainer.run(warmup)
+        paused, t0 = trainer.hooks.paused_total, time.perf_counter()
+        trainer.run(warmup + steps)
+        seconds = time.perf_counter() - t0 - (trainer.hooks.paused_total - paused)
+    finally:
+        trainer.close()
+    return seconds / steps, trainer.hooks.summary["train"]
 
 
 def _tiny_records(tmp: Path, size: int = 64) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, layouts, metrics, overlay, volumes
+from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, layouts, metrics, overlay, rundir, volumes
 from liverseg.manifest import CaseInfo, Manifest, SourceFile
 from liverseg.predict import Run, infer_volume, postprocess, predict_image
 from liverseg.records import read_case
@@ -40,7 +40,7 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
     RUN/eval/<split or folder>)."""
     name = split if data is None else Path(data).name
     cases = record_cases(run, records, split) if data is None else folder_cases(run, data, layout)
-    return write_report(run, cases, Path(out) if out else run.root / "eval" / name, name, pngs)
+    return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs)
 
 
 def record_cases(run: Run, records: str | Path | None, split: str):
@@ -140,7 +140,7 @@ def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True) -> tu
             with contextlib.suppress(OSError):
                 p.rmdir()
         raise
-    writer = tf.summary.create_file_writer(str(run.root / "evaluation"))
+    writer = tf.summary.create_file_writer(str(rundir.RunDir(run.root).board("evaluation")))
     with writer.as_default(step=0):
         for k, v in summary.items():
             tf.summary.scalar(f"{name}/{k}_mean", v["mean"])

@@ -30,6 +30,7 @@ case_index [b] and slice_index [b] (int64).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -38,23 +39,28 @@ import tensorflow as tf
 from liverseg import augment, data_service, records
 from liverseg.config import Config
 from liverseg.manifest import Manifest
-from liverseg.rundir import Intensity
+from liverseg.rundir import Normalization
 from liverseg.records import RecordsError
 
 log = logging.getLogger(__name__)
 READ_BUFFER = 8 * 2**20
 
 
-def intensity(cfg: Config, manifest: Manifest) -> Intensity:
-    """The normalisation for cfg, resolved to numbers (they are saved with the run)."""
+def normalization(cfg: Config, manifest: Manifest) -> Normalization:
+    """The HU normalisation of cfg, resolved to numbers (they are saved with the run)."""
     if cfg.data.normalize == "window":
         lo, hi = cfg.data.hu_window
-        return Intensity(lo, hi, lo, hi - lo)
+        return Normalization(lo, hi, lo, hi - lo)
     stats = manifest.split("train").hu.liver
     if stats.count == 0:
         raise RecordsError(f"{manifest.root}: no liver voxels in the train split; use data.normalize=window")
     pct = stats.percentiles
-    return Intensity(pct["0.5"], pct["99.5"], stats.mean, max(stats.std, 1e-3))
+    return Normalization(pct["0.5"], pct["99.5"], stats.mean, max(stats.std, 1e-3))
+
+
+def normalize(hu, norm: Normalization):
+    """HU (float32 tensor) -> network input: (clip(hu, lo, hi) - shift) / scale."""
+    return (tf.clip_by_value(hu, norm.lo, norm.hi) - norm.shift) / norm.scale
 
 
 def open_split(cfg: Config, split: str) -> Manifest:
@@ -175,20 +181,20 @@ def _gather_slice(shard: dict, row, k: int) -> dict:
     return {"image": image, "mask": mask, "case_index": shard[records.CASE_INDEX][row], "slice_index": s}
 
 
-def batch_preparer(cfg: Config, norm: Intensity):
+def batch_preparer(cfg: Config, norm: Normalization):
     """prepare(batch, seed=None): int16/uint8 batch -> network input (float32 normalised image).
 
     With a seed and augmentation enabled it augments, through one compiled `augment.Augmenter`.
     Shared by host placement (in tf.data) and device placement (in the training step).
     """
-    augmenter = augment.Augmenter(cfg.augment, norm) if augment.enabled(cfg.augment) else None
+    augmenter = augment.Augmenter(cfg.augment, functools.partial(normalize, norm=norm)) if augment.enabled(cfg.augment) else None
 
     def prepare(batch: dict, seed=None) -> dict:
         image, mask = tf.cast(batch["image"], tf.float32), batch["mask"]
         if seed is not None and augmenter is not None:
             image, mask = augmenter(image, mask, seed)
         else:
-            image = norm(image)
+            image = normalize(image, norm)
         return {**batch, "image": image, "mask": mask}
 
     return prepare
@@ -209,7 +215,7 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
     on_service = training and bool(cfg.data.service)
     m = open_split(cfg, split)
     h, w = m.split(split).slice_shape
-    norm = intensity(cfg, m)
+    norm = normalization(cfg, m)
     shards = m.shards(split)
     n_pipes = input_context.num_input_pipelines if input_context and not on_service else 1  # the service shards
     pipe = input_context.input_pipeline_id if input_context and not on_service else 0

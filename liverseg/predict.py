@@ -47,8 +47,8 @@ class Run:
         return self.spec.context
 
     @property
-    def norm(self) -> rundir.Intensity:
-        return self.spec.intensity
+    def norm(self) -> rundir.Normalization:
+        return self.spec.normalization
 
     @property
     def size(self) -> int | None:
@@ -63,13 +63,14 @@ class Run:
 
 def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     """Rebuild the network from RUN/config.yaml and load best.weights.h5 (else final.weights.h5)."""
-    root = Path(root)
+    root, paths = Path(root), rundir.RunDir(root)
     cfg = rundir.load_config(root)
     spec = rundir.RunInfo.load(root).input
     if weights is None:
-        weights = next((root / n for n in ("best.weights.h5", "final.weights.h5") if (root / n).is_file()), None)
+        weights = next((p for p in (paths.best_weights, paths.final_weights) if p.is_file()), None)
         if weights is None:
-            raise LiversegError(f"{root}: no best.weights.h5 or final.weights.h5 yet; train longer or pass --weights")
+            raise LiversegError(f"{root}: no {paths.best_weights.name} or {paths.final_weights.name} yet; train longer "
+                                "or pass --weights")
     weights = Path(weights)
     if not weights.name.endswith(".weights.h5"):
         raise LiversegError(f"{weights}: only Keras weight files (*.weights.h5) are loaded, never whole models")
@@ -99,7 +100,7 @@ def infer_volume(run: Run, image: np.ndarray, batch_size: int | None = None, tta
     out = np.empty((z, h, w), np.float32)
     for i in range(0, z, batch_size):
         stack = np.ascontiguousarray(image[rows[i:i + batch_size]].transpose(0, 2, 3, 1))  # [b, H, W, 2k+1]
-        x = run.norm(tf.constant(stack, tf.float32))
+        x = pipeline.normalize(tf.constant(stack, tf.float32), run.norm)
         x = tf.pad(x, [[0, 0], [0, ph], [0, pw], [0, 0]], mode="REFLECT")
         prob = forward(x)
         if tta_flip:
@@ -222,7 +223,7 @@ def predict(run: Run, paths, out: str | Path, force: bool = False, probabilities
 
 
 class _Serving(tf.Module):
-    def __init__(self, model, norm: rundir.Intensity, channels: int, divisor: int):
+    def __init__(self, model, norm: rundir.Normalization, channels: int, divisor: int):
         super().__init__()
         self.model, self.norm, self.divisor = model, norm, divisor
         self.serve = tf.function(self._serve, input_signature=[
@@ -231,7 +232,7 @@ class _Serving(tf.Module):
     def _serve(self, slices_hu):
         """int16 HU slices [N, H, W, 2k+1] (stored geometry) -> liver probability [N, H, W, 1]."""
         h, w = tf.shape(slices_hu)[1], tf.shape(slices_hu)[2]
-        x = self.norm(tf.cast(slices_hu, tf.float32))
+        x = pipeline.normalize(tf.cast(slices_hu, tf.float32), self.norm)
         x = tf.pad(x, [[0, 0], [0, -h % self.divisor], [0, -w % self.divisor], [0, 0]], mode="REFLECT")
         return {"liver_probability": tf.sigmoid(self.model(x, training=False))[:, :h, :w, :]}
 
@@ -247,6 +248,6 @@ def export(run: Run, out: str | Path, overwrite: bool = False) -> Path:
         module = _Serving(run.model, run.norm, 2 * run.context + 1, unet.divisor(run.cfg.model))
         tf.saved_model.save(module, str(tmp / "saved_model"), signatures={"serving_default": module.serve})
         shutil.copy2(run.weights, tmp / run.weights.name)
-        for name in ("config.yaml", "run.json"):
-            shutil.copy2(run.root / name, tmp / name)
+        for path in (rundir.RunDir(run.root).config, rundir.RunDir(run.root).info):
+            shutil.copy2(path, tmp / path.name)
     return out

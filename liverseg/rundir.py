@@ -3,14 +3,17 @@
     RUN/config.yaml          the resolved config (`config.dump`); a resumed run must match it
     RUN/run.json             `RunInfo`: the dataset trained on and the input contract that
                              `predict`, `evaluate` and `export` rebuild the network from
-    RUN/checkpoints/         tf.train checkpoints (model, optimizer, step, input position);
-                             a damaged one is moved into checkpoints/damaged/, never deleted
+    RUN/checkpoints/         tf.train checkpoints (model, optimizer, step, input position),
+                             kept by `checkpoints`
     RUN/.lock                held (flock) by the chief trainer while it runs
     RUN/train, validation,   TensorBoard event files
         evaluation
+    RUN/eval/<name>/         evaluation reports
     RUN/best.weights.h5, final.weights.h5
 
-This module owns the keys of `run.json`; no other module spells them.
+`RunDir` names every one of these paths (no other module spells a file name of RUN); this
+module also owns the keys of `run.json` (`RunInfo`, `InputSpec`, `Normalization`: plain
+data), the lock and the checks a resumed run must pass.
 """
 
 from __future__ import annotations
@@ -18,14 +21,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +37,6 @@ from liverseg.config import Config
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "run.json"
-CONFIG = "config.yaml"
-CHECKPOINTS = "checkpoints"
-LOCK = ".lock"
 RUN_INFO_VERSION = 1
 # Keys that may change when a run is resumed (they do not change what is learned per step).
 RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -49,24 +45,62 @@ RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkp
 
 
 @dataclass(frozen=True)
-class Intensity:
-    """HU -> network input: (clip(hu, lo, hi) - shift) / scale, as float32 tensors."""
+class RunDir:
+    """The paths of a run directory (see the module docstring)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.root / "best.weights.h5"
+
+    @property
+    def final_weights(self) -> Path:
+        return self.root / "final.weights.h5"
+
+    def board(self, name: str) -> Path:
+        """TensorBoard event folder: "train", "validation" or "evaluation"."""
+        return self.root / name
+
+    def report(self, name: str) -> Path:
+        """Where `evaluate` writes the report of a split (or folder) by default."""
+        return self.root / "eval" / name
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How HU become the network's input: (clip(hu, lo, hi) - shift) / scale (applied by
+    `pipeline.normalize`; the numbers are saved with the run)."""
 
     lo: float
     hi: float
     shift: float
     scale: float
 
-    def __call__(self, hu):
-        import tensorflow as tf
-
-        return (tf.clip_by_value(hu, self.lo, self.hi) - self.shift) / self.scale
-
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Intensity":
+    def from_json(cls, d: dict) -> "Normalization":
         return cls(float(d["lo"]), float(d["hi"]), float(d["shift"]), float(d["scale"]))
 
 
@@ -81,17 +115,17 @@ class InputSpec:
     channels: int
     context: int
     size: int | None
-    intensity: Intensity
+    normalization: Normalization
     spacing: float | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict:  # "intensity": the key's name in run.json since version 1
         return {"height": self.height, "width": self.width, "channels": self.channels, "context": self.context,
-                "size": self.size, "spacing": self.spacing, "intensity": self.intensity.to_json()}
+                "size": self.size, "spacing": self.spacing, "intensity": self.normalization.to_json()}
 
     @classmethod
     def from_json(cls, d: dict) -> "InputSpec":
-        return cls(d["height"], d["width"], d["channels"], d["context"], d.get("size"), Intensity.from_json(d["intensity"]),
-                   d.get("spacing"))
+        return cls(d["height"], d["width"], d["channels"], d["context"], d.get("size"),
+                   Normalization.from_json(d["intensity"]), d.get("spacing"))
 
 
 @dataclass(frozen=True)
@@ -114,7 +148,7 @@ class RunInfo:
         return d
 
     @classmethod
-    def from_json(cls, d: dict, where: str | Path = RUN_INFO) -> "RunInfo":
+    def from_json(cls, d: dict, where: str | Path = "run.json") -> "RunInfo":
         version = d.get("version", 1) if isinstance(d, dict) else None
         if not isinstance(version, int) or not 1 <= version <= RUN_INFO_VERSION:
             raise LiversegError(f"{where}: run.json version {version!r} is newer than this liverseg reads "
@@ -127,34 +161,34 @@ class RunInfo:
 
     @classmethod
     def load(cls, run: str | Path) -> "RunInfo":
-        path = Path(run) / RUN_INFO
+        path = RunDir(run).info
         try:
             return cls.from_json(json.loads(path.read_text()), path)
         except FileNotFoundError:
-            raise LiversegError(f"{run}: no {RUN_INFO}; is this a liverseg run directory (liverseg train --run)?") from None
+            raise LiversegError(f"{run}: no {path.name}; is this a liverseg run directory (liverseg train --run)?") from None
         except (OSError, ValueError) as e:
             raise LiversegError(f"{path}: unreadable ({e})") from None
 
     def save(self, run: str | Path) -> None:
-        with atomic_path(Path(run) / RUN_INFO) as tmp:
+        with atomic_path(RunDir(run).info) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def load_config(run: str | Path) -> Config:
-    path = Path(run) / CONFIG
+    path = RunDir(run).config
     if not path.is_file():
-        raise LiversegError(f"{run}: no {CONFIG}; is this a liverseg run directory (liverseg train --run)?")
+        raise LiversegError(f"{run}: no {path.name}; is this a liverseg run directory (liverseg train --run)?")
     return config.from_dict(yaml.safe_load(path.read_text()))
 
 
 def save_config(run: str | Path, cfg: Config) -> None:
-    with atomic_path(Path(run) / CONFIG) as tmp:
+    with atomic_path(RunDir(run).config) as tmp:
         tmp.write_text(config.dump(cfg))
 
 
 def check_resume(run: Path, cfg: Config) -> None:
     """A run directory keeps its recipe: only RESUMABLE keys may change on resume."""
-    if not (run / CONFIG).is_file():
+    if not RunDir(run).config.is_file():
         return
     saved = config.flatten(load_config(run))
     now = config.flatten(cfg)
@@ -170,7 +204,7 @@ def check_dataset(run: Path, info: RunInfo) -> None:
 
     The dataset may move (`data.records` is resumable): the manifest's sha256 identifies it.
     """
-    if not (run / RUN_INFO).is_file():
+    if not RunDir(run).info.is_file():
         return
     old = RunInfo.load(run)
     if old.manifest_sha256 != info.manifest_sha256:
@@ -195,7 +229,7 @@ def claim(run: Path):
     """
     created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
-    path = run / LOCK
+    path = RunDir(run).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -216,114 +250,9 @@ def claim(run: Path):
             os.ftruncate(fd, 0)  # an empty lock file: released cleanly (the file stays: unlinking races)
     finally:
         os.close(fd)  # releases the flock
-        if created and run.is_dir() and not [p for p in run.iterdir() if p.name != LOCK]:
+        if created and run.is_dir() and not [p for p in run.iterdir() if p != path]:
             shutil.rmtree(run, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------- checkpoints
-
-_CKPT = re.compile(r"^ckpt-(\d+)\.(index|data-\d{5}-of-(\d{5}))$")
-
-
-def _checkpoint_files(directory: Path) -> dict[int, list[Path]]:
-    found: dict[int, list[Path]] = {}
-    for p in directory.iterdir() if directory.is_dir() else ():
-        m = _CKPT.match(p.name)
-        if m:
-            found.setdefault(int(m.group(1)), []).append(p)
-    return found
-
-
-def _incomplete(number: int, files: list[Path]) -> str | None:
-    """Why the files of checkpoint `number` cannot be a whole checkpoint, or None."""
-    names = {p.name for p in files}
-    if f"ckpt-{number}.index" not in names:
-        return "its .index file is missing"
-    shards = {int(_CKPT.match(n).group(3)) for n in names if ".data-" in n}
-    if len(shards) != 1:
-        return "its .data file is missing" if not shards else "its .data files disagree on their count"
-    total = shards.pop()
-    missing = [f"ckpt-{number}.data-{i:05d}-of-{total:05d}" for i in range(total)
-               if f"ckpt-{number}.data-{i:05d}-of-{total:05d}" not in names]
-    return f"{missing[0]} is missing" if missing else None
-
-
-def restore_newest(ckpt, directory: Path, repair: bool) -> int | None:
-    """Restore the newest checkpoint in `directory` that restores cleanly; its number (the step), or None.
-
-    Checkpoints are found by their files, not by TF's `checkpoint` state file, so a missing or
-    garbled state file loses nothing. A newer checkpoint that is incomplete or fails to restore
-    (truncated or corrupted data) is skipped with a warning naming it and why. With `repair`
-    (the chief), skipped checkpoints are moved into `directory/damaged/` and the state file is
-    rewritten to list the intact ones, so rotation never deletes a checkpoint older than the
-    resumed one. Raises LiversegError when checkpoint files exist but none restores: a run that
-    holds checkpoints never silently starts again from step 0.
-    """
-    state = directory / "checkpoint"
-    found = _checkpoint_files(directory)
-    if not found:
-        if state.is_file():
-            raise LiversegError(f"{state} lists checkpoints but no ckpt-* files are in {directory}; put them back, "
-                                f"or move {directory} aside to train from step 0")
-        return None
-    skipped: list[tuple[int, str]] = []
-    restored = None
-    for number in sorted(found, reverse=True):
-        why = _incomplete(number, found[number])
-        if why is None:
-            try:
-                ckpt.restore(str(directory / f"ckpt-{number}")).assert_existing_objects_matched()
-                restored = number
-                break
-            except Exception as e:  # noqa: BLE001 - TF raises several types for damaged files
-                why = f"it does not restore ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
-        log.warning("skipping checkpoint %s: %s", directory / f"ckpt-{number}", why)
-        skipped.append((number, why))
-    if restored is None:
-        raise LiversegError(f"{directory}: no checkpoint restores (" + "; ".join(f"ckpt-{n}: {w}" for n, w in skipped)
-                            + f"); restore them from a backup, or move {directory} aside to train from step 0")
-    if repair:
-        _set_aside(directory, [p for n, _ in skipped for p in found[n]])
-        kept = sorted(n for n in found if n <= restored and _incomplete(n, found[n]) is None)
-        _write_state(directory, kept)
-    return restored
-
-
-def _set_aside(directory: Path, files: list[Path]) -> None:
-    if not files:
-        return
-    aside = directory / "damaged"
-    aside.mkdir(exist_ok=True)
-    for p in files:
-        target = aside / p.name
-        if target.exists():
-            target = aside / f"{p.name}.{int(time.time())}"
-        p.replace(target)
-    log.warning("moved the skipped checkpoint files into %s", aside)
-
-
-def _write_state(directory: Path, numbers: list[int]) -> None:
-    """TF's `checkpoint` state file (a CheckpointState text proto) listing `numbers`, oldest first."""
-    stamps = [(directory / f"ckpt-{n}.index").stat().st_mtime for n in numbers]
-    lines = [f'model_checkpoint_path: "ckpt-{numbers[-1]}"']
-    lines += [f'all_model_checkpoint_paths: "ckpt-{n}"' for n in numbers]
-    lines += [f"all_model_checkpoint_timestamps: {t:.6f}" for t in stamps]
-    lines.append(f"last_preserved_timestamp: {min(stamps) - 1:.6f}")
-    with atomic_path(directory / "checkpoint") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-
-
-def worker_checkpoint_dir(run: Path, task: str) -> Path:
-    """Where a non-chief worker writes its (discarded) checkpoints: a fixed temporary folder per
-    run and task, emptied at start, so one left by a killed worker is removed on the next start."""
-    key = hashlib.sha256(str(run.resolve()).encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"liverseg-worker-{task}-{key}"
-    if path.exists():
-        log.info("removing %s, left by an earlier worker", path)
-        shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-__all__ = ["InputSpec", "Intensity", "RunInfo", "check_dataset", "check_resume", "claim", "load_config",
-           "restore_newest", "save_config", "worker_checkpoint_dir"]
+__all__ = ["InputSpec", "Normalization", "RunDir", "RunInfo", "check_dataset", "check_resume", "claim", "load_config",
+           "save_config"]

@@ -5,18 +5,20 @@ issue 20585). It reads top to bottom:
 
     set-up   strategy (first), run directory, model / optimizer / counters in strategy
              scope, input iterator, checkpoint (restored), the compiled step (`step`),
-             validation (`validate`), TensorBoard writers
-    loop     run a call of `steps_per_call` compiled steps; the call also copies the next
-             call's batches onto the devices (drawn before it, unless a checkpoint is due)
-    hooks    log, validate, checkpoint, preempt (`hooks.Hooks`): each when the step count
-             crosses its interval, and each the only place the host reads device values
+             validation (`validate`), TensorBoard writers, the hooks (`hooks.Hooks`)
+    run      `Trainer.run(until_step)`: calls of `steps_per_call` compiled steps; a call
+             also copies the next call's batches onto the devices (drawn before it, unless
+             a checkpoint is due)
+    hooks    log, validate, checkpoint, the non-finite streak, preempt: each when the step
+             count crosses its interval. The host reads device values there, and in the
+             loop only the step counter of one timed call per log window
 
 * Non-finite steps are skipped on every replica (`step.apply_or_skip`); a streak of
-  `max_nonfinite_steps` stops the run naming the steps, and no checkpoint is written
-  during a streak, so the last checkpoint is good.
+  `max_nonfinite_steps` stops the run naming the steps (checked every that many steps), and
+  no checkpoint is written during a streak, so the last checkpoint is good.
 * The checkpoint holds model, optimizer, step, best validation Dice and the tf.data
   iterator: re-running on the same run directory continues on the exact next batch (from
-  the newest checkpoint that restores, `rundir.restore_newest`; the chief holds the run
+  the newest checkpoint that restores, `checkpoints.restore_newest`; the chief holds the run
   lock). Through the tf.data service the iterator cannot be saved: a count of restarts is,
   and each restart reads a freshly seeded job.
 * SIGTERM saves a checkpoint and ends with `Preempted` (exit status 42, TF's "preempted,
@@ -37,18 +39,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import tensorflow as tf
 
-from liverseg import (TERMINATE, LiversegError, config, data_service, objective, pipeline, rundir, step,
-                      unet, validate)
+from liverseg import (TERMINATE, LiversegError, checkpoints, config, data_service, derive_seed, objective, pipeline,
+                      rundir, step, unet, validate)
 from liverseg.config import Config
-from liverseg.hooks import PREEMPTED_EXIT, Hooks, NonFiniteLoss, Preempted, Window, every, save_weights, weights_fingerprint
+from liverseg.hooks import (PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, save_weights, stop_requested,
+                            weights_fingerprint)
 
 log = logging.getLogger(__name__)
 
 
-def _within(seconds: float, fn, *args, what: str):
+def with_deadline(seconds: float, fn, *args, what: str):
     """fn(*args), or LiversegError(what) when it has not returned after `seconds` (it is left
     running in a daemon thread: a tf.data service iterator waiting for workers cannot be interrupted)."""
     done, out = threading.Event(), {}
@@ -81,11 +85,15 @@ def _set_op_determinism(on: bool) -> None:
         disable()
 
 
-class Trainer(Hooks):
-    """Set-up in __init__, then `loop()`, then `finish()`; the hooks are `hooks.Hooks`."""
+class Trainer:
+    """Set-up in __init__, then `run(until_step)` (any number of times), then `finish()`;
+    `close()` always. `input_transform` (for `liverseg bench train`) maps the training
+    dataset before its iterator is made (e.g. one batch held in memory, repeated)."""
 
-    def __init__(self, cfg: Config, run: Path, progress: bool = True):
-        self.cfg, self.tc, self.run = cfg, cfg.train, run
+    def __init__(self, cfg: Config, run: str | Path, progress: bool = True,
+                 input_transform: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None):
+        self.cfg, self.tc, self.paths = cfg, cfg.train, rundir.RunDir(run)
+        self.input_transform = input_transform
         self.strategy = step.make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
         tf.keras.utils.set_random_seed(cfg.seed)
         _set_op_determinism(cfg.deterministic)
@@ -108,18 +116,25 @@ class Trainer(Hooks):
         self._claim_run()
         self._build_state()
         self._build_input_and_checkpoint()
-        self.run_steps = step.build_train_step(cfg, self.strategy, self.model, self.optimizer, self.info.input.intensity,
-                                               self.step_var, self.acc)
-        self.sync_bn = step.batch_norm_sync(self.strategy, self.model)
-        self.has_val = "val" in self.manifest.splits and self.tc.eval_every > 0
-        if not self.has_val:
-            log.warning("no validation (%s): no best.weights.h5", "train.eval_every=0" if self.tc.eval_every == 0
-                        else f"{self.manifest.root} has no val split")
-        self.validate = (validate.make_validator(self.model, cfg, objective.per_example_loss(self.tc), len(self.manifest.cases))
-                         if self.has_val and self.chief else None)
-        self.writers = self._writers()
-        self.bar = tqdm(total=self.tc.steps, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief))
-        self.window, self.summary, self.profiling, self.calls = Window(), {}, False, 0
+        self.run_steps = step.build_train_step(cfg, self.strategy, self.model, self.optimizer,
+                                               self.info.input.normalization, self.step_var, self.acc)
+        validating = "val" in self.manifest.splits and self.tc.eval_every > 0
+        if not validating:
+            log.warning("no validation (%s): no %s", "train.eval_every=0" if self.tc.eval_every == 0
+                        else f"{self.manifest.root} has no val split", self.paths.best_weights.name)
+        validator = (validate.make_validator(self.model, cfg, objective.per_example_loss(self.tc), len(self.manifest.cases))
+                     if validating and self.chief else None)
+        preemption = None
+        if self.tc.strategy == "multi_worker":  # TF's handler makes every worker save at the same step
+            preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
+                self.strategy.cluster_resolver, self.manager,
+                termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=lambda: sys.exit(PREEMPTED_EXIT)))
+        self.hooks = Hooks(
+            tc=self.tc, paths=self.paths, chief=self.chief, model=self.model, optimizer=self.optimizer, acc=self.acc,
+            best=self.best, manager=self.manager, sync_bn=step.batch_norm_sync(self.strategy, self.model),
+            validating=validating, validator=validator, writers=self._writers(), global_batch=self.global_batch,
+            mixed16=self.mixed16, preemption=preemption, last_saved=self.at,
+            bar=tqdm(total=self.tc.steps, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief)))
 
     # ------------------------------------------------------------------ set-up
 
@@ -135,20 +150,21 @@ class Trainer(Hooks):
         if cfg.data.service:
             data_service.check_reachable(cfg.data.service)
         spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,
-                                pipeline.intensity(cfg, manifest), manifest.spacing)
+                                pipeline.normalization(cfg, manifest), manifest.spacing)
         return manifest, rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec)
 
     def _claim_run(self) -> None:
         """The chief locks the run directory, checks that a resumed run keeps its recipe and its
         dataset, and only then writes config.yaml and run.json."""
+        root = self.paths.root
         if not self.chief:
-            log.info("not the chief: nothing is written to %s", self.run)
+            log.info("not the chief: nothing is written to %s", root)
             return
-        self.cleanup.enter_context(rundir.claim(self.run))
-        rundir.check_resume(self.run, self.cfg)
-        rundir.check_dataset(self.run, self.info)
-        rundir.save_config(self.run, self.cfg)
-        self.info.save(self.run)
+        self.cleanup.enter_context(rundir.claim(root))
+        rundir.check_resume(root, self.cfg)
+        rundir.check_dataset(root, self.info)
+        rundir.save_config(root, self.cfg)
+        self.info.save(root)
 
     def _build_state(self) -> None:
         policy = step.precision(self.cfg)
@@ -162,17 +178,18 @@ class Trainer(Hooks):
         self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice")
 
-    def dataset(self) -> tf.data.Dataset:
-        """This worker's training batches (`liverseg bench train` substitutes batches already in memory).
+    def _dataset(self) -> tf.data.Dataset:
+        """This worker's training batches.
 
         On the tf.data service, each start of the run reads a job of its own, seeded by the
         number of restarts: a fresh data order, the same for every trainer of the run."""
         cfg, job = self.cfg, "liverseg"
         if cfg.data.service:
             restarts = int(self.restarts.numpy())
-            cfg = config.replace(cfg, seed=cfg.seed + 7919 * restarts)
-            job = f"liverseg-{self.info.manifest_sha256[:12]}-{self.run.name}-{restarts}"
-        return pipeline.build_dataset(cfg, "train", step.input_context(self.strategy), service_job=job)
+            cfg = config.replace(cfg, seed=derive_seed(cfg.seed, f"service-restart-{restarts}") if restarts else cfg.seed)
+            job = f"liverseg-{self.info.manifest_sha256[:12]}-{self.paths.root.name}-{restarts}"
+        ds = pipeline.build_dataset(cfg, "train", step.input_context(self.strategy), service_job=job)
+        return self.input_transform(ds) if self.input_transform else ds
 
     def _build_input_and_checkpoint(self) -> None:
         # One plain tf.data iterator per worker, feeding its local replicas: unlike TF's
@@ -187,55 +204,46 @@ class Trainer(Hooks):
             self.restarts = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_restarts")
             tracked["input_restarts"] = self.restarts
         else:
-            self.iterator = iter(self.dataset())
+            self.iterator = iter(self._dataset())
             if self.cfg.data.cache:
                 log.warning("data.cache: tf.data cannot checkpoint a cache, so a resumed run restarts the data order")
             else:
                 tracked["iterator"] = self.iterator
         self.ckpt = tf.train.Checkpoint(**tracked)
-        self.ckpt_dir = self.run / rundir.CHECKPOINTS
+        ckpt_dir = self.paths.checkpoints
         # Every worker restores from the chief's checkpoints; only the chief repairs them.
-        restored = rundir.restore_newest(self.ckpt, self.ckpt_dir, repair=self.chief)
+        restored = checkpoints.restore_newest(self.ckpt, ckpt_dir, repair=self.chief)
         if service:
             if restored is not None:
                 self.restarts.assign_add(1)
-            self.iterator = iter(self.dataset())
-        if self.chief:
-            self.write_dir = self.ckpt_dir
-        else:
+            self.iterator = iter(self._dataset())
+        write_dir = ckpt_dir
+        if not self.chief:
             resolver = self.strategy.cluster_resolver
-            self.write_dir = rundir.worker_checkpoint_dir(self.run, f"{resolver.task_type}{resolver.task_id}")
-            self.cleanup.callback(shutil.rmtree, self.write_dir, ignore_errors=True)
-        self.manager = tf.train.CheckpointManager(self.ckpt, str(self.write_dir), max_to_keep=self.tc.keep_checkpoints)
-        self.at = self.last_saved = int(self.step_var.numpy())  # the one read of the step counter
+            write_dir = checkpoints.worker_checkpoint_dir(self.paths.root, f"{resolver.task_type}{resolver.task_id}")
+            self.cleanup.callback(shutil.rmtree, write_dir, ignore_errors=True)
+        self.manager = tf.train.CheckpointManager(self.ckpt, str(write_dir), max_to_keep=self.tc.keep_checkpoints)
+        self.at = int(self.step_var.numpy())  # the step counter, read once: the loop counts steps itself
         if restored is not None:
-            log.info("resumed from %s at step %d", self.ckpt_dir / f"ckpt-{restored}", self.at)
+            log.info("resumed from %s at step %d", ckpt_dir / f"ckpt-{restored}", self.at)
 
     def _writers(self) -> dict:
         if not self.chief:
             return {k: tf.summary.create_noop_writer() for k in ("train", "validation")}
         from tensorboard.plugins.hparams import api as hp
 
-        writers = {k: tf.summary.create_file_writer(str(self.run / k)) for k in ("train", "validation")}
+        writers = {k: tf.summary.create_file_writer(str(self.paths.board(k))) for k in ("train", "validation")}
         with writers["train"].as_default():
             hp.hparams({k: (str(v) if isinstance(v, list) else v) for k, v in config.flatten(self.cfg).items()},
-                       trial_id=self.run.name)
+                       trial_id=self.paths.root.name)
         return writers
-
-    @property
-    def stop_requested(self) -> bool:
-        """SIGTERM arrived: during the run, or before it (the CLI sets TERMINATE from its first line)."""
-        return TERMINATE.is_set()
 
     @contextlib.contextmanager
     def signals(self):
-        """SIGTERM asks the loop to checkpoint and stop (multi-worker: TF's handler does it)."""
-        self.preemption, old = None, None
-        if self.tc.strategy == "multi_worker":
-            self.preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
-                self.strategy.cluster_resolver, self.manager,
-                termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=lambda: sys.exit(PREEMPTED_EXIT)))
-        else:
+        """SIGTERM asks the loop to checkpoint and stop (sets TERMINATE; under multi-worker
+        TF's preemption handler catches it instead)."""
+        old = None
+        if self.tc.strategy != "multi_worker":
             with contextlib.suppress(ValueError):  # not the main thread: no signal handling
                 old = signal.signal(signal.SIGTERM, lambda *_: TERMINATE.set())
         try:
@@ -246,95 +254,97 @@ class Trainer(Hooks):
 
     # ------------------------------------------------------------------ the loop
 
-    def loop(self) -> None:
-        tc, staged, token = self.tc, [], None
-        self.preempt_hook(self.at, staged=False)  # SIGTERM during set-up
+    def run(self, until_step: int) -> None:
+        """Train from the current step to `until_step`: calls of steps_per_call steps, the
+        hooks after each (the run's end counts as `last`: log, validate, checkpoint)."""
+        tc, hooks, staged, token, calls = self.tc, self.hooks, [], None, 0
+        hooks.preempt(self.at, staged=False)  # SIGTERM during set-up
         with pipeline.named_data_errors(self.cfg, "train"):
-            while self.at < tc.steps:
+            while self.at < until_step:
                 before = self.at
-                k = len(staged) or min(tc.steps_per_call, tc.steps - before)
+                k = len(staged) or min(tc.steps_per_call, until_step - before)
                 batches = staged or self._draw(k)
                 after = before + k
-                k_next = min(tc.steps_per_call, tc.steps - after)
-                ahead = (tc.device_prefetch and k_next > 0 and not self.stop_requested
+                k_next = min(tc.steps_per_call, until_step - after)
+                ahead = (tc.device_prefetch and k_next > 0 and not stop_requested()
                          and not every(before, after, tc.checkpoint_every))  # checkpoints see nothing drawn ahead
                 upcoming = self._draw(k_next) if ahead else []
-                self._profile(before)
+                hooks.profile(before)
                 # Once per log window (not the first call: it compiles) one call is timed on its own,
                 # queue drained before and after: the device time per step when inputs are ready.
-                timed = self.window.step_time is None and self.calls > 0 and token is not None
+                timed = hooks.window.step_time is None and calls > 0 and token is not None
                 if timed:
                     int(token)
                     t = time.perf_counter()
                 staged, token = self.run_steps(batches, upcoming)
                 if timed:
                     int(token)
-                    self.window.step_time = (time.perf_counter() - t) / k
-                self.calls += 1
+                    hooks.window.step_time = (time.perf_counter() - t) / k
+                calls += 1
                 self.at = after
-                self.window.steps += k
-                self.bar.update(k)
-                self.hooks(before, after, bool(staged))
+                hooks.window.steps += k
+                hooks.bar.update(k)
+                hooks.after_call(before, after, bool(staged), last=after == until_step)
 
     def _draw(self, k: int) -> list:
         t = time.perf_counter()
         if self.cfg.data.service:
-            batches = _within(self.cfg.data.service_timeout_s, step.draw, self.iterator, k, self.local,
-                              what=f"no batch from the tf.data service at {self.cfg.data.service} for "
-                                   f"{self.cfg.data.service_timeout_s:g} s (data.service_timeout_s): are its workers "
-                                   "running? (liverseg data-service worker --dispatcher ...)")
+            batches = with_deadline(self.cfg.data.service_timeout_s, step.draw, self.iterator, k, self.local,
+                                    what=f"no batch from the tf.data service at {self.cfg.data.service} for "
+                                         f"{self.cfg.data.service_timeout_s:g} s (data.service_timeout_s): are its "
+                                         "workers running? (liverseg data-service worker --dispatcher ...)")
         else:
             batches = step.draw(self.iterator, k, self.local)
-        self.window.input_wait += time.perf_counter() - t
+        self.hooks.window.input_wait += time.perf_counter() - t
         return batches
 
     # ------------------------------------------------------------------ the end
 
     def close(self) -> None:
-        self.bar.close()
-        if self.profiling:
-            tf.profiler.experimental.stop()
-        for wr in self.writers.values():
-            wr.flush()
+        self.hooks.bar.close()
+        self.hooks.close()
         self.cleanup.close()
 
     def finish(self) -> dict:
-        self.sync_bn()
+        self.hooks.sync_bn()
         best = float(self.best.numpy())
-        self.summary.update(step=self.at, best_val_dice_3d=best if best >= 0 else None,
-                            weights_fingerprint=weights_fingerprint(self.model), replicas=self.replicas)
-        log.info("finished at step %d, weights %s", self.at, self.summary["weights_fingerprint"])
+        summary = self.hooks.summary
+        summary.update(step=self.at, best_val_dice_3d=best if best >= 0 else None,
+                       weights_fingerprint=weights_fingerprint(self.model), replicas=self.replicas)
+        log.info("finished at step %d, weights %s", self.at, summary["weights_fingerprint"])
         if self.chief:
-            save_weights(self.model, self.run / "final.weights.h5")
-            result = {k: v for k, v in self.summary.items() if k != "train"}
-            dataclasses.replace(self.info, result=result).save(self.run)
-        return self.summary
+            save_weights(self.model, self.paths.final_weights)
+            result = {k: v for k, v in summary.items() if k != "train"}
+            dataclasses.replace(self.info, result=result).save(self.paths.root)
+        return summary
 
 
 def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     """Train (or resume) in `run`. Returns the summary also written to RUN/run.json (chief)."""
-    trainer = Trainer(cfg, Path(run), progress)
+    trainer = Trainer(cfg, run, progress)
     try:
-        with trainer.signals(), lost_workers_explained(trainer):
-            trainer.loop()
+        resume_point = lambda: f"step {trainer.hooks.last_saved} in {trainer.paths.checkpoints}"  # noqa: E731
+        with trainer.signals(), lost_workers_explained(cfg.train.strategy == "multi_worker", resume_point):
+            trainer.run(cfg.train.steps)
             return trainer.finish()
     finally:
         trainer.close()
 
 
 @contextlib.contextmanager
-def lost_workers_explained(trainer: Trainer):
+def lost_workers_explained(multi_worker: bool, resume_point: Callable[[], str]):
     """Under multi-worker, a peer that died or became unreachable surfaces as a collective's
-    UnavailableError (or a deadline/abort) with a long trace: say it in one line instead."""
+    UnavailableError (or a deadline/abort) with a long trace: say it in one line instead,
+    naming where training resumes (`resume_point()`: the last checkpoint)."""
     try:
         yield
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError) as e:
-        if trainer.tc.strategy != "multi_worker":
+        if not multi_worker:
             raise
         first = (e.message or type(e).__name__).strip().splitlines()[0][:200]
         raise LiversegError(f"lost contact with a worker of the cluster ({type(e).__name__}: {first}); restart every "
                             f"worker with the same command: training resumes from the last checkpoint "
-                            f"(step {trainer.last_saved} in {trainer.ckpt_dir})") from None
+                            f"({resume_point()})") from None
 
 
-__all__ = ["NonFiniteLoss", "PREEMPTED_EXIT", "Preempted", "Trainer", "every", "train"]
+__all__ = ["LogWindow", "NonFiniteLoss", "PREEMPTED_EXIT", "Preempted", "Trainer", "every", "train"]

@@ -18,7 +18,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, liverseg_process, load_image, write_nifti
-from liverseg import LiversegError, config, geometry, nifti_io, rundir, synth, train
+from liverseg import LiversegError, checkpoints, config, geometry, nifti_io, rundir, synth, train
 from liverseg.cli import cli
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
@@ -74,7 +74,7 @@ def test_damaged_checkpoint_resumes_from_the_newest_readable_and_keeps_the_older
     apply, expected, why = DAMAGE[damage]
     ckpt, step = _three_checkpoints(tmp_path)
     apply(tmp_path)
-    assert rundir.restore_newest(ckpt, tmp_path, repair=True) == expected
+    assert checkpoints.restore_newest(ckpt, tmp_path, repair=True) == expected
     assert int(step.numpy()) == expected
     for n in (2, 4):  # never deleted
         assert (tmp_path / f"ckpt-{n}.index").is_file() and (tmp_path / f"ckpt-{n}.data-00000-of-00001").is_file()
@@ -91,13 +91,13 @@ def test_no_readable_checkpoint_stops_naming_the_files(tmp_path):
     for n in (2, 4, 6):
         _truncate(tmp_path / f"ckpt-{n}.data-00000-of-00001")
     with pytest.raises(LiversegError, match=r"no checkpoint restores \(ckpt-6: .*ckpt-4: .*ckpt-2: .*move .* aside"):
-        rundir.restore_newest(ckpt, tmp_path, repair=True)
+        checkpoints.restore_newest(ckpt, tmp_path, repair=True)
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == sorted(  # nothing moved or deleted
         f"ckpt-{n}.{k}" for n in (2, 4, 6) for k in ("index", "data-00000-of-00001"))
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
     with pytest.raises(LiversegError, match=r"lists checkpoints but no ckpt-\* files"):
-        rundir.restore_newest(ckpt, tmp_path / "only", repair=True)
+        checkpoints.restore_newest(ckpt, tmp_path / "only", repair=True)
 
 
 def test_training_resumes_past_a_truncated_newest_checkpoint(trained_run, tmp_path):
@@ -215,11 +215,11 @@ def test_tensorboard_stopped_by_sigterm_frees_its_port(trained_run):
 
 
 def test_a_stale_worker_checkpoint_folder_is_removed_on_the_next_start(tmp_path):
-    first = rundir.worker_checkpoint_dir(tmp_path / "run", "worker1")
+    first = checkpoints.worker_checkpoint_dir(tmp_path / "run", "worker1")
     (first / "ckpt-5.index").write_text("left by a killed worker")
-    again = rundir.worker_checkpoint_dir(tmp_path / "run", "worker1")
+    again = checkpoints.worker_checkpoint_dir(tmp_path / "run", "worker1")
     assert again == first and list(again.iterdir()) == []
-    assert rundir.worker_checkpoint_dir(tmp_path / "other", "worker1") != first
+    assert checkpoints.worker_checkpoint_dir(tmp_path / "other", "worker1") != first
     shutil.rmtree(first)
 
 
@@ -325,17 +325,13 @@ def test_sigterm_in_the_first_second_of_train_exits_42(dataset, tmp_path):
 
 
 def test_a_lost_worker_is_one_line():
-    class Stub:
-        tc = config.load(None, ["train.strategy=multi_worker"]).train
-        last_saved, ckpt_dir = 40, Path("run/checkpoints")
-
+    where = lambda: "step 40 in run/checkpoints"  # noqa: E731
     with pytest.raises(LiversegError, match=r"^lost contact with a worker of the cluster \(UnavailableError: Collective "
                                             r"ops is aborted by: peer down\); restart every worker .*step 40 in run/checkpoints\)$"):
-        with train.lost_workers_explained(Stub()):
+        with train.lost_workers_explained(True, where):
             raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: peer down\nAdditional GRPC ...")
-    Stub.tc = config.load(None).train  # one process: not ours to explain
-    with pytest.raises(tf.errors.UnavailableError):
-        with train.lost_workers_explained(Stub()):
+    with pytest.raises(tf.errors.UnavailableError):  # one process: not ours to explain
+        with train.lost_workers_explained(False, where):
             raise tf.errors.UnavailableError(None, None, "x")
 
 

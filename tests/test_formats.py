@@ -29,12 +29,12 @@ def test_manifest_round_trips_and_refuses_a_newer_version(dataset, tmp_path):
 
 
 def test_run_info_round_trips_and_refuses_a_newer_version(tmp_path):
-    spec = rundir.InputSpec(64, 48, 5, 2, None, rundir.Intensity(-200.0, 250.0, -200.0, 450.0))
+    spec = rundir.InputSpec(64, 48, 5, 2, None, rundir.Normalization(-200.0, 250.0, -200.0, 450.0))
     info = rundir.RunInfo("/data/records", "ab" * 32, spec)
     info.save(tmp_path)
     assert rundir.RunInfo.load(tmp_path) == info
-    d = json.loads((tmp_path / rundir.RUN_INFO).read_text())
-    (tmp_path / rundir.RUN_INFO).write_text(json.dumps({**d, "version": 7}))
+    d = json.loads(rundir.RunDir(tmp_path).info.read_text())
+    rundir.RunDir(tmp_path).info.write_text(json.dumps({**d, "version": 7}))
     with pytest.raises(LiversegError, match=r"run.json.*7"):
         rundir.RunInfo.load(tmp_path)
 

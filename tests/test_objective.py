@@ -86,7 +86,7 @@ def test_gradients_are_taken_as_already_summed_across_replicas():
 def test_flip_tta_averages_with_the_left_right_mirror(tmp_path):
     """A position-dependent stand-in network: TTA must equal (f(x) + flip(f(flip(x)))) / 2 along W."""
     cfg = config.load(None, ["model.name=pointwise", "eval.tta_flip=true"])
-    norm = rundir.Intensity(-100.0, 100.0, 0.0, 100.0)
+    norm = rundir.Normalization(-100.0, 100.0, 0.0, 100.0)
     ramp = tf.reshape(tf.linspace(-2.0, 2.0, 6), [1, 1, 6, 1])
 
     def forward(x):

@@ -25,7 +25,7 @@ def _volumes(dataset):
 @pytest.mark.parametrize("k", [1, 2])
 def test_context_channels_are_neighbours_clamped_to_the_case(dataset, k):
     m, vols = _volumes(dataset)
-    norm = pipeline.intensity(cfg_for(dataset), m)
+    norm = pipeline.normalization(cfg_for(dataset), m)
     seen = []
     for split in ("train", "val"):
         for b in pipeline.build_dataset(cfg_for(dataset, f"data.context={k}"), split, training=False):
@@ -35,7 +35,7 @@ def test_context_channels_are_neighbours_clamped_to_the_case(dataset, k):
                 assert img.shape[-1] == 2 * k + 1
                 for c, off in enumerate(range(-k, k + 1)):
                     src = int(np.clip(si + off, 0, z - 1))
-                    np.testing.assert_allclose(img[..., c], norm(tf.constant(image[src], tf.float32)).numpy(), atol=1e-6)
+                    np.testing.assert_allclose(img[..., c], pipeline.normalize(tf.constant(image[src], tf.float32), norm).numpy(), atol=1e-6)
                 np.testing.assert_array_equal(msk[..., 0], mask[si])
                 seen.append((ci, si))
     assert len(seen) == len(set(seen)) == m.split("train").num_examples + m.split("val").num_examples
@@ -141,7 +141,7 @@ def test_resumed_three_times_reads_exactly_like_one_pass(dataset, tmp_path, plac
 
 def test_zscore_normalisation_uses_manifest_statistics(dataset):
     m = Manifest.load(dataset)
-    norm = pipeline.intensity(cfg_for(dataset, "data.normalize=zscore"), m)
+    norm = pipeline.normalization(cfg_for(dataset, "data.normalize=zscore"), m)
     liver = m.split("train").hu.liver
     assert (norm.shift, norm.scale, norm.lo) == (liver.mean, liver.std, liver.percentiles["0.5"])
 

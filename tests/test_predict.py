@@ -9,7 +9,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, tree, write_nifti
-from liverseg import LiversegError, config, evaluate, geometry, metrics, predict, synth, train
+from liverseg import LiversegError, config, evaluate, geometry, metrics, pipeline, predict, synth, train
 from liverseg.cli import cli
 
 
@@ -133,7 +133,7 @@ def test_export_reloads_with_the_same_probabilities(trained_run, tmp_path):
     serving = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
     x = np.random.default_rng(0).integers(-1000, 1000, (2, 30, 28, 3)).astype(np.int16)  # odd size: padded inside
     got = serving(slices_hu=tf.constant(x))["liver_probability"].numpy()
-    padded = tf.pad(run.norm(tf.constant(x, tf.float32)), [[0, 0], [0, 2], [0, 0], [0, 0]], mode="REFLECT")
+    padded = tf.pad(pipeline.normalize(tf.constant(x, tf.float32), run.norm), [[0, 0], [0, 2], [0, 0], [0, 0]], mode="REFLECT")
     ref = run.forward(padded).numpy()[:, :30, :28]
     np.testing.assert_allclose(got, ref, atol=1e-5)
     with pytest.raises(LiversegError, match="not empty"):
