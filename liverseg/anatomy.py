@@ -170,10 +170,31 @@ def _body_rings(A: dict, xs, ys) -> np.ndarray:
     return (np.sqrt(u**2 + v**2) / (1 + sum(amp * np.cos(k * theta + ph) for k, amp, ph in A["wobble"])))[..., None]
 
 
+BIG = 1e4  # an ellipsoid axis that spans any slab (structures running the whole length)
+
+
 def _render_slab(A: dict, cv: _Canvas, r, tex, deform, liver_in, lesions) -> np.ndarray:
-    """Paint one slab in cv.ct (HU) and return its liver mask. r: body radius, tex/deform: fields."""
-    hu, ct, xs, ys, zs = A["hu"], cv.ct, cv.xs, cv.ys, cv.zs
-    big = 1e4
+    """Paint one slab in cv.ct (HU) and return its liver mask. r: body radius, tex/deform:
+    fields. Structures are painted in this order, each over what is below it."""
+    inner = _paint_body_wall(A, cv, r, tex)
+    _paint_abdomen(A, cv, inner)
+    liver = _procedural_liver(A, cv, r, deform) if liver_in is None else liver_in.astype(bool)
+    _paint_liver(A, cv, liver, inner, tex, lesions, gallbladder=liver_in is None)
+    ivc = _paint_great_vessels_and_spine(A, cv)
+    _paint_ribs(A, cv)
+    if liver_in is not None:  # a real mask is the ground truth as given
+        return liver
+    # The liver mask: liver tissue not overwritten by the IVC.
+    got = cv.box(*_ellipsoid_box(ivc))
+    if got is not None:
+        sl, x, y, z = got
+        liver[sl] &= ~(_ellipsoid(x, y, z, ivc) < 1)
+    return liver & cv.body[..., None]
+
+
+def _paint_body_wall(A: dict, cv: _Canvas, r, tex) -> np.ndarray:
+    """Air, the table, fat, muscle and the abdominal background; returns the inside of the wall."""
+    hu, ct, xs, ys = A["hu"], cv.ct, cv.xs, cv.ys
     ct[...] = hu["air"]
     table_y = A["yc"] - A["b"] - 12.0
     table = (np.abs(ys - table_y) < 4)[None, :, None] & (np.abs(xs) < 1.2 * A["a"])[:, None, None]
@@ -182,12 +203,14 @@ def _render_slab(A: dict, cv: _Canvas, r, tex, deform, liver_in, lesions) -> np.
     for ring, value in ((r < 1, hu["fat"] + 8 * tex), (r < 1 - A["fat_t"], hu["muscle"]), (inner2d, hu["bg"] + 25 * tex)):
         region = np.broadcast_to(ring, ct.shape)
         ct[region] = value if np.isscalar(value) else value[region]
-    inner = np.broadcast_to(inner2d, ct.shape)
+    return np.broadcast_to(inner2d, ct.shape)
 
-    spine_y = A["yc"] - 0.62 * A["b"]
-    vr = A["vert_r"]
+
+def _paint_abdomen(A: dict, cv: _Canvas, inner) -> None:
+    """Paraspinal muscles, bowel gas, the stomach and the kidneys."""
+    hu, spine_y = A["hu"], A["yc"] - 0.62 * A["b"]
     for side in (1, -1):  # paraspinal muscles
-        e = (side * 0.22 * A["a"], spine_y - 0.12 * A["b"], 0.0, 0.16 * A["a"], 0.17 * A["b"], big)
+        e = (side * 0.22 * A["a"], spine_y - 0.12 * A["b"], 0.0, 0.16 * A["a"], 0.17 * A["b"], BIG)
         cv.paint(_ellipsoid_box(e), lambda x, y, z: (((x - e[0]) / e[3]) ** 2 + ((y - e[1]) / e[4]) ** 2 < 1, hu["muscle"]))
     for gx, gy, gz, gr in A["gas"]:  # bowel gas pockets, lower abdomen
         e = (gx, gy, gz, gr, gr, gr / 1.5)
@@ -201,24 +224,31 @@ def _render_slab(A: dict, cv: _Canvas, r, tex, deform, liver_in, lesions) -> np.
             return q < 1, value
         cv.paint(_ellipsoid_box(k), kidney, within=inner)
 
-    if liver_in is None:
-        liver = np.zeros(ct.shape, bool)
-        lo = np.minimum(_ellipsoid_box(A["right"], 1.3)[0], _ellipsoid_box(A["left"], 1.3)[0])
-        hi = np.maximum(_ellipsoid_box(A["right"], 1.3)[1], _ellipsoid_box(A["left"], 1.3)[1])
-        got = cv.box(lo, hi)
-        if got is not None:
-            sl, x, y, z = got
 
-            def lobe(e):
-                cx, cy, cz, sx, sy, sz = e
-                taper = 1 - 0.35 * np.clip((cz - z) / sz, 0, 1) ** 2  # narrower towards the inferior tip
-                return 1 - _ellipsoid(x, y, z, (cx, cy, cz, sx * taper, sy * taper, sz))
+def _procedural_liver(A: dict, cv: _Canvas, r, deform) -> np.ndarray:
+    """The drawn liver: two tapering lobes, deformed, inside the muscle wall, minus the gallbladder."""
+    liver = np.zeros(cv.ct.shape, bool)
+    lo = np.minimum(_ellipsoid_box(A["right"], 1.3)[0], _ellipsoid_box(A["left"], 1.3)[0])
+    hi = np.maximum(_ellipsoid_box(A["right"], 1.3)[1], _ellipsoid_box(A["left"], 1.3)[1])
+    got = cv.box(lo, hi)
+    if got is None:
+        return liver
+    sl, x, y, z = got
 
-            f = np.maximum(lobe(A["right"]), lobe(A["left"])) + A["deform_amp"] * deform[sl]
-            keep = (f > 0) & (r[sl[0], sl[1]] < 1 - A["fat_t"] - 0.5 * A["muscle_t"])
-            liver[sl] = keep & ~(_ellipsoid(x, y, z, A["gall"]) < 1)
-    else:
-        liver = liver_in.astype(bool)
+    def lobe(e):
+        cx, cy, cz, sx, sy, sz = e
+        taper = 1 - 0.35 * np.clip((cz - z) / sz, 0, 1) ** 2  # narrower towards the inferior tip
+        return 1 - _ellipsoid(x, y, z, (cx, cy, cz, sx * taper, sy * taper, sz))
+
+    f = np.maximum(lobe(A["right"]), lobe(A["left"])) + A["deform_amp"] * deform[sl]
+    keep = (f > 0) & (r[sl[0], sl[1]] < 1 - A["fat_t"] - 0.5 * A["muscle_t"])
+    liver[sl] = keep & ~(_ellipsoid(x, y, z, A["gall"]) < 1)
+    return liver
+
+
+def _paint_liver(A: dict, cv: _Canvas, liver, inner, tex, lesions, gallbladder: bool) -> None:
+    """The spleen (liver-like HU), the liver with its vessels and lesions, and the gallbladder."""
+    hu, ct = A["hu"], cv.ct
     sp = A["spleen"]
     cv.paint(_ellipsoid_box(sp, 1.2), lambda x, y, z: (_ellipsoid(x, y, z, sp) < 1, hu["spleen"]), within=inner & ~liver)
     ct[liver & cv.body[..., None]] = (hu["liver"] + 6 * tex)[liver & cv.body[..., None]]
@@ -230,15 +260,20 @@ def _render_slab(A: dict, cv: _Canvas, r, tex, deform, liver_in, lesions) -> np.
     for c, rad in lesions:
         e = (*c, rad, rad, rad)
         cv.paint(_ellipsoid_box(e), lambda x, y, z: (_ellipsoid(x, y, z, e) < 1, hu["lesion"]), within=liver)
-    if liver_in is None:
+    if gallbladder:
         g = A["gall"]
         cv.paint(_ellipsoid_box(g), lambda x, y, z: (_ellipsoid(x, y, z, g) < 1, hu["gall"]))
 
-    ivc = (0.17 * A["a"], spine_y + vr + 12, 0.0, 13.0, 13.0, big)
-    aorta = (-0.1 * A["a"], spine_y + vr + 14, 0.0, 11.0, 11.0, big)
+
+def _paint_great_vessels_and_spine(A: dict, cv: _Canvas) -> tuple:
+    """IVC and aorta, the vertebra with its discs, its posterior arch and the spinal canal;
+    returns the IVC (it is carved out of the liver mask)."""
+    hu, spine_y, vr = A["hu"], A["yc"] - 0.62 * A["b"], A["vert_r"]
+    ivc = (0.17 * A["a"], spine_y + vr + 12, 0.0, 13.0, 13.0, BIG)
+    aorta = (-0.1 * A["a"], spine_y + vr + 14, 0.0, 11.0, 11.0, BIG)
     for e, value in ((ivc, hu["ivc"]), (aorta, hu["aorta"])):
         cv.paint(_ellipsoid_box(e), lambda x, y, z, e=e, value=value: (_ellipsoid(x, y, z, e) < 1, value))
-    vert = (0.0, spine_y, 0.0, vr, vr, big)
+    vert = (0.0, spine_y, 0.0, vr, vr, BIG)
 
     def vertebra(x, y, z):
         d2 = x**2 + (y - spine_y) ** 2
@@ -247,10 +282,16 @@ def _render_slab(A: dict, cv: _Canvas, r, tex, deform, liver_in, lesions) -> np.
 
     cv.paint(_ellipsoid_box(vert), vertebra)
     canal_y = spine_y - vr - 8
-    post = (0.0, canal_y - 14, 0.0, 10.0, 9.0, big)
+    post = (0.0, canal_y - 14, 0.0, 10.0, 9.0, BIG)
     cv.paint(_ellipsoid_box(post), lambda x, y, z: (_ellipsoid(x, y, z, post) < 1, hu["cortex"]))
-    canal = (0.0, canal_y, 0.0, 7.5, 7.5, big)
+    canal = (0.0, canal_y, 0.0, 7.5, 7.5, BIG)
     cv.paint(_ellipsoid_box(canal), lambda x, y, z: (_ellipsoid(x, y, z, canal) < 1, hu["csf"]))
+    return ivc
+
+
+def _paint_ribs(A: dict, cv: _Canvas) -> None:
+    """Ribs: cortex and marrow, each along a slowly drifting arc at the muscle wall."""
+    hu, zs = A["hu"], cv.zs
     rib_ring = 1 - A["fat_t"] - 0.5 * A["muscle_t"]
     for ang, rad, drift in A["ribs"]:
         def centre(z, ang=ang, drift=drift):
@@ -264,16 +305,7 @@ def _render_slab(A: dict, cv: _Canvas, r, tex, deform, liver_in, lesions) -> np.
 
         ends = np.array([centre(zs[0]), centre(zs[-1])])  # the rib's path across the slab is a short arc
         pad = rad + 2 + 0.25 * float(np.abs(ends[0] - ends[1]).max())
-        cv.paint(((*(ends.min(0) - pad), A["rib_low"]), (*(ends.max(0) + pad), big)), rib)
-
-    if liver_in is not None:  # a real mask is the ground truth as given
-        return liver
-    # The liver mask: liver tissue not overwritten by the IVC.
-    got = cv.box(*_ellipsoid_box(ivc))
-    if got is not None:
-        sl, x, y, z = got
-        liver[sl] &= ~(_ellipsoid(x, y, z, ivc) < 1)
-    return liver & cv.body[..., None]
+        cv.paint(((*(ends.min(0) - pad), A["rib_low"]), (*(ends.max(0) + pad), BIG)), rib)
 
 
 def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],

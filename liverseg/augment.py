@@ -200,8 +200,3 @@ class Augmenter:
 
     def __call__(self, image_hu, mask, seed):
         return self._fn(image_hu, mask, seed)
-
-
-def augment_batch(image_hu, mask, seed, cfg: AugmentConfig, normalize):
-    """One-off augmentation of a batch (compiles on first use; hold an Augmenter to reuse it)."""
-    return Augmenter(cfg, normalize)(image_hu, mask, seed)

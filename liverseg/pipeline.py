@@ -32,11 +32,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
 
-from liverseg import augment, data_service, records
+from liverseg import augment, data_service, derive_seed, records
 from liverseg.config import Config
 from liverseg.manifest import Manifest
 from liverseg.rundir import Normalization
@@ -203,6 +204,136 @@ def batch_preparer(cfg: Config, norm: Normalization):
 # ------------------------------------------------------------------------- the dataset
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one input pipeline reads: its shards of the split, slice shape, normalisation,
+    per-replica batch, and how it shares the split with other pipelines (`pipe` of
+    `n_pipes`; `record_shard`: fewer shards than pipelines, so rows are divided instead)."""
+
+    manifest: Manifest
+    split: str
+    shards: tuple
+    height: int
+    width: int
+    norm: Normalization
+    batch: int
+    pipe: int
+    n_pipes: int
+    record_shard: bool
+
+
+def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bool) -> _Plan:
+    m = open_split(cfg, split)
+    h, w = m.split(split).slice_shape
+    shards = m.shards(split)
+    n_pipes = input_context.num_input_pipelines if input_context and not on_service else 1  # the service shards
+    pipe = input_context.input_pipeline_id if input_context and not on_service else 0
+    replicas = input_context.num_replicas_in_sync if input_context else 1
+    # training: equal per-replica batches (the global batch must divide); evaluation keeps
+    # every slice and needs no equal split
+    batch = global_batch(cfg, replicas) // replicas if training else -(-cfg.eval.batch_size // replicas)
+    record_shard = n_pipes > 1 and len(shards) < n_pipes
+    if record_shard:
+        log.warning("split %s has %d shard(s) for %d input pipelines: every pipeline reads every shard and "
+                    "keeps 1/%d of the slices; convert with --num-shards >= %d to shard by file",
+                    split, len(shards), n_pipes, n_pipes, n_pipes)
+    elif n_pipes > 1:
+        shards = shards[pipe::n_pipes]
+    return _Plan(m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard)
+
+
+def _files(plan: _Plan, shards) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(([str(plan.manifest.path(s)) for s in shards],
+                                               tf.constant([s.num_examples for s in shards], tf.int64)))
+
+
+# Named functions, not lambdas, below: AutoGraph locates a function's source by its line and
+# gives up (with a warning) on several lambdas that look alike.
+
+def _stages(cfg: Config, plan: _Plan):
+    """(read, gather): a shard file -> its parsed tensors; (shard, row) -> one 2.5D example."""
+    compression, h, w, k = plan.manifest.compression, plan.height, plan.width, cfg.data.context
+
+    def read(path, count):
+        return _read_shard(path, count, compression, h, w)
+
+    def gather(shard, row):
+        return _gather_slice(shard, row, k)
+
+    return read, gather
+
+
+def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_service: bool) -> tf.data.Dataset:
+    """Examples of `shards`, for training: shard order shuffled per epoch, shards read
+    `cycle_length` at a time, liver slices favoured, the rows of the visited shards interleaved."""
+    read, gather = _stages(cfg, plan)
+    keep_bg, seed = liver_keep_probability(cfg, plan.manifest, plan.split), cfg.seed
+    sampling = tf.constant(derive_seed(seed, "foreground-sampling"), tf.int64)
+
+    def rows_of_visit(visit, shard):  # every visit of a shard (counted across epochs) samples anew
+        return _shard_rows(shard, tf.stack([sampling, visit]), keep_bg)
+
+    files, n = _files(plan, shards), len(shards)
+    if cfg.data.cache:  # parsed shards kept in memory after the first pass
+        parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs)
+    else:
+        parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs).map(
+            read, num_parallel_calls=None if cfg.deterministic else cfg.data.cycle_length)
+    # This interleave only hands out row references, so it needs no parallelism (and TF's
+    # parallel interleave is not safe under symbolic checkpointing); the copying happens in
+    # the parallel map after it.
+    ds = numbered(parsed, on_service).interleave(rows_of_visit, cycle_length=cfg.data.cycle_length, block_length=1)
+    if plan.record_shard:  # on row references, before any voxel is copied
+        ds = ds.shard(plan.n_pipes, plan.pipe)
+    return ds.map(gather, num_parallel_calls=_parallel(cfg))
+
+
+def _training_batches(cfg: Config, plan: _Plan, epochs: int | None, on_service: bool) -> tf.data.Dataset:
+    """Shuffled, batched (per replica, remainder dropped: static shapes) and, with host
+    placement, augmented batches; device placement ships int16 + uint8 as read."""
+    ds = _training_slices(cfg, plan, plan.shards, epochs, on_service)
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=derive_seed(cfg.seed, f"slice-shuffle-{plan.pipe}"),
+                    reshuffle_each_iteration=True)
+    ds = ds.batch(plan.batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
+    if cfg.augment.placement == "device":
+        return ds
+    prepare = batch_preparer(cfg, plan.norm)
+    stream = tf.constant(derive_seed(cfg.seed, f"host-augment-{plan.pipe}"), tf.int64)
+
+    def augment_batch(i, batch):
+        if on_service:  # workers count batches apart: the batch's first slice tells them apart
+            i = i * 1_000_003 + batch["case_index"][0] * 100_003 + batch["slice_index"][0]
+        return prepare(batch, tf.stack([stream, i]))
+
+    return numbered(ds, on_service).map(augment_batch, num_parallel_calls=_parallel(cfg))
+
+
+def _evaluation_batches(cfg: Config, plan: _Plan) -> tf.data.Dataset:
+    """Every slice once, in case and slice order, normalised, never augmented; the last batch may be short."""
+    read, gather = _stages(cfg, plan)
+    prepare = batch_preparer(cfg, plan.norm)
+
+    def normalize_batch(batch):
+        return prepare(batch)
+
+    parsed = _files(plan, plan.shards).map(read)
+    if cfg.data.cache:
+        parsed = parsed.cache()
+    ds = parsed.flat_map(_shard_rows)
+    if plan.record_shard:
+        ds = ds.shard(plan.n_pipes, plan.pipe)
+    ds = ds.map(gather, num_parallel_calls=_parallel(cfg))
+    ds = ds.batch(plan.batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(normalize_batch, num_parallel_calls=_parallel(cfg))
+
+
+def _parallel(cfg: Config):
+    """num_parallel_calls of the per-example maps. Under op determinism (deterministic: true)
+    TF runs them sequentially anyway, by rewriting each node, and logs an error line for an
+    attribute the rewrite drops (use_unbounded_threadpool): ask for sequential maps instead."""
+    return None if cfg.deterministic else tf.data.AUTOTUNE
+
+
 def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputContext | None = None,
                   training: bool | None = None, epochs: int | None = None, service_job: str = "liverseg") -> tf.data.Dataset:
     """The dataset of one input pipeline. training defaults to split == "train".
@@ -213,88 +344,8 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
     """
     training = split == "train" if training is None else training
     on_service = training and bool(cfg.data.service)
-    m = open_split(cfg, split)
-    h, w = m.split(split).slice_shape
-    norm = normalization(cfg, m)
-    shards = m.shards(split)
-    n_pipes = input_context.num_input_pipelines if input_context and not on_service else 1  # the service shards
-    pipe = input_context.input_pipeline_id if input_context and not on_service else 0
-    if training:  # equal per-replica batches: the global batch must divide
-        replicas = input_context.num_replicas_in_sync if input_context else 1
-        batch = global_batch(cfg, replicas) // replicas
-    else:  # evaluation keeps every slice and needs no equal split
-        replicas = input_context.num_replicas_in_sync if input_context else 1
-        batch = -(-cfg.eval.batch_size // replicas)
-    record_shard = False
-    if n_pipes > 1:
-        if len(shards) >= n_pipes:
-            shards = shards[pipe::n_pipes]
-        else:
-            record_shard = True
-            log.warning("split %s has %d shard(s) for %d input pipelines: every pipeline reads every shard and "
-                        "keeps 1/%d of the slices; convert with --num-shards >= %d to shard by file",
-                        split, len(shards), n_pipes, n_pipes, n_pipes)
-
-    files = tf.data.Dataset.from_tensor_slices(([str(m.path(s)) for s in shards],
-                                                tf.constant([s.num_examples for s in shards], tf.int64)))
-    compression = m.compression
-    k = cfg.data.context
-    seed = cfg.seed
-
-    # Named functions, not lambdas: AutoGraph locates a function's source by its line and
-    # gives up (with a warning) on several lambdas that look alike.
-    def read(path, count):
-        return _read_shard(path, count, compression, h, w)
-
-    def gather(shard, row):
-        return _gather_slice(shard, row, k)
-
-    def rows_of_visit(visit, shard):  # every visit of a shard (counted across epochs) samples anew
-        return _shard_rows(shard, tf.stack([tf.cast(seed, tf.int64), visit]), keep_bg)
-
-    prepare = batch_preparer(cfg, norm)
-
-    def augment_batch(i, batch):
-        if on_service:  # workers count batches apart: the batch's first slice tells them apart
-            i = i * 1_000_003 + batch["case_index"][0] * 100_003 + batch["slice_index"][0]
-        return prepare(batch, tf.stack([tf.cast(cfg.seed * 1_000_003 + pipe, tf.int64), i]))
-
-    def normalize_batch(batch):
-        return prepare(batch)
-
-    keep_bg = liver_keep_probability(cfg, m, split) if training else 1.0
-    # Under op determinism (deterministic: true) TF runs these maps sequentially anyway, by
-    # rewriting each node, and logs an error line for an attribute the rewrite drops
-    # (use_unbounded_threadpool): ask for sequential maps instead.
-    parallel = None if cfg.deterministic else tf.data.AUTOTUNE
-    if training:
-        n = len(shards)
-        if cfg.data.cache:  # parsed shards kept in memory after the first pass
-            parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs)
-        else:
-            parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs).map(
-                read, num_parallel_calls=None if cfg.deterministic else cfg.data.cycle_length)
-        # This interleave only hands out row references, so it needs no parallelism (and TF's
-        # parallel interleave is not safe under symbolic checkpointing); the copying
-        # happens in the parallel map after it.
-        ds = numbered(parsed, on_service).interleave(rows_of_visit, cycle_length=cfg.data.cycle_length, block_length=1)
-        if record_shard:  # on row references, before any voxel is copied
-            ds = ds.shard(n_pipes, pipe)
-        ds = ds.map(gather, num_parallel_calls=parallel)
-        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed + pipe, reshuffle_each_iteration=True)
-        ds = ds.batch(batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
-        if cfg.augment.placement != "device":
-            ds = numbered(ds, on_service).map(augment_batch, num_parallel_calls=parallel)
-    else:
-        parsed = files.map(read)
-        if cfg.data.cache:
-            parsed = parsed.cache()
-        ds = parsed.flat_map(_shard_rows)
-        if record_shard:
-            ds = ds.shard(n_pipes, pipe)
-        ds = ds.map(gather, num_parallel_calls=parallel)
-        ds = ds.batch(batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.map(normalize_batch, num_parallel_calls=parallel)
+    plan = _plan(cfg, split, input_context, training, on_service)
+    ds = _training_batches(cfg, plan, epochs, on_service) if training else _evaluation_batches(cfg, plan)
     options = tf.data.Options()
     # Deterministic order always: symbolic checkpoints (positions, not buffers) can only replay
     # a deterministic pipeline, and exact resume needs them. Order is a function of the seed.

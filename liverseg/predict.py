@@ -129,10 +129,6 @@ def predict_source(run: Run, src: Source) -> tuple[np.ndarray, np.ndarray, geome
     return predict_image(run, image, header)
 
 
-def predict_nifti(run: Run, path: str | Path) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
-    return predict_source(run, Source.nifti(path))
-
-
 def predict_image(run: Run, image: np.ndarray, header: geometry.Header) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
     """A source-grid CT (int16 HU) -> (mask, probability) on the same grid, and its geometry."""
     stored, geom = geometry.to_stored_image(image, header, run.size, run.spacing)
@@ -179,10 +175,6 @@ def _scans_in(p: Path) -> list[tuple[Source, str]]:
 
 def _nifti_stem(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii").removesuffix("_orig")
-
-
-def output_name(path: Path, suffix: str = "_liver") -> str:
-    return f"{_nifti_stem(path)}{suffix}.nii.gz"
 
 
 def predict(run: Run, paths, out: str | Path, force: bool = False, probabilities: bool = False) -> tuple[list[Path], list[str]]:

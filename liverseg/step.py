@@ -25,7 +25,7 @@ import os
 import keras
 import tensorflow as tf
 
-from liverseg import LiversegError, objective, pipeline
+from liverseg import LiversegError, derive_seed, objective, pipeline
 from liverseg.config import Config
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def build_train_step(cfg: Config, strategy, model, optimizer, norm, step: tf.Var
     loss_fn = objective.per_example_loss(cfg.train)
     batch = pipeline.global_batch(cfg, replicas)
     prepare = pipeline.batch_preparer(cfg, norm) if cfg.augment.placement == "device" else None
-    seed = cfg.seed * 1_000_003 + 7919
+    seed = derive_seed(cfg.seed, "device-augment")
     variables = model.trainable_variables
 
     def compute(b, at):

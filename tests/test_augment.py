@@ -30,19 +30,24 @@ def _norm(hu):
     return (tf.clip_by_value(hu, -200.0, 250.0) + 200.0) / 450.0
 
 
+def _augment(image, mask, seed, cfg, norm):
+    """One batch through a fresh (compiled) Augmenter."""
+    return augment.Augmenter(cfg, norm)(image, mask, seed)
+
+
 @pytest.mark.parametrize("op", augment.OPS)
 def test_eager_equals_dataset_map(op):
     cfg = only(op)
     image, mask = _pattern()
     seed = tf.constant([5, 9], tf.int64)
-    eager = augment.augment_batch(image, mask, seed, cfg, _norm)
+    eager = _augment(image, mask, seed, cfg, _norm)
     mapped = next(iter(tf.data.Dataset.from_tensors((image, mask)).map(
-        lambda i, m: augment.augment_batch(i, m, seed, cfg, _norm))))
+        lambda i, m: _augment(i, m, seed, cfg, _norm))))
     # the mask exactly; the image up to float rounding (graph mode may reorder arithmetic)
     np.testing.assert_array_equal(eager[1].numpy(), mapped[1].numpy())
     np.testing.assert_allclose(eager[0].numpy(), mapped[0].numpy(), rtol=1e-6, atol=1e-6)
     if not op.startswith("flip"):  # a flip at p=1 is deterministic; every other op draws values
-        other = augment.augment_batch(image, mask, tf.constant([5, 10], tf.int64), cfg, _norm)
+        other = _augment(image, mask, tf.constant([5, 10], tf.int64), cfg, _norm)
         assert not np.array_equal(eager[0].numpy(), other[0].numpy()), f"{op}: the seed must matter"
 
 
@@ -84,7 +89,7 @@ def test_flips_are_exact_mirrors():
 @pytest.mark.parametrize("op", INTENSITY)
 def test_intensity_ops_leave_the_mask_alone(op):
     image, mask = _pattern()
-    out, out_mask = augment.augment_batch(image, mask, tf.constant([3, 4], tf.int64), only(op), _norm)
+    out, out_mask = _augment(image, mask, tf.constant([3, 4], tf.int64), only(op), _norm)
     np.testing.assert_array_equal(out_mask.numpy(), mask.numpy())
     assert out.dtype == tf.float32 and not np.array_equal(out.numpy(), _norm(image).numpy())
 
@@ -92,7 +97,7 @@ def test_intensity_ops_leave_the_mask_alone(op):
 def test_nothing_enabled_is_identity_and_probability_is_per_example():
     image, mask = _pattern(8)
     cfg = config.replace(config.load(None), **OFF).augment
-    out, out_mask = augment.augment_batch(image, mask, tf.constant([1, 1], tf.int64), cfg, _norm)
+    out, out_mask = _augment(image, mask, tf.constant([1, 1], tf.int64), cfg, _norm)
     np.testing.assert_allclose(out.numpy(), _norm(image).numpy(), rtol=1e-6, atol=1e-7)  # compiled: 1-ulp rounding
     np.testing.assert_array_equal(out_mask.numpy(), mask.numpy())
     half = config.replace(config.load(None), **{**OFF, "augment.flip_lr_p": 0.5}).augment

@@ -16,6 +16,7 @@ from conftest import REPO, write_nifti
 from liverseg import InputError, LiversegError, config, dicom_io, evaluate, geometry, predict, synth, train
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
+from liverseg.volumes import Source
 
 SPACING = (9.5, 9.5, 22.5)  # a 300 mm field of view at 32 pixels, as the test phantoms use
 
@@ -181,7 +182,7 @@ def test_spacing_normalised_records_train_predict_and_score_on_the_source_grid(t
     r = predict.load_run(run)
     assert (r.size, r.spacing) == (32, 9.0)
     val = m.cases_in("val")[0]
-    mask, prob, geom = predict.predict_nifti(r, val.image.path)
+    mask, prob, geom = predict.predict_source(r, Source.nifti(val.image.path))
     assert mask.shape == prob.shape == nib.load(val.image.path).shape and geom.window is not None
     rows, _, _ = evaluate.evaluate(r, split="val", out=tmp_path / "eval", pngs=False)
     ref = nib.load(val.mask.path)

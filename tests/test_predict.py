@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import REPO, tree, write_nifti
 from liverseg import LiversegError, config, evaluate, geometry, metrics, pipeline, predict, synth, train
 from liverseg.cli import cli
+from liverseg.volumes import Source
 
 
 def _anatomy(tmp_path, orientation, name="case01"):
@@ -52,7 +53,7 @@ def test_resized_training_restores_native_geometry(dataset, tmp_path):
     r = predict.load_run(run)
     assert r.size == 32
     image = sorted(src.glob("*_orig.nii.gz"))[0]
-    mask, prob, geom = predict.predict_nifti(r, image)
+    mask, prob, geom = predict.predict_source(r, Source.nifti(image))
     assert mask.shape == prob.shape == nib.load(str(image)).shape and geom.resized
 
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, liverseg_process
-from liverseg import TERMINATE, config, objective, pipeline, step, train, unet
+from liverseg import TERMINATE, LiversegError, config, objective, pipeline, step, train, unet
 from liverseg.cli import cli
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -48,7 +48,10 @@ def test_mirrored_on_two_devices_matches_one_device(dataset, tmp_path):
     # full-size updates, so only an optimiser linear in the gradients can show equivalence.
     base = ["train.steps=6", "augment.placement=none", "deterministic=true", "train.clip_norm=0",
             "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9",
-            "model.norm=sync_batch", "train.eval_every=1000"]  # per-replica BN would differ by design
+            "model.norm=instance", "train.eval_every=1000"]
+    # Batch-independent normalisation: per-replica BN differs by design, and Keras's synchronised
+    # BN takes the variance in one pass (E[x^2] - E[x]^2 over the replicas), whose cancellation
+    # on these tiny slices made the two runs drift apart by 1e-2 in 6 steps for some data orders.
     one = train.train(smoke(dataset, *base, "train.strategy=one_device"), tmp_path / "one", progress=False)
     two = train.train(smoke(dataset, *base, "train.strategy=mirrored"), tmp_path / "two", progress=False)
     assert (one["replicas"], two["replicas"]) == (1, 2)
@@ -204,9 +207,14 @@ def test_persistent_nan_stops_with_the_step_range_and_keeps_the_checkpoint(datas
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_with_float32_logits(dataset, tmp_path, precision):
-    result = train.train(smoke(dataset, f"train.precision={precision}", "train.steps=4", "train.log_every=2",
-                               "augment.placement=device", "train.eval_every=1000"), tmp_path / "run", progress=False)
-    assert np.isfinite(result["train"]["loss"])
+    cfg = smoke(dataset, f"train.precision={precision}", "train.steps=4", "train.log_every=2", "augment.placement=device",
+                "train.eval_every=1000")
+    model = unet.build(cfg.model, 1, precision)
+    half = tf.float16 if precision == "mixed_float16" else tf.bfloat16
+    assert model.layers[1].compute_dtype == half.name  # the convolutions run in half precision...
+    assert model(tf.zeros([1, 32, 32, 1])).dtype == tf.float32  # ...and the logits come out float32
+    result = train.train(cfg, tmp_path / "run", progress=False)
+    assert np.isfinite(result["train"]["loss"]) and result["train"]["skipped_steps"] == 0
     if precision == "mixed_float16":
         assert result["train"]["loss_scale"] > 0
 
@@ -228,14 +236,16 @@ def test_mixed_float16_logits_and_loss_on_an_all_liver_512_slice():
 def test_tensorboard_event_files_have_the_expected_tags(dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train.train(smoke(dataset, "train.steps=10", "train.eval_every=5", "train.log_every=5",
-                      "train.profile_steps=[2, 4]"), tmp_path / "run", progress=False)
+    result = train.train(smoke(dataset, "train.steps=10", "train.eval_every=5", "train.log_every=5",
+                               "train.profile_steps=[2, 4]"), tmp_path / "run", progress=False)
     acc = EventAccumulator(str(tmp_path / "run" / "train"), size_guidance={"tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["tensors"])
     assert {"loss", "dice", "learning_rate", "images_per_sec", "input_wait_fraction", "skipped_steps"} <= tags
     assert "_hparams_/session_start_info" in tags
-    assert 0 <= float(tf.make_ndarray(acc.Tensors("input_wait_fraction")[-1].tensor_proto)) <= 1
+    for tag in ("loss", "dice", "input_wait_fraction", "images_per_sec"):  # the figures of the last window, as logged
+        logged = acc.Tensors(tag)[-1]
+        assert logged.step == 10 and float(tf.make_ndarray(logged.tensor_proto)) == pytest.approx(result["train"][tag]), tag
     val = EventAccumulator(str(tmp_path / "run" / "validation"), size_guidance={"tensors": 0})
     val.Reload()
     vtags = set(val.Tags()["tensors"])
@@ -247,7 +257,7 @@ def test_tensorboard_event_files_have_the_expected_tags(dataset, tmp_path):
 def test_resume_refuses_a_changed_recipe_but_extends_steps(dataset, tmp_path):
     run = tmp_path / "run"
     train.train(smoke(dataset, "train.steps=2", "train.eval_every=1000"), run, progress=False)
-    with pytest.raises(Exception, match=r"different config \(train.lr: 0.003 -> 0.1\)"):
+    with pytest.raises(LiversegError, match=r"different config \(train.lr: 0.003 -> 0.1\)"):
         train.train(smoke(dataset, "train.steps=2", "train.lr=0.1"), run, progress=False)
     result = train.train(smoke(dataset, "train.steps=4", "train.eval_every=1000"), run, progress=False)
     assert result["step"] == 4
