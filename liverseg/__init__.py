@@ -1,11 +1,12 @@
 """liverseg: fast, distributed U-Net training for liver segmentation in CT.
 
-Data flow (one module per stage): geometry + nifti_io / dicom_io + volumes -> convert ->
-records -> pipeline -> augment -> unet -> step -> train (+ hooks) -> validate -> metrics ->
-predict -> evaluate, with `cli` on top and `config` beside.
+Data flow (one module per stage): geometry + nifti_io / dicom_io + volumes -> layouts ->
+convert -> records -> pipeline -> augment -> unet -> step -> train (+ hooks, checkpoints,
+validation) -> metrics -> predict -> evaluate, with `cli` on top and `config` beside.
 
-Importing the package is cheap and does not import TensorFlow; the stages that need it
-import it themselves. `require_tensorflow()` turns a missing install into one clear line.
+Importing the package is cheap and neither imports nor needs TensorFlow: the stages that
+need it import it themselves, and the CLI checks that it is installed before running a
+command that needs it (`require_tensorflow`: one clear line naming the extra to install).
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def derive_seed(seed: int, stream: str) -> int:
 
 def require_tensorflow() -> None:
     """Raise a one-line ImportError naming the extra to install when TF is missing."""
-    if importlib.util.find_spec("tensorflow") is None:
+    try:
+        found = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # a finder that refuses it: as good as missing
+        found = False
+    if not found:
         raise ImportError(
             "liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
             "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)"
         )
-
-
-require_tensorflow()

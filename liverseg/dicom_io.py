@@ -238,7 +238,7 @@ def _stack(series: Series, datasets: list, ct: bool) -> _Stack:
 
 def _header(series: Series, stack: _Stack, dtype) -> geometry.Header:
     n = len(stack.order)
-    shape = (stack.size[1], stack.size[0], n)  # [i = column, j = row, k = slice], as dicom_grid lays voxels out
+    shape = (stack.size[1], stack.size[0], n)  # [i = column, j = row, k = slice], as geometry.dicom_voxels lays voxels out
     affine = geometry.dicom_affine(stack.cosines[:3], stack.cosines[3:], stack.first, stack.step, stack.spacing)
     return geometry.Header(series.path, shape, affine,
                            (stack.spacing[1], stack.spacing[0], float(np.linalg.norm(stack.step))), np.dtype(dtype))

@@ -95,7 +95,7 @@ class Hooks:
     manager: tf.train.CheckpointManager
     sync_bn: Callable[[], None]  # average batch-norm statistics across replicas (a collective: every worker)
     validating: bool  # validation runs (on every worker: its batch-norm sync is a collective)
-    validator: Callable | None  # validate.make_validator's function, on the chief
+    validator: Callable | None  # validation.make_validator's function, on the chief
     writers: dict  # TensorBoard writers "train" and "validation" (no-op writers off the chief)
     global_batch: int
     mixed16: bool  # a LossScaleOptimizer: log its scale

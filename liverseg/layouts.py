@@ -26,6 +26,9 @@ from liverseg.records import SPLITS
 from liverseg.volumes import Source
 
 LAYOUTS = ("pattern", "ircad", "msd", "lits")
+# What `liverseg synth` writes: "flat" and "seed" (train/ + test/ folders) are the pattern
+# layout, "ircad" the ircad layout
+SYNTH_LAYOUTS = ("flat", "seed", "ircad")
 MERGES_TUMOUR = ("msd", "lits")  # layouts whose masks label tumour 2 inside the liver
 Found = dict[str, tuple[Source, Source, str]]
 
@@ -187,4 +190,4 @@ def _lits(src: Path) -> Found:
     return found
 
 
-__all__ = ["LAYOUTS", "MERGES_TUMOUR", "find"]
+__all__ = ["LAYOUTS", "MERGES_TUMOUR", "SYNTH_LAYOUTS", "find"]

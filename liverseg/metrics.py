@@ -65,8 +65,10 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> np.ndarray:
 
 def dice_from_counts(tp: float, fp: float, fn: float) -> float:
     """Dice = 2 TP / (2 TP + FP + FN), with the empty rule: nothing predicted and nothing
-    there (all counts 0) is perfect agreement, 1. The one Dice definition in liverseg:
-    per-case metrics, validation and the training log all use it."""
+    there (all counts 0) is perfect agreement, 1. Per-case metrics, validation's per-volume
+    3D Dice and the training log's Dice use this function; validation's mean slice Dice is the
+    same formula computed on the device (`validation`), over the slices with liver in the
+    reference or the prediction."""
     denom = 2 * tp + fp + fn
     return 1.0 if denom == 0 else float(2 * tp / denom)
 

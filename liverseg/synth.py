@@ -22,6 +22,7 @@ import numpy as np
 
 from liverseg import LiversegError, atomic_path, dicom_io, geometry, nifti_io, volumes
 from liverseg.anatomy import render
+from liverseg.layouts import SYNTH_LAYOUTS as LAYOUTS
 from liverseg.volumes import Source
 
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
@@ -98,8 +99,8 @@ def synthesize(out: str | Path, cases: int = 20, size: int = 512, slices: tuple[
     from tqdm import tqdm
 
     out = Path(out)
-    if layout not in ("flat", "seed", "ircad"):
-        raise LiversegError(f"--layout {layout!r}: choose flat, seed or ircad")
+    if layout not in LAYOUTS:
+        raise LiversegError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if masks is not None:
         mask_files = sorted(Path(masks).glob("*_liver.nii*"))
         if not mask_files:

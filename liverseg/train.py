@@ -5,7 +5,7 @@ issue 20585). It reads top to bottom:
 
     set-up   strategy (first), run directory, model / optimizer / counters in strategy
              scope, input iterator, checkpoint (restored), the compiled step (`step`),
-             validation (`validate`), TensorBoard writers, the hooks (`hooks.Hooks`)
+             validation (`validation`), TensorBoard writers, the hooks (`hooks.Hooks`)
     run      `Trainer.run(until_step)`: calls of `steps_per_call` compiled steps; a call
              also copies the next call's batches onto the devices (drawn before it, unless
              a checkpoint is due)
@@ -44,7 +44,7 @@ from typing import Callable
 import tensorflow as tf
 
 from liverseg import (TERMINATE, LiversegError, checkpoints, config, data_service, derive_seed, objective, pipeline,
-                      rundir, step, unet, validate)
+                      rundir, step, unet, validation)
 from liverseg.config import Config
 from liverseg.hooks import (PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, save_weights, stop_requested,
                             weights_fingerprint)
@@ -122,7 +122,7 @@ class Trainer:
         if not validating:
             log.warning("no validation (%s): no %s", "train.eval_every=0" if self.tc.eval_every == 0
                         else f"{self.manifest.root} has no val split", self.paths.best_weights.name)
-        validator = (validate.make_validator(self.model, cfg, objective.per_example_loss(self.tc), len(self.manifest.cases))
+        validator = (validation.make_validator(self.model, cfg, objective.per_example_loss(self.tc), len(self.manifest.cases))
                      if validating and self.chief else None)
         preemption = None
         if self.tc.strategy == "multi_worker":  # TF's handler makes every worker save at the same step

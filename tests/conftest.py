@@ -41,6 +41,19 @@ def write_nifti(path: Path, arr: np.ndarray, affine=None, dtype=None, slope: flo
     return path
 
 
+# Python code that makes TensorFlow (and Keras) unimportable, as on a machine without them:
+# prefix it to a `python -c` script.
+WITHOUT_TENSORFLOW = """
+import importlib.abc, sys
+class _NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoTensorFlow())
+"""
+
+
 def load_image(path):
     """(int16 HU voxels, header) of a NIfTI CT, through the loader every stage uses."""
     from liverseg import volumes

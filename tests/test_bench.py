@@ -93,3 +93,12 @@ def test_bench_train_reports_every_ceiling(dataset):
 def test_bench_train_rejects_an_unknown_row(dataset):
     r = CliRunner().invoke(cli, ["bench", "train", str(dataset), "--rows", "model,gpu"])
     assert r.exit_code == 2 and "'gpu' is not one of model, loop, input, end-to-end" in r.output
+
+
+def test_bench_train_measures_the_default_recipe_without_config(dataset):
+    """Without --config it measures configs/default.yaml (5 input slices, device augmentation)."""
+    out = run("bench", "train", dataset, "--set", "data.batch_size=4", "--rows", "input", "--input-batches", 2)
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()[2:]}
+    assert "device augmentation path" in rows["input ceiling"]
+    # the default U-Net (32 filters, depth 5): 343 GFLOP per 512x512 image (docs), so 343 / 256 at 32x32
+    assert float(rows["FLOPs per image"].split()[3]) == pytest.approx(343 / 256, rel=0.01)

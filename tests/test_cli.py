@@ -6,7 +6,7 @@ import sys
 
 from click.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, WITHOUT_TENSORFLOW
 from liverseg.cli import cli
 
 
@@ -46,14 +46,16 @@ def test_verify_names_the_bad_shard(dataset, tmp_path):
     assert r.exit_code == 2 and f"{shard}: " in r.output and "truncated" in r.output
 
 
-def test_import_without_tensorflow_is_one_clear_line():
-    code = ("import sys; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
-            f"sys.path.insert(0, {str(REPO)!r}); import liverseg")
-    p = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
-    assert p.returncode == 1
-    assert p.stderr.strip().splitlines()[-1] == (
-        "ImportError: liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
-        "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)")
+def test_without_tensorflow_the_package_imports_and_a_tensorflow_command_is_one_clear_line(tmp_path):
+    main = "from liverseg.cli import main; main()"
+    ok = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW + "import liverseg, liverseg.manifest, liverseg.convert\n"
+                         "assert 'tensorflow' not in sys.modules"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    p = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW + main, "train", "--run", str(tmp_path / "r")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and not (tmp_path / "r").exists()
+    assert p.stderr.strip() == ("Error: liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
+                                "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)")
 
 
 def test_a_tensorflow_command_prints_no_tensorflow_noise(dataset):

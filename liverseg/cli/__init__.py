@@ -1,11 +1,12 @@
-"""The `liverseg` command: the entry point and the command modules.
+"""The `liverseg` command: the entry point, and the click group with its commands.
 
-`main` runs the process start-up (`cli.startup`: SIGTERM caught from the first line,
+`main` runs the process start-up first (`cli.startup`: SIGTERM caught from its first line,
 tcmalloc for commands that run TensorFlow, TensorFlow's start-up notices filtered from
-stderr), then the click group (`cli.group`). The commands live along the data flow:
-`cli.data` (synth, convert, verify, inspect, data-service), `cli.run` (train, tensorboard,
-evaluate, predict, export), `cli.bench` (benchmarks); each parses its options and calls one
-library function.
+stderr), and only then imports the commands: the click group (`cli.group`) and the command
+modules along the data flow, `cli.data` (synth, convert, verify, inspect, data-service),
+`cli.run` (train, tensorboard, evaluate, predict, export) and `cli.bench` (benchmarks).
+Each command parses its options and calls one library function. `from liverseg.cli import
+cli` gives the group with every command registered.
 """
 
 from __future__ import annotations
@@ -13,18 +14,40 @@ from __future__ import annotations
 import os
 import sys
 
-from liverseg.cli import bench, data, group, run, startup  # noqa: F401 - the command modules register their commands
-from liverseg.cli.group import cli
+
+def _commands():
+    from liverseg.cli import bench, data, run  # noqa: F401 - each registers its commands on the group
+    from liverseg.cli.group import cli
+
+    return cli
+
+
+def __getattr__(name: str):
+    if name == "cli":
+        return _commands()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
+    from liverseg.cli import startup
+
+    startup.catch_sigterm(sys.argv[1:])  # first: a SIGTERM from here on is not lost
     # TensorFlow's C++ INFO and WARNING lines drown the CLI's own output; errors still show.
     # Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
     if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # unset or empty
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    argv = sys.argv[1:]
-    startup.catch_sigterm(argv)
-    startup.prefer_tcmalloc(group.runs_tensorflow_command(argv))  # may re-execute this process
+    from liverseg import require_tensorflow
+    from liverseg.cli import group
+
+    cli = _commands()
+    runs_tensorflow = group.runs_tensorflow_command(sys.argv[1:])
+    if runs_tensorflow:
+        try:
+            require_tensorflow()
+        except ImportError as e:  # one line, exit status 2, as every bad-input error
+            print(f"Error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    startup.prefer_tcmalloc(runs_tensorflow)  # may re-execute this process
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0":
         startup.quiet_stderr()
     cli(prog_name="liverseg")

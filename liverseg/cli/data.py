@@ -11,6 +11,7 @@ import typing
 
 from liverseg import LiversegError
 from liverseg.cli.group import cli, runs_tensorflow, table
+from liverseg.layouts import SYNTH_LAYOUTS
 
 
 @cli.command()
@@ -21,7 +22,7 @@ from liverseg.cli.group import cli, runs_tensorflow, table
 @click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Build one phantom around each real *_liver.nii[.gz] here, at its real geometry.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--layout", type=click.Choice(["flat", "seed", "ircad"]), default="flat", show_default=True,
+@click.option("--layout", type=click.Choice(SYNTH_LAYOUTS), default="flat", show_default=True,
               help="seed: the tutorial's train/ + test/ folders; ircad: 3D-IRCADb-01's DICOM tree.")
 @click.option("--workers", default=1, show_default=True, help="Parallel processes.")
 def synth(out, cases, size, slices, masks, seed, layout, workers):

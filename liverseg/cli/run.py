@@ -8,6 +8,7 @@ import click
 
 from liverseg import LiversegError
 from liverseg.cli.group import cli, run_option, runs_tensorflow, set_option, table, weights_option
+from liverseg.layouts import LAYOUTS
 
 
 def _config(config_path, records, overrides):
@@ -49,13 +50,9 @@ def train(config_path, records, run_dir, overrides):
 @click.option("--port", default=6006, show_default=True)
 def tensorboard(logdir, host, port):
     """Serve TensorBoard for a run (or a folder of runs), on localhost by default."""
-    from tensorboard import program
+    from liverseg import board
 
-    # In this process, not a child: stopping this PID (SIGTERM, Ctrl-C) stops the server and frees its port.
-    board = program.TensorBoard()
-    board.configure(logdir=str(logdir), host=host, port=port)
-    raise SystemExit(board.main())
-
+    raise SystemExit(board.serve(logdir, host, port))
 
 
 @runs_tensorflow
@@ -67,7 +64,7 @@ def tensorboard(logdir, host, port):
 @click.option("--split", default="test", show_default=True, help="Records split to evaluate.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of image/mask pairs in a convert --layout, scored on each case's own grid instead.")
-@click.option("--layout", type=click.Choice(["pattern", "ircad", "msd", "lits"]), default="pattern", show_default=True,
+@click.option("--layout", type=click.Choice(LAYOUTS), default="pattern", show_default=True,
               help="Layout of --data (as for convert).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval/<split>).")
 def evaluate(run_dir, weights, records, split, data, layout, out):

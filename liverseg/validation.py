@@ -5,7 +5,8 @@ totals kept on the device: per-case (TP, FP, FN) scattered by case index, the lo
 the slice-Dice sum and count, and the `num_images` slices with the most liver (CT,
 truth, prediction) for the TensorBoard overlays. The host only feeds batches and reads
 the totals once at the end, so validation costs the forward passes and no per-batch
-round trip. Per-case Dice is `metrics.dice_from_counts`, the definition `evaluate` uses.
+round trip. Per-case Dice is `metrics.dice_from_counts`, the definition `evaluate` uses; the
+slice Dice is that formula on the device, over slices with liver in truth or prediction.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from liverseg.step import confusion
 
 
 def make_validator(model, cfg: Config, loss_fn, num_cases: int):
-    """validate(num_images) -> (metrics, overlays): {"loss", "dice_slice", "dice_3d"} and
+    """run(num_images) -> (metrics, overlays): {"loss", "dice_slice", "dice_3d"} and
     RGB overlays (green truth, red prediction) of the slices with the most liver."""
     ds = pipeline.build_dataset(cfg, "val", training=False)
     h, w = ds.element_spec["image"].shape[1:3]
@@ -57,7 +58,7 @@ def make_validator(model, cfg: Config, loss_fn, num_cases: int):
             out["pred"] = tf.gather(tf.concat([state["pred"], tf.cast(logits[..., 0] > 0, tf.uint8)], 0), keep)
         return out
 
-    def validate(num_images: int) -> tuple[dict, list[np.ndarray]]:
+    def run(num_images: int) -> tuple[dict, list[np.ndarray]]:
         state = start(num_images)
         with pipeline.named_data_errors(cfg, "val"):
             for b in ds:
@@ -74,4 +75,4 @@ def make_validator(model, cfg: Config, loss_fn, num_cases: int):
                 images.append(overlay.draw(grey, [(truth, overlay.GREEN), (pred, overlay.RED)]))
         return result, images
 
-    return validate
+    return run
