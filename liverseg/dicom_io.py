@@ -31,6 +31,8 @@ import numpy as np
 from liverseg import InputError, geometry
 
 NESTED = "!/"  # separates the levels of a zip inside a zip in a member name
+MAX_FILE_BYTES = 256 * 2**20  # one DICOM slice file inside a zip, uncompressed (a 512x512 slice is ~0.5 MB)
+MAX_INNER_ZIP_BYTES = 2 * 2**30  # a zip inside a zip is inflated into memory
 POSITION_TOL_MM = 0.01  # two slices closer than this along the normal are duplicates
 SPACING_TOL = 0.02  # a gap may differ from the median gap by this fraction (plus the position tolerance)
 COSINE_TOL = 1e-4  # orientation cosines that differ by more are a different orientation
@@ -77,14 +79,16 @@ def _zip(container, where: str) -> zipfile.ZipFile:
 
 
 def _zip_members(root: Path, chain: tuple[str, ...] = ()) -> list[str]:
-    """The files of a zip (`chain`: the zips inside it leading to this one), zips inside it expanded."""
+    """The files of a zip (`chain`: the zips inside it leading to this one), zips inside it
+    expanded. Directory entries and hidden files (macOS `__MACOSX/._*`) are not files."""
     stat = root.stat()
     where = NESTED.join([str(root), *chain])
     inner = _inner_zip(str(root), chain, (stat.st_mtime_ns, stat.st_size)) if chain else None
     out = []
     with _zip(root if inner is None else io.BytesIO(inner), where) as z:
         for info in z.infolist():
-            if info.is_dir() or Path(info.filename).name.startswith("."):
+            parts = info.filename.rstrip("/").split("/")
+            if info.is_dir() or any(p.startswith(".") or p == "__MACOSX" for p in parts):
                 continue
             if info.filename.lower().endswith(".zip"):  # inflated once, kept for reading its files next
                 out += _zip_members(root, (*chain, info.filename))
@@ -94,29 +98,65 @@ def _zip_members(root: Path, chain: tuple[str, ...] = ()) -> list[str]:
 
 
 def list_files(root: Path) -> list[str]:
-    """Every file under a folder, or inside a zip (and zips inside it), as relative names."""
-    if root.is_dir():
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return sorted(_zip_members(root))
+    """Every file under a folder, or inside a zip, as names relative to it; a zip (in the
+    folder, or inside the zip) is expanded: `PATIENT_DICOM.zip!/PATIENT_DICOM/image_0`."""
+    if not root.is_dir():
+        return sorted(_zip_members(root))
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.name.lower().endswith(".zip"):
+            out += [f"{rel}{NESTED}{m}" for m in _zip_members(p)]
+        else:
+            out.append(str(rel))
+    return sorted(out)
+
+
+def _split_member(container: Path, member: str) -> tuple[Path, tuple[str, ...], str]:
+    """(the zip file, the zips inside it leading to the file, the file's name in the last one)
+    of a member of `container`; for a plain file of a folder, (its path, (), "")."""
+    *chain, name = member.split(NESTED)
+    if container.is_dir():
+        if not chain:
+            return container / member, (), ""
+        return container / chain[0], tuple(chain[1:]), name
+    return container, tuple(chain), name
 
 
 def read_member(container: str | Path, member: str) -> bytes:
-    """The bytes of one file of a folder, or of a zip (through the zips inside it: `!/`)."""
-    container = Path(container)
-    if container.is_dir():
+    """The bytes of one file of a folder or a zip, through the zips on the way (`!/`)."""
+    zip_path, chain, name = _split_member(Path(container), member)
+    if not name:
         try:
-            return (container / member).read_bytes()
+            return zip_path.read_bytes()
         except OSError as e:
-            raise InputError(f"{container / member}: cannot read ({e.strerror})") from None
-    *chain, name = member.split(NESTED)
-    stat = container.stat()
-    inner = _inner_zip(str(container), tuple(chain), (stat.st_mtime_ns, stat.st_size)) if chain else None
-    where = NESTED.join([str(container), *chain])
-    with _zip(container if inner is None else io.BytesIO(inner), where) as z:
+            raise InputError(f"{zip_path}: cannot read ({e.strerror})") from None
+    stat = zip_path.stat()
+    inner = _inner_zip(str(zip_path), chain, (stat.st_mtime_ns, stat.st_size)) if chain else None
+    where = NESTED.join([str(zip_path), *chain])
+    with _zip(zip_path if inner is None else io.BytesIO(inner), where) as z:
         try:
-            return z.read(name)
+            info = z.getinfo(name)
         except KeyError:
             raise InputError(f"{where}: has no {name}") from None
+        _check_size(info, MAX_FILE_BYTES, f"{where}{NESTED}{name}")
+        return z.read(info)
+
+
+def _check_size(info: zipfile.ZipInfo, limit: int, where: str) -> None:
+    """Refuse a member whose declared size is past `limit` before inflating it (zipfile never
+    inflates past the declared size): a small zip of a huge member would fill the memory."""
+    if info.file_size > limit:
+        raise InputError(f"{where}: {info.file_size / 2**20:,.0f} MB uncompressed ({info.compress_size / 2**20:,.1f} MB "
+                         f"in the zip), more than the {limit / 2**20:,.0f} MB liverseg reads from inside a zip; "
+                         "unzip it and point liverseg at the folder, or check the archive")
+
+
+def member_path(container: str | Path, member: str) -> str:
+    """How messages name a member: the file's path (through zips: `a.zip!/b/c`)."""
+    return f"{container}/{member}" if Path(container).is_dir() else f"{container}{NESTED}{member}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -128,9 +168,11 @@ def _inner_zip(container: str, chain: tuple[str, ...], stamp: tuple[int, int]) -
     for level in chain:
         with _zip(container if data is None else io.BytesIO(data), where) as z:
             try:
-                data = z.read(level)
+                info = z.getinfo(level)
             except KeyError:
                 raise InputError(f"{where}: has no {level}") from None
+            _check_size(info, MAX_INNER_ZIP_BYTES, f"{where}{NESTED}{level}")
+            data = z.read(info)
         where = f"{where}{NESTED}{level}"
     return data
 
@@ -150,11 +192,15 @@ def find_series(root: str | Path, select=None) -> list[Series]:
     for member in list_files(root):
         if select is not None and not select(member):
             continue
+        source = _source(root, member)  # a damaged or oversized zip fails here, naming it
         try:
-            ds = _open(str(root), member, True, str(root))
-        except InputError:  # not DICOM
+            ds = _parse(source, member_path(root, member), header_only=True)
+        except InputError:
+            if _preamble(source) == b"DICM":  # a DICOM file that is damaged, not a readme: say so
+                raise
             continue
-        if "SeriesInstanceUID" not in ds or "Rows" not in ds:  # not an image (a DICOMDIR, a report)
+        if "SeriesInstanceUID" not in ds or "Rows" not in ds:  # not an image (a DICOMDIR, a report), or cut short
+            _check_not_truncated(ds, member_path(root, member))
             continue
         uid = str(ds.SeriesInstanceUID)
         groups.setdefault(uid, []).append(member)
@@ -176,11 +222,16 @@ def _float_tuple(ds, tag: str, n: int, where: str) -> tuple[float, ...]:
     return out
 
 
-def _open(container: str, member: str, header_only: bool, where: str):
-    """One file's tags (header_only: pydicom stops before the pixel data, read from the file
-    itself when the series is in a folder)."""
-    source = Path(container) / member if Path(container).is_dir() else io.BytesIO(read_member(container, member))
-    return _parse(source, f"{where}/{member}", header_only)
+def _source(container: str | Path, member: str):
+    """What pydicom reads a member from: the file itself when it is a plain file of a folder
+    (so a header-only read stops before the pixel data), else its bytes."""
+    path, _, name = _split_member(Path(container), member)
+    return path if not name else io.BytesIO(read_member(container, member))
+
+
+def _open(container: str, member: str, header_only: bool):
+    """One file's tags (header_only: pydicom stops before the pixel data)."""
+    return _parse(_source(container, member), member_path(container, member), header_only)
 
 
 def _parse(source, where: str, header_only: bool = False):
@@ -189,7 +240,29 @@ def _parse(source, where: str, header_only: bool = False):
     try:
         return pydicom.dcmread(source, stop_before_pixels=header_only)
     except Exception as e:  # noqa: BLE001 - pydicom raises several types for damaged files
-        raise InputError(f"{where}: not a readable DICOM file ({e})") from None
+        raise InputError(f"{where}: not a readable DICOM file ({type(e).__name__}: {e}); it is damaged or "
+                         "truncated: re-copy it, or remove it from the series") from None
+
+
+def _preamble(source) -> bytes:
+    """Bytes 128-131 of a file: b"DICM" for a DICOM Part-10 file."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[128:132]
+    try:
+        with open(source, "rb") as f:
+            return f.read(132)[128:132]
+    except OSError:
+        return b""
+
+
+def _check_not_truncated(ds, where: str) -> None:
+    """A file that says it is an image (its SOP class) but stops before the image's tags
+    (SeriesInstanceUID, Rows) was cut short: refused, not mistaken for a non-image file."""
+    sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    if sop is not None and "Image Storage" in str(getattr(sop, "name", "")):
+        missing = [t for t in ("SeriesInstanceUID", "Rows") if t not in ds]
+        raise InputError(f"{where}: a {sop.name} file without {' or '.join(missing)}: it is damaged or truncated; "
+                         "re-copy it, or remove it from the series")
 
 
 @dataclass(frozen=True)
@@ -205,7 +278,7 @@ class _Stack:
 
 
 def _stack(series: Series, datasets: list, ct: bool) -> _Stack:
-    where = str(series.path)
+    where = str(series.path)  # the series' folder; its files are named by file name below
     if ct:
         modalities = {str(getattr(ds, "Modality", "")) for ds in datasets}
         if modalities != {"CT"}:
@@ -246,8 +319,7 @@ def _header(series: Series, stack: _Stack, dtype) -> geometry.Header:
 
 def read_header(series: Series, ct: bool = False) -> geometry.Header:
     """The series' grid from its tags alone (no pixel data is decoded), every check applied."""
-    where = str(series.path)
-    stack = _stack(series, [_open(series.container, m, True, where) for m in series.members], ct)
+    stack = _stack(series, [_open(series.container, m, True) for m in series.members], ct)
     return _header(series, stack, np.float32 if ct else np.uint16)
 
 
@@ -257,15 +329,15 @@ def read_series(series: Series, ct: bool) -> tuple[np.ndarray, geometry.Header, 
     ct: the image of a case (Modality must be CT; values through the modality LUT: HU, as
     float32); otherwise a mask (stored values, unscaled).
     """
-    where = str(series.path)
     sha, nbytes, datasets = hashlib.sha256(), 0, []
     for member in series.members:
         raw = read_member(series.container, member)
         sha.update(raw)
         nbytes += len(raw)
-        datasets.append(_parse(io.BytesIO(raw), f"{where}/{member}"))
+        datasets.append(_parse(io.BytesIO(raw), member_path(series.container, member)))
     stack = _stack(series, datasets, ct)
-    voxels = geometry.dicom_voxels([_pixels(datasets[i], ct, f"{where}/{series.members[i]}") for i in stack.order])
+    voxels = geometry.dicom_voxels([_pixels(datasets[i], ct, member_path(series.container, series.members[i]))
+                                    for i in stack.order])
     return voxels, _header(series, stack, voxels.dtype), sha.hexdigest(), nbytes
 
 
@@ -310,10 +382,25 @@ def _pixels(ds, ct: bool, where: str) -> np.ndarray:
         return arr
     if "ModalityLUTSequence" in ds:  # a lookup table instead of a linear rescale: pydicom applies it
         return np.asarray(apply_modality_lut(arr, ds), np.float32)
-    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(ds, where)
     if slope == 1 and intercept.is_integer():  # the usual CT: integer HU, exactly, in integer arithmetic
         return arr.astype(np.int32) + np.int32(intercept)
     return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _rescale(ds, where: str) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept): absent means (1, 0); a slope of 0 (every voxel the
+    intercept) or a non-finite value is a broken header, refused."""
+    try:
+        slope = float(ds.RescaleSlope) if "RescaleSlope" in ds and ds.RescaleSlope not in ("", None) else 1.0
+        intercept = float(ds.RescaleIntercept) if "RescaleIntercept" in ds and ds.RescaleIntercept not in ("", None) else 0.0
+    except (TypeError, ValueError):
+        slope = intercept = float("nan")
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise InputError(f"{where}: RescaleSlope {getattr(ds, 'RescaleSlope', None)!r} / RescaleIntercept "
+                         f"{getattr(ds, 'RescaleIntercept', None)!r} cannot map stored values to HU (a slope of 0 "
+                         "makes every voxel the intercept); fix the header")
+    return slope, intercept
 
 
 # ------------------------------------------------------------------------- writing (phantoms, tests)

@@ -144,6 +144,24 @@ def _ircad_series(patient: Path) -> dict:
     return out
 
 
+IRCAD_LABEL_FOLDERS = ("MASKS_DICOM", "LABELLED_DICOM")  # 3D-IRCADb-01's label series, beside PATIENT_DICOM
+
+
+def is_label_series(series) -> bool:
+    """A DICOM series that holds labels, not a scan: 3D-IRCADb-01's MASKS_DICOM/... and LABELLED_DICOM."""
+    parts = [p.removesuffix(".zip") for p in Path(str(series.path).replace("!/", "/")).parts]
+    return any(folder in parts for folder in IRCAD_LABEL_FOLDERS)
+
+
+def series_name(series) -> Path:
+    """The path that names a DICOM series (for output files): its folder, or for 3D-IRCADb-01's
+    generic PATIENT_DICOM (every patient's CT is called so) the patient's folder."""
+    path = Path(str(series.path).replace("!/", "/"))
+    while path.name.removesuffix(".zip") == "PATIENT_DICOM" and len(path.parts) > 1:  # the folder, then its zip
+        path = path.parent
+    return path
+
+
 # ------------------------------------------------------------------------- MSD Task03_Liver, LiTS (NIfTI)
 
 

@@ -14,6 +14,7 @@ deserialised.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import shutil
@@ -24,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
-from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, nifti_io, pipeline, rundir, unet, volumes
+from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, layouts, nifti_io, pipeline, rundir, unet, volumes
 from liverseg.config import Config
 from liverseg.volumes import Source
 
@@ -141,36 +142,66 @@ def predict_image(run: Run, image: np.ndarray, header: geometry.Header) -> tuple
 
 
 def inputs(paths) -> tuple[list[tuple[Source, str]], list[str]]:
-    """(source, output stem) of every scan to predict, and why any path gave none. A path is a
-    `.nii`/`.nii.gz` file; a folder: its NIfTI files (not our own outputs) or, when it holds
-    none, every CT DICOM series below it; or a `.zip` of DICOM series. A series is named by
-    its folder (and its UID's last part where two share a folder name)."""
-    found: list[tuple[Source, str]] = []
+    """(source, output stem) of every scan to predict, and why any path gave none.
+
+    A path is a `.nii`/`.nii.gz` file; a folder: its NIfTI files (not our own outputs) or,
+    when it holds none, every CT DICOM series below it (zips in it included; label series
+    such as 3D-IRCADb's MASKS_DICOM are not scans); or a `.zip` of DICOM series. A scan is
+    named by its file, or its series' folder (`layouts.series_name`: 3D-IRCADb's PATIENT_DICOM
+    by its patient). Scans whose names collide are named by their paths from the folder
+    they share; the same scan given twice is refused."""
+    found: list[tuple[Source, Path]] = []
     failures: list[str] = []
     for p in map(Path, paths):
         try:
             found += _scans_in(p)
         except InputError as e:
             failures.append(str(e))
-    return found, failures
+    named, seen = [], {}
+    for (src, where), stem in zip(found, _unique_stems(found)):
+        key = (str(src.path), src.series, src.members)
+        if key in seen:
+            failures.append(f"{where}: given twice (also as {seen[key]}); predict it once")
+            continue
+        seen[key] = where
+        named.append((src, stem))
+    return named, failures
 
 
-def _scans_in(p: Path) -> list[tuple[Source, str]]:
+def _scans_in(p: Path) -> list[tuple[Source, Path]]:
+    """(source, the path that names it) of every scan a path holds."""
     if p.is_file() and p.name.endswith((".nii", ".nii.gz")):
-        return [(Source.nifti(p), _nifti_stem(p))]
+        return [(Source.nifti(p), p)]
     if p.is_dir():
         niftis = sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz"))
                         and not f.name.endswith(("_liver.nii", "_liver.nii.gz", "_liver_prob.nii.gz")))
         if niftis:
-            return [(Source.nifti(f), _nifti_stem(f)) for f in niftis]
+            return [(Source.nifti(f), f) for f in niftis]
     elif not p.name.lower().endswith(".zip"):
         raise InputError(f"{p}: not a NIfTI file (.nii, .nii.gz), a folder or a zip of DICOM series")
-    series = [s for s in dicom_io.find_series(p) if s.modality in ("CT", "")]
+    series = [s for s in dicom_io.find_series(p) if s.modality in ("CT", "") and not layouts.is_label_series(s)]
     if not series:
         raise InputError(f"{p}: holds no NIfTI files and no CT DICOM series")
-    names = [s.path.name.removesuffix(".zip") for s in series]  # the series' folder (or zip)
-    return [(Source.dicom(s), name if names.count(name) == 1 else f"{name}_{s.uid.rsplit('.', 1)[-1]}")
-            for s, name in zip(series, names)]
+    return [(Source.dicom(s), layouts.series_name(s)) for s in series]
+
+
+def _unique_stems(scans: list[tuple[Source, Path]]) -> list[str]:
+    """Output stems: each scan's own name; where two share one, the path from their common
+    folder; where two series share a folder too, the last part of each one's UID appended."""
+    paths = [where for _, where in scans]
+    base = [_nifti_stem(p) if p.name.endswith((".nii", ".nii.gz")) else p.name.removesuffix(".zip") for p in paths]
+    stems = list(base)
+    for name in {b for b in base if base.count(b) > 1}:
+        clashing = [i for i, b in enumerate(base) if b == name]
+        resolved = [paths[i].resolve() for i in clashing]
+        common = Path(*[parts[0] for parts in itertools.takewhile(lambda parts: len(set(parts)) == 1,
+                                                                  zip(*(r.parts for r in resolved)))])
+        for i, r in zip(clashing, resolved):
+            rel = r.relative_to(common) if r != common else Path(r.name)
+            stems[i] = "_".join([*rel.parent.parts, name]) if rel.parent.parts else name
+    shared = [stems.count(stem) > 1 for stem in stems]
+    return [f"{stem}_{src.series.rsplit('.', 1)[-1]}" if clash and src.series else stem
+            for stem, clash, (src, _) in zip(stems, shared, scans)]
 
 
 def _nifti_stem(path: Path) -> str:

@@ -123,7 +123,8 @@ def test_predict_on_a_dicom_series_writes_a_nifti_at_the_dicom_positions(trained
     _write_pair(tmp_path / "scan", "3Dircadb1.4", ct, mask, "LPS", dicom=True)
     series = tmp_path / "scan" / "3Dircadb1.4" / "PATIENT_DICOM"
     written, failures = predict.predict(predict.load_run(trained_run), [series], tmp_path / "out", probabilities=True)
-    assert not failures and [p.name for p in written] == ["PATIENT_DICOM_liver.nii.gz", "PATIENT_DICOM_liver_prob.nii.gz"]
+    # 3D-IRCADb names every CT PATIENT_DICOM: the output is named by the patient
+    assert not failures and [p.name for p in written] == ["3Dircadb1.4_liver.nii.gz", "3Dircadb1.4_liver_prob.nii.gz"]
     out = nib.load(str(written[0]))
     assert out.shape == (32, 32, 6) and out.get_data_dtype() == np.uint8  # columns, rows, slices
     for f in sorted(series.iterdir())[:3]:
@@ -296,3 +297,79 @@ def test_series_in_one_folder_are_told_apart_by_their_uid(trained_run, tmp_path)
     shutil.copytree(mixed, tmp_path / "src" / "3Dircadb1.1" / "PATIENT_DICOM")
     with pytest.raises(InputError, match=r"3Dircadb1\.1: 2 series in PATIENT_DICOM; expected one"):
         convert(tmp_path / "src", tmp_path / "out-rec", ConvertOptions(layout="ircad"), progress=False)
+
+
+def _zip_as_ircad(folder: Path) -> None:
+    """Replace `folder` by `folder.zip` holding it as IRCAD ships it: the folder itself at the
+    top, directory entries included (PATIENT_DICOM/, PATIENT_DICOM/image_0, ...)."""
+    with zipfile.ZipFile(folder.with_name(folder.name + ".zip"), "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(folder, folder.name)
+        for f in sorted(folder.rglob("*")):
+            z.write(f, str(f.relative_to(folder.parent)))
+    shutil.rmtree(folder)
+
+
+def test_ircads_distributed_form_converts_predicts_and_evaluates_like_its_folders(trained_run, tmp_path):
+    """3Dircadb1.N/PATIENT_DICOM.zip + MASKS_DICOM.zip (with other organs' masks beside the liver's)."""
+    ct, mask = _anatomy()
+    for n in (1, 2):
+        _write_pair(tmp_path / "plain", f"3Dircadb1.{n}", ct, mask, dicom=True, seed=n)
+        arr, affine = geometry.from_canonical_ras(np.roll(mask, 3, axis=0), SPACING, "LPS", origin=(-150.0, -200.0, 40.0))
+        dicom_io.write_series(tmp_path / "plain" / f"3Dircadb1.{n}" / "MASKS_DICOM" / "bone", arr * np.uint8(255), affine,
+                              "OT", n + 50, patient=f"3Dircadb1.{n}")
+    shutil.copytree(tmp_path / "plain", tmp_path / "shipped")
+    for patient in sorted((tmp_path / "shipped").iterdir()):
+        for folder in ("PATIENT_DICOM", "MASKS_DICOM"):
+            _zip_as_ircad(patient / folder)
+    assert sorted(p.name for p in (tmp_path / "shipped" / "3Dircadb1.1").iterdir()) == ["MASKS_DICOM.zip", "PATIENT_DICOM.zip"]
+    opts = ConvertOptions(layout="ircad")
+    a = convert(tmp_path / "plain", tmp_path / "a", opts, progress=False)
+    b = convert(tmp_path / "shipped", tmp_path / "b", opts, progress=False)
+    assert _shards(tmp_path / "a") == _shards(tmp_path / "b")
+    assert [c.liver_voxels for c in b.cases] == [c.liver_voxels for c in a.cases] == [int(mask.sum())] * 2
+    run = predict.load_run(trained_run)
+    patients = sorted((tmp_path / "shipped").iterdir())
+    written, failures = predict.predict(run, patients, tmp_path / "out")  # the CT series only, named by patient
+    assert not failures and sorted(p.name for p in written) == ["3Dircadb1.1_liver.nii.gz", "3Dircadb1.2_liver.nii.gz"]
+    rows, _, _ = evaluate.evaluate(run, data=tmp_path / "shipped", layout="ircad", out=tmp_path / "eval", pngs=False)
+    plain_rows, _, _ = evaluate.evaluate(run, data=tmp_path / "plain", layout="ircad", out=tmp_path / "eval2", pngs=False)
+    assert rows == plain_rows and [r["case"] for r in rows] == ["3Dircadb1.1", "3Dircadb1.2"]
+
+
+def test_predict_names_outputs_so_they_cannot_collide_and_refuses_a_scan_given_twice(trained_run, tmp_path):
+    ct, mask = _anatomy()
+    for folder in ("a", "b"):  # the same file name in two folders
+        _write_pair(tmp_path / folder, "x", ct, mask, dicom=False)
+    run = predict.load_run(trained_run)
+    written, failures = predict.predict(run, [tmp_path / "a" / "x_orig.nii.gz", tmp_path / "b" / "x_orig.nii.gz",
+                                              tmp_path / "a" / "x_orig.nii.gz"], tmp_path / "out")
+    assert sorted(p.name for p in written) == ["a_x_liver.nii.gz", "b_x_liver.nii.gz"]
+    assert failures == [f"{tmp_path / 'a' / 'x_orig.nii.gz'}: given twice (also as {tmp_path / 'a' / 'x_orig.nii.gz'}); "
+                        "predict it once"]
+
+
+@pytest.mark.parametrize("defect, match", [
+    ("truncated", r"PATIENT_DICOM/image_3: a CT Image Storage file without SeriesInstanceUID or Rows: .*truncated"),
+    ("slope 0", r"image_\d+: RescaleSlope .*0.* cannot map stored values to HU"),
+])
+def test_a_damaged_slice_is_named_not_blamed_on_the_spacing(tmp_path, defect, match):
+    ct, mask = _anatomy()
+    _write_pair(tmp_path / "src", "3Dircadb1.1", ct, mask, dicom=True, shuffle=False)
+    files = _series_files(tmp_path / "src")
+    if defect == "truncated":
+        target = tmp_path / "src" / "3Dircadb1.1" / "PATIENT_DICOM" / "image_3"
+        target.write_bytes(target.read_bytes()[:300])  # cut inside the header
+    else:
+        _rewrite(files[2], RescaleSlope=0)
+    with pytest.raises(InputError, match=match) as e:
+        convert(tmp_path / "src", tmp_path / "out", ConvertOptions(layout="ircad"), progress=False)
+    assert "PATIENT_DICOM/PATIENT_DICOM" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_zip_member_too_large_to_inflate_is_refused_before_reading(tmp_path):
+    (tmp_path / "src" / "3Dircadb1.1").mkdir(parents=True)
+    with zipfile.ZipFile(tmp_path / "src" / "3Dircadb1.1" / "PATIENT_DICOM.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("PATIENT_DICOM/image_0", b"\0" * (dicom_io.MAX_FILE_BYTES + 1))  # ~260 KB compressed
+    with pytest.raises(InputError, match=r"PATIENT_DICOM\.zip!/PATIENT_DICOM/image_0: 256 MB uncompressed .* unzip it"):
+        convert(tmp_path / "src", tmp_path / "out", ConvertOptions(layout="ircad"), progress=False)
+    assert not (tmp_path / "out").exists()
