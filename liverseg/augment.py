@@ -1,26 +1,35 @@
-"""Joint image + mask augmentation: vectorised over a batch, deterministic for a seed, compiled.
+"""Joint image + mask augmentation: vectorised over a batch, deterministic for a seed.
 
-`Augmenter(cfg, normalize)` is one XLA computation (`jit_compile=True`): the same compiled
-function runs inside `Dataset.map` (placement "host", on the CPU) and inside the compiled
-training step (placement "device", on the accelerator), so a seed gives the same result
-in either place. It takes image `[B, H, W, C]` (float32 HU), mask `[B, H, W, 1]` (uint8)
-and a `[2]` int64 seed, and returns the normalised float32 image and the uint8 mask.
+`Augmenter(cfg, normalize, dense)` takes image `[B, H, W, C]` (HU, int16 as stored or float32), mask
+`[B, H, W, 1]` (uint8) and a `[2]` int64 seed, and returns the normalised float32 image and
+the uint8 mask. It has two forms, for the two places it runs:
+
+* dense (placement "device", inside the compiled training step): the whole augmentation is
+  one XLA computation; every op is computed for every example and kept where the example
+  drew it (`tf.where(chosen, op(x), x)`), so shapes are static and nothing waits on a
+  value read back by the host;
+* gated (placement "host", inside `Dataset.map` on the CPU): the spatial part is compiled
+  (it moves every example anyway), and each example then goes through the intensity ops it
+  drew only: computing every op for the whole batch, as the dense form does, cost the host
+  most of its throughput.
+
+For a seed both forms draw the same per-example parameters (which ops, which angles,
+sigmas, factors), so they give the same spatial transforms, contrast, brightness, blur and
+gamma; the noise values differ (the gated form draws each example's noise on its own).
 
 Spatial ops (flips, affine, elastic) move image and mask with the *same* per-example
 transform: flips and the affine are composed into one matrix, an optional elastic
 displacement is added, and both tensors are resampled at those coordinates by one gather
 sampler (bilinear for the image, nearest for the mask, so it stays binary), filling with
 air (-1024 HU) and background. The sampler is written with gathers because TensorFlow's
-`ImageProjectiveTransformV3` has no XLA kernel; compiled, it is also ~4x faster than that
-op on the CPU (5 vs 21 ms for 8 x 512 x 512, measured). Intensity ops (blur, noise,
-contrast, brightness, gamma) then act on the normalised image only.
-
-Every op is dense: an example that did not draw an op gets `tf.where(chosen, op(x), x)`,
-so shapes are static (XLA) and nothing depends on a value read back by the host.
+`ImageProjectiveTransformV3` has no XLA kernel; compiled, it is also faster than that op on
+the CPU (15.9 ms for image and mask against 43.4 ms, 8 x 512 x 512, measured). Intensity ops
+(contrast, brightness, blur, noise, gamma) then act on the normalised image only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import tensorflow as tf
@@ -98,16 +107,19 @@ def _elastic_field(seed, on, b, h: int, w: int, cfg: AugmentConfig):
 
 def sample(x, src_x, src_y, bilinear: bool, fill: float):
     """x [B, H, W, C] read at input coordinates src_x, src_y [B, H, W] (pixel centres at
-    integers). Bilinear or nearest (round half up); taps outside the image read `fill`,
-    so a point half a pixel outside blends half fill, half edge (as ImageProjectiveTransform)."""
+    integers). Bilinear (float32 out, whatever x's type: an int16 CT is read as stored and
+    converted tap by tap, so no float copy of the batch is made first) or nearest (x's type;
+    round half up); taps outside the image read `fill`, so a point half a pixel outside
+    blends half fill, half edge (as ImageProjectiveTransform)."""
     b, h, w, c = tf.shape(x)[0], x.shape[1], x.shape[2], x.shape[3]
     flat = tf.reshape(x, [-1, c])
     base = (tf.range(b) * (h * w))[:, None, None]
+    dtype = tf.float32 if bilinear else x.dtype
 
     def tap(yi, xi):
         inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-        v = tf.gather(flat, base + tf.clip_by_value(yi, 0, h - 1) * w + tf.clip_by_value(xi, 0, w - 1))
-        return tf.where(inside[..., None], v, tf.cast(fill, x.dtype))
+        v = tf.cast(tf.gather(flat, base + tf.clip_by_value(yi, 0, h - 1) * w + tf.clip_by_value(xi, 0, w - 1)), dtype)
+        return tf.where(inside[..., None], v, tf.cast(fill, dtype))
 
     if not bilinear:
         return tap(tf.cast(tf.floor(src_y + 0.5), tf.int32), tf.cast(tf.floor(src_x + 0.5), tf.int32))
@@ -120,7 +132,8 @@ def sample(x, src_x, src_y, bilinear: bool, fill: float):
 
 
 def spatial(image, mask, seed, cfg: AugmentConfig):
-    """Flips + affine (+ elastic) applied identically to image (HU, bilinear) and mask (nearest)."""
+    """Flips + affine (+ elastic) applied identically to image (HU, bilinear: float32 out) and
+    mask (nearest, its own type). Without spatial ops both come back as given."""
     if max(cfg.flip_lr_p, cfg.flip_ap_p, cfg.affine_p, cfg.elastic_p) == 0:
         return image, mask
     b, h, w = tf.shape(image)[0], image.shape[1], image.shape[2]
@@ -132,8 +145,7 @@ def spatial(image, mask, seed, cfg: AugmentConfig):
     if cfg.elastic_p > 0:
         field = _elastic_field(s_field, _coin(s_on, b, cfg.elastic_p), b, h, w, cfg)
         src_x, src_y = src_x + field[..., 0], src_y + field[..., 1]
-    moved_mask = sample(tf.cast(mask, tf.float32), src_x, src_y, False, 0.0)
-    return sample(image, src_x, src_y, True, AIR_HU), tf.cast(moved_mask, mask.dtype)
+    return sample(image, src_x, src_y, True, AIR_HU), sample(mask, src_x, src_y, False, 0.0)
 
 
 # ------------------------------------------------------------------------- intensity
@@ -162,41 +174,89 @@ def _gamma(x, g):
     return tf.pow((x - lo) / span, g[:, None, None, None]) * span + lo
 
 
-def intensity(image, seed, cfg: AugmentConfig):
-    """Blur, noise, contrast, brightness, gamma on the normalised image; per-example draws."""
-    b = tf.shape(image)[0]
+INTENSITY_OPS = ("contrast", "brightness", "blur", "noise", "gamma")  # in the order they are applied
+
+
+def intensity_draws(seed, b, cfg: AugmentConfig) -> dict:
+    """The per-example draws of the intensity ops: {op: (chosen [B] bool, value [B])} for
+    the enabled ops, and "noise_seed" (the noise field's stateless seed)."""
     s = _seeds(seed, 11)
-    if cfg.blur_p > 0:
-        image = _where(_coin(s[1], b, cfg.blur_p), _gaussian_blur(image, _uniform(s[0], b, *cfg.blur_sigma)), image)
-    if cfg.noise_p > 0:
-        std = _uniform(s[2], b, 0.0, cfg.noise_std)[:, None, None, None]
-        noisy = image + tf.random.stateless_normal(tf.shape(image), s[4], alg=RNG) * std
-        image = _where(_coin(s[3], b, cfg.noise_p), noisy, image)
-    if cfg.contrast_p > 0 or cfg.brightness_p > 0:
-        factor = tf.where(_coin(s[5], b, cfg.contrast_p), _uniform(s[6], b, *cfg.contrast), 1.0)[:, None, None, None]
-        shift = tf.where(_coin(s[7], b, cfg.brightness_p), _uniform(s[8], b, -cfg.brightness, cfg.brightness), 0.0)
-        mean = tf.reduce_mean(image, axis=[1, 2, 3], keepdims=True)
-        image = (image - mean) * factor + mean + shift[:, None, None, None]
-    if cfg.gamma_p > 0:
-        image = _where(_coin(s[10], b, cfg.gamma_p), _gamma(image, _uniform(s[9], b, *cfg.gamma)), image)
-    return image
+    draws = {"noise_seed": s[4]}
+    ranges = {"contrast": (s[5], s[6], cfg.contrast), "brightness": (s[7], s[8], (-cfg.brightness, cfg.brightness)),
+              "blur": (s[1], s[0], cfg.blur_sigma), "noise": (s[3], s[2], (0.0, cfg.noise_std)),
+              "gamma": (s[10], s[9], cfg.gamma)}
+    for op in INTENSITY_OPS:
+        p = getattr(cfg, f"{op}_p")
+        if p > 0:
+            coin, value, (lo, hi) = ranges[op]
+            draws[op] = (_coin(coin, b, p), _uniform(value, b, lo, hi))
+    return draws
+
+
+def _contrast(x, factor):
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    return (x - mean) * factor[:, None, None, None] + mean
+
+
+def _brightness(x, shift):
+    return x + shift[:, None, None, None]
+
+
+def _noise(x, std, seed):
+    return x + tf.random.stateless_normal(tf.shape(x), seed, alg=RNG) * std[:, None, None, None]
+
+
+def intensity(image, draws: dict, dense: bool = True):
+    """Contrast (about each image's mean), brightness, blur, noise and gamma on the normalised
+    image, as drawn (`intensity_draws`). dense: every op computed for every example, kept
+    where drawn. Else (a static batch size) each example goes through the ops it drew only,
+    as separate small ops the runtime spreads over the cores, stacked back once; each
+    example's noise then comes from its own stream."""
+    fns = {"contrast": _contrast, "brightness": _brightness, "blur": _gaussian_blur, "gamma": _gamma}
+    ops = [(op, *draws[op]) for op in INTENSITY_OPS if op in draws]
+    if dense or image.shape[0] is None:
+        for op, chosen, value in ops:
+            fn = functools.partial(_noise, seed=draws["noise_seed"]) if op == "noise" else fns[op]
+            image = _where(chosen, fn(image, value), image)
+        return image
+    examples = tf.unstack(image)
+    for i in range(len(examples)):
+        x = examples[i][None]
+        for op, chosen, value in ops:
+            fn = (functools.partial(_noise, seed=tf.random.experimental.stateless_fold_in(draws["noise_seed"], i))
+                  if op == "noise" else fns[op])
+            x = tf.cond(chosen[i], lambda x=x, fn=fn, v=value[i:i + 1]: fn(x, v), lambda x=x: x)
+        examples[i] = x[0]
+    return tf.stack(examples)
 
 
 class Augmenter:
-    """The whole augmentation as one compiled function: spatial on HU -> normalise -> intensity.
+    """The whole augmentation: spatial on HU -> normalise -> contrast, brightness, blur,
+    noise, gamma (see the module docstring).
 
-    __call__(image_hu float32 [B, H, W, C], mask uint8 [B, H, W, 1], seed [2] int64)
-    -> (float32 normalised image, uint8 mask).
+    __call__(image_hu int16 or float32 [B, H, W, C], mask uint8 [B, H, W, 1], seed [2] int64)
+    -> (float32 normalised image, uint8 mask). dense: one compiled function (the device
+    form). Else the gated host form: the spatial part, the normalisation and every random
+    draw are compiled (so they equal the device form's: TF's stateless random ops give other
+    values under XLA than outside it), and the intensity ops run outside, example by example
+    (inside the compiled computation, with their per-image reductions, they ran slower on the CPU).
     """
 
-    def __init__(self, cfg: AugmentConfig, normalize):
-        self.cfg, self.normalize = cfg, normalize
-        self._fn = tf.function(self._augment, jit_compile=True, reduce_retracing=True)
+    def __init__(self, cfg: AugmentConfig, normalize, dense: bool = True):
+        self.cfg, self.normalize, self.dense = cfg, normalize, dense
+        self._compiled = tf.function(self._moved_and_drawn, jit_compile=True, reduce_retracing=True, autograph=False)
+        self._fn = tf.function(self._augment, jit_compile=dense, reduce_retracing=True, autograph=False)
 
-    def _augment(self, image_hu, mask, seed):
+    def _moved_and_drawn(self, image_hu, mask, seed):
+        """(normalised moved image, moved mask, the intensity draws)."""
         s_spatial, s_intensity = _seeds(seed, 2)
         image_hu, mask = spatial(image_hu, mask, s_spatial, self.cfg)
-        return intensity(self.normalize(image_hu), s_intensity, self.cfg), mask
+        return self.normalize(tf.cast(image_hu, tf.float32)), mask, intensity_draws(s_intensity, tf.shape(mask)[0], self.cfg)
+
+    def _augment(self, image_hu, mask, seed):
+        first = self._moved_and_drawn if self.dense else self._compiled  # inside XLA already, or compiled alone
+        image, mask, draws = first(image_hu, mask, seed)
+        return intensity(image, draws, self.dense), mask
 
     def __call__(self, image_hu, mask, seed):
         return self._fn(image_hu, mask, seed)

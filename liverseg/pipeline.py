@@ -188,14 +188,17 @@ def batch_preparer(cfg: Config, norm: Normalization):
     With a seed and augmentation enabled it augments, through one compiled `augment.Augmenter`.
     Shared by host placement (in tf.data) and device placement (in the training step).
     """
-    augmenter = augment.Augmenter(cfg.augment, functools.partial(normalize, norm=norm)) if augment.enabled(cfg.augment) else None
+    augmenter = None
+    if augment.enabled(cfg.augment):  # the dense form inside the compiled step, the gated one on the host
+        augmenter = augment.Augmenter(cfg.augment, functools.partial(normalize, norm=norm),
+                                      dense=cfg.augment.placement == "device")
 
     def prepare(batch: dict, seed=None) -> dict:
-        image, mask = tf.cast(batch["image"], tf.float32), batch["mask"]
+        image, mask = batch["image"], batch["mask"]
         if seed is not None and augmenter is not None:
-            image, mask = augmenter(image, mask, seed)
+            image, mask = augmenter(image, mask, seed)  # reads the int16 HU as stored
         else:
-            image = normalize(image, norm)
+            image = normalize(tf.cast(image, tf.float32), norm)
         return {**batch, "image": image, "mask": mask}
 
     return prepare

@@ -7,6 +7,8 @@ under mixed precision. The sigmoid lives in the loss and in prediction.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import layers
 
@@ -132,6 +134,17 @@ def flops_per_image(model: keras.Model, height: int, width: int) -> float:
             continue
         total += 2.0 * h * w * kh * kw * cin * cout
     return total
+
+
+def forward_tensor_bytes(model: keras.Model, height: int, width: int) -> float:
+    """Bytes of every 4-D floating tensor of one training-mode forward pass at height x width
+    (float32): what a training step's activations are measured against (`bench.train`)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([1, height, width, model.input_shape[-1]], tf.float32)
+    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(spec).graph
+    return float(sum(4 * math.prod(t.shape) for op in graph.get_operations() for t in op.outputs
+                     if t.dtype.is_floating and t.shape.rank == 4 and t.shape.is_fully_defined()))
 
 
 def check_input(cfg: ModelConfig, height: int, width: int) -> None:

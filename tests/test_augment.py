@@ -30,25 +30,52 @@ def _norm(hu):
     return (tf.clip_by_value(hu, -200.0, 250.0) + 200.0) / 450.0
 
 
-def _augment(image, mask, seed, cfg, norm):
-    """One batch through a fresh (compiled) Augmenter."""
-    return augment.Augmenter(cfg, norm)(image, mask, seed)
+def _augment(image, mask, seed, cfg, norm, dense=True):
+    """One batch through a fresh Augmenter (dense: the device form; else the host form)."""
+    return augment.Augmenter(cfg, norm, dense)(image, mask, seed)
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["device form", "host form"])
 @pytest.mark.parametrize("op", augment.OPS)
-def test_eager_equals_dataset_map(op):
+def test_eager_equals_dataset_map(op, dense):
     cfg = only(op)
     image, mask = _pattern()
     seed = tf.constant([5, 9], tf.int64)
-    eager = _augment(image, mask, seed, cfg, _norm)
+    eager = _augment(image, mask, seed, cfg, _norm, dense)
     mapped = next(iter(tf.data.Dataset.from_tensors((image, mask)).map(
-        lambda i, m: _augment(i, m, seed, cfg, _norm))))
+        lambda i, m: _augment(i, m, seed, cfg, _norm, dense))))
     # the mask exactly; the image up to float rounding (graph mode may reorder arithmetic)
     np.testing.assert_array_equal(eager[1].numpy(), mapped[1].numpy())
     np.testing.assert_allclose(eager[0].numpy(), mapped[0].numpy(), rtol=1e-6, atol=1e-6)
     if not op.startswith("flip"):  # a flip at p=1 is deterministic; every other op draws values
-        other = _augment(image, mask, tf.constant([5, 10], tf.int64), cfg, _norm)
+        other = _augment(image, mask, tf.constant([5, 10], tf.int64), cfg, _norm, dense)
         assert not np.array_equal(eager[0].numpy(), other[0].numpy()), f"{op}: the seed must matter"
+
+
+def test_the_host_form_gives_the_device_forms_result_but_its_own_noise():
+    """Default probabilities, 8 examples: the same ops, parameters and transforms for a seed;
+    the noise has the same per-example std but other values."""
+    image, mask = _pattern(8)
+    seed = tf.constant([11, 3], tf.int64)
+    cfg = config.load(None, ["augment.noise_p=0"]).augment
+    dense, gated = _augment(image, mask, seed, cfg, _norm, True), _augment(image, mask, seed, cfg, _norm, False)
+    np.testing.assert_array_equal(dense[1].numpy(), gated[1].numpy())
+    np.testing.assert_allclose(dense[0].numpy(), gated[0].numpy(), rtol=1e-5, atol=1e-5)
+    noise = only("noise", **{"augment.noise_std": 0.2})
+    clean = augment.Augmenter(config.replace(config.load(None), **OFF).augment, _norm)(image, mask, seed)[0].numpy()
+    d, g = (_augment(image, mask, seed, noise, _norm, f)[0].numpy() - clean for f in (True, False))
+    assert not np.allclose(d, g)
+    np.testing.assert_allclose(d.std(axis=(1, 2, 3)), g.std(axis=(1, 2, 3)), rtol=0.05)  # 1440 pixels each
+
+
+def test_int16_hu_as_stored_augment_like_float32():
+    image, mask = _pattern()
+    seed, cfg = tf.constant([2, 8], tf.int64), only("affine")
+    for dense in (True, False):
+        as_float = _augment(tf.round(image), mask, seed, cfg, _norm, dense)
+        as_int16 = _augment(tf.cast(tf.round(image), tf.int16), mask, seed, cfg, _norm, dense)
+        np.testing.assert_array_equal(as_float[1].numpy(), as_int16[1].numpy())
+        np.testing.assert_allclose(as_float[0].numpy(), as_int16[0].numpy(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("op", SPATIAL)

@@ -102,3 +102,33 @@ def test_bench_train_measures_the_default_recipe_without_config(dataset):
     assert "device augmentation path" in rows["input ceiling"]
     # the default U-Net (32 filters, depth 5): 343 GFLOP per 512x512 image (docs), so 343 / 256 at 32x32
     assert float(rows["FLOPs per image"].split()[3]) == pytest.approx(343 / 256, rel=0.01)
+
+
+def test_a_training_batch_is_fitted_to_the_memory_before_it_runs():
+    from liverseg.bench.train import MEMORY_HEADROOM, fitting_batch
+
+    gb = 1e9
+    assert fitting_batch(32, 4 * gb, 0.87 * gb, None) == 32  # nothing known: as asked
+    assert fitting_batch(32, 4 * gb, 0.87 * gb, 40 * gb) == 32  # 31.8 GB fits 0.85 x 40
+    assert fitting_batch(32, 4 * gb, 0.87 * gb, 24 * gb) == int((MEMORY_HEADROOM * 24 - 4) / 0.87)  # 18
+    assert fitting_batch(32, 4 * gb, 0.87 * gb, 24 * gb, replicas=4) == 16  # a multiple of the replicas
+    assert fitting_batch(32, 4 * gb, 0.87 * gb, 4 * gb) == 0  # not even one
+
+
+def test_bench_train_says_at_which_batch_it_measured_or_why_it_skipped(dataset, monkeypatch):
+    from liverseg import config, unet
+    from liverseg.bench import train as bench_train
+    from liverseg.manifest import Manifest
+
+    cfg = config.load("configs/smoke.yaml", ["model.base_filters=2", "model.depth=2", "data.batch_size=4"])
+    shard = max(s.bytes for s in Manifest.load(dataset).shards("train"))
+    fixed, per_image = bench_train.training_memory(cfg, unet.build(cfg.model, 1), 32, 32, shard)
+    args = ["bench", "train", dataset, "--config", "configs/smoke.yaml", "--set", "model.base_filters=2", "--set",
+            "model.depth=2", "--set", "data.batch_size=4", "--rows", "model", "--steps", 1]
+    monkeypatch.setattr(bench_train, "available_memory", lambda: (fixed + 2.5 * per_image) / bench_train.MEMORY_HEADROOM)
+    out = run(*args)
+    row = next(line for line in out.splitlines() if line.startswith("model "))
+    assert "at batch 2: batch 4 needs ~" in row and " GB available" in row and float(row.split()[1]) > 0
+    monkeypatch.setattr(bench_train, "available_memory", lambda: fixed / 2)
+    row = next(line for line in run(*args).splitlines() if line.startswith("model "))
+    assert row.split()[1] == "skipped" and "not even batch 1 fits" in row

@@ -2,7 +2,8 @@
 
 1. `catch_sigterm`: from the first line, so a SIGTERM while TensorFlow loads is not lost;
 2. `prefer_tcmalloc`: re-execute under tcmalloc for commands that run TensorFlow (SIGTERM
-   stays blocked across the exec, and is delivered by step 1 of the new process);
+   stays blocked across the exec, and is delivered by step 1 of the new process), or where
+   it is not installed tune glibc malloc to keep freed memory;
 3. `quiet_stderr`: file descriptor 2 through a filter process that drops TensorFlow's
    start-up notices whenever they come.
 
@@ -22,7 +23,7 @@ import typing
 
 from liverseg import TERMINATE, LiversegError
 
-ALLOCATORS = ("tcmalloc", "system")
+ALLOCATORS = ("tcmalloc", "glibc", "system")
 _TERMINATED = "LIVERSEG_SIGTERM_BEFORE_EXEC"  # set across the re-exec when SIGTERM arrived before its mask
 
 # What TensorFlow prints on stderr at start-up whatever TF_CPP_MIN_LOG_LEVEL says (TF issue
@@ -48,31 +49,41 @@ def catch_sigterm(argv: list[str]) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked across a re-exec: deliver it now
 
 
-def wants_tcmalloc(runs_tensorflow: bool, env: typing.Mapping[str, str]) -> bool:
-    """Whether a command should run under tcmalloc: it runs TensorFlow, LIVERSEG_MALLOC is
-    "tcmalloc" (the default) and tcmalloc is not loaded already.
+def allocator(runs_tensorflow: bool, env: typing.Mapping[str, str], tcmalloc_installed: bool) -> str:
+    """How a command's memory is allocated: "tcmalloc" (re-execute under it), "glibc" (glibc
+    malloc, tuned by `tune_glibc_malloc`) or "" (left as it is).
 
-    With glibc malloc, TensorFlow's large per-slice tensors come from fresh mmaps and the
-    input pipeline spends ~25% of its CPU in page faults (perf, 512x512 slices); tcmalloc
-    keeps freed memory and raised pipeline throughput 1.7-2.7x (docs/benchmarks.md).
-    `synth` and `convert` do not run TensorFlow and were measured slower under it.
+    TensorFlow's large per-slice tensors, allocated and freed for every batch, come from
+    fresh mmaps under glibc's defaults: the input pipeline then spends a third of its CPU in
+    the kernel, in page faults (512x512x5 int16 pipeline: ~260-400 minor faults per slice).
+    tcmalloc keeps freed memory (it raised pipeline throughput 1.7-2.7x, docs/benchmarks.md);
+    where it is not installed, glibc is told to keep freed memory too, which removes most of
+    those faults. LIVERSEG_MALLOC: "tcmalloc" (the default: tcmalloc, else tuned glibc),
+    "glibc" (tuned glibc) or "system" (nothing changed). Only for commands that run
+    TensorFlow: `synth` and `convert` were measured slower under tcmalloc.
     """
     choice = env.get("LIVERSEG_MALLOC", "tcmalloc")
     if choice not in ALLOCATORS:
         raise LiversegError(f"LIVERSEG_MALLOC={choice!r}: choose one of {', '.join(ALLOCATORS)}")
-    if choice == "system" or "tcmalloc" in env.get("LD_PRELOAD", ""):
-        return False
-    return runs_tensorflow
+    if choice == "system" or not runs_tensorflow or "tcmalloc" in env.get("LD_PRELOAD", ""):
+        return ""
+    return "tcmalloc" if choice == "tcmalloc" and tcmalloc_installed else "glibc"
+
+
+def _tcmalloc() -> str | None:
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 
 
 def prefer_tcmalloc(runs_tensorflow: bool) -> None:
-    """Re-execute this command under tcmalloc when `wants_tcmalloc` says so and it is installed."""
+    """Re-execute this command under tcmalloc, or tune glibc malloc, as `allocator` says."""
+    lib = _tcmalloc()
     try:
-        wanted = wants_tcmalloc(runs_tensorflow, os.environ)
+        plan = allocator(runs_tensorflow, os.environ, lib is not None)
     except LiversegError as e:
         raise SystemExit(f"Error: {e}") from None
-    lib = (ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")) if wanted else None
-    if lib is None:
+    if plan == "glibc":
+        tune_glibc_malloc()
+    if plan != "tcmalloc":
         return
     env = {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()}
     # The blocked signal mask survives execve: a SIGTERM during the new process's start-up stays
@@ -81,6 +92,24 @@ def prefer_tcmalloc(runs_tensorflow: bool) -> None:
     if TERMINATE.is_set():  # arrived before the mask was set
         env[_TERMINATED] = "1"
     os.execve(sys.executable, [sys.executable, "-m", "liverseg", *sys.argv[1:]], env)
+
+
+# glibc's mallopt parameters (malloc.h) and the values that keep freed memory in the process:
+# blocks up to 32 MiB (glibc's largest mmap threshold) from the heap instead of fresh mmaps,
+# and freed memory kept (trimmed only past 1 GiB; 256 MiB added per heap growth).
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+GLIBC_TUNING = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 256 * 2**20))
+
+
+def tune_glibc_malloc() -> bool:
+    """Set GLIBC_TUNING through mallopt (for every later allocation, in every thread); False
+    where the C library is not glibc."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(param, value) == 1 for param, value in GLIBC_TUNING)
 
 
 def quiet_stderr(notices: tuple[bytes, ...] = NOTICES) -> None:
