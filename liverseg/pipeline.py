@@ -55,8 +55,12 @@ def normalization(cfg: Config, manifest: Manifest) -> Normalization:
     stats = manifest.split("train").hu.liver
     if stats.count == 0:
         raise RecordsError(f"{manifest.root}: no liver voxels in the train split; use data.normalize=window")
+    if stats.std < 1.0:  # (x - mean) / std would blow rounding up into the whole input range
+        raise RecordsError(f"{manifest.root}: the train split's liver HU have a standard deviation of {stats.std:g} "
+                           "(nearly constant): z-score normalisation cannot be taken from them; use "
+                           "data.normalize=window (and data.hu_window), or check the masks and images")
     pct = stats.percentiles
-    return Normalization(pct["0.5"], pct["99.5"], stats.mean, max(stats.std, 1e-3))
+    return Normalization(pct["0.5"], pct["99.5"], stats.mean, stats.std)
 
 
 def normalize(hu, norm: Normalization):
@@ -87,6 +91,20 @@ def check_context(cfg: Config, manifest: Manifest) -> None:
         raise RecordsError(f"{what}: most channels would be copies of its edge slices; choose data.context <= "
                            f"{(shortest.num_slices - 1) // 2} (2 is usual)")
     log.warning("%s: its edge slices are repeated to fill the window", what)
+
+
+def check_memory(cfg: Config, manifest: Manifest, available: float | None, replicas: int = 1) -> None:
+    """Refuse a shuffle buffer or batch whose slices alone would take most of this machine's
+    memory (`available` bytes; None: unknown), naming the key and what would fit."""
+    if available is None:
+        return
+    h, w = manifest.split("train").slice_shape
+    slice_bytes = h * w * (2 * (2 * cfg.data.context + 1) + 1)  # int16 image channels + uint8 mask
+    for key, count, per in (("data.shuffle_buffer", cfg.data.shuffle_buffer, slice_bytes),
+                            ("data.batch_size", global_batch(cfg, replicas), 3 * slice_bytes)):  # + float32 copies
+        if count * per > 0.5 * available:
+            raise RecordsError(f"{key}={count}: {count} slices of {h}x{w} take {count * per / 1e9:.1f} GB, more than "
+                               f"half of the {available / 1e9:.1f} GB available; choose at most {int(0.5 * available // per)}")
 
 
 def global_batch(cfg: Config, replicas: int) -> int:

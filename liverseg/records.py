@@ -252,7 +252,12 @@ class ShardWriter:
         return self.num_examples, self._hashed.bytes, self._hashed.sha.hexdigest()
 
     def abort(self) -> None:
-        self._raw.close()
+        """Close without caring what is lost (the file is deleted next): flushing the buffer
+        may fail again, e.g. on the full disk that made us abort."""
+        try:
+            self._raw.close()
+        except OSError:
+            pass
 
 
 @dataclass

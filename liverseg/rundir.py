@@ -18,21 +18,15 @@ data), the lock and the checks a resumed run must pass.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
-import os
-import shutil
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from liverseg import LiversegError, __version__, atomic_path, config
+from liverseg import LiversegError, __version__, atomic_path, config, folder_lock
 from liverseg.config import Config
 
 log = logging.getLogger(__name__)
@@ -219,39 +213,12 @@ def check_dataset(run: Path, info: RunInfo) -> None:
 # ------------------------------------------------------------------------- the run lock
 
 
-@contextlib.contextmanager
 def claim(run: Path):
-    """Hold RUN/.lock (an flock, released by the kernel when the process dies) while training.
-
-    A second trainer on the same run fails naming the holder. A lock file left by a crashed
-    trainer holds no flock, so it is taken over (and said so). A run folder this call created
-    is removed again when nothing but the lock was written into it.
-    """
-    created = not run.exists()
-    run.mkdir(parents=True, exist_ok=True)
-    path = RunDir(run).lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            raise LiversegError(f"{run} is in use by a trainer ({holder}); wait for it to finish or stop it "
-                                "(two trainers would interleave checkpoints), or choose another --run") from None
-        stale = os.pread(fd, 512, 0).decode(errors="replace").strip()
-        if stale:
-            log.warning("%s: taking over the lock of a trainer that did not exit cleanly (%s)", path, stale)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # an empty lock file: released cleanly (the file stays: unlinking races)
-    finally:
-        os.close(fd)  # releases the flock
-        if created and run.is_dir() and not [p for p in run.iterdir() if p != path]:
-            shutil.rmtree(run, ignore_errors=True)
+    """Hold RUN/.lock while training (`liverseg.folder_lock`): a second trainer on the same
+    run fails naming the holder; a lock left by a crashed trainer is taken over."""
+    return folder_lock(run, RunDir(run).lock.name, "a trainer",
+                       "wait for it to finish or stop it (two trainers would interleave checkpoints), or choose "
+                       "another --run")
 
 
 __all__ = ["InputSpec", "Normalization", "RunDir", "RunInfo", "check_dataset", "check_resume", "claim", "load_config",

@@ -43,8 +43,8 @@ from typing import Callable
 
 import tensorflow as tf
 
-from liverseg import (TERMINATE, LiversegError, checkpoints, config, data_service, derive_seed, objective, pipeline,
-                      rundir, step, unet, validation)
+from liverseg import (TERMINATE, LiversegError, available_memory, checkpoints, config, data_service, derive_seed,
+                      objective, pipeline, rundir, step, unet, validation)
 from liverseg.config import Config
 from liverseg.hooks import (PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, save_weights, stop_requested,
                             weights_fingerprint)
@@ -147,6 +147,7 @@ class Trainer:
         h, w = manifest.split("train").slice_shape
         unet.check_input(cfg.model, h, w)
         pipeline.check_context(cfg, manifest)
+        pipeline.check_memory(cfg, manifest, available_memory(), self.replicas)
         if cfg.data.service:
             data_service.check_reachable(cfg.data.service)
         spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,

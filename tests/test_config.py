@@ -30,7 +30,7 @@ def test_dotted_overrides_are_parsed_and_typed():
     ("nope.x=1", r"unknown config key nope \(valid keys at top level: seed"),
     ("train.steps=ten", r"train.steps='ten' must be an integer"),
     ("train.loss=mse", r"train.loss='mse' is not valid; choose one of: bce, dice, bce_dice, focal, tversky"),
-    ("data.hu_window=[300, 100]", r"data.hu_window=\(300.0, 100.0\) is not valid: needs low < high"),
+    ("data.hu_window=[300, 100]", r"data.hu_window=\(300.0, 100.0\) is not valid: needs -1024 <= low < high"),
     ("augment.gamma_p=1.5", r"augment.gamma_p=1.5 is not valid: a probability"),
     ("deterministic=1", r"deterministic=1 must be true or false"),
     ("train", r"override 'train' must look like section.key=value"),
@@ -52,3 +52,21 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("augment.rotation_deg=.nan", "augment.rotation_deg=nan must be a finite number"),
+    ("train.lr=.inf", "train.lr=inf must be a finite number"),
+    ("data.hu_window=[-1e308, 1e308]", "data.hu_window=(-1e+308, 1e+308) is not valid: needs -1024 <= low < high <= 3071"),
+    ("seed=-1", "seed=-1 is not valid: must be in [0, 2**31)"),
+    ("seed=4294967296", "seed=4294967296 is not valid"),
+    ("augment.elastic_sigma=0", "augment.elastic_sigma=0.0 is not valid: must be in [1, 1000] pixels"),
+    ("train.num_images=-1", "train.num_images=-1 is not valid: must be in [0, 64]"),
+    ("model.base_filters=100000", "model.base_filters=100000 is not valid: must be in [1, 512]"),
+    ("data.shuffle_buffer=1000000000000", "data.shuffle_buffer=1000000000000 is not valid: must be in [1, 1048576]"),
+    ("data.batch_size=1000000000", "data.batch_size=1000000000 is not valid: must be in [1, 65536]"),
+])
+def test_absurd_and_non_finite_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert message in str(e.value)

@@ -284,3 +284,57 @@ def test_out_with_foreign_files_is_refused(good_src, tmp_path):
     with pytest.raises(LiversegError, match=r"holds files that are not a liverseg dataset \(notes\.txt\)"):
         convert(good_src, out, progress=False)
     assert tree(out) == ["notes.txt"]
+
+
+def test_two_conversions_into_one_out_the_second_fails_naming_the_first(tmp_path):
+    """OUT is locked while a conversion writes into it (a second one would delete its temporary shards)."""
+    import os
+
+    from liverseg import LiversegError
+    from liverseg.convert.output import LOCK, locked
+
+    src = tmp_path / "src"
+    synth.synthesize(src, cases=2, size=24, slices=(6, 6), seed=1, progress=False)
+    out = tmp_path / "out"
+    with locked(out):
+        assert (out / LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(LiversegError, match=rf"{out} is in use by a conversion \(pid {os.getpid()} .*choose another OUT"):
+            convert(src, out, ConvertOptions(), progress=False)
+        assert tree(out) == [LOCK]  # the second wrote nothing
+    assert not out.exists()  # made by the lock, left empty: removed
+    (out).mkdir()
+    (out / LOCK).write_text("pid 99999 on gone since 2026-01-01")  # a killed conversion's lock: taken over
+    m = convert(src, out, ConvertOptions(), progress=False)
+    assert sorted(tree(out)) == sorted(["dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
+
+
+@pytest.mark.parametrize("opts, message", [
+    (dict(affine_tol=float("nan")), r"--affine-tol nan: choose a tolerance in mm between 0 and 10"),
+    (dict(shard_mb=float("nan")), r"--shard-mb nan, .*--shard-mb must be in \(0, 1048576\]"),
+    (dict(val=float("nan")), r"--val nan / --test 0.0: fractions in \[0, 1\)"),
+])
+def test_non_finite_convert_options_are_refused(tmp_path, opts, message):
+    from liverseg import LiversegError
+
+    src = tmp_path / "src"
+    synth.synthesize(src, cases=2, size=24, slices=(6, 6), seed=1, progress=False)
+    with pytest.raises(LiversegError, match=message):
+        convert(src, tmp_path / "out", ConvertOptions(**opts), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"train": [1, 2]}, r"'train' must be a list of case ids as strings"),
+    ({"train": "phantom_001"}, r"'train' must be a list of case ids as strings .*got \"phantom_001\""),
+])
+def test_a_split_file_of_numbers_or_a_string_is_refused(tmp_path, spec, message):
+    import json
+
+    from liverseg import LiversegError
+
+    src = tmp_path / "src"
+    synth.synthesize(src, cases=2, size=24, slices=(6, 6), seed=1, progress=False)
+    (tmp_path / "split.json").write_text(json.dumps(spec))
+    with pytest.raises(LiversegError, match=message):
+        convert(src, tmp_path / "out", ConvertOptions(split_file=str(tmp_path / "split.json")), progress=False)
+    assert not (tmp_path / "out").exists()

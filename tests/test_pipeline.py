@@ -190,3 +190,19 @@ def test_corrupt_record_is_reported_with_its_shard(dataset, tmp_path):
         with pipeline.named_data_errors(cfg, "val"):
             for _ in pipeline.build_dataset(cfg, "val"):
                 pass
+
+
+def test_zscore_on_constant_liver_hu_and_buffers_past_the_memory_are_refused(dataset):
+    import dataclasses
+
+    m = Manifest.load(dataset)
+    split = m.split("train")
+    flat = dataclasses.replace(split, hu=dataclasses.replace(split.hu, liver=dataclasses.replace(split.hu.liver, std=0.0)))
+    constant = dataclasses.replace(m, splits={**m.splits, "train": flat})
+    with pytest.raises(RecordsError, match=r"standard deviation of 0 \(nearly constant\).*use data.normalize=window"):
+        pipeline.normalization(cfg_for(dataset, "data.normalize=zscore"), constant)
+    cfg = cfg_for(dataset, "data.shuffle_buffer=100000")  # 100000 x 32x32 x 3 bytes: 307 MB
+    pipeline.check_memory(cfg, m, 1e9)
+    with pytest.raises(RecordsError, match=r"data.shuffle_buffer=100000: .* more than half of the 0.5 GB available; "
+                                           r"choose at most 81380"):
+        pipeline.check_memory(cfg, m, 0.5e9)

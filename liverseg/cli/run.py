@@ -30,9 +30,9 @@ def _config(config_path, records, overrides):
 @set_option
 def train(config_path, records, run_dir, overrides):
     """Train (or resume) a U-Net; TensorBoard logs go to RUN/train and RUN/validation."""
+    cfg = _config(config_path, records, overrides)  # a bad key or value is reported before TensorFlow loads
     from liverseg import train as train_mod
 
-    cfg = _config(config_path, records, overrides)
     try:
         result = train_mod.train(cfg, run_dir)
     except train_mod.Preempted as e:

@@ -33,7 +33,7 @@ from pathlib import Path
 from liverseg import InputError, LiversegError, records
 from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
 from liverseg.layouts import MERGES_TUMOUR
-from liverseg.convert.output import assemble, check_out, check_same_sources, commit
+from liverseg.convert.output import assemble, check_out, check_same_sources, commit, locked
 from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, estimated_bytes, plan_shards, write_shard
 from liverseg.manifest import ConvertOptions, Manifest
 
@@ -47,8 +47,14 @@ def resolve(opts: ConvertOptions) -> ConvertOptions:
     if opts.spacing is not None and (opts.size is None or not 0.05 <= opts.spacing <= 20):
         raise LiversegError(f"--spacing {opts.spacing}: needs --size (the window slices are cropped or padded to) "
                             "and a pixel size between 0.05 and 20 mm")
-    if opts.shard_mb <= 0 or opts.workers < 1 or (opts.num_shards is not None and opts.num_shards < 1):
-        raise LiversegError("--shard-mb must be > 0, --workers >= 1, --num-shards >= 1")
+    if not (0 < opts.shard_mb <= 2**20) or not 1 <= opts.workers <= 1024 or (opts.num_shards is not None
+                                                                          and not 1 <= opts.num_shards <= 100_000):
+        raise LiversegError(f"--shard-mb {opts.shard_mb:g}, --workers {opts.workers}, --num-shards {opts.num_shards}: "
+                            "--shard-mb must be in (0, 1048576], --workers in [1, 1024], --num-shards in [1, 100000]")
+    if not 0 <= opts.affine_tol <= 10:  # also refuses nan: a nan tolerance would accept any grid
+        raise LiversegError(f"--affine-tol {opts.affine_tol}: choose a tolerance in mm between 0 and 10")
+    if not (0 <= opts.val < 1 and 0 <= opts.test < 1):  # nan included
+        raise LiversegError(f"--val {opts.val} / --test {opts.test}: fractions in [0, 1) that sum below 1")
     if opts.layout in MERGES_TUMOUR and not opts.merge_tumour:
         opts = dataclasses.replace(opts, merge_tumour=True)
     return opts
@@ -85,12 +91,14 @@ def _check_space(out: Path, jobs: list[ShardJob], opts: ConvertOptions) -> None:
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True) -> Manifest:
     """Convert SRC to a sharded dataset in OUT. Returns the manifest (also written to OUT/dataset.json)."""
+    with locked(Path(out)):
+        return _convert(Path(src), Path(out), resolve(opts), progress)
+
+
+def _convert(src: Path, out: Path, opts: ConvertOptions, progress: bool) -> Manifest:
     from tqdm import tqdm
 
-    src, out, opts = Path(src), Path(out), resolve(opts)
     cases, jobs, old = prepare(src, out, opts)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=sum(c.geometry.stored_shape[0] for j in jobs for c in j.cases), desc="convert", unit="slice",
                disable=not progress)
     try:
@@ -106,9 +114,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOpti
     finally:
         bar.close()
         for j in jobs:
-            j.tmp.unlink(missing_ok=True)  # gone already when committed
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+            j.tmp.unlink(missing_ok=True)  # gone already when committed (the lock removes a folder it made)
 
 
 def _write_all(jobs: list[ShardJob], opts: ConvertOptions, done) -> list[ShardResult]:

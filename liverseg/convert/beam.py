@@ -117,20 +117,25 @@ def pipeline(runner: str, workers: int, args: tuple[str, ...], worker_log: Path)
 def convert_beam(src: str | Path, out: str | Path, opts: ConvertOptions, beam_args: tuple[str, ...] = ()) -> Manifest:
     """Convert SRC to OUT on Beam (`opts.runner`: "direct" or a Beam runner name; beam_args:
     its pipeline options). Returns the manifest, as `convert.convert` does."""
+    from liverseg.convert.output import locked
+
+    with locked(Path(out)):
+        return _convert_beam(Path(src), Path(out), opts, beam_args)
+
+
+def _convert_beam(src: Path, out: Path, opts: ConvertOptions, beam_args: tuple[str, ...]) -> Manifest:
     from liverseg.convert import prepare, resolve
 
     beam = import_beam()
     # Beam's INFO/WARNING lines are per-worker chatter, and it logs a failing step's traceback
     # before raising it: the failure is reported once, as one line, by _explained.
     logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
-    src, out, opts = Path(src), Path(out), resolve(opts)
+    opts = resolve(opts)
     cases, jobs, old = prepare(src, out, opts)
     worker_log = Path(tempfile.gettempdir()) / f"liverseg-beam-workers-{os.getpid()}.log"
     runner, p = pipeline(opts.runner, opts.workers, tuple(beam_args), worker_log)
     by_key = {(j.split, j.ordinal): j for j in jobs}
     tasks = [((j.split, j.ordinal), i, c) for j in jobs for i, c in enumerate(j.cases)]
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     keep_log = False
     try:
         with p:
@@ -151,8 +156,6 @@ def convert_beam(src: str | Path, out: str | Path, opts: ConvertOptions, beam_ar
             worker_log.unlink(missing_ok=True)
         for p in out.glob(f"{TMP_PREFIX}*"):  # none left after a commit; a failed run's partial files
             p.unlink(missing_ok=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
 
 
 def _explained(e: Exception, worker_log: Path) -> Exception:

@@ -70,6 +70,9 @@ def _assign_splits(cases: list[Case], opts: ConvertOptions, from_folders: bool) 
             raise LiversegError(f"{path}: must map some of {SPLITS} to lists of case ids")
         where: dict[str, str] = {}
         for split, members in spec.items():
+            if not isinstance(members, list) or not all(isinstance(c, str) for c in members):
+                raise LiversegError(f"{path}: {split!r} must be a list of case ids as strings (e.g. [\"case_01\"]), "
+                                    f"got {json.dumps(members)[:80]}")
             for c in members:
                 if c in where:
                     raise LiversegError(f"{path}: case {c!r} is in both {where[c]} and {split}")

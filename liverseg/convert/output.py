@@ -16,11 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, records
+from liverseg import LiversegError, folder_lock, records
 from liverseg.convert.discover import Case
 from liverseg.convert.shards import TMP_PREFIX, ShardResult
 from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, HUStats, Manifest, RegionHU, ShardInfo,
                                SkippedCase, SplitInfo)
+
+
+LOCK = ".lock"  # held by the conversion writing into OUT
+
+
+def locked(out: Path):
+    """OUT locked for one conversion: a second one into the same OUT fails naming the first
+    (it would delete the first's temporary shards); a lock left by a killed one is taken over."""
+    return folder_lock(out, LOCK, "a conversion", "wait for it to finish or stop it, or choose another OUT",
+                       remove=True)
 
 
 def check_out(out: Path, opts: ConvertOptions, src: Path) -> Manifest | None:
@@ -31,7 +41,7 @@ def check_out(out: Path, opts: ConvertOptions, src: Path) -> Manifest | None:
         raise LiversegError(f"{out}: exists and is not a folder")
     for p in out.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run
         p.unlink()
-    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^" + re.escape(MANIFEST) + "$")
+    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^" + re.escape(MANIFEST) + "$|^" + re.escape(LOCK) + "$")
     foreign = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
     if foreign and not opts.overwrite:
         raise LiversegError(f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}); "
