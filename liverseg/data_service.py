@@ -97,11 +97,25 @@ def stop_within(server, seconds: float = 10.0) -> bool:
     return not stopper.is_alive()
 
 
+def check_port_free(port: int, what: str) -> None:
+    """Refuse a port something already listens on: gRPC would share it (SO_REUSEPORT), and a
+    second dispatcher there would answer trainers with "not found" for the first one's jobs."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise LiversegError(f"{what} --port {port}: in use ({e.strerror}), by another tf.data service server or "
+                                "program; stop it or choose another --port (0: any free one)") from None
+
+
 def dispatcher(port: int, host: str = "127.0.0.1", work_dir: str | None = None, block: bool = True):
     """Start a dispatcher on `port` (0: any free one). With work_dir it journals its state
     there (fault-tolerant mode): a restarted dispatcher resumes its jobs."""
     import tensorflow as tf
 
+    check_port_free(port, "dispatcher")
     config = tf.data.experimental.service.DispatcherConfig(port=port, work_dir=work_dir,
                                                            fault_tolerant_mode=work_dir is not None)
     server = tf.data.experimental.service.DispatchServer(config)
@@ -117,6 +131,7 @@ def worker(dispatcher_address: str, port: int, host: str = "127.0.0.1", block: b
 
     d_host, d_port = parse_address(dispatcher_address)
     check_reachable(dispatcher_address, what="--dispatcher")
+    check_port_free(port, "worker")
     config = tf.data.experimental.service.WorkerConfig(dispatcher_address=f"{d_host}:{d_port}",
                                                        worker_address=f"{host}:%port%", port=port)
     server = tf.data.experimental.service.WorkerServer(config)

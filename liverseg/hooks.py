@@ -14,8 +14,10 @@ which it times.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -193,9 +195,24 @@ class Hooks:
             log.warning("no checkpoint at step %d: steps %d-%d were non-finite", at, fig["streak_first"], at)
         else:
             self.sync_bn()
-            self.manager.save(checkpoint_number=at)
+            self._save(at)
             self.last_saved = at
         self._pause(t)
+
+    def _save(self, at: int) -> None:
+        """manager.save, a full disk said in one line with TF's half-written `ckpt-N_temp` removed."""
+        directory = Path(self.manager.directory)
+        try:
+            self.manager.save(checkpoint_number=at)
+        except (tf.errors.OpError, OSError) as e:
+            message = getattr(e, "message", None) or str(e)
+            if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in message:
+                raise
+            for partial in directory.glob(f"ckpt-{at}_temp*"):
+                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+            raise LiversegError(f"{directory}: no space left on device writing the checkpoint of step {at}; the last "
+                                f"checkpoint is step {self.last_saved}: free space and run the same command to resume "
+                                "from it") from None
 
     def preempt(self, at: int, staged: bool) -> None:
         """SIGTERM: checkpoint (unless this step's hook just did) and stop. With batches staged

@@ -63,7 +63,8 @@ def check_readable(path: Path) -> None:
     """Raise InputError saying why `path` cannot be opened (missing, a dangling or looping
     symbolic link, no permission), rather than a generic "not found"."""
     try:
-        os.stat(path)
+        if os.stat(path).st_size == 0:
+            raise InputError(f"{path}: the file is empty (0 bytes); re-copy or re-export it")
         if not os.access(path, os.R_OK):
             raise PermissionError(errno.EACCES, "permission denied")
     except OSError as e:

@@ -78,8 +78,11 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     model = unet.build(cfg.model, spec.channels)
     try:
         model.load_weights(str(weights))
-    except Exception as e:  # a weights file of another architecture or a corrupt file
-        raise LiversegError(f"{weights}: cannot load into this run's {cfg.model.name} ({e})") from None
+    except Exception as e:  # a weights file of another architecture or a corrupt file: Keras dumps the tensors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise LiversegError(f"{weights}: cannot load into this run's {cfg.model.name} ({first}); pass the weights of "
+                            f"this run ({rundir.RunDir(root).best_weights.name} or "
+                            f"{rundir.RunDir(root).final_weights.name})") from None
     forward = tf.function(lambda x: tf.sigmoid(model(x, training=False)), reduce_retracing=True)
     return Run(root, cfg, spec, model, weights, forward)
 

@@ -72,3 +72,13 @@ def test_without_the_extra_the_runner_option_is_one_line(phantoms, tmp_path, mon
     with pytest.raises(LiversegError, match=r"^--runner needs Apache Beam, an optional extra: pip install 'liverseg\[beam\]'$"):
         convert_beam(phantoms, tmp_path / "out", ConvertOptions(runner="direct"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("runner, args, message", [
+    ("NopeRunner", (), r"^--runner NopeRunner: Unexpected pipeline runner: NopeRunner\. Valid values are"),
+    ("direct", ("--direct_num_wrokers=2",), r"^Beam pipeline option\(s\) --direct_num_wrokers: not options of Beam"),
+])
+def test_an_unknown_runner_or_pipeline_option_is_one_line(phantoms, tmp_path, runner, args, message):
+    with pytest.raises(LiversegError, match=message):
+        convert_beam(phantoms, tmp_path / "out", ConvertOptions(runner=runner), args)
+    assert not (tmp_path / "out").exists()

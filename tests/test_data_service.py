@@ -98,7 +98,14 @@ def test_the_servers_print_their_address_and_stop_on_sigterm():
     address = line.split(" at ")[1].split()[0]
     worker = liverseg_process("data-service", "worker", "--dispatcher", address)
     assert worker.stdout.readline().startswith(f"tf.data service worker (dispatcher {address}) serving at 127.0.0.1:")
-    for proc in (worker, dispatcher):
+    # a second dispatcher on the first one's port is refused (gRPC would share the port)
+    port = address.rsplit(":", 1)[1]
+    second = liverseg_process("data-service", "dispatcher", "--port", port)
+    out = second.communicate(timeout=120)[0]
+    assert second.returncode == 2 and f"Error: dispatcher --port {port}: in use" in out, out
+    dispatcher.send_signal(signal.SIGKILL)  # the worker outlives its dispatcher...
+    dispatcher.wait()
+    for proc in (worker,):  # ...and still stops on SIGTERM
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0]
         assert proc.returncode == 0 and out.rstrip().endswith("stopped") and "Traceback" not in out, out

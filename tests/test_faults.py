@@ -190,6 +190,37 @@ def test_killing_a_multi_worker_convert_leaves_no_worker(tmp_path):
     assert not list((tmp_path / "out").glob("*-of-*.tfrecord")) and not (tmp_path / "out" / "dataset.json").exists()
 
 
+def _beam_workers_of(pid: int) -> list[int]:
+    """The Beam SDK worker processes started for the converter `pid` (through a shell)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"liverseg.convert.beam_worker" in (d / "cmdline").read_bytes() and \
+                    f"LIVERSEG_CONVERTER_PID={pid}".encode() in (d / "environ").read_bytes():
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to list processes")
+def test_killing_a_beam_convert_leaves_no_beam_worker(tmp_path):
+    pytest.importorskip("apache_beam")
+    synth.synthesize(tmp_path / "src", cases=8, size=64, slices=(40, 40), seed=3, progress=False)
+    proc = _cli("convert", tmp_path / "src", tmp_path / "out", "--runner", "direct", "--workers", 2, "--num-shards", 8)
+    deadline = time.monotonic() + 120  # a bound against hanging: Beam starts its workers within seconds
+    while len(workers := _beam_workers_of(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert len(workers) == 2, proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30  # they poll for the converter every second
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -318,6 +349,21 @@ def test_unreadable_inputs_say_why(tmp_path):
     for fn in (nifti_io.read_header, load_image):
         with pytest.raises(nifti_io.InputError, match=r"plain_orig\.nii\.gz: named \.gz but not gzip-compressed.*rename it to \.nii"):
             fn(named)
+    (tmp_path / "empty_orig.nii.gz").write_bytes(b"")
+    for fn in (nifti_io.read_header, load_image):
+        with pytest.raises(nifti_io.InputError, match=r"empty_orig\.nii\.gz: the file is empty \(0 bytes\); re-copy"):
+            fn(tmp_path / "empty_orig.nii.gz")
+
+
+def test_weights_of_another_architecture_are_one_line(trained_run, tmp_path):
+    from liverseg import predict, unet
+
+    other = unet.build(config.load(None, ["model.base_filters=4", "model.depth=3"]).model, 3)
+    other.save_weights(str(tmp_path / "other.weights.h5"))
+    with pytest.raises(LiversegError) as e:
+        predict.load_run(trained_run, tmp_path / "other.weights.h5")
+    assert len(str(e.value).splitlines()) == 1 and "cannot load into this run's unet" in str(e.value)
+    assert "pass the weights of this run (best.weights.h5 or final.weights.h5)" in str(e.value)
 
 
 def _catches(pid: int, signum: int) -> bool:

@@ -285,3 +285,23 @@ def test_xla_with_device_augmentation_and_steps_per_call(dataset, tmp_path):
                                "augment.placement=device", "train.eval_every=5"), tmp_path / "run", progress=False)
     assert result["step"] == 5 and np.isfinite(result["train"]["loss"]) and result["train"]["skipped_steps"] == 0
     assert result["best_step"] == 5 and set(result["validation"]) >= {"loss", "dice_3d", "dice_slice"}
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train.train(smoke(dataset, "train.steps=4", "train.checkpoint_every=4", "train.eval_every=1000"), run, progress=False)
+    real = tf.train.CheckpointManager.save
+
+    def full(self, checkpoint_number=None, **kw):
+        (Path(self.directory) / f"ckpt-{checkpoint_number}_temp").mkdir()  # what TF leaves when a write fails
+        raise tf.errors.ResourceExhaustedError(None, None, f"{self.directory}/ckpt_temp; No space left on device")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
+    with pytest.raises(LiversegError, match=r"checkpoints: no space left on device writing the checkpoint of step 8; "
+                                            r"the last checkpoint is step 4: free space"):
+        train.train(smoke(dataset, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=1000"), run,
+                    progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if "temp" in p.name) == []
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", real)
+    assert train.train(smoke(dataset, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=1000"), run,
+                       progress=False)["step"] == 8  # resumed from step 4 once there is space

@@ -101,16 +101,26 @@ def pipeline(runner: str, workers: int, args: tuple[str, ...], worker_log: Path)
     beam = import_beam()
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    options = PipelineOptions([f"--runner={runner}", *args] if runner.lower() not in RUNNERS
+                              else [f"--direct_num_workers={workers}", *args])
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
+    if unknown:  # Beam would only log "Discarding unparseable args" and run without them
+        raise LiversegError(f"Beam pipeline option(s) {', '.join('--' + u for u in unknown)}: not options of Beam or "
+                            "of its runners; check their spelling (`python -m apache_beam.examples.wordcount --help` "
+                            "lists them)")
     if runner.lower() not in RUNNERS:
-        return runner, beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *args]))
+        try:
+            return runner, beam.Pipeline(options=options)
+        except ValueError as e:  # "Unexpected pipeline runner: X. Valid values are ..."
+            raise LiversegError(f"--runner {runner}: {str(e).splitlines()[0]}") from None
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.transforms import environments
 
     environment = None
     if workers > 1:  # what --direct_running_mode=multi_processing starts, with its stderr in a log file
         environment = environments.SubprocessSDKEnvironment.from_command_string(
-            f"{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main 2>>{shlex.quote(str(worker_log))}")
-    options = PipelineOptions([f"--direct_num_workers={workers}", *args])
+            f"LIVERSEG_CONVERTER_PID={os.getpid()} {shlex.quote(sys.executable)} -m liverseg.convert.beam_worker "
+            f"2>>{shlex.quote(str(worker_log))}")  # Beam's worker main, ended with this process (beam_worker)
     return RUNNERS[runner.lower()], beam.Pipeline(runner=FnApiRunner(default_environment=environment), options=options)
 
 
