@@ -208,6 +208,15 @@ def find_series(root: str | Path, select=None) -> list[Series]:
     return [Series(str(root), tuple(sorted(m)), uid, modality[uid]) for uid, m in sorted(groups.items())]
 
 
+def is_segmentation(path: Path) -> bool:
+    """Is this file a DICOM Segmentation object (SOP class Segmentation Storage)?"""
+    try:
+        ds = _parse(Path(path), str(path), header_only=True)
+    except InputError:
+        return False
+    return str(getattr(ds, "SOPClassUID", "")) == "1.2.840.10008.5.1.4.1.1.66.4"
+
+
 # ------------------------------------------------------------------------- reading a series
 
 
@@ -321,6 +330,13 @@ def read_header(series: Series, ct: bool = False) -> geometry.Header:
     """The series' grid from its tags alone (no pixel data is decoded), every check applied."""
     stack = _stack(series, [_open(series.container, m, True) for m in series.members], ct)
     return _header(series, stack, np.float32 if ct else np.uint16)
+
+
+def slice_datasets(series: Series) -> list:
+    """The series' files' tags (no pixel data), in slice order: slice k of the voxels
+    [i, j, k] `read_series` returns is the k-th (what a SEG over the series refers to)."""
+    datasets = [_open(series.container, m, True) for m in series.members]
+    return [datasets[i] for i in _stack(series, datasets, ct=False).order]
 
 
 def read_series(series: Series, ct: bool) -> tuple[np.ndarray, geometry.Header, str, int]:
@@ -439,7 +455,9 @@ def write_series(folder: str | Path, voxels: np.ndarray, affine: np.ndarray, mod
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
         ds.PatientID = ds.PatientName = patient
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, uid("frame of reference")
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName, ds.SeriesNumber = "", "O", "", 1
         ds.Modality, ds.InstanceNumber = modality, int(names[k]) + 1
         ds.ImageOrientationPatient = [round(float(v), 8) for v in (*row_c, *col_c)]
         ds.ImagePositionPatient = [round(float(v), 6) for v in positions[k]]

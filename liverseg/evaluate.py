@@ -67,10 +67,16 @@ def record_cases(run: Run, records: str | Path | None, split: str):
     return cases()
 
 
-def source(sf: SourceFile) -> Source:
-    """The Source a manifest entry was converted from (a DICOM series is found again by its UID)."""
+def source(sf: SourceFile, image: SourceFile | None = None) -> Source:
+    """The Source a manifest entry was converted from (a DICOM series is found again by its
+    UID; a SEG is placed on its case's `image`)."""
+    label = sf.label or ""
+    if sf.kind == "seg":
+        return Source.seg(sf.path, source(image), label)
+    if sf.kind == "nrrd":
+        return Source.nrrd(sf.path, label)
     if sf.series is None:
-        return Source.nifti(sf.path)
+        return Source.nifti(sf.path, label)
     match = [s for s in dicom_io.find_series(sf.path) if s.uid == sf.series]
     if not match:
         raise InputError(f"{sf.path}: no DICOM series {sf.series} any more")
@@ -81,7 +87,7 @@ def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
     """The case's reference mask on its image's source grid, read from the source files, or
     None (with a warning) when they are gone or changed since conversion."""
     try:
-        mask, header, sha, _ = volumes.load_mask(source(case.mask), merge_tumour)
+        mask, header, sha, _ = volumes.load_mask(source(case.mask, case.image), merge_tumour)
     except InputError as e:
         log.warning("%s: scored in stored geometry: its source mask cannot be read (%s)", case.case_id, e)
         return None
@@ -99,7 +105,7 @@ def folder_cases(run: Run, data: str | Path, layout: str = "pattern"):
     found, _ = layouts.find(Path(data), layout)  # raises naming the folder when it holds no pairs
 
     def cases():
-        for case_id, (image_src, mask_src, _) in sorted(found.items()):
+        for case_id, (image_src, mask_src, *_) in sorted(found.items()):
             image, header = volumes.load_image(image_src)[:2]
             pred, _, geom = predict_image(run, image, header)
             ref, mask_header = volumes.load_mask(mask_src, layout in layouts.MERGES_TUMOUR)[:2]

@@ -164,9 +164,11 @@ def check_pair(image: Header, mask: Header, atol_mm: float = 1e-3) -> None:
         )
     diff = float(np.max(np.abs(img_affine - mask_affine)))
     if diff > atol_mm:
+        offset = float(np.linalg.norm(img_affine[:3, 3] - mask_affine[:3, 3]))
         raise InputError(
-            f"{mask.path}: affine differs from image {image.path.name} by {diff:.4g} mm (tolerance {atol_mm} mm); "
-            "the mask is not on the image's grid (resample it, or raise --affine-tol if this is header rounding)"
+            f"{mask.path}: affine differs from image {image.path} by {diff:.4g} mm (its first voxel is {offset:.4g} mm "
+            f"from the image's; tolerance {atol_mm} mm); the mask is not on the image's grid (resample it onto the "
+            "image, or raise --affine-tol if this is header rounding)"
         )
 
 
@@ -214,6 +216,50 @@ def dicom_voxels(slices) -> np.ndarray:
             out = np.empty((pixels.shape[1], pixels.shape[0], len(slices)), pixels.dtype, order="F")
         out[:, :, k] = pixels.T
     return out
+
+
+# NRRD "space" names and the signs that turn each into RAS (x, y, z)
+NRRD_SPACES = {"right-anterior-superior": (1, 1, 1), "left-anterior-superior": (-1, 1, 1),
+               "left-posterior-superior": (-1, -1, 1), "ras": (1, 1, 1), "las": (-1, 1, 1), "lps": (-1, -1, 1),
+               "scanner-xyz": (-1, -1, 1)}  # scanner-xyz: DICOM patient coordinates, LPS
+
+
+def nrrd_affine(space: str, directions, origin) -> np.ndarray:
+    """The RAS affine of NRRD voxels [i, j, k]: column a of `directions` ("space directions",
+    one row per axis in pynrrd) is the step of axis a in `space`, `origin` the position of
+    voxel 0. The NRRD space (LPS for DICOM-derived files, RAS, LAS) becomes RAS here."""
+    flip = np.diag([*NRRD_SPACES[space], 1.0])
+    a = np.eye(4)
+    a[:3, :3] = np.asarray(directions, np.float64).T
+    a[:3, 3] = np.asarray(origin, np.float64)
+    return flip @ a
+
+
+def frame_voxels(frame_affine: np.ndarray, shape_rc: tuple[int, int], grid_affine: np.ndarray, grid_shape,
+                 tol: float = 0.1) -> tuple[np.ndarray, ...] | str:
+    """Where the pixels of a 2D frame fall on a 3D grid: the grid's voxel indices (i, j, k
+    arrays over the frame's [rows, columns]), or why they do not fall on voxel centres.
+
+    `frame_affine` maps (column, row, 0) to RAS mm (as `dicom_affine` builds one for a single
+    slice); the frame is placed by its position, whatever the order frames come in, and may
+    run along any axis of the grid (flipped or not). tol: in voxels.
+    """
+    rows, cols = shape_rc
+    to_grid = np.linalg.inv(np.asarray(grid_affine, np.float64)) @ np.asarray(frame_affine, np.float64)
+    r, c = np.mgrid[0:rows, 0:cols]
+    pts = to_grid[:3, 0, None, None] * c + to_grid[:3, 1, None, None] * r + to_grid[:3, 3, None, None]
+    idx = np.rint(pts)
+    off = float(np.abs(pts - idx).max())
+    if off > tol:
+        return f"its pixels lie {off:.2f} voxels off the image's voxel centres (not on its grid)"
+    idx = idx.astype(np.int64)
+    for axis, n in enumerate(grid_shape):
+        if idx[axis].min() < 0 or idx[axis].max() >= n:
+            mm = float(np.abs(np.asarray(grid_affine)[:3, :3] @ (np.clip(pts[:, 0, 0], 0, np.array(grid_shape) - 1)
+                                                                 - pts[:, 0, 0])).max())
+            return f"it lies outside the image (voxel axis {axis}: {idx[axis].min()}..{idx[axis].max()} of 0..{n - 1}, " \
+                   f"{mm:.1f} mm off)"
+    return idx[0], idx[1], idx[2]
 
 
 def to_dicom_slices(voxels: np.ndarray, affine: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,

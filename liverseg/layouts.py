@@ -13,24 +13,43 @@ msd      Medical Segmentation Decathlon Task03_Liver: `imagesTr/liver_N.nii.gz` 
          `labelsTr/liver_N.nii.gz` (0 background, 1 liver, 2 tumour)
 lits     LiTS: `volume-N.nii` with `segmentation-N.nii` anywhere below the folder (its
          "Training Batch" folders), labels 0/1/2
+list     a case list (CSV `case,image,mask[,split,source,mask_label]`, or JSON like the
+         Decathlon's dataset.json "training" list): each image a NIfTI or NRRD file or a DICOM
+         series (folder or zip), each mask a NIfTI or NRRD file, a DICOM SEG file or a DICOM
+         series, paths relative to the list (`list_cases`)
 msd and lits masks hold tumour as label 2; conversion merges it into the liver.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
-from liverseg import InputError, LiversegError
+from liverseg import InputError, LiversegError, volumes
 from liverseg.records import SPLITS
 from liverseg.volumes import Source
 
-LAYOUTS = ("pattern", "ircad", "msd", "lits")
+LAYOUTS = ("pattern", "ircad", "msd", "lits", "list")
 # What `liverseg synth` writes: "flat" and "seed" (train/ + test/ folders) are the pattern
 # layout, "ircad" the ircad layout
 SYNTH_LAYOUTS = ("flat", "seed", "ircad")
 MERGES_TUMOUR = ("msd", "lits")  # layouts whose masks label tumour 2 inside the liver
-Found = dict[str, tuple[Source, Source, str]]
+
+
+class Pair(NamedTuple):
+    """A case as a layout finds it: its image and mask, its split ("" unless the layout says
+    it) and its source tag (a case list's `source` column: "real", "phantom", ...)."""
+
+    image: Source
+    mask: Source
+    split: str = ""
+    source: str = ""
+
+
+Found = dict[str, Pair]
 
 
 def find(src: Path, layout: str = "pattern", image_pattern: str = "{case}_orig",
@@ -41,6 +60,8 @@ def find(src: Path, layout: str = "pattern", image_pattern: str = "{case}_orig",
         raise LiversegError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if layout == "pattern":
         return _pattern(src, image_pattern, mask_pattern)
+    if layout == "list":
+        return list_cases(src)
     return {"ircad": _ircad, "msd": _msd, "lits": _lits}[layout](src), False
 
 
@@ -87,7 +108,7 @@ def _pattern(src: Path, image_pattern: str, mask_pattern: str) -> tuple[Found, b
         for c in sorted(set(images) & set(masks)):
             if c in found:
                 raise LiversegError(f"case {c!r} appears in two split folders: {found[c][0].path} and {images[c]}")
-            found[c] = (Source.nifti(images[c]), Source.nifti(masks[c]), split)
+            found[c] = Pair(Source.nifti(images[c]), Source.nifti(masks[c]), split)
     _unpaired(src, f"{image_pattern} <-> {mask_pattern}", lone)
     if not found:
         raise LiversegError(
@@ -115,7 +136,7 @@ def _ircad(src: Path) -> Found:
                 where = "PATIENT_DICOM/" if role == "image" else "MASKS_DICOM/liver/"
                 raise InputError(f"{p}: no {where} series (3D-IRCADb-01 keeps the CT in PATIENT_DICOM/ and the "
                                  "liver mask in MASKS_DICOM/liver/)")
-        found[case] = (Source.dicom(series["image"]), Source.dicom(series["mask"]), "")
+        found[case] = Pair(Source.dicom(series["image"]), Source.dicom(series["mask"]))
     if not found:
         _none_found(src, "--layout ircad expects 3Dircadb1.N folders or zips")
     return found
@@ -181,7 +202,7 @@ def _msd(src: Path) -> Found:
     images, labels = volumes(images_dir), volumes(labels_dir)
     _unpaired(src, "imagesTr <-> labelsTr", [images[c] for c in sorted(set(images) - set(labels))]
               + [labels[c] for c in sorted(set(labels) - set(images))])
-    found = {c: (Source.nifti(images[c]), Source.nifti(labels[c]), "") for c in sorted(set(images) & set(labels))}
+    found = {c: Pair(Source.nifti(images[c]), Source.nifti(labels[c])) for c in sorted(set(images) & set(labels))}
     if not found:
         _none_found(src, "imagesTr/ and labelsTr/ hold no NIfTI pairs")
     return found
@@ -202,10 +223,160 @@ def _lits(src: Path) -> Found:
     vol, seg = files["volume"], files["segmentation"]
     _unpaired(src, "volume-N <-> segmentation-N", [vol[n] for n in sorted(set(vol) - set(seg))]
               + [seg[n] for n in sorted(set(seg) - set(vol))])
-    found = {f"lits_{n:03d}": (Source.nifti(vol[n]), Source.nifti(seg[n]), "") for n in sorted(set(vol) & set(seg))}
+    found = {f"lits_{n:03d}": Pair(Source.nifti(vol[n]), Source.nifti(seg[n])) for n in sorted(set(vol) & set(seg))}
     if not found:
         _none_found(src, "--layout lits expects volume-N.nii / segmentation-N.nii files")
     return found
 
 
-__all__ = ["LAYOUTS", "MERGES_TUMOUR", "SYNTH_LAYOUTS", "find"]
+# ------------------------------------------------------------------------- a case list (any format)
+
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also a file name: overlays, outputs
+_SOURCE = re.compile(r"^[A-Za-z0-9_-]+$")
+LIST_COLUMNS = ("case", "image", "mask", "split", "source", "mask_label")
+
+
+def list_cases(path: Path) -> tuple[Found, bool]:
+    """The cases of a case list, and whether it gives their splits (a `split` column).
+
+    CSV: a header row naming `case,image,mask` and optionally `split`, `source` and
+    `mask_label` (which label of a multi-label mask is the liver: a value, or a segment's
+    name in a DICOM SEG or a .seg.nrrd; "liver" is a SEG's default). JSON: {"training":
+    [{"image": ..., "label": ...}]} as the Decathlon's dataset.json writes it ("label" is the
+    mask there; `case`, `split`, `source`, `mask_label` optional: the case id defaults to the
+    image's name). Every refusal names the list and the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise LiversegError(f"{path}: --layout list needs a case list file (CSV or JSON), not a folder")
+    rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
+    found: Found = {}
+    where_of: dict[str, str] = {}
+    splits = set()
+    for where, row in rows:
+        case = row.get("case") or _image_name(row.get("image", ""))
+        if not _CASE_ID.match(case or ""):
+            raise LiversegError(f"{where}: case id {case!r}: use letters, digits, '_', '.' and '-' (it names files)")
+        if case in found:
+            raise LiversegError(f"{where}: case {case!r} is named twice (also at {where_of[case]}); give every case its "
+                                "own id")
+        split, source = (row.get("split") or "").strip(), (row.get("source") or "").strip()
+        if split and split not in SPLITS:
+            raise LiversegError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+        if source and not _SOURCE.match(source):
+            raise LiversegError(f"{where}: source {source!r}: use letters, digits, '_' and '-' (e.g. real, phantom)")
+        splits.add(bool(split))
+        image = _image_source(path.parent, row.get("image", ""), where)
+        found[case] = Pair(image, _mask_source(path.parent, row.get("mask", ""), image, row.get("mask_label") or "",
+                                               where), split, source)
+        where_of[case] = where
+    if not found:
+        raise LiversegError(f"{path}: the case list holds no cases")
+    if splits == {True, False}:
+        raise LiversegError(f"{path}: some rows give a split and others do not; give every row one, or none (then "
+                            "--val/--test or --split-file split them)")
+    return found, splits == {True}
+
+
+def _csv_rows(path: Path) -> list[tuple[str, dict]]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [(f"{path} row {i + 2}", {k.strip(): (v or "").strip() for k, v in r.items() if k}) for i, r in
+                    enumerate(reader) if any((v or "").strip() for v in r.values())]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise LiversegError(f"{path}: cannot read the case list ({e})") from None
+    missing = [c for c in ("case", "image", "mask") if c not in columns]
+    unknown = [c for c in columns if c not in LIST_COLUMNS]
+    if missing or unknown:
+        raise LiversegError(f"{path}: the header row must name case,image,mask (and optionally split, source, "
+                            f"mask_label): " + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                                         + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
+    return rows
+
+
+def _json_rows(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LiversegError(f"{path}: cannot read the case list ({e})") from None
+    entries = data.get("training") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise LiversegError(f'{path}: expected {{"training": [{{"image": ..., "label": ...}}, ...]}} (or a list of such '
+                            "entries)")
+    rows = []
+    for i, e in enumerate(entries):
+        row = {k: str(v) for k, v in e.items() if v is not None}
+        if "mask" not in row and "label" in row:  # the Decathlon's name for the mask file
+            row["mask"] = row.pop("label")
+        unknown = sorted(set(row) - set(LIST_COLUMNS))
+        if unknown:
+            raise LiversegError(f"{path} entry {i + 1}: unknown key(s) {', '.join(unknown)} (known: image, label or "
+                                f"mask, {', '.join(c for c in LIST_COLUMNS if c not in ('image', 'mask'))})")
+        rows.append((f"{path} entry {i + 1}", row))
+    return rows
+
+
+def _image_name(image: str) -> str:
+    name = Path(image.rstrip("/")).name
+    for suffix in (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".zip"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix("_0000")  # nnU-Net's channel suffix
+
+
+def _resolve(base: Path, value: str, what: str, where: str) -> Path:
+    if not value:
+        raise LiversegError(f"{where}: no {what} given")
+    p = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+    if not p.exists():
+        raise LiversegError(f"{where}: {what} {value} does not exist ({p}); fix the path (relative to the list's folder)")
+    return p
+
+
+def _kind(p: Path) -> str | None:
+    name = p.name.lower()
+    return next((kind for suffix, kind in volumes.SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def _image_source(base: Path, value: str, where: str) -> Source:
+    p = _resolve(base, value, "image", where)
+    kind = _kind(p)
+    if kind == "nifti":
+        return Source.nifti(p)
+    if kind == "nrrd":
+        return Source.nrrd(p)
+    from liverseg import dicom_io
+
+    try:
+        ct = [s for s in dicom_io.find_series(p) if s.modality in ("CT", "")]
+    except InputError as e:
+        raise LiversegError(f"{where}: image {value}: {e}") from None
+    if len(ct) != 1:
+        raise LiversegError(f"{where}: image {value} holds {len(ct)} CT series; point the image at one (a NIfTI or NRRD "
+                            "file, or a DICOM series' folder or zip)")
+    return Source.dicom(ct[0])
+
+
+def _mask_source(base: Path, value: str, image: Source, label: str, where: str) -> Source:
+    p = _resolve(base, value, "mask", where)
+    kind = _kind(p)
+    if kind == "nifti":
+        return Source.nifti(p, label)
+    if kind == "nrrd":
+        return Source.nrrd(p, label)
+    from liverseg import dicom_io
+
+    if p.is_file() and not p.name.lower().endswith(".zip"):  # one DICOM file: a Segmentation object
+        if not dicom_io.is_segmentation(p):
+            raise LiversegError(f"{where}: mask {value} is neither NIfTI, NRRD nor a DICOM Segmentation (SEG) file")
+        return Source.seg(p, image, label)
+    try:
+        series = dicom_io.find_series(p)
+    except InputError as e:
+        raise LiversegError(f"{where}: mask {value}: {e}") from None
+    if len(series) != 1:
+        raise LiversegError(f"{where}: mask {value} holds {len(series)} DICOM series; point the mask at one")
+    return Source.dicom(series[0])
+
+
+__all__ = ["LAYOUTS", "LIST_COLUMNS", "MERGES_TUMOUR", "Pair", "SYNTH_LAYOUTS", "find", "list_cases"]

@@ -10,7 +10,8 @@ Versions: `schema_version` is the record schema (`records.SCHEMA_VERSION`);
 `manifest_version` is the layout of this file. A manifest without `manifest_version`
 was written before the field existed and is version 1. Version 2 adds DICOM sources
 (`series`), the `layout` and `spacing` options and a case geometry's `resampled_hw` and
-`window`; version 1 files read as before. A reader meeting a newer version says so
+`window`; version 3 a case's `source` tag and sources of other kinds (`kind`: nrrd, seg;
+`label`); older files read as before. A reader meeting a newer version says so
 instead of guessing.
 """
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from 
 
 MANIFEST = "dataset.json"
 FORMAT = "liverseg-slices"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 LAYOUT = ("one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
           "anterior->posterior and columns patient right->left (see geometry)")
 
@@ -135,6 +136,8 @@ class SourceFile:
     sha256: str
     bytes: int
     series: str | None = None
+    kind: str | None = None  # "nrrd" or "seg" (None: NIfTI, or DICOM when series is set)
+    label: str | None = None  # the liver's label in a multi-label mask, or the SEG's segment
 
     def to_json(self) -> dict:
         return _drop_none(dataclasses.asdict(self))
@@ -160,12 +163,16 @@ class CaseInfo:
     liver_slices: int
     hu: RegionHU
     shard: str = ""  # file name, set when shards are named
+    source: str = ""  # the case list's source tag ("real", "phantom", ...; "" when untagged)
 
     def to_json(self) -> dict:
-        return {"case_id": self.case_id, "index": self.index, "split": self.split, "image": self.image.to_json(),
-                "mask": self.mask.to_json(), "geometry": self.geometry.to_json(), "num_slices": self.num_slices,
-                "liver_voxels": self.liver_voxels, "liver_slices": self.liver_slices, "hu": self.hu.to_json(),
-                "shard": self.shard}
+        d = {"case_id": self.case_id, "index": self.index, "split": self.split, "image": self.image.to_json(),
+             "mask": self.mask.to_json(), "geometry": self.geometry.to_json(), "num_slices": self.num_slices,
+             "liver_voxels": self.liver_voxels, "liver_slices": self.liver_slices, "hu": self.hu.to_json(),
+             "shard": self.shard}
+        if self.source:
+            d["source"] = self.source
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "CaseInfo":
@@ -173,7 +180,7 @@ class CaseInfo:
 
         return cls(d["case_id"], d["index"], d["split"], SourceFile.from_json(d["image"]), SourceFile.from_json(d["mask"]),
                    Geometry.from_json(d["geometry"]), d["num_slices"], d["liver_voxels"], d["liver_slices"],
-                   RegionHU.from_json(d["hu"]), d.get("shard", ""))
+                   RegionHU.from_json(d["hu"]), d.get("shard", ""), d.get("source", ""))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
-import io
 import math
 import os
 import zlib
@@ -101,8 +100,11 @@ def _nifti_class(path: Path, block: bytes):
 
 def _raw_zooms(img, block: bytes) -> tuple[float, ...]:
     """pixdim[1:4] as stored. nibabel's checked header silently turns pixdim 0 into 1 mm."""
-    try:
-        return tuple(float(z) for z in img.header_class.from_fileobj(io.BytesIO(block), check=False)["pixdim"][1:4])
+    size = 348 if img.header_class is nib.Nifti1Header else 540
+    try:  # from the header's own bytes: reading extensions (after them) would need more of the file
+        endian = "<" if int.from_bytes(block[:4], "little") == size else ">"
+        return tuple(float(z) for z in img.header_class(binaryblock=block[:size], endianness=endian,
+                                                        check=False)["pixdim"][1:4])
     except Exception:
         return ()
 

@@ -27,28 +27,44 @@ if TYPE_CHECKING:  # geometry (nibabel, scipy) is imported by the readers, when 
 HU_MIN, HU_MAX = -1024, 3071  # int16 storage range (12-bit CT)
 
 
+KINDS = ("nifti", "nrrd", "dicom", "seg")
+SUFFIXES = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd"}  # files by name; DICOM by content
+
+
 @dataclass(frozen=True)
 class Source:
-    """Where a volume comes from: `path` is a NIfTI file, or the folder/zip holding a DICOM
-    series (`series`: its SeriesInstanceUID; `members`: its files, relative to `path`)."""
+    """Where a volume comes from: `path` is a NIfTI or NRRD file, the folder/zip holding a
+    DICOM series (`series`: its SeriesInstanceUID; `members`: its files, relative to `path`),
+    or a DICOM SEG file drawn on `image`. `label`: which label of a multi-label mask is the
+    liver (a value, or a segment's name in a SEG or Slicer .seg.nrrd; empty: the rules below)."""
 
-    kind: Literal["nifti", "dicom"]
+    kind: Literal["nifti", "nrrd", "dicom", "seg"]
     path: Path
     series: str | None = None
     members: tuple[str, ...] = ()
+    label: str = ""
+    image: "Source | None" = None
 
     @classmethod
-    def nifti(cls, path: str | Path) -> "Source":
-        return cls("nifti", Path(path))
+    def nifti(cls, path: str | Path, label: str = "") -> "Source":
+        return cls("nifti", Path(path), label=label)
+
+    @classmethod
+    def nrrd(cls, path: str | Path, label: str = "") -> "Source":
+        return cls("nrrd", Path(path), label=label)
 
     @classmethod
     def dicom(cls, s) -> "Source":  # s: dicom_io.Series
         return cls("dicom", Path(s.container), s.uid, s.members)
 
+    @classmethod
+    def seg(cls, path: str | Path, image: "Source", label: str = "") -> "Source":
+        return cls("seg", Path(path), label=label, image=image)
+
     @property
     def name(self) -> Path:
         """The file, or the series' own folder: what messages name."""
-        if self.kind == "nifti":
+        if self.kind != "dicom":
             return self.path
         return self._series().path
 
@@ -75,6 +91,15 @@ def read_header(src: Source, ct: bool = False) -> Header:
         from liverseg import nifti_io
 
         return nifti_io.read_header(src.path)
+    if src.kind == "nrrd":
+        from liverseg import nrrd_io
+
+        return nrrd_io.read_header(src.path)
+    if src.kind == "seg":
+        from liverseg import dicom_seg
+
+        return dicom_seg.read_header(src.path, read_header(src.image, ct=True), src.image.series,
+                                     segment=src.label or dicom_seg.DEFAULT_SEGMENT)
     from liverseg import dicom_io
 
     return dicom_io.read_header(src._series(), ct)
@@ -88,6 +113,16 @@ def _read(src: Source, ct: bool) -> Volume:
         raw, sha = nifti_io.read_file(src.path)
         arr, header = nifti_io.read_voxels(src.path, raw, scaled=ct)
         return Volume(arr, header, sha, len(raw))
+    if src.kind == "nrrd":
+        from liverseg import nrrd_io
+
+        arr, header, _, sha, nbytes = nrrd_io.read_file(src.path)
+        return Volume(arr, header, sha, nbytes)
+    if src.kind == "seg":
+        from liverseg import dicom_seg
+
+        return Volume(*dicom_seg.read_mask(src.path, read_header(src.image, ct=True), src.image.series,
+                                           segment=src.label or dicom_seg.DEFAULT_SEGMENT))
     from liverseg import dicom_io
 
     return Volume(*dicom_io.read_series(src._series(), ct))
@@ -100,9 +135,34 @@ def load_image(src: Source) -> Volume:
 
 
 def load_mask(src: Source, merge_tumour: bool = False) -> Volume:
-    """A liver mask: voxels uint8 {0, 1} (`liver`, judged on the stored values)."""
+    """A liver mask: voxels uint8 {0, 1}: the label `src.label` of a multi-label mask, a SEG's
+    segment, or the stored values judged by `liver`."""
+    if src.kind == "seg":  # placed on the image's grid, segment chosen: already {0, 1}
+        return _read(src, ct=False)
     vol = _read(src, ct=False)
+    if src.label:
+        return vol._replace(voxels=selected_label(vol.voxels, src, vol))
     return vol._replace(voxels=liver(vol.voxels, src.name, merge_tumour))
+
+
+def selected_label(arr: np.ndarray, src: Source, vol: Volume) -> np.ndarray:
+    """The voxels of one label of a multi-label mask (a value, or a .seg.nrrd segment's name)."""
+    value: int | None = int(src.label) if src.label.lstrip("-").isdigit() else None
+    if value is None and src.kind == "nrrd":
+        import nrrd
+
+        from liverseg import nrrd_io
+
+        value = nrrd_io.label_value(nrrd.read_header(str(src.path)), src.label, src.path)
+    if value is None:
+        raise InputError(f"{src.path}: label {src.label!r} is not a label value (an integer such as 5) and the file "
+                         "names no segments; give the liver's value")
+    out = (arr == value).astype(np.uint8)
+    if not out.any():
+        present = np.unique(arr)
+        raise InputError(f"{src.path}: no voxel has label {value} (labels present: {present[:12].tolist()}"
+                         f"{'...' if present.size > 12 else ''}); give the liver's label value")
+    return out
 
 
 # ------------------------------------------------------------------------- the value rules

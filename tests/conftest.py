@@ -24,7 +24,9 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_MASKS = Path(os.environ.get("LIVERSEG_SHARED", REPO.parent / "shared")) / "data" / "ircad-liver-masks"
+SHARED = Path(os.environ.get("LIVERSEG_SHARED", REPO.parent / "shared"))
+SHARED_MASKS = SHARED / "data" / "ircad-liver-masks"
+REAL_CT = SHARED / "data" / "real-ct"
 
 
 def write_nifti(path: Path, arr: np.ndarray, affine=None, dtype=None, slope: float | None = None) -> Path:
@@ -98,6 +100,14 @@ def dataset(phantoms, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("records") / "ds"
     convert(phantoms, out, ConvertOptions(val=0.17, test=0.17, num_shards=None, shard_mb=0.04), progress=False)
     return out
+
+
+@pytest.fixture
+def real_ct() -> Path:
+    """../shared/data/real-ct (real scans no part of liverseg made), or the test is skipped."""
+    if not REAL_CT.is_dir():
+        pytest.skip(f"real CT not available at {REAL_CT}")
+    return REAL_CT
 
 
 @pytest.fixture

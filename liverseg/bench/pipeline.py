@@ -71,7 +71,7 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
 
         found, _ = layouts.find(Path(nifti))
         pairs = [(found[c.case_id][0].path, found[c.case_id][1].path) for c in m.cases_in(split) if c.case_id in found]
-        loader = TutorialLoader(pairs or [(image.path, mask.path) for image, mask, _ in found.values()], batch)
+        loader = TutorialLoader(pairs or [(image.path, mask.path) for image, mask, *_ in found.values()], batch)
         it = (loader[i] for i in range(10**9))
         add("4 tutorial loader (nib.load per slice)",
             throughput(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)))

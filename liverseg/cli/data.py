@@ -86,12 +86,12 @@ convert_options, build_convert_options = _convert_cli()
 
 
 @cli.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @convert_options
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM PIPELINE OPTIONS]")
 def convert(src, out, beam_args, **kw):
-    """Convert CT volume/mask pairs in SRC (NIfTI or DICOM, see --layout) to sharded TFRecords + manifest in OUT."""
+    """Convert the CT volume/mask pairs of SRC (a folder, or with --layout list a case list) to sharded TFRecords + manifest in OUT."""
     from liverseg import convert as convert_mod
 
     opts = build_convert_options(**kw)

@@ -35,16 +35,19 @@ class Case:
     image: Source
     mask: Source
     index: int = -1
+    source: str = ""  # the case list's source tag
     geometry: geometry.Geometry | None = None  # planned from the headers (a --spacing window is placed later)
     error: str | None = None
 
 
 def discover(src: Path, opts: ConvertOptions) -> list[Case]:
     """Pair images with masks by the layout; the split comes from subfolders, a split file, a preset or seeded fractions."""
-    if not src.is_dir():
+    if opts.layout == "list" and not src.is_file():
+        raise LiversegError(f"{src}: --layout list needs the case list file (CSV or JSON)")
+    if opts.layout != "list" and not src.is_dir():
         raise LiversegError(f"{src}: source folder does not exist")
     found, from_folders = layouts.find(src.resolve(), opts.layout, opts.image_pattern, opts.mask_pattern)  # absolute: the manifest names the sources
-    cases = [Case(c, split, image, mask) for c, (image, mask, split) in sorted(found.items())]
+    cases = [Case(c, pair.split, pair.image, pair.mask, source=pair.source) for c, pair in sorted(found.items())]
     _assign_splits(cases, opts, from_folders)
     order = {s: i for i, s in enumerate(SPLITS)}
     cases.sort(key=lambda c: (order[c.split], c.case_id))

@@ -128,10 +128,16 @@ def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, C
     mask = geometry.to_stored(geometry.onto_grid(mask, h_mask, h_img), geom, "mask")
     per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1, dtype=np.int64)
     liver = int(per_slice.sum())
-    info = CaseInfo(c.case_id, c.index, c.split, SourceFile(str(c.image.path), sha_img, n_img, c.image.series),
-                    SourceFile(str(c.mask.path), sha_mask, n_mask, c.mask.series), geom, int(mask.shape[0]), liver,
-                    int(np.count_nonzero(per_slice)), _case_stats(image, mask, liver))
+    info = CaseInfo(c.case_id, c.index, c.split, source_file(c.image, sha_img, n_img),
+                    source_file(c.mask, sha_mask, n_mask), geom, int(mask.shape[0]), liver,
+                    int(np.count_nonzero(per_slice)), _case_stats(image, mask, liver), source=c.source)
     return image, mask, info, per_slice
+
+
+def source_file(src, sha256: str, nbytes: int) -> SourceFile:
+    """How the manifest records a Source."""
+    return SourceFile(str(src.path), sha256, nbytes, src.series, src.kind if src.kind in ("nrrd", "seg") else None,
+                      src.label or None)
 
 
 def write_case(writer: records.ShardWriter, c: Case, opts: ConvertOptions) -> CaseInfo | SkippedCase:
