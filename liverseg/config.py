@@ -65,6 +65,10 @@ class DataConfig:
     # "auto": workers compress batches before sending them (less network, more worker CPU);
     # "none": send them as they are (loopback, or a network faster than the compression).
     service_compression: Literal["auto", "none"] = "auto"
+    # Each source's share of the training slices, by the cases' `source` tag (a case list's
+    # `source` column), e.g. {real: 0.5, phantom: 0.5}: drawn in these proportions whatever
+    # each source's number of slices. Empty: slices are drawn as they come (by count).
+    source_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             v = to_dict(v)
         elif isinstance(v, tuple):
             v = list(v)
+        elif isinstance(v, dict):
+            v = dict(v)
         out[f.name] = v
     return out
 
@@ -320,6 +326,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping, e.g. {{real: 0.5, phantom: 0.5}}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} must be a list, e.g. [{', '.join('0' for _ in args[:2])}]")
@@ -377,6 +387,9 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         need(not cfg.service or cfg.service.startswith("grpc://"), "service", "must be empty or grpc://HOST:PORT")
         need(not (cfg.service and cfg.cache), "service", "cannot be combined with data.cache (the workers read)")
         need(cfg.service_timeout_s > 0, "service_timeout_s", "must be > 0")
+        need(all(w >= 0 for w in cfg.source_weights.values()) and (not cfg.source_weights
+                                                                    or sum(cfg.source_weights.values()) > 0),
+             "source_weights", "weights must be >= 0 and not all 0")
     elif isinstance(cfg, AugmentConfig):
         for f in dataclasses.fields(cfg):
             if f.name.endswith("_p"):

@@ -168,16 +168,21 @@ def context_rows(slice_index, num_slices, row, k: int):
     return row - slice_index + tf.clip_by_value(slice_index + offsets, 0, num_slices - 1)
 
 
-def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0) -> tf.data.Dataset:
+def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=None) -> tf.data.Dataset:
     """(shard, row) for the slices of one parsed shard to use, in order.
 
     The shard's tensors are shared by reference (no copy); `_gather_slice` copies out one
-    slice later. Non-liver rows are thinned here, before any voxel is copied.
+    slice later. Rows are thinned here, before any voxel is copied: non-liver rows kept with
+    probability keep_bg, and every row with its case's `case_keep` (by case index: the
+    source weights' thinning).
     """
     rows = tf.range(tf.shape(shard[records.SLICE_INDEX], out_type=tf.int64)[0])
-    if keep_seed is not None and keep_bg < 1.0:
-        u = tf.random.stateless_uniform(tf.shape(rows), keep_seed)
-        rows = tf.boolean_mask(rows, (shard[records.LIVER_VOXELS] > 0) | (u < keep_bg))
+    if keep_seed is not None and (keep_bg < 1.0 or case_keep is not None):
+        u = tf.random.stateless_uniform(tf.shape(rows), keep_seed, dtype=tf.float64)
+        p = tf.where(shard[records.LIVER_VOXELS] > 0, tf.constant(1.0, tf.float64), keep_bg)
+        if case_keep is not None:
+            p = p * tf.gather(case_keep, shard[records.CASE_INDEX])
+        rows = tf.boolean_mask(rows, u < p)
     def with_shard(row):
         return shard, row
 
@@ -290,9 +295,11 @@ def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_se
     read, gather = _stages(cfg, plan)
     keep_bg, seed = liver_keep_probability(cfg, plan.manifest, plan.split), cfg.seed
     sampling = tf.constant(derive_seed(seed, "foreground-sampling"), tf.int64)
+    keep = source_keep(cfg, plan.manifest, plan.split)
+    case_keep = None if keep is None else tf.constant(keep, tf.float64)
 
     def rows_of_visit(visit, shard):  # every visit of a shard (counted across epochs) samples anew
-        return _shard_rows(shard, tf.stack([sampling, visit]), keep_bg)
+        return _shard_rows(shard, tf.stack([sampling, visit]), keep_bg, case_keep)
 
     files, n = _files(plan, shards), len(shards)
     if cfg.data.cache:  # parsed shards kept in memory after the first pass
@@ -307,6 +314,41 @@ def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_se
     if plan.record_shard:  # on row references, before any voxel is copied
         ds = ds.shard(plan.n_pipes, plan.pipe)
     return ds.map(gather, num_parallel_calls=_parallel(cfg))
+
+
+def source_keep(cfg: Config, manifest: Manifest, split: str = "train") -> list[float] | None:
+    """Per case index, the probability of keeping its slices so each source's share of the
+    drawn slices follows data.source_weights whatever its number of slices (None without
+    weights). Sources of the split and weights must match (checked here).
+
+    A source s of N slices, L of them with liver, yields E = L + (N - L) r slices under the
+    foreground thinning r (`liver_keep_probability`); keeping each with w_s / E_s scaled so
+    the largest is 1 makes the shares w_s. Thinning, not a mix of per-source pipelines: in TF
+    2.21 a sample over shuffled inputs cannot be restored twice (exact resume), as `numbered`
+    explains for a zip. The slices dropped are row references: the large source's shards
+    are still read whole (reading is not what a training step waits on).
+    """
+    weights = cfg.data.source_weights
+    if not weights:
+        return None
+    cases = manifest.cases_in(split)
+    present = {c.source for c in cases}
+    absent, unweighted = sorted(set(weights) - present), sorted(present - set(weights))
+    if absent or unweighted:
+        named = lambda xs: ", ".join(x or "(untagged)" for x in xs)  # noqa: E731
+        raise RecordsError("data.source_weights: " + "; ".join(
+            ([f"no {split} case has source {named(absent)}"] if absent else [])
+            + ([f"{split} cases of source {named(unweighted)} have no weight"] if unweighted else []))
+            + f" (the {split} split's sources: {named(sorted(present))}; tag them with the case list's source column)")
+    r = liver_keep_probability(cfg, manifest, split)
+    expected = {s: sum(c.liver_slices + (c.num_slices - c.liver_slices) * r for c in cases if c.source == s)
+                for s in present}
+    rate = {s: weights[s] / max(expected[s], 1e-9) for s in present}
+    top = max(rate.values())
+    keep = [0.0] * len(manifest.cases)
+    for c in cases:
+        keep[c.index] = rate[c.source] / top
+    return keep
 
 
 def _training_batches(cfg: Config, plan: _Plan, epochs: int | None, on_service: bool) -> tf.data.Dataset:

@@ -147,6 +147,7 @@ class Trainer:
         h, w = manifest.split("train").slice_shape
         unet.check_input(cfg.model, h, w)
         pipeline.check_context(cfg, manifest)
+        pipeline.source_keep(cfg, manifest)  # weights for the training cases' sources, before anything is written
         pipeline.check_memory(cfg, manifest, available_memory(), self.replicas)
         if cfg.data.service:
             data_service.check_reachable(cfg.data.service)

@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,57 @@ def test_zscore_on_constant_liver_hu_and_buffers_past_the_memory_are_refused(dat
     with pytest.raises(RecordsError, match=r"data.shuffle_buffer=100000: .* more than half of the 0.5 GB available; "
                                            r"choose at most 81380"):
         pipeline.check_memory(cfg, m, 0.5e9)
+
+
+@pytest.fixture(scope="module")
+def mixed(phantoms, tmp_path_factory) -> Path:
+    """The phantoms as a case list: two cases tagged "real", four "phantom"; train only."""
+    from liverseg.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("mixed")
+    cases = sorted(p.name.removesuffix("_orig.nii.gz") for p in phantoms.glob("*_orig.nii.gz"))
+    rows = [f"{c},{phantoms / f'{c}_orig.nii.gz'},{phantoms / f'{c}_liver.nii.gz'},train,{'real' if i < 2 else 'phantom'}"
+            for i, c in enumerate(cases)]
+    (root / "cases.csv").write_text("case,image,mask,split,source\n" + "\n".join(rows) + "\n")
+    convert(root / "cases.csv", root / "ds", ConvertOptions(layout="list", shard_mb=0.04), progress=False)
+    return root / "ds"
+
+
+def _real_share(cfg, batches=150):
+    m = Manifest.load(cfg.data.records)
+    real = {c.index for c in m.cases if c.source == "real"}
+    it = iter(pipeline.build_dataset(cfg, "train"))
+    drawn = np.concatenate([next(it)["case_index"].numpy() for _ in range(batches)])
+    return np.isin(drawn, list(real)).mean(), sum(c.num_slices for c in m.cases if c.index in real) / sum(
+        c.num_slices for c in m.cases)
+
+
+def test_source_weights_set_each_sources_share_whatever_its_slices(mixed):
+    base = [f"data.records={mixed}", "data.batch_size=4", "augment.placement=none", "data.foreground_fraction=0"]
+    plain, by_slices = _real_share(config.load(None, base))
+    assert plain == pytest.approx(by_slices, abs=0.1)  # without weights: as the slices come (~1/3 real)
+    for w in (0.5, 0.8):
+        share, _ = _real_share(config.load(None, [*base, f"data.source_weights={{real: {w}, phantom: {1 - w}}}"]))
+        assert share == pytest.approx(w, abs=4 * np.sqrt(w * (1 - w) / 600))  # 600 slices drawn: 4 sigma
+
+
+def test_source_weights_keep_exact_resume(mixed, tmp_path):
+    cfg = config.load(None, [f"data.records={mixed}", "data.batch_size=4", "deterministic=true",
+                             "data.source_weights={real: 0.7, phantom: 0.3}", "data.shuffle_buffer=64"])
+    expected = [next(it)["image"].numpy() for it in [iter(pipeline.build_dataset(cfg, "train"))] for _ in range(12)]
+    it, got, path = iter(pipeline.build_dataset(cfg, "train")), [], None
+    for visit in range(3):
+        if path is not None:
+            it = iter(pipeline.build_dataset(cfg, "train"))
+            tf.train.Checkpoint(iterator=it).read(path).assert_consumed()
+        got += [next(it)["image"].numpy() for _ in range(4)]
+        path = tf.train.Checkpoint(iterator=it).write(str(tmp_path / f"it{visit}"))
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_weights_for_a_source_no_case_has_are_refused(mixed):
+    with pytest.raises(RecordsError, match=r"data.source_weights: no train case has source ct; train cases of source "
+                                           r"phantom have no weight \(the train split's sources: phantom, real"):
+        pipeline.build_dataset(config.load(None, [f"data.records={mixed}", "data.source_weights={real: 1, ct: 1}"]),
+                               "train")

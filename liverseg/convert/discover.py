@@ -50,7 +50,7 @@ def discover(src: Path, opts: ConvertOptions) -> list[Case]:
     cases = [Case(c, pair.split, pair.image, pair.mask, source=pair.source) for c, pair in sorted(found.items())]
     _assign_splits(cases, opts, from_folders)
     order = {s: i for i, s in enumerate(SPLITS)}
-    cases.sort(key=lambda c: (order[c.split], c.case_id))
+    cases.sort(key=lambda c: (order[c.split], c.source, c.case_id))  # the order shards hold them in
     for i, c in enumerate(cases):
         c.index = i
     return cases

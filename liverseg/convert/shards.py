@@ -52,10 +52,12 @@ def estimated_bytes(c: Case) -> int:
 
 
 def plan_shards(cases: list[Case], opts: ConvertOptions, out: Path) -> list[ShardJob]:
-    """Whole cases per shard, in case order; by size (shard_mb) or by count (num_shards)."""
+    """Whole cases per shard, in case order, each shard one source's; by size (shard_mb) or by
+    count (num_shards, per split and source)."""
     jobs: list[ShardJob] = []
-    for split in SPLITS:
-        members = [c for c in cases if c.split == split and c.error is None]
+    groups_of = [(split, source) for split in SPLITS for source in sorted({c.source for c in cases if c.split == split})]
+    for split, source in groups_of:  # a shard holds one source's cases: sources can be read apart (source_weights)
+        members = [c for c in cases if c.split == split and c.source == source and c.error is None]
         if not members:
             continue
         sizes = np.array([estimated_bytes(c) for c in members], np.float64)
