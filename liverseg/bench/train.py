@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
 
 from liverseg.bench.measure import batch_count, cores, throughput
+
+
+class _Without(logging.Filter):
+    """Drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tuple[float, dict]:
@@ -27,7 +39,12 @@ def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tup
     warmup, steps = max(2, warmup) * k, -(-steps // k) * k
     cfg = config.replace(cfg, **{"train.steps": warmup + steps, "train.log_every": 10**9, "train.eval_every": 0,
                                  "train.checkpoint_every": 10**9, "train.keep_checkpoints": 1})
-    trainer = train.Trainer(cfg, run, progress=False, input_transform=one_batch if fixed else None)
+    quiet = _Without("no validation")  # train.eval_every=0 is intended here
+    logging.getLogger("liverseg.train").addFilter(quiet)
+    try:
+        trainer = train.Trainer(cfg, run, progress=False, input_transform=one_batch if fixed else None)
+    finally:
+        logging.getLogger("liverseg.train").removeFilter(quiet)
     try:
         trainer.run(warmup)
         paused, t0 = trainer.hooks.paused_total, time.perf_counter()
@@ -101,14 +118,11 @@ def bench_train(records: str | Path, config_file: str | Path | None = None, over
     end-to-end     the real loop on the records, with the device-idle (input wait) fraction
     always         FLOPs per image (training ~3x forward) and the img/s of 40% MFU at --peak-tflops
     """
-    import logging
-
     import tensorflow as tf
 
     from liverseg import config, pipeline, step, unet
     from liverseg.manifest import Manifest
 
-    logging.getLogger("liverseg.train").setLevel(logging.ERROR)  # "no validation" is intended here
     cfg = config.load(config_file, [*overrides, f"data.records={records}"])
     h, w = Manifest.load(records).split("train").slice_shape
     batch, channels = cfg.data.batch_size, 2 * cfg.data.context + 1
