@@ -390,8 +390,9 @@ def _pixels(ds, ct: bool, where: str) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - no decoder for a compressed transfer syntax, or damaged pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
-        raise InputError(f"{where}: cannot decode its pixel data (transfer syntax {name}: {e}); for compressed DICOM "
-                         "install a decoder (pip install pylibjpeg pylibjpeg-libjpeg) or decompress it") from None
+        raise InputError(f"{where}: cannot decode its pixel data (transfer syntax {name}: {' '.join(str(e).split())}); liverseg's decoders for "
+                         "compressed DICOM are missing or broken: reinstall them (pip install pylibjpeg "
+                         "pylibjpeg-openjpeg pylibjpeg-libjpeg) or decompress the series (e.g. gdcmconv --raw)") from None
     if arr.ndim != 2:
         raise InputError(f"{where}: pixel data of shape {arr.shape} is not one greyscale slice")
     if not ct:

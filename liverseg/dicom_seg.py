@@ -63,7 +63,7 @@ def _segment_number(ds, name: str, path: Path) -> int:
             return number
     raise InputError(f"{path}: no segment labelled {name!r} (segments: "
                      f"{', '.join(f'{n} {label!r}' for n, (label, _) in sorted(found.items()))}); pass the liver's "
-                     "label as the list's `label` column (or --mask-segment)")
+                     "label as the row's mask_label (or convert --mask-segment NAME)")
 
 
 def _check_references(ds, path: Path, image: Header, image_series: str | None, frame_of_reference: str | None) -> None:

@@ -39,8 +39,28 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
     Writes CSV, JSON, overlay PNGs and TensorBoard scalars into `out` (default
     RUN/eval/<split or folder>)."""
     name = split if data is None else Path(data).name
+    _warn_overlap(run, records, split, data, layout)
     cases = record_cases(run, records, split) if data is None else folder_cases(run, data, layout)
     return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs)
+
+
+def _warn_overlap(run: Run, records, split: str, data, layout: str) -> None:
+    """A warning when the cases scored are patients the run trained on under another public
+    dataset's name (3D-IRCADb-01 inside LiTS and the Decathlon)."""
+    try:
+        trained_on = Manifest.load(Path(run.cfg.data.records))
+    except LiversegError:
+        return  # the run's records are gone: nothing to compare with
+    trained = {c.case_id: Path(c.image.path)
+               for s in ("train", "val") for c in trained_on.cases_in(s)}
+    if data is None:
+        m = Manifest.load(Path(records or run.cfg.data.records))
+        scored = {c.case_id: Path(c.image.path) for c in m.cases_in(split)}
+    else:
+        scored = {c: pair.image.name for c, pair in layouts.find(Path(data), layout)[0].items()}
+    why = layouts.ircad_overlap(trained, scored)
+    if why:
+        log.warning("the cases scored overlap the run's training cases: %s; these scores are not held out", why)
 
 
 def record_cases(run: Run, records: str | Path | None, split: str):

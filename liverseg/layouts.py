@@ -53,15 +53,16 @@ Found = dict[str, Pair]
 
 
 def find(src: Path, layout: str = "pattern", image_pattern: str = "{case}_orig",
-         mask_pattern: str = "{case}_liver") -> tuple[Found, bool]:
+         mask_pattern: str = "{case}_liver", mask_segment: str = "liver") -> tuple[Found, bool]:
     """The cases of `src` in `layout`, and whether splits came from its folders (the patterns
-    name the files of the pattern layout)."""
+    name the files of the pattern layout; mask_segment a case list's segment where a row
+    names none)."""
     if layout not in LAYOUTS:
         raise LiversegError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if layout == "pattern":
         return _pattern(src, image_pattern, mask_pattern)
     if layout == "list":
-        return list_cases(src)
+        return list_cases(src, mask_segment)
     return {"ircad": _ircad, "msd": _msd, "lits": _lits}[layout](src), False
 
 
@@ -236,12 +237,12 @@ _SOURCE = re.compile(r"^[A-Za-z0-9_-]+$")
 LIST_COLUMNS = ("case", "image", "mask", "split", "source", "mask_label")
 
 
-def list_cases(path: Path) -> tuple[Found, bool]:
+def list_cases(path: Path, mask_segment: str = "liver") -> tuple[Found, bool]:
     """The cases of a case list, and whether it gives their splits (a `split` column).
 
     CSV: a header row naming `case,image,mask` and optionally `split`, `source` and
     `mask_label` (which label of a multi-label mask is the liver: a value, or a segment's
-    name in a DICOM SEG or a .seg.nrrd; "liver" is a SEG's default). JSON: {"training":
+    name in a DICOM SEG or a .seg.nrrd; mask_segment where the row gives none). JSON: {"training":
     [{"image": ..., "label": ...}]} as the Decathlon's dataset.json writes it ("label" is the
     mask there; `case`, `split`, `source`, `mask_label` optional: the case id defaults to the
     image's name). Every refusal names the list and the row."""
@@ -267,7 +268,7 @@ def list_cases(path: Path) -> tuple[Found, bool]:
         splits.add(bool(split))
         image = _image_source(path.parent, row.get("image", ""), where)
         found[case] = Pair(image, _mask_source(path.parent, row.get("mask", ""), image, row.get("mask_label") or "",
-                                               where), split, source)
+                                               where, mask_segment), split, source)
         where_of[case] = where
     if not found:
         raise LiversegError(f"{path}: the case list holds no cases")
@@ -357,19 +358,19 @@ def _image_source(base: Path, value: str, where: str) -> Source:
     return Source.dicom(ct[0])
 
 
-def _mask_source(base: Path, value: str, image: Source, label: str, where: str) -> Source:
+def _mask_source(base: Path, value: str, image: Source, label: str, where: str, segment: str = "liver") -> Source:
     p = _resolve(base, value, "mask", where)
     kind = _kind(p)
     if kind == "nifti":
         return Source.nifti(p, label)
     if kind == "nrrd":
-        return Source.nrrd(p, label)
+        return Source.nrrd(p, label or (segment if p.name.lower().endswith(".seg.nrrd") else ""))
     from liverseg import dicom_io
 
     if p.is_file() and not p.name.lower().endswith(".zip"):  # one DICOM file: a Segmentation object
         if not dicom_io.is_segmentation(p):
             raise LiversegError(f"{where}: mask {value} is neither NIfTI, NRRD nor a DICOM Segmentation (SEG) file")
-        return Source.seg(p, image, label)
+        return Source.seg(p, image, label or segment)
     try:
         series = dicom_io.find_series(p)
     except InputError as e:
@@ -379,4 +380,54 @@ def _mask_source(base: Path, value: str, image: Source, label: str, where: str) 
     return Source.dicom(series[0])
 
 
-__all__ = ["LAYOUTS", "LIST_COLUMNS", "MERGES_TUMOUR", "Pair", "SYNTH_LAYOUTS", "find", "list_cases"]
+# ------------------------------------------------------------------------- public datasets that overlap
+
+# LiTS volumes that are 3D-IRCADb-01's 20 patients; the Decathlon's Task03_Liver holds LiTS's
+# training volumes under the same numbers (liver_N = volume-N). Which LiTS number is which
+# IRCAD patient is not published, so each of them counts as overlapping every IRCAD patient.
+LITS_FROM_IRCAD = frozenset((*range(28, 45), *range(46, 49)))
+_IRCAD_NAMES = (re.compile(r"^3Dircadb1\.(\d+)(\.zip)?$"), re.compile(r"^ircad_e?(\d+)$"))
+_LITS_NAMES = (re.compile(r"^lits_(\d+)$"), re.compile(r"^volume-(\d+)(\.nii(\.gz)?)?$"),
+               re.compile(r"^liver_(\d+)(\.nii(\.gz)?)?$"))
+
+
+def public_origin(case_id: str, image: Path | None = None) -> str | None:
+    """"ircad" for a 3D-IRCADb-01 patient, "lits-ircad" for a LiTS or Decathlon case that is
+    one (LITS_FROM_IRCAD), by its case id or the names on its image's path; else None."""
+    names = [case_id, *(Path(image).parts[-3:] if image else ())]
+    for name in names:
+        if any(p.match(name) for p in _IRCAD_NAMES):
+            return "ircad"
+        for p in _LITS_NAMES:
+            m = p.match(name)
+            if m:
+                return "lits-ircad" if int(m.group(1)) in LITS_FROM_IRCAD else None
+    return None
+
+
+def ircad_overlap(first: dict[str, Path | None], second: dict[str, Path | None] | None = None) -> str | None:
+    """Why some of these cases are the same patients (case id -> image path), or None: IRCAD
+    patients and LiTS/MSD cases that are IRCAD patients within `first`, or (with `second`)
+    between the two sets, either way round."""
+    def split(cases):
+        origins = {c: public_origin(c, image) for c, image in cases.items()}
+        return (sorted(c for c, o in origins.items() if o == "ircad"),
+                sorted(c for c, o in origins.items() if o == "lits-ircad"))
+
+    a_ircad, a_lits = split(first)
+    b_ircad, b_lits = split(second) if second is not None else (a_ircad, a_lits)
+    pairs = [(x, y) for x, y in ((a_ircad, b_lits), (a_lits, b_ircad)) if x and y]
+    if not pairs:
+        return None
+
+    def named(ids):
+        return ", ".join(ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+
+    x, y = pairs[0]
+    ircad, lits = (x, y) if x is a_ircad else (y, x)
+    return (f"{named(lits)} (LiTS/Decathlon) are 3D-IRCADb-01 scans, as are {named(ircad)} "
+            "(LiTS volumes 28-44 and 46-48 are IRCAD's 20 patients)")
+
+
+__all__ = ["LAYOUTS", "LIST_COLUMNS", "MERGES_TUMOUR", "LITS_FROM_IRCAD", "Pair", "SYNTH_LAYOUTS", "find", "ircad_overlap",
+           "list_cases", "public_origin"]

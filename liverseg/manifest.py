@@ -69,6 +69,10 @@ class ConvertOptions:
     num_shards: int | None = _opt(None, "Shards per split (overrides --shard-mb).")
     compression: str = _opt("", "Shard compression.", choices={c or "none": c for c in COMPRESSIONS})
     merge_tumour: bool = _opt(False, "LiTS masks: count tumour (label 2) as liver.")
+    mask_segment: str = _opt("liver", "--layout list: the segment of a DICOM SEG or .seg.nrrd mask that is the liver, "
+                             "where the row's mask_label is empty (matched to SegmentLabel or the code meaning).")
+    exclude_ircad_overlap: bool = _opt(False, "Drop the LiTS and Decathlon (MSD) cases that are 3D-IRCADb-01 "
+                                       "patients (LiTS 28-44 and 46-48, MSD liver_28-44 and 46-48).")
     affine_tol: float = _opt(1e-3, "Image/mask affine tolerance in mm.")
     workers: int = _opt(1, "Parallel processes (with --runner direct: Beam's worker processes).")
     runner: str = _opt("local", "local: processes on this machine; direct: Apache Beam's DirectRunner; or a Beam runner "

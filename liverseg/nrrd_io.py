@@ -107,7 +107,7 @@ def label_value(fields: dict, name: str, path: Path) -> int | None:
                 raise InputError(f"{path}: segment {segment!r} is on layer {layer}; export it as a single-layer labelmap")
             return int(value)
     raise InputError(f"{path}: no segment named {name!r} (segments: {', '.join(sorted(names.values()))}); pass the "
-                     "liver's name as the list's `label` (or --mask-segment)")
+                     "liver's name as the row's mask_label (or convert --mask-segment NAME)")
 
 
 __all__ = ["label_value", "read_file", "read_header"]

@@ -196,9 +196,10 @@ def _gather_slice(shard: dict, row, k: int) -> dict:
     in the shuffle buffer would then keep its whole shard (~100 MB at 512x512) alive.
     """
     s, n = shard[records.SLICE_INDEX][row], shard[records.NUM_SLICES][row]
-    # Transposed as float16 bits: oneDNN logs an error for an int16 transpose on CPUs without
-    # AVX-512 support for it; a bitcast moves no data, and a transpose moves bits unchanged
-    # (tf.stack of the slices instead measured 2.7x slower).
+    # Transposed as float16 bits: a bitcast moves no data, and a transpose moves bits unchanged
+    # (tf.stack of the slices instead measured 2.7x slower). oneDNN logs a fallback to Eigen for
+    # int16 transposes on CPUs without AVX-512, and for float16 on those without AVX512-FP16
+    # (the CLI drops that notice: startup.NOTICES).
     rows = tf.bitcast(tf.gather(shard[records.IMAGE], context_rows(s, n, row, k)), tf.float16)
     image = tf.bitcast(tf.transpose(rows, [1, 2, 0]), tf.int16)
     mask = tf.gather(shard[records.MASK], row)[..., None]  # not a transpose: oneDNN's uint8 transpose logs an error

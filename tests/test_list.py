@@ -179,3 +179,40 @@ def test_the_decathlons_json_list_converts_too(pair):
     (root / "dataset.json").write_text(json.dumps({"training": [{"image": "./a_orig.nii.gz", "label": "./a_liver.nii.gz"}]}))
     m = convert(root / "dataset.json", root / "out", ConvertOptions(layout="list"), progress=False)
     assert [c.case_id for c in m.cases] == ["a_orig"] and m.cases[0].liver_voxels == pair[2].sum()
+
+
+def test_mask_segment_chooses_a_segs_segment_where_the_row_names_none(tmp_path, anatomy):
+    from liverseg import dicom_seg
+
+    ct, mask = anatomy
+    arr_ct, affine, arr_mask, _ = _case(tmp_path, "a", ct, mask)
+    dicom_io.write_series(tmp_path / "ct", arr_ct, affine, "CT", 1)
+    series = dicom_io.find_series(tmp_path / "ct")[0]
+    on_grid = geometry.onto_grid(arr_mask, geometry.Header(tmp_path, arr_mask.shape, affine, SPACING, np.dtype(np.uint8)),
+                                 dicom_io.read_header(series))
+    dicom_seg.write(tmp_path / "seg.dcm", on_grid, series, "test", "0" * 16)
+    listed = _write_list(tmp_path / "cases.csv", [("a", "ct", "seg.dcm", "", "", "")])
+    with pytest.raises(InputError, match=r"seg\.dcm: no segment labelled 'spleen' .*convert --mask-segment NAME"):
+        convert(listed, tmp_path / "out", ConvertOptions(layout="list", mask_segment="spleen"), progress=False)
+    m = convert(listed, tmp_path / "out", ConvertOptions(layout="list", mask_segment="LIVER"), progress=False)
+    assert m.cases[0].liver_voxels == mask.sum()
+
+
+def test_lits_copies_of_ircad_patients_are_named_and_can_be_dropped(pair, caplog):
+    """LiTS 28-44/46-48 (and the Decathlon's liver_N of those numbers) are 3D-IRCADb-01
+    patients: mixed with IRCAD cases they are named; --exclude-ircad-overlap drops them."""
+    from liverseg import layouts
+
+    root = pair[0]
+    rows = [(c, "a_orig.nii.gz", "a_liver.nii.gz", "", "", "") for c in ("ircad_e05", "lits_030", "lits_045", "liver_46")]
+    listed = _write_list(root / "cases.csv", rows)
+    m = convert(listed, root / "out", ConvertOptions(layout="list"), progress=False)
+    assert len(m.cases) == 4
+    assert "lits_030, liver_46 (LiTS/Decathlon) are 3D-IRCADb-01 scans, as are ircad_e05" in caplog.text
+    caplog.clear()
+    m = convert(listed, root / "out2", ConvertOptions(layout="list", exclude_ircad_overlap=True), progress=False)
+    assert [c.case_id for c in m.cases] == ["ircad_e05", "lits_045"]
+    assert "dropped 2 LiTS/Decathlon case(s) that are 3D-IRCADb-01 patients: lits_030, liver_46" in caplog.text
+    # evaluation: the run's training set against the cases scored, either way round
+    assert layouts.ircad_overlap({"x": root / "3Dircadb1.17" / "PATIENT_DICOM"}, {"volume-40": None}) is not None
+    assert layouts.ircad_overlap({"lits_001": None, "lits_045": None}, {"3Dircadb1.3": None}) is None

@@ -78,3 +78,28 @@ def test_a_seg_listed_over_a_series_it_was_not_drawn_on_is_refused(real_ct, tmp_
                                          r".*example_ct_dicom: its pixels lie .* off the image's voxel centres"):
         convert(cases, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compressed_series_without_its_decoder_is_refused_naming_the_slice_and_the_fix(real_ct, tmp_path):
+    """Where pylibjpeg's decoders are not importable (a broken install), the JPEG 2000 series
+    is refused in one line naming a slice, the transfer syntax and what to install; nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    ts = real_ct / "totalsegmentator"
+    cases = _list(tmp_path / "cases.csv", [("ts", ts / "example_ct_dicom", ts / "example_ct_dicom_seg.nii.gz", "train",
+                                            "real", 5)])
+    broken = tmp_path / "broken"  # modules that shadow the decoders in every process the converter starts
+    broken.mkdir()
+    for name in ("pylibjpeg", "openjpeg", "libjpeg", "gdcm", "PIL"):  # Pillow decodes JPEG 2000 too
+        (broken / f"{name}.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    r = subprocess.run([sys.executable, "-m", "liverseg", "convert", str(cases), str(tmp_path / "out"), "--layout",
+                        "list"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot decode its pixel data (transfer syntax JPEG 2000 Image Compression (Lossless Only)" in errors[0]
+    assert "pip install pylibjpeg pylibjpeg-openjpeg" in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -29,8 +29,13 @@ _TERMINATED = "LIVERSEG_SIGTERM_BEFORE_EXEC"  # set across the re-exec when SIGT
 # What TensorFlow prints on stderr at start-up whatever TF_CPP_MIN_LOG_LEVEL says (TF issue
 # 100442: its logging is not set up yet): notices, not problems. The absl preamble comes once
 # per native library, at the first line that library logs, which may be long after the import.
+# oneDNN's "supports DT_X only on platforms with AVX-512 ... Falling back to the default
+# Eigen-based implementation" (util.cc) says an op of that dtype runs in Eigen instead, with
+# the same result; which dtypes it names depends on the CPU (the pipeline's float16-bits
+# transpose on CPUs without AVX512-FP16).
 NOTICES = (b"WARNING: All log messages before absl::InitializeLog()", b"oneDNN custom operations are on",
-           b"cpu_feature_guard.cc", b"To enable the following instructions:", b"rebuild TensorFlow with the")
+           b"cpu_feature_guard.cc", b"To enable the following instructions:", b"rebuild TensorFlow with the",
+           b"Falling back to the default Eigen-based implementation")
 
 
 def catch_sigterm(argv: list[str]) -> None:

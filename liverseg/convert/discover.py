@@ -10,6 +10,7 @@ fails the run (or, with --skip-bad, is listed) before anything is written.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from liverseg import InputError, LiversegError, geometry, layouts, volumes
 from liverseg.manifest import SPLITS, ConvertOptions
 from liverseg.volumes import Source
+
+log = logging.getLogger(__name__)
 
 
 def _ircad_split(number: int) -> str:
@@ -46,7 +49,9 @@ def discover(src: Path, opts: ConvertOptions) -> list[Case]:
         raise LiversegError(f"{src}: --layout list needs the case list file (CSV or JSON)")
     if opts.layout != "list" and not src.is_dir():
         raise LiversegError(f"{src}: source folder does not exist")
-    found, from_folders = layouts.find(src.resolve(), opts.layout, opts.image_pattern, opts.mask_pattern)  # absolute: the manifest names the sources
+    found, from_folders = layouts.find(src.resolve(), opts.layout, opts.image_pattern, opts.mask_pattern,
+                                       opts.mask_segment)  # absolute: the manifest names the sources
+    found = _without_ircad_twins(found, opts.exclude_ircad_overlap)
     cases = [Case(c, pair.split, pair.image, pair.mask, source=pair.source) for c, pair in sorted(found.items())]
     _assign_splits(cases, opts, from_folders)
     order = {s: i for i, s in enumerate(SPLITS)}
@@ -54,6 +59,25 @@ def discover(src: Path, opts: ConvertOptions) -> list[Case]:
     for i, c in enumerate(cases):
         c.index = i
     return cases
+
+
+def _without_ircad_twins(found: layouts.Found, exclude: bool) -> layouts.Found:
+    """The cases, less the LiTS/MSD ones that are IRCAD patients with --exclude-ircad-overlap;
+    without it, a warning naming them when the same source also holds IRCAD patients."""
+    if exclude:
+        twins = sorted(c for c, pair in found.items() if layouts.public_origin(c, pair.image.name) == "lits-ircad")
+        if twins:
+            log.warning("--exclude-ircad-overlap: dropped %d LiTS/Decathlon case(s) that are 3D-IRCADb-01 patients: %s",
+                        len(twins), ", ".join(twins))
+            found = {c: pair for c, pair in found.items() if c not in twins}
+            if not found:
+                raise LiversegError("--exclude-ircad-overlap dropped every case; nothing to convert")
+        return found
+    why = layouts.ircad_overlap({c: pair.image.name for c, pair in found.items()})
+    if why:
+        log.warning("these cases overlap: %s; a patient in two splits inflates every score (--exclude-ircad-overlap "
+                    "drops the LiTS/Decathlon copies)", why)
+    return found
 
 
 def _assign_splits(cases: list[Case], opts: ConvertOptions, from_folders: bool) -> None:
