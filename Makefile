@@ -1,5 +1,5 @@
 # liverseg: `make demo` runs the main job end to end on synthetic data; `make test` runs the tests.
-# Both create .venv and install liverseg[cpu,dev,beam] on first use.
+# Both create .venv and install liverseg[cpu,dev,beam,export] on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ DEMO ?= demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[cpu,dev,beam]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev,beam,export]'
 	touch $(STAMP)
 
 test: $(STAMP)

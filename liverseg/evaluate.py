@@ -67,7 +67,7 @@ def record_cases(run: Run, records: str | Path | None, split: str):
     """Cases of a records split, predicted from their stored slices (checked before the first case)."""
     m = Manifest.load(Path(records or run.cfg.data.records))
     m.split(split)  # names the folder and its splits when the split is not there
-    e = run.cfg.eval
+    e = run.contract
 
     def cases():
         for case in m.cases_in(split):

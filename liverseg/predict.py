@@ -1,35 +1,72 @@
-"""Whole-volume inference, prediction and export: one inference path.
+"""Whole-volume inference and prediction, one path for every engine (TensorFlow-free).
 
-`infer_volume` turns a stored-geometry CT volume into liver probabilities with the run's
-2.5D context, intensity normalisation and optional flip TTA; `postprocess` thresholds
-and keeps the largest 3D component (holes filled). `predict_image` brings a source CT
-(NIfTI or DICOM) into the run's stored geometry, infers, and maps the probabilities back
-to the source's own grid through `geometry` (one way in, one way out); `evaluate` scores
-exactly what it returns.
+A *model* here is anything with a `contract` (`Contract`: the input it was trained on, its
+post-processing) and `logits(x)` (an engine from `liverseg.engines`): a trained run
+(`load_run`, the Keras network in TensorFlow) or an exported folder (`load_export`: ONNX
+Runtime, OpenVINO, LiteRT or a SavedModel). `infer_volume` turns a stored-geometry CT volume
+into liver probabilities in NumPy: the 2.5D stacks, normalisation, padding to the network's
+divisor, optional flip TTA, sigmoid. `predict_image` brings a source CT (NIfTI or DICOM)
+into the model's stored geometry and maps the probabilities back to the source's own grid
+through `geometry` (one way in, one way out); several models (an ensemble) are averaged
+there, each after its own TTA, then thresholded and post-processed once (`postprocess`).
+`evaluate` scores exactly what it returns.
 
 A run's model is rebuilt in code from its saved config and only its *weights* are
 loaded (`*.weights.h5`): no user-supplied `.keras`/`.h5` model or pickle is ever
-deserialised.
+deserialised. This module imports TensorFlow only inside `load_run`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 from scipy import ndimage
 
-from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, layouts, nifti_io, pipeline, rundir, unet, volumes
-from liverseg.config import Config
+from liverseg import InputError, LiversegError, __version__, dicom_io, engines, geometry, layouts, nifti_io, rundir, volumes
 from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
+
+CONTRACT_FILE = "liverseg-model.json"  # an exported folder's contract
+CONTRACT_VERSION = 1
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What inference needs to reproduce `predict`: the input the network was trained on
+    (`rundir.InputSpec`: context, size or spacing, normalisation), the divisor its input is
+    padded to, the post-processing options, what its labels mean and its weights' fingerprint."""
+
+    spec: rundir.InputSpec
+    divisor: int
+    threshold: float
+    tta_flip: bool
+    largest_component: bool
+    min_component_fraction: float
+    batch_size: int
+    labels: str = "liver"  # "liver+tumour" for a model trained on masks whose tumour was merged into the liver
+    weights: str = ""  # fingerprint (sha256 of the weight values, 16 hex digits)
+
+    def to_json(self) -> dict:
+        return {"input": self.spec.to_json(), "divisor": self.divisor, "labels": self.labels, "weights": self.weights,
+                "postprocess": {"threshold": self.threshold, "tta_flip": self.tta_flip,
+                                "largest_component": self.largest_component,
+                                "min_component_fraction": self.min_component_fraction},
+                "batch_size": self.batch_size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Contract":
+        p = d["postprocess"]
+        return cls(rundir.InputSpec.from_json(d["input"]), int(d["divisor"]), float(p["threshold"]),
+                   bool(p["tta_flip"]), bool(p["largest_component"]), float(p["min_component_fraction"]),
+                   int(d["batch_size"]), str(d.get("labels", "liver")), str(d.get("weights", "")))
 
 
 @dataclass
@@ -37,36 +74,66 @@ class Run:
     """A trained run: its config, input contract and the network with its weights loaded."""
 
     root: Path
-    cfg: Config
+    cfg: object  # config.Config
     spec: rundir.InputSpec
     model: object
     weights: Path
-    forward: object = None  # sigmoid(model(x)) as a tf.function, set by load_run
+    contract: Contract = None
+    engine: engines.Engine = None  # set by load_run; `use_engine` swaps it (tensorflow-xla)
 
     @property
-    def context(self) -> int:
-        return self.spec.context
+    def name(self) -> str:
+        return str(self.root)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.engine(x)
+
+    def use_engine(self, name: str) -> "Run":
+        """This run with the network run by `name` (tensorflow or tensorflow-xla)."""
+        if name not in ("tensorflow", "tensorflow-xla"):
+            raise LiversegError(f"engine {name}: a run is run by tensorflow or tensorflow-xla; export it "
+                                f"(liverseg export --format ...) for {name}")
+        return Run(self.root, self.cfg, self.spec, self.model, self.weights, self.contract,
+                   engines.keras_engine(self.model, xla=name == "tensorflow-xla"))
+
+
+@dataclass
+class Exported:
+    """An exported folder (`liverseg export`): its contract and the engine of its artifact."""
+
+    root: Path
+    format: str
+    contract: Contract
+    engine: engines.Engine = field(repr=False)
 
     @property
-    def norm(self) -> rundir.Normalization:
-        return self.spec.normalization
+    def name(self) -> str:
+        return str(self.root)
 
-    @property
-    def size(self) -> int | None:
-        """Slices were resized (or with spacing windowed) to size x size for training (None: native)."""
-        return self.spec.size
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.engine(x)
 
-    @property
-    def spacing(self) -> float | None:
-        """Slices were resampled to this in-plane pixel size (mm) for training (None: native)."""
-        return self.spec.spacing
+
+def _labels_of(records: str | None) -> str:
+    """What a dataset's masks mean: tumour merged into the liver (msd, lits) or the liver alone."""
+    from liverseg.manifest import Manifest
+
+    try:
+        opts = Manifest.load(Path(records)).options
+    except (LiversegError, OSError, TypeError):
+        return "liver"  # the records are gone: masks of liverseg's layouts are liver masks
+    return "liver+tumour" if opts.layout in layouts.MERGES_TUMOUR or opts.merge_tumour else "liver"
 
 
 def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     """Rebuild the network from RUN/config.yaml and load best.weights.h5 (else final.weights.h5)."""
+    from liverseg import unet
+    from liverseg.hooks import weights_fingerprint
+
     root, paths = Path(root), rundir.RunDir(root)
     cfg = rundir.load_config(root)
-    spec = rundir.RunInfo.load(root).input
+    info = rundir.RunInfo.load(root)
+    spec = info.input
     if weights is None:
         weights = next((p for p in (paths.best_weights, paths.final_weights) if p.is_file()), None)
         if weights is None:
@@ -83,33 +150,83 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
         raise LiversegError(f"{weights}: cannot load into this run's {cfg.model.name} ({first}); pass the weights of "
                             f"this run ({rundir.RunDir(root).best_weights.name} or "
                             f"{rundir.RunDir(root).final_weights.name})") from None
-    forward = tf.function(lambda x: tf.sigmoid(model(x, training=False)), reduce_retracing=True)
-    return Run(root, cfg, spec, model, weights, forward)
+    e = cfg.eval
+    contract = Contract(spec, unet.divisor(cfg.model), e.threshold, e.tta_flip, e.largest_component,
+                        e.min_component_fraction, e.batch_size, _labels_of(info.records), weights_fingerprint(model))
+    return Run(root, cfg, spec, model, weights, contract, engines.keras_engine(model))
+
+
+def load_export(root: str | Path, engine: str | None = None) -> Exported:
+    """An exported folder: its contract (CONTRACT_FILE) and its artifact in its format's
+    runtime (or `engine`: openvino also runs an ONNX export). Refused in one line: not an
+    export, an older or newer contract, a missing artifact, a runtime not installed."""
+    root = Path(root)
+    path = root / CONTRACT_FILE
+    if not path.is_file():
+        raise LiversegError(f"{root}: not a liverseg export (no {CONTRACT_FILE}); make one with liverseg export --run "
+                            f"RUN {root} --format onnx|openvino|litert|savedmodel")
+    try:
+        d = json.loads(path.read_text())
+        version, fmt, artifact = d["version"], d["format"], root / d["artifact"]
+        contract = Contract.from_json(d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LiversegError(f"{path}: unreadable export contract ({type(e).__name__}: {e}); export the run again") from None
+    if version != CONTRACT_VERSION:
+        raise LiversegError(f"{path}: export format version {version}, this liverseg ({__version__}) reads version "
+                            f"{CONTRACT_VERSION}; export the run again with this version")
+    if fmt not in engines.FILE_ENGINES:
+        raise LiversegError(f"{path}: unknown export format {fmt!r} (known: {', '.join(engines.FILE_ENGINES)})")
+    if not artifact.exists():
+        raise LiversegError(f"{root}: its {fmt} artifact {artifact.name} is missing; export the run again")
+    name = engine or engines.ENGINE_OF_FORMAT[fmt]
+    if name == engines.ENGINE_OF_FORMAT[fmt]:
+        return Exported(root, fmt, contract, engines.FILE_ENGINES[fmt](artifact))
+    if name == "openvino" and fmt == "onnx":
+        return Exported(root, fmt, contract, engines.FILE_ENGINES["openvino"](artifact))
+    raise LiversegError(f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
+                        f"{' or openvino' if fmt == 'onnx' else ''})")
+
+
+def check_ensemble(models: list) -> None:
+    """Models whose probabilities may be averaged: the same labels (each may have its own
+    input contract: each maps back to the source grid)."""
+    labels = {m.contract.labels for m in models}
+    if len(labels) > 1:
+        raise LiversegError("these models segment different labels (" + "; ".join(
+            f"{m.name}: {m.contract.labels}" for m in models) + "): an ensemble averages models of one label")
 
 
 # ------------------------------------------------------------------------- inference
 
 
-def infer_volume(run: Run, image: np.ndarray, batch_size: int | None = None, tta_flip: bool | None = None) -> np.ndarray:
+def context_rows(z: int, k: int) -> np.ndarray:
+    """[Z, 2k+1] slice indices of each slice's 2.5D stack, clamped to the volume (as
+    `pipeline.context_rows` stacks them in training)."""
+    return np.clip(np.arange(z)[:, None] + np.arange(-k, k + 1)[None, :], 0, z - 1)
+
+
+def normalize(hu: np.ndarray, norm: rundir.Normalization) -> np.ndarray:
+    """`pipeline.normalize` in NumPy (float32): (clip(hu, lo, hi) - shift) / scale."""
+    return ((np.clip(hu.astype(np.float32), np.float32(norm.lo), np.float32(norm.hi)) - np.float32(norm.shift))
+            / np.float32(norm.scale))
+
+
+def infer_volume(model, image: np.ndarray, batch_size: int | None = None, tta_flip: bool | None = None) -> np.ndarray:
     """Stored-geometry CT [Z, H, W] int16 -> liver probability [Z, H, W] float32."""
-    e = run.cfg.eval
-    batch_size = batch_size or e.batch_size
-    tta_flip = e.tta_flip if tta_flip is None else tta_flip
+    c = model.contract
+    batch_size = batch_size or c.batch_size
+    tta_flip = c.tta_flip if tta_flip is None else tta_flip
     z, h, w = image.shape
-    d = unet.divisor(run.cfg.model)
-    ph, pw = -h % d, -w % d
-    s = np.arange(z, dtype=np.int64)[:, None]
-    rows = pipeline.context_rows(s, np.int64(z), s, run.context).numpy()  # [Z, 2k+1], as in training
-    forward = run.forward
+    ph, pw = -h % c.divisor, -w % c.divisor
+    rows = context_rows(z, c.spec.context)
     out = np.empty((z, h, w), np.float32)
     for i in range(0, z, batch_size):
-        stack = np.ascontiguousarray(image[rows[i:i + batch_size]].transpose(0, 2, 3, 1))  # [b, H, W, 2k+1]
-        x = pipeline.normalize(tf.constant(stack, tf.float32), run.norm)
-        x = tf.pad(x, [[0, 0], [0, ph], [0, pw], [0, 0]], mode="REFLECT")
-        prob = forward(x)
+        x = normalize(image[rows[i:i + batch_size]].transpose(0, 2, 3, 1), c.spec.normalization)  # [b, H, W, 2k+1]
+        x = np.ascontiguousarray(np.pad(x, [(0, 0), (0, ph), (0, pw), (0, 0)], mode="reflect"))
+        prob = engines.sigmoid(model.logits(x))
         if tta_flip:
-            prob = (prob + tf.reverse(forward(tf.reverse(x, [2])), [2])) / 2
-        out[i:i + batch_size] = prob.numpy()[:, :h, :w, 0]
+            prob = (prob + engines.sigmoid(model.logits(np.ascontiguousarray(x[:, :, ::-1])))[:, :, ::-1]) / 2
+        out[i:i + batch_size] = prob[:, :h, :w, 0]
     return out
 
 
@@ -127,18 +244,32 @@ def postprocess(prob: np.ndarray, threshold: float, largest_component: bool, min
     return mask.astype(np.uint8)
 
 
-def predict_source(run: Run, src: Source) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
+def members(models) -> list:
+    """A model or an ensemble as a list of models."""
+    return list(models) if isinstance(models, (list, tuple)) else [models]
+
+
+def predict_source(models, src: Source) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
     """(mask uint8, probability float32) on the source's own grid (a NIfTI file or DICOM series), and its geometry."""
     image, header = volumes.load_image(src)[:2]
-    return predict_image(run, image, header)
+    return predict_image(models, image, header)
 
 
-def predict_image(run: Run, image: np.ndarray, header: geometry.Header) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
-    """A source-grid CT (int16 HU) -> (mask, probability) on the same grid, and its geometry."""
-    stored, geom = geometry.to_stored_image(image, header, run.size, run.spacing)
-    prob = geometry.from_stored(infer_volume(run, stored), geom, "prob")
-    e = run.cfg.eval
-    return postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction), prob, geom
+def predict_image(models, image: np.ndarray, header: geometry.Header) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
+    """A source-grid CT (int16 HU) -> (mask, probability) on the same grid, and the first
+    model's geometry. An ensemble: each model's probability (after its own TTA) mapped back
+    to the source grid, averaged, then thresholded and post-processed once with the first
+    model's options."""
+    models = members(models)
+    total, geom = None, None
+    for model in models:
+        spec = model.contract.spec
+        stored, g = geometry.to_stored_image(image, header, spec.size, spec.spacing)
+        prob = geometry.from_stored(infer_volume(model, stored), g, "prob")
+        total, geom = (prob if total is None else total + prob), geom or g
+    prob = total / np.float32(len(models)) if len(models) > 1 else total
+    c = models[0].contract
+    return postprocess(prob, c.threshold, c.largest_component, c.min_component_fraction), prob, geom
 
 
 # ------------------------------------------------------------------------- predict
@@ -211,28 +342,45 @@ def _nifti_stem(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii").removesuffix("_orig")
 
 
-def predict(run: Run, paths, out: str | Path, force: bool = False, probabilities: bool = False) -> tuple[list[Path], list[str]]:
-    """Write `<case>_liver.nii.gz` for every input scan, on that scan's own grid (a DICOM
-    series: a NIfTI whose affine puts every voxel where the DICOM does).
+def predict(models, paths, out: str | Path, force: bool = False, probabilities: bool = False,
+            fmt: str = "nifti") -> tuple[list[Path], list[str]]:
+    """Write `<case>_liver.nii.gz` (fmt "nifti") or `<case>_liver.dcm` (fmt "dicom-seg": a
+    DICOM Segmentation over the input series; DICOM inputs only) for every input scan, on
+    that scan's own grid (a DICOM series as NIfTI: an affine that puts every voxel where the
+    DICOM does). `models`: one model or an ensemble (see `predict_image`).
 
     A bad input (unreadable, corrupt, existing output without force) is reported by name
     and does not stop the others. Returns (written files, failure messages).
     """
+    if fmt not in OUTPUT_FORMATS:
+        raise LiversegError(f"--format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    models = members(models)
+    check_ensemble(models)
     out = Path(out)
     written = []
     scans, failures = inputs(paths)
     if not scans:
         raise LiversegError("; ".join(failures) or f"no .nii/.nii.gz inputs or DICOM series in {', '.join(map(str, paths))}")
+    if fmt == "dicom-seg":
+        not_dicom = [str(src.name) for src, _ in scans if src.kind != "dicom"]
+        if not_dicom:
+            raise LiversegError(f"--format dicom-seg needs DICOM series as inputs (a SEG refers to the series' slices), "
+                                f"but {', '.join(not_dicom)} {'is' if len(not_dicom) == 1 else 'are'} not DICOM; use "
+                                "--format nifti for them")
     for msg in failures:
         log.error("%s", msg)
     out.mkdir(parents=True, exist_ok=True)
+    suffix = "_liver.dcm" if fmt == "dicom-seg" else "_liver.nii.gz"
     for src, stem in scans:
-        target, prob_target = out / f"{stem}_liver.nii.gz", out / f"{stem}_liver_prob.nii.gz"
+        target, prob_target = out / f"{stem}{suffix}", out / f"{stem}_liver_prob.nii.gz"
         try:
             if target.exists() and not force:
                 raise LiversegError(f"{target} exists; pass --force to overwrite")
-            mask, prob, geom = predict_source(run, src)
-            nifti_io.save_like(target, mask, geom, np.uint8)
+            mask, prob, geom = predict_source(models, src)
+            if fmt == "dicom-seg":
+                _write_seg(target, mask, src, models)
+            else:
+                nifti_io.save_like(target, mask, geom, np.uint8)
             written.append(target)
             if probabilities:
                 nifti_io.save_like(prob_target, prob, geom, np.float32)
@@ -245,35 +393,17 @@ def predict(run: Run, paths, out: str | Path, force: bool = False, probabilities
     return written, failures
 
 
-# ------------------------------------------------------------------------- export
+def _write_seg(target: Path, mask: np.ndarray, src: Source, models: list) -> None:
+    """A BINARY DICOM SEG of `mask` over the series `src`, the algorithm identified by
+    liverseg's version and the weights' fingerprints (a SEG holds no frame for a mask with
+    no liver: then it is not written, and the input is reported)."""
+    from liverseg import dicom_seg
+
+    if not mask.any():
+        raise LiversegError(f"{src.name}: no liver found, and a DICOM SEG holds frames of the segment only; nothing "
+                            "written for it (--format nifti writes the empty mask)")
+    dicom_seg.write(target, mask, src.dicom_series(), __version__, "+".join(m.contract.weights for m in models))
 
 
-class _Serving(tf.Module):
-    def __init__(self, model, norm: rundir.Normalization, channels: int, divisor: int):
-        super().__init__()
-        self.model, self.norm, self.divisor = model, norm, divisor
-        self.serve = tf.function(self._serve, input_signature=[
-            tf.TensorSpec([None, None, None, channels], tf.int16, name="slices_hu")])
-
-    def _serve(self, slices_hu):
-        """int16 HU slices [N, H, W, 2k+1] (stored geometry) -> liver probability [N, H, W, 1]."""
-        h, w = tf.shape(slices_hu)[1], tf.shape(slices_hu)[2]
-        x = pipeline.normalize(tf.cast(slices_hu, tf.float32), self.norm)
-        x = tf.pad(x, [[0, 0], [0, -h % self.divisor], [0, -w % self.divisor], [0, 0]], mode="REFLECT")
-        return {"liver_probability": tf.sigmoid(self.model(x, training=False))[:, :h, :w, :]}
-
-
-def export(run: Run, out: str | Path, overwrite: bool = False) -> Path:
-    """OUT/saved_model (serving_default: int16 HU slices -> probabilities) + OUT/<weights> + config."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LiversegError(f"{out} is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        module = _Serving(run.model, run.norm, 2 * run.context + 1, unet.divisor(run.cfg.model))
-        tf.saved_model.save(module, str(tmp / "saved_model"), signatures={"serving_default": module.serve})
-        shutil.copy2(run.weights, tmp / run.weights.name)
-        for path in (rundir.RunDir(run.root).config, rundir.RunDir(run.root).info):
-            shutil.copy2(path, tmp / path.name)
-    return out
+__all__ = ["CONTRACT_FILE", "Contract", "Exported", "OUTPUT_FORMATS", "Run", "infer_volume", "inputs", "load_export",
+           "load_run", "postprocess", "predict", "predict_image", "predict_source"]

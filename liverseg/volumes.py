@@ -66,9 +66,10 @@ class Source:
         """The file, or the series' own folder: what messages name."""
         if self.kind != "dicom":
             return self.path
-        return self._series().path
+        return self.dicom_series().path
 
-    def _series(self):
+    def dicom_series(self):
+        """The DICOM series this source is (kind "dicom")."""
         from liverseg.dicom_io import Series
 
         return Series(str(self.path), self.members, self.series or "")
@@ -102,7 +103,7 @@ def read_header(src: Source, ct: bool = False) -> Header:
                                      segment=src.label or dicom_seg.DEFAULT_SEGMENT)
     from liverseg import dicom_io
 
-    return dicom_io.read_header(src._series(), ct)
+    return dicom_io.read_header(src.dicom_series(), ct)
 
 
 def _read(src: Source, ct: bool) -> Volume:
@@ -125,7 +126,7 @@ def _read(src: Source, ct: bool) -> Volume:
                                            segment=src.label or dicom_seg.DEFAULT_SEGMENT))
     from liverseg import dicom_io
 
-    return Volume(*dicom_io.read_series(src._series(), ct))
+    return Volume(*dicom_io.read_series(src.dicom_series(), ct))
 
 
 def load_image(src: Source) -> Volume:

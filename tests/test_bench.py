@@ -132,3 +132,23 @@ def test_bench_train_says_at_which_batch_it_measured_or_why_it_skipped(dataset, 
     monkeypatch.setattr(bench_train, "available_memory", lambda: fixed / 2)
     row = next(line for line in run(*args).splitlines() if line.startswith("model "))
     assert row.split()[1] == "skipped" and "not even batch 1 fits" in row
+
+
+def test_bench_predict_measures_each_engine_and_the_ensemble_on_the_same_volumes(trained_run, phantoms):
+    """One row per engine in its own process, masks compared with the first engine's; with
+    two runs, the ensemble's rows too."""
+    from liverseg.bench.predict import bench_predict
+
+    rows = bench_predict([trained_run, trained_run], phantoms, cases=1, engine_rows=("tensorflow", "onnxruntime"))
+    assert [(r["engine"], r["models"]) for r in rows] == [("tensorflow", "1 run"), ("onnxruntime", "1 run"),
+                                                         ("tensorflow", "ensemble of 2"), ("onnxruntime", "ensemble of 2")]
+    for r in rows:
+        assert r["note"] == "" and r["s/volume"] > 0 and r["slices/s"] > 0 and r["peak RSS MB"] > 100
+    assert [r["same mask"] for r in rows] == ["(reference)", "100.000%", "(reference)", "100.000%"]
+
+
+def test_bench_predict_of_an_untrained_recipe_at_a_size(phantoms):
+    out = run("bench", "predict", phantoms, "--config", "configs/smoke.yaml", "--size", "32", "--cases", "1",
+              "--engine", "tensorflow", "--engine", "openvino")
+    rows = _rows(out, ["tensorflow", "openvino"])
+    assert rows["tensorflow"][:2] == ["1", "run"] and rows["openvino"][-1].endswith("%")

@@ -181,7 +181,7 @@ def test_spacing_normalised_records_train_predict_and_score_on_the_source_grid(t
     train.train(config.load(REPO / "configs" / "smoke.yaml", [f"data.records={tmp_path / 'rec'}", "train.steps=2",
                                                                "train.eval_every=100"]), run, progress=False)
     r = predict.load_run(run)
-    assert (r.size, r.spacing) == (32, 9.0)
+    assert (r.spec.size, r.spec.spacing) == (32, 9.0)
     val = m.cases_in("val")[0]
     mask, prob, geom = predict.predict_source(r, Source.nifti(val.image.path))
     assert mask.shape == prob.shape == nib.load(val.image.path).shape and geom.window is not None

@@ -85,18 +85,21 @@ def test_gradients_are_taken_as_already_summed_across_replicas():
 
 def test_flip_tta_averages_with_the_left_right_mirror(tmp_path):
     """A position-dependent stand-in network: TTA must equal (f(x) + flip(f(flip(x)))) / 2 along W."""
-    cfg = config.load(None, ["model.name=pointwise", "eval.tta_flip=true"])
     norm = rundir.Normalization(-100.0, 100.0, 0.0, 100.0)
-    ramp = tf.reshape(tf.linspace(-2.0, 2.0, 6), [1, 1, 6, 1])
+    ramp = np.linspace(-2.0, 2.0, 6, dtype=np.float32).reshape(1, 1, 6, 1)
+    contract = predict.Contract(rundir.InputSpec(4, 6, 1, 0, None, norm), 1, 0.5, True, False, 1.0, 2)
 
-    def forward(x):
-        return tf.sigmoid(x[..., :1] * ramp + 0.3)
+    class StandIn:
+        def logits(self, x):
+            return x[..., :1] * ramp + 0.3
 
-    run = predict.Run(tmp_path, cfg, rundir.InputSpec(4, 6, 1, 0, None, norm), model=None, weights=None, forward=forward)
+    model = StandIn()
+    model.contract = contract
     image = np.random.default_rng(0).integers(-150, 150, (3, 4, 6)).astype(np.int16)
-    x = tf.constant(np.clip(image, -100, 100)[..., None] / 100.0, tf.float32)
-    plain = forward(x).numpy()[..., 0]
-    mirrored = forward(x[:, :, ::-1]).numpy()[:, :, ::-1, 0]
-    np.testing.assert_allclose(predict.infer_volume(run, image, tta_flip=False), plain, rtol=1e-6)
-    np.testing.assert_allclose(predict.infer_volume(run, image, tta_flip=True), (plain + mirrored) / 2, rtol=1e-6)
+    x = (np.clip(image, -100, 100)[..., None] / 100.0).astype(np.float32)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    plain = sigmoid(model.logits(x))[..., 0]
+    mirrored = sigmoid(model.logits(x[:, :, ::-1]))[:, :, ::-1, 0]
+    np.testing.assert_allclose(predict.infer_volume(model, image, tta_flip=False), plain, rtol=1e-6)
+    np.testing.assert_allclose(predict.infer_volume(model, image, tta_flip=True), (plain + mirrored) / 2, rtol=1e-6)
     assert not np.allclose(plain, mirrored)  # the case can tell a missing or wrong flip

@@ -51,7 +51,7 @@ def test_resized_training_restores_native_geometry(dataset, tmp_path):
     train.train(config.load(REPO / "configs" / "smoke.yaml", [f"data.records={tmp_path / 'rec'}", "train.steps=2",
                                                                "train.eval_every=100"]), run, progress=False)
     r = predict.load_run(run)
-    assert r.size == 32
+    assert r.spec.size == 32
     image = sorted(src.glob("*_orig.nii.gz"))[0]
     mask, prob, geom = predict.predict_source(r, Source.nifti(image))
     assert mask.shape == prob.shape == nib.load(str(image)).shape and geom.resized
@@ -128,17 +128,21 @@ def test_bad_evaluate_and_predict_requests_leave_no_output(trained_run, tmp_path
 
 
 def test_export_reloads_with_the_same_probabilities(trained_run, tmp_path):
+    from liverseg import export
+
     run = predict.load_run(trained_run)
-    out = predict.export(run, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["best.weights.h5", "config.yaml", "run.json", "saved_model"]
+    out, diff = export.export(run, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["best.weights.h5", "config.yaml", "liverseg-model.json", "run.json",
+                                                     "saved_model"]
+    assert diff <= export.PARITY_TOL
     serving = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
     x = np.random.default_rng(0).integers(-1000, 1000, (2, 30, 28, 3)).astype(np.int16)  # odd size: padded inside
     got = serving(slices_hu=tf.constant(x))["liver_probability"].numpy()
-    padded = tf.pad(pipeline.normalize(tf.constant(x, tf.float32), run.norm), [[0, 0], [0, 2], [0, 0], [0, 0]], mode="REFLECT")
-    ref = run.forward(padded).numpy()[:, :30, :28]
+    padded = tf.pad(pipeline.normalize(tf.constant(x, tf.float32), run.contract.spec.normalization), [[0, 0], [0, 2], [0, 0], [0, 0]], mode="REFLECT")
+    ref = tf.sigmoid(run.model(padded, training=False)).numpy()[:, :30, :28]
     np.testing.assert_allclose(got, ref, atol=1e-5)
     with pytest.raises(LiversegError, match="not empty"):
-        predict.export(run, out)
+        export.export(run, out)
 
 
 def test_only_weight_files_are_loaded(trained_run, tmp_path):

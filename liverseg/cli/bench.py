@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from liverseg.cli.data import build_convert_options, convert_options
-from liverseg.cli.group import cli, run_option, runs_tensorflow, set_option, table
+from liverseg.cli.group import cli, runs_option, runs_tensorflow, set_option, table
+from liverseg.engines import ENGINES
 
 
 @cli.group()
@@ -86,14 +87,25 @@ def bench_train(records, config_path, overrides, steps, warmup, loop_steps, inpu
 
 @runs_tensorflow
 @bench.command("predict")
-@run_option
+@runs_option
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--cases", default=5, show_default=True)
-def bench_predict(run_dir, data, cases):
-    """Whole-volume prediction time and slices/s, and metric time per case, on NIfTI pairs in DATA."""
+@click.option("--cases", default=3, show_default=True, help="Volumes of DATA (image/mask pairs) to predict.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Without --run: an untrained network of this recipe (speed only).")
+@click.option("--size", type=int, help="With --config: the network's input size (slices resized to SIZE x SIZE).")
+@click.option("--engine", "engine_rows", multiple=True, type=click.Choice(ENGINES),
+              help="Engines to measure (default: tensorflow, tensorflow-xla, onnxruntime, openvino).")
+def bench_predict(run_dirs, data, cases, config_path, size, engine_rows):
+    """Whole-volume prediction per engine (s/volume, slices/s, peak RSS, masks against the
+    first engine's), and for several --run their ensemble, on the same volumes of DATA."""
     from liverseg import bench as bench_mod
+    from liverseg.bench.predict import ENGINE_ROWS
 
-    click.echo(table(bench_mod.bench_predict(run_dir, data, cases)))
+    if bool(run_dirs) == bool(config_path):
+        raise click.UsageError("give --run RUN (several: also their ensemble) or --config C --size N")
+    if config_path and not size:
+        raise click.UsageError("--config needs --size N (the network's input size)")
+    click.echo(table(bench_mod.bench_predict(run_dirs, data, cases, config_path, size, engine_rows or ENGINE_ROWS)))
 
 
 @bench.command("metrics")

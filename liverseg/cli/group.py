@@ -50,6 +50,16 @@ def runs_tensorflow(cmd: click.Command) -> click.Command:
     return cmd
 
 
+def runs_tensorflow_without(option: str):
+    """Mark a command that runs TensorFlow unless `option` is given and --run is not
+    (`predict --model EXPORT` runs exported models without TensorFlow)."""
+    def mark(cmd: click.Command) -> click.Command:
+        cmd.runs_tensorflow = lambda argv: not (option in argv and "--run" not in argv)
+        return cmd
+
+    return mark
+
+
 def runs_tensorflow_command(argv: list[str]) -> bool:
     """Whether `liverseg ARGV` names a command marked `runs_tensorflow`."""
     cmd: click.Command = cli
@@ -59,7 +69,8 @@ def runs_tensorflow_command(argv: list[str]) -> bool:
         cmd = cmd.commands.get(word)
         if cmd is None:
             return False
-    return getattr(cmd, "runs_tensorflow", False)
+    marked = getattr(cmd, "runs_tensorflow", False)
+    return marked(argv) if callable(marked) else marked
 
 
 def table(rows: list[dict]) -> str:
@@ -80,6 +91,9 @@ def table(rows: list[dict]) -> str:
 
 run_option = click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
                           help="A training run directory.")
+runs_option = click.option("--run", "run_dirs", multiple=True,
+                           type=click.Path(exists=True, file_okay=False, path_type=Path),
+                           help="A training run directory; several: their ensemble (probabilities averaged).")
 weights_option = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                               help="A *.weights.h5 file of this run (default: best, else final).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -7,8 +7,12 @@ from pathlib import Path
 import click
 
 from liverseg import LiversegError
-from liverseg.cli.group import cli, run_option, runs_tensorflow, set_option, table, weights_option
+from liverseg.cli.group import (cli, run_option, runs_option, runs_tensorflow, runs_tensorflow_without, set_option, table,
+                                weights_option)
+from liverseg.engines import ENGINES
+from liverseg.export import FORMATS as EXPORT_FORMATS
 from liverseg.layouts import LAYOUTS
+from liverseg.predict import OUTPUT_FORMATS
 
 
 def _config(config_path, records, overrides):
@@ -82,19 +86,45 @@ def evaluate(run_dir, weights, records, split, data, layout, out):
     click.echo(f"wrote {out}/cases.csv, {out}/metrics.json and overlays; TensorBoard: {run_dir}/evaluation")
 
 
-@runs_tensorflow
-@cli.command()
-@run_option
-@weights_option
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("--prob", is_flag=True, help="Also write <case>_liver_prob.nii.gz probability maps.")
-def predict(run_dir, weights, inputs, out, force, prob):
-    """Write <case>_liver.nii.gz masks for NIfTI files, DICOM series (folders or zips), on each input's own grid."""
+def load_models(run_dirs, weights, model_dirs, engine=None) -> list:
+    """The models of --run (each with --weights when one run is given) and --model options."""
     from liverseg import predict as predict_mod
 
-    written, failures = predict_mod.predict(predict_mod.load_run(run_dir, weights), inputs, out, force, prob)
+    if not run_dirs and not model_dirs:
+        raise click.UsageError("give --run RUN or --model EXPORT (several of either: an ensemble)")
+    if weights and len(run_dirs) != 1:
+        raise click.UsageError("--weights picks the weights of one --run")
+    runs = [predict_mod.load_run(r, weights) for r in run_dirs]
+    if engine:
+        runs = [r.use_engine(engine) for r in runs]  # refuses an engine that runs exports only
+    return runs + [predict_mod.load_export(m, engine) for m in model_dirs]
+
+
+engine_option = click.option("--engine", type=click.Choice(ENGINES),
+                             help="Who runs the network: a run's tensorflow (default) or tensorflow-xla; an export's "
+                                  "own runtime (default) or openvino for an ONNX export.")
+
+
+@runs_tensorflow_without("--model")
+@cli.command()
+@runs_option
+@weights_option
+@click.option("--model", "model_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An exported folder (liverseg export): runs without TensorFlow for onnx/openvino exports.")
+@engine_option
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="nifti", show_default=True,
+              help="nifti: <case>_liver.nii.gz on each input's grid; dicom-seg: <case>_liver.dcm, a DICOM "
+                   "Segmentation over each input DICOM series.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--prob", is_flag=True, help="Also write <case>_liver_prob.nii.gz probability maps (an ensemble's mean).")
+def predict(run_dirs, weights, model_dirs, engine, inputs, out, fmt, force, prob):
+    """Liver masks for NIfTI files and DICOM series (folders or zips), on each input's own grid."""
+    from liverseg import predict as predict_mod
+
+    written, failures = predict_mod.predict(load_models(run_dirs, weights, model_dirs, engine), inputs, out, force, prob,
+                                            fmt)
     click.echo(f"wrote {len(written)} file(s) to {out}")
     if failures:
         raise LiversegError(f"{len(failures)} input(s) failed: " + "; ".join(failures))
@@ -105,9 +135,13 @@ def predict(run_dir, weights, inputs, out, force, prob):
 @run_option
 @weights_option
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="savedmodel", show_default=True,
+              help="savedmodel (TensorFlow), onnx (ONNX Runtime), openvino (OpenVINO IR), litert (.tflite).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-def export(run_dir, weights, out, force):
-    """SavedModel (serving: int16 HU slices -> liver probabilities) + weights + config."""
+def export(run_dir, weights, out, fmt, force):
+    """The run's network in FORMAT with its input contract: liverseg predict --model OUT runs it."""
+    from liverseg import export as export_mod
     from liverseg import predict as predict_mod
 
-    click.echo(f"exported to {predict_mod.export(predict_mod.load_run(run_dir, weights), out, force)}")
+    out, diff = export_mod.export(predict_mod.load_run(run_dir, weights), out, fmt, force)
+    click.echo(f"exported {fmt} to {out} (probabilities within {diff:.2g} of the run's on a probe batch)")

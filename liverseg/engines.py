@@ -1,0 +1,125 @@
+"""Inference engines: the network's forward pass, behind one call, in whichever runtime runs it.
+
+An engine maps a batch of network inputs (float32 [N, H, W, 2k+1], normalised and padded to
+the network's divisor: `predict.infer_volume` prepares them in NumPy) to liver logits
+[N, H, W, 1] as a float32 NumPy array. Everything before and after (orientation, spacing,
+2.5D stacks, normalisation, TTA, sigmoid, threshold, components) is NumPy/SciPy shared by
+every engine, so an engine is only the network.
+
+ENGINES names them as `bench predict` rows and `predict --engine` do:
+
+tensorflow      the run's Keras model in TensorFlow (eager-free tf.function)
+tensorflow-xla  the same, compiled by XLA (jit_compile)
+onnxruntime     an ONNX export in ONNX Runtime (`pip install liverseg[onnx]`, no TensorFlow)
+openvino        an OpenVINO IR export (or the ONNX one) in the OpenVINO runtime, float32
+                (`pip install liverseg[openvino]`, no TensorFlow)
+litert          a LiteRT (.tflite) export in the LiteRT interpreter (`pip install liverseg[litert]`)
+
+Only the TensorFlow engines import TensorFlow, and only when built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from liverseg import LiversegError
+
+ENGINES = ("tensorflow", "tensorflow-xla", "onnxruntime", "openvino", "litert")
+# The runtime module and the extra that installs it, per file engine.
+RUNTIMES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
+            "litert": ("ai_edge_litert", "litert")}
+
+Engine = Callable[[np.ndarray], np.ndarray]  # float32 [N, H, W, C] -> float32 logits [N, H, W, 1]
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def require(engine: str) -> None:
+    """Refuse, in one line naming the extra, an engine whose runtime is not installed."""
+    import importlib.util
+
+    module, extra = RUNTIMES.get(engine, ("tensorflow", "cpu"))
+    if importlib.util.find_spec(module) is None:
+        raise LiversegError(f"engine {engine}: its runtime ({module}) is not installed; pip install "
+                            f"'liverseg[{extra}]'")
+
+
+def keras_engine(model, xla: bool = False) -> Engine:
+    """The run's Keras model (TensorFlow), optionally XLA-compiled; input shapes may vary."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, jit_compile=xla)
+    return lambda x: np.asarray(forward(tf.constant(x)), np.float32)
+
+
+def savedmodel_engine(path: Path) -> Engine:
+    """A `liverseg export --format savedmodel` artifact (TensorFlow): its `logits` signature."""
+    require("tensorflow")
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(path)).signatures["logits"]
+    return lambda x: np.asarray(fn(slices=tf.constant(x))["logits"], np.float32)
+
+
+def onnx_engine(path: Path) -> Engine:
+    require("onnxruntime")
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = _threads()
+    options.log_severity_level = 3  # errors only: no "unused initializer" notices on the console
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: np.asarray(session.run(None, {name: x})[0], np.float32)
+
+
+def openvino_engine(path: Path) -> Engine:
+    """float32 throughout (OpenVINO would otherwise run bfloat16 on CPUs that have it)."""
+    require("openvino")
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                          "INFERENCE_NUM_THREADS": _threads()})
+    request = compiled.create_infer_request()
+    return lambda x: np.array(request.infer([x])[0], np.float32)
+
+
+def litert_engine(path: Path) -> Engine:
+    require("litert")
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(str(path), num_threads=_threads())
+    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    shape = [None]
+
+    def run(x):
+        if shape[0] != x.shape:  # the interpreter's tensors are sized per input shape
+            interpreter.resize_tensor_input(inp, x.shape, strict=False)
+            interpreter.allocate_tensors()
+            shape[0] = x.shape
+        interpreter.set_tensor(inp, np.ascontiguousarray(x))
+        interpreter.invoke()
+        return np.array(interpreter.get_tensor(out), np.float32)
+
+    return run
+
+
+FILE_ENGINES = {"savedmodel": savedmodel_engine, "onnx": onnx_engine, "openvino": openvino_engine,
+                "litert": litert_engine}
+ENGINE_OF_FORMAT = {"savedmodel": "tensorflow", "onnx": "onnxruntime", "openvino": "openvino", "litert": "litert"}
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """float32 probabilities, without overflow for large negative logits."""
+    logits = np.asarray(logits, np.float32)
+    e = np.exp(-np.abs(logits))
+    return np.where(logits >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32)
+
+
+__all__ = ["ENGINES", "ENGINE_OF_FORMAT", "FILE_ENGINES", "Engine", "keras_engine", "require", "sigmoid"]
