@@ -141,6 +141,88 @@ def encode_parts(image, mask, height: int, width: int, case_id: str, case_index:
     return _ld(0x0A, entries)
 
 
+# ------------------------------------------------------------------------- decoding without TF
+
+
+def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value) of a protobuf message: an int for varints, a
+    memoryview for length-delimited and fixed-size fields."""
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(buf, i)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                n, i = _read_varint(buf, i)
+            else:
+                n = 8 if wire == 1 else 4
+            if i + n > len(buf):
+                raise ValueError(f"field {number} runs past the end of its message")
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unsupported wire type {wire} (field {number})")
+        yield number, wire, value
+
+
+def _feature_value(buf: memoryview):
+    """A tf.train.Feature: bytes, a list of floats or a list of int64 (packed or not)."""
+    for kind, _, lst in _fields(buf):
+        values = []
+        for _, wire, v in _fields(lst):
+            if kind == 1:
+                values.append(bytes(v))
+            elif kind == 2:
+                values += list(struct.unpack(f"<{len(v) // 4}f", v)) if wire == 2 else [struct.unpack("<f", v)[0]]
+            elif kind == 3:
+                if wire == 2:  # packed varints
+                    j = 0
+                    while j < len(v):
+                        x, j = _read_varint(v, j)
+                        values.append(x - (1 << 64) if x >= 1 << 63 else x)
+                else:
+                    values.append(v - (1 << 64) if v >= 1 << 63 else v)
+        return values
+    return []
+
+
+def parse_example(raw: bytes) -> dict[str, list]:
+    """A serialised tf.train.Example -> {feature name: list of values}, in plain Python
+    (the mirror of `encode_example`, for `verify` without TensorFlow). ValueError if it is
+    not one."""
+    out: dict[str, list] = {}
+    for number, wire, features in _fields(memoryview(raw)):
+        if number != 1 or wire != 2:
+            raise ValueError(f"not a tf.train.Example (field {number})")
+        for _, _, entry in _fields(features):
+            key, value = None, None
+            for n, _, v in _fields(entry):
+                if n == 1:
+                    key = bytes(v).decode()
+                elif n == 2:
+                    value = _feature_value(v)
+            if key is None:
+                raise ValueError("a feature without its name")
+            out[key] = value or []
+    return out
+
+
 # ------------------------------------------------------------------------- decoding (TF)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,6 @@ import numpy as np
 from liverseg import records
 from liverseg.manifest import CaseInfo, Manifest, ShardInfo
 from liverseg.records import FramingError
-
-DECODE_BATCH = 256
 
 
 @dataclass
@@ -45,10 +44,20 @@ def _check_contents(examples: list[dict], shard: ShardInfo, cases: dict[str, Cas
     return None
 
 
+def _summary(ex: dict) -> dict:
+    """What `_check_contents` compares, from one parsed record."""
+    h, w = ex[records.HEIGHT][0], ex[records.WIDTH][0]
+    image, mask = ex[records.IMAGE][0], np.frombuffer(ex[records.MASK][0], np.uint8)
+    if len(image) != 2 * h * w or mask.size != h * w:
+        raise ValueError(f"its image or mask bytes do not hold a {h}x{w} slice")
+    return {"case_id": ex[records.CASE_ID][0].decode(), "slice_index": ex[records.SLICE_INDEX][0],
+            "num_slices": ex[records.NUM_SLICES][0], "case_index": ex[records.CASE_INDEX][0],
+            "liver_voxels": ex[records.LIVER_VOXELS][0], "mask_sum": int(mask.sum(dtype=np.int64)),
+            "mask_max": int(mask.max(initial=0)), "hw": (h, w)}
+
+
 def verify(root: str | Path) -> list[ShardReport]:
     """Read every record of every shard: size, sha256, CRCs, counts and decodability vs the manifest."""
-    import tensorflow as tf
-
     m = Manifest.load(root, check_shards=False)
     cases = {c.case_id: c for c in m.cases}
     reports = []
@@ -78,22 +87,10 @@ def verify(root: str | Path) -> list[ShardReport]:
                 continue
             examples = []
             try:
-                for i in range(0, len(raw), DECODE_BATCH):
-                    ex = records.decode_example(tf.constant(raw[i:i + DECODE_BATCH]))
-                    mask = ex[records.MASK].numpy()
-                    for k in range(mask.shape[0]):
-                        examples.append({
-                            "case_id": ex[records.CASE_ID][k].numpy().decode(),
-                            "slice_index": int(ex[records.SLICE_INDEX][k]),
-                            "num_slices": int(ex[records.NUM_SLICES][k]),
-                            "case_index": int(ex[records.CASE_INDEX][k]),
-                            "liver_voxels": int(ex[records.LIVER_VOXELS][k]),
-                            "mask_sum": int(mask[k].sum(dtype=np.int64)),
-                            "mask_max": int(mask[k].max()),
-                            "hw": mask.shape[1:],
-                        })
-            except (tf.errors.OpError, ValueError) as e:
-                rep.status = f"records {i}..{i + DECODE_BATCH - 1} do not decode: {str(e).splitlines()[0]}"
+                for r in raw:
+                    examples.append(_summary(records.parse_example(r)))
+            except (ValueError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
+                rep.status = f"record {len(examples)} does not decode: {e or type(e).__name__}"
                 continue
             problem = _check_contents(examples, shard, cases)
             if problem:

@@ -56,6 +56,13 @@ def test_without_tensorflow_the_package_imports_and_a_tensorflow_command_is_one_
     assert p.returncode == 2 and not (tmp_path / "r").exists()
     assert p.stderr.strip() == ("Error: liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
                                 "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)")
+    # synth, convert and verify need no TensorFlow (verify parses the records in plain Python)
+    for args in (["synth", tmp_path / "src", "--cases", "2", "--size", "24", "--slices", "4..5"],
+                 ["convert", tmp_path / "src", tmp_path / "rec"], ["verify", tmp_path / "rec"]):
+        p = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW + main, *map(str, args)], capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "all 1 shard(s) ok" in p.stdout
 
 
 def test_a_tensorflow_command_prints_no_tensorflow_noise(dataset):

@@ -44,6 +44,20 @@ def test_hand_encoding_matches_tensorflow_protobuf():
     assert _encode(img, mask, case_index=300, liver_voxels=2**40) == ours  # deterministic bytes
 
 
+def test_the_tf_free_parser_reads_ours_and_tensorflows_serialisation_alike():
+    img, mask = _slice()
+    ours = _encode(img, mask, case_index=300, liver_voxels=2**40)
+    theirs = tf.train.Example.FromString(ours)
+    theirs.features.feature["case_index"].int64_list.value[:] = [-3, 300]  # packed by protobuf, negative too
+    for raw, case_index in ((ours, [300]), (theirs.SerializeToString(), [-3, 300])):
+        ex = records.parse_example(raw)
+        assert ex["image"] == [img.tobytes()] and ex["mask"] == [mask.tobytes()]
+        assert (ex["height"], ex["width"], ex["case_id"], ex["case_index"]) == ([5], [7], ["case_é1".encode()], case_index)
+        assert ex["liver_voxels"] == [2**40] and np.allclose(ex["spacing"], [2.5, 0.7, 0.71])
+    with pytest.raises(ValueError, match="runs past the end"):
+        records.parse_example(ours[:-3])
+
+
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**35, -1])
 def test_varint(n):
     ex = tf.train.Example.FromString(_encode(*_slice(), slice_index=n))
