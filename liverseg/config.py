@@ -69,6 +69,14 @@ class DataConfig:
     # `source` column), e.g. {real: 0.5, phantom: 0.5}: drawn in these proportions whatever
     # each source's number of slices. Empty: slices are drawn as they come (by count).
     source_weights: dict[str, float] = field(default_factory=dict)
+    # Cross-validation: with folds K >= 2 the manifest's training patients (its train and val
+    # splits together) are dealt into K folds (by fold_seed, not the training seed: runs of
+    # several seeds share their folds; stable, one patient = one case id, never split); the
+    # run validates on fold `fold` and trains on the others. The test split is never used.
+    # 0: the manifest's own train/val split.
+    folds: int = 0
+    fold: int = 0
+    fold_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -390,6 +398,13 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         need(all(w >= 0 for w in cfg.source_weights.values()) and (not cfg.source_weights
                                                                     or sum(cfg.source_weights.values()) > 0),
              "source_weights", "weights must be >= 0 and not all 0")
+        need(0 <= cfg.fold_seed < 2**31, "fold_seed", "must be in [0, 2**31)")
+        need(cfg.folds == 0 or 2 <= cfg.folds <= 1000, "folds", "must be 0 (no folds) or in [2, 1000]")
+        need(0 <= cfg.fold < max(cfg.folds, 1), "fold", f"must be in [0, {max(cfg.folds, 1) - 1}] "
+             f"(data.folds={cfg.folds})")
+        need(not (cfg.folds and cfg.normalize == "zscore"), "normalize",
+             "zscore takes the train split's liver HU percentiles from the manifest, which a fold's cases do not "
+             "have: use window with data.folds")
     elif isinstance(cfg, AugmentConfig):
         for f in dataclasses.fields(cfg):
             if f.name.endswith("_p"):

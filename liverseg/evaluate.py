@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, layouts, metrics, overlay, rundir, volumes
 from liverseg.manifest import CaseInfo, Manifest, SourceFile
-from liverseg.predict import Run, infer_volume, postprocess, predict_image
+from liverseg.predict import Run, check_ensemble, infer_volume, members, postprocess, predict_image
 from liverseg.records import read_case
 from liverseg.volumes import Source
 
@@ -39,8 +39,10 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
     Writes CSV, JSON, overlay PNGs and TensorBoard scalars into `out` (default
     RUN/eval/<split or folder>)."""
     name = split if data is None else Path(data).name
+    models, run = members(run), members(run)[0]  # an ensemble is reported under its first run
+    check_ensemble(models)
     _warn_overlap(run, records, split, data, layout)
-    cases = record_cases(run, records, split) if data is None else folder_cases(run, data, layout)
+    cases = record_cases(models, records, split) if data is None else folder_cases(models, data, layout)
     return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs)
 
 
@@ -63,16 +65,27 @@ def _warn_overlap(run: Run, records, split: str, data, layout: str) -> None:
         log.warning("the cases scored overlap the run's training cases: %s; these scores are not held out", why)
 
 
-def record_cases(run: Run, records: str | Path | None, split: str):
-    """Cases of a records split, predicted from their stored slices (checked before the first case)."""
-    m = Manifest.load(Path(records or run.cfg.data.records))
+def record_cases(run, records: str | Path | None, split: str):
+    """Cases of a records split, predicted from their stored slices (checked before the first
+    case). A run of a fold (data.folds) sees the manifest as its fold does: its val split is
+    its fold's patients."""
+    from liverseg import folds
+
+    models, run = members(run), members(run)[0]  # an ensemble: the members' probabilities averaged
+    grids = {(model.contract.spec.size, model.contract.spec.spacing) for model in models}
+    if len(grids) > 1:
+        raise LiversegError("an ensemble scored on records needs members trained at one size and spacing (these: "
+                            + "; ".join(f"{model.name}: size {model.contract.spec.size}, spacing "
+                                        f"{model.contract.spec.spacing}" for model in models)
+                            + "); score it on the source scans with --data")
+    m = folds.view(Manifest.load(Path(records or run.cfg.data.records)), run.cfg.data)
     m.split(split)  # names the folder and its splits when the split is not there
     e = run.contract
 
     def cases():
         for case in m.cases_in(split):
             image, ref = read_case(m.records_of(case.case_id))
-            prob = infer_volume(run, image)
+            prob = sum(infer_volume(model, image) for model in models) / np.float32(len(models))
             on_source = _source_reference(case, m.options.merge_tumour) if case.geometry.resized else None
             pred_stored = postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction)
             spacing = case.geometry.stored_spacing
@@ -85,6 +98,64 @@ def record_cases(run: Run, records: str | Path | None, split: str):
             yield case.case_id, pred, on_source, case.geometry.spacing, panel
 
     return cases()
+
+
+def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict], dict, Path]:
+    """Out-of-fold scores of the runs of one dataset's K folds (one run per fold): each run
+    predicts its own validation patients, scored in mm on the source grid as `evaluate`
+    does. Writes OUT/cases.csv (a row per patient, with its fold) and OUT/metrics.json (mean,
+    sd, median per metric, overall and per fold); default OUT: cv/ beside the first run.
+    Refused, naming them: runs without folds, of different datasets or fold settings, two
+    runs of one fold, a fold missing."""
+    from liverseg.predict import load_run
+
+    roots = [Path(r) for r in run_dirs]
+    infos = [rundir.RunInfo.load(r) for r in roots]
+    plain = [str(r) for r, i in zip(roots, infos) if not i.folds]
+    if plain:
+        raise LiversegError(f"not runs of a fold (no data.folds): {', '.join(plain)}; train each fold with --set "
+                            "data.folds=K --set data.fold=k")
+    datasets = {i.manifest_sha256 for i in infos}
+    if len(datasets) > 1:
+        raise LiversegError("runs of different datasets: " + "; ".join(
+            f"{r}: dataset.json sha256 {i.manifest_sha256[:12]}" for r, i in zip(roots, infos)))
+    settings = {(i.folds["folds"], i.folds.get("fold_seed", 0)) for i in infos}
+    if len(settings) > 1:
+        raise LiversegError("runs of different fold settings: " + "; ".join(
+            f"{r}: data.folds={i.folds['folds']}, fold_seed={i.folds.get('fold_seed', 0)}" for r, i in zip(roots, infos)))
+    k = infos[0].folds["folds"]
+    by_fold: dict[int, Path] = {}
+    for r, i in zip(roots, infos):
+        if i.folds["fold"] in by_fold:
+            raise LiversegError(f"{by_fold[i.folds['fold']]} and {r} are both fold {i.folds['fold']}: give one run per fold")
+        by_fold[i.folds["fold"]] = r
+    missing = sorted(set(range(k)) - set(by_fold))
+    if missing:
+        raise LiversegError(f"fold(s) {', '.join(map(str, missing))} of data.folds={k} missing: give one run per fold "
+                            f"(given: {', '.join(f'fold {f} {r}' for f, r in sorted(by_fold.items()))})")
+    seen: dict[str, int] = {}
+    for r, i in zip(roots, infos):
+        for case in i.folds["val"]:
+            if case in seen:
+                raise LiversegError(f"{case} is validated by folds {seen[case]} and {i.folds['fold']}: these runs' "
+                                    "folds overlap")
+            seen[case] = i.folds["fold"]
+    rows = []
+    for fold, root in sorted(by_fold.items()):
+        run = load_run(root)
+        for case_id, pred, ref, spacing, _ in record_cases(run, None, "val"):
+            rows.append({"case": case_id, "fold": fold, **metrics.case_metrics(pred, ref, spacing)})
+    summary = {"overall": metrics.summarize(rows),
+               "folds": {str(f): metrics.summarize([row for row in rows if row["fold"] == f]) for f in sorted(by_fold)}}
+    out = Path(out) if out else roots[0].parent / "cv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        _write_table(tmp / "cases.csv", rows)
+        (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary,
+                                                      "runs": {str(f): str(r) for f, r in sorted(by_fold.items())}},
+                                                     indent=1, default=_json_number) + "\n")
+    return rows, summary, out
 
 
 def source(sf: SourceFile, image: SourceFile | None = None) -> Source:
@@ -120,7 +191,7 @@ def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
     return geometry.onto_grid(mask, header, image_grid)
 
 
-def folder_cases(run: Run, data: str | Path, layout: str = "pattern"):
+def folder_cases(run, data: str | Path, layout: str = "pattern"):
     """The cases of a folder (any case layout), each predicted and scored on its own source grid."""
     found, _ = layouts.find(Path(data), layout)  # raises naming the folder when it holds no pairs
 

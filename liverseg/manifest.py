@@ -131,6 +131,24 @@ class RegionHU:
         return cls(HUStats.from_json(d["liver"]), HUStats.from_json(d["body"]))
 
 
+def pooled_hu(infos, region: str) -> "HUStats":
+    """The HU statistics of `region` ("liver" or "body") over cases: pooled mean and std,
+    percentiles the voxel-weighted mean of the cases' percentiles."""
+    import numpy as np
+
+    stats = [getattr(i.hu, region) for i in infos if getattr(i.hu, region).count > 0]
+    if not stats:
+        return HUStats(0)
+    w = np.array([s.count for s in stats], np.float64)
+    means = np.array([s.mean for s in stats])
+    var = np.array([s.std ** 2 for s in stats])
+    mean = float((w * means).sum() / w.sum())
+    std = float(np.sqrt((w * (var + (means - mean) ** 2)).sum() / w.sum()))
+    pct = {p: float(sum(wi * s.percentiles[p] for wi, s in zip(w, stats)) / w.sum()) for p in stats[0].percentiles}
+    return HUStats(int(w.sum()), round(mean, 3), round(std, 3), {k: round(v, 3) for k, v in pct.items()},
+                   "pooled mean/std; percentiles are the voxel-weighted mean of per-case percentiles")
+
+
 @dataclass(frozen=True)
 class SourceFile:
     """A source as converted: a NIfTI file, or a DICOM series (`path` its folder or zip,

@@ -69,10 +69,13 @@ def normalize(hu, norm: Normalization):
 
 
 def open_split(cfg: Config, split: str) -> Manifest:
-    """Load and validate the manifest (version, shards present) before any graph is built."""
+    """Load and validate the manifest (version, shards present) before any graph is built;
+    with data.folds, as the fold sees it (`folds.view`)."""
+    from liverseg import folds
+
     if not cfg.data.records:
         raise RecordsError("no records folder: pass --records RECORDS (or set data.records)")
-    m = Manifest.load(cfg.data.records)
+    m = folds.view(Manifest.load(cfg.data.records), cfg.data)
     if m.split(split).slice_shape is None:
         raise RecordsError(f"{m.root}: split {split!r} mixes slice sizes; re-convert with --size N to train on it")
     return m
@@ -168,15 +171,18 @@ def context_rows(slice_index, num_slices, row, k: int):
     return row - slice_index + tf.clip_by_value(slice_index + offsets, 0, num_slices - 1)
 
 
-def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=None) -> tf.data.Dataset:
+def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=None, members=None) -> tf.data.Dataset:
     """(shard, row) for the slices of one parsed shard to use, in order.
 
     The shard's tensors are shared by reference (no copy); `_gather_slice` copies out one
     slice later. Rows are thinned here, before any voxel is copied: non-liver rows kept with
     probability keep_bg, and every row with its case's `case_keep` (by case index: the
-    source weights' thinning).
+    source weights' thinning); with `members` (a bool per case index: a fold's shards also
+    hold the other split's cases) only the rows of member cases.
     """
     rows = tf.range(tf.shape(shard[records.SLICE_INDEX], out_type=tf.int64)[0])
+    if members is not None:
+        rows = tf.boolean_mask(rows, tf.gather(members, shard[records.CASE_INDEX]))
     if keep_seed is not None and (keep_bg < 1.0 or case_keep is not None):
         u = tf.random.stateless_uniform(tf.shape(rows), keep_seed, dtype=tf.float64)
         p = tf.where(shard[records.LIVER_VOXELS] > 0, tf.constant(1.0, tf.float64), keep_bg)
@@ -247,6 +253,7 @@ class _Plan:
     pipe: int
     n_pipes: int
     record_shard: bool
+    members: tuple[bool, ...] | None = None  # per case index, where the shards hold cases of other splits
 
 
 def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bool) -> _Plan:
@@ -266,7 +273,10 @@ def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bo
                     split, len(shards), n_pipes, n_pipes, n_pipes)
     elif n_pipes > 1:
         shards = shards[pipe::n_pipes]
-    return _Plan(m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard)
+    held = {case for s in shards for case in s.cases}
+    own = {c.case_id for c in m.cases_in(split)}
+    members = tuple(c.split == split for c in m.cases) if held - own else None
+    return _Plan(m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard, members)
 
 
 def _files(plan: _Plan, shards) -> tf.data.Dataset:
@@ -298,9 +308,10 @@ def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_se
     sampling = tf.constant(derive_seed(seed, "foreground-sampling"), tf.int64)
     keep = source_keep(cfg, plan.manifest, plan.split)
     case_keep = None if keep is None else tf.constant(keep, tf.float64)
+    members = None if plan.members is None else tf.constant(plan.members, tf.bool)
 
     def rows_of_visit(visit, shard):  # every visit of a shard (counted across epochs) samples anew
-        return _shard_rows(shard, tf.stack([sampling, visit]), keep_bg, case_keep)
+        return _shard_rows(shard, tf.stack([sampling, visit]), keep_bg, case_keep, members)
 
     files, n = _files(plan, shards), len(shards)
     if cfg.data.cache:  # parsed shards kept in memory after the first pass
@@ -380,10 +391,15 @@ def _evaluation_batches(cfg: Config, plan: _Plan) -> tf.data.Dataset:
     def normalize_batch(batch):
         return prepare(batch)
 
+    members = None if plan.members is None else tf.constant(plan.members, tf.bool)
+
+    def rows(shard):
+        return _shard_rows(shard, members=members)
+
     parsed = _files(plan, plan.shards).map(read)
     if cfg.data.cache:
         parsed = parsed.cache()
-    ds = parsed.flat_map(_shard_rows)
+    ds = parsed.flat_map(rows)
     if plan.record_shard:
         ds = ds.shard(plan.n_pipes, plan.pipe)
     ds = ds.map(gather, num_parallel_calls=_parallel(cfg))

@@ -133,10 +133,13 @@ class RunInfo:
     result: dict | None = None
     liverseg_version: str = __version__
     version: int = RUN_INFO_VERSION
+    folds: dict | None = None  # data.folds K, data.fold k, fold_seed, and the exact train and val patients
 
     def to_json(self) -> dict:
         d = {"version": self.version, "liverseg_version": self.liverseg_version, "records": self.records,
              "manifest_sha256": self.manifest_sha256, "input": self.input.to_json()}
+        if self.folds is not None:
+            d["folds"] = self.folds
         if self.result is not None:
             d["result"] = self.result
         return d
@@ -149,7 +152,7 @@ class RunInfo:
                                 f"(1..{RUN_INFO_VERSION}); upgrade liverseg")
         try:
             return cls(d["records"], d["manifest_sha256"], InputSpec.from_json(d["input"]), d.get("result"),
-                       d.get("liverseg_version", "?"), version)
+                       d.get("liverseg_version", "?"), version, d.get("folds"))
         except (KeyError, TypeError, ValueError) as e:
             raise LiversegError(f"{where}: malformed run.json ({type(e).__name__}: {e})") from None
 

@@ -43,7 +43,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from liverseg import (TERMINATE, LiversegError, available_memory, checkpoints, config, data_service, derive_seed,
+from liverseg import (TERMINATE, LiversegError, available_memory, checkpoints, config, data_service, derive_seed, folds,
                       objective, pipeline, rundir, step, unet, validation)
 from liverseg.config import Config
 from liverseg.hooks import (PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, save_weights, stop_requested,
@@ -153,7 +153,8 @@ class Trainer:
             data_service.check_reachable(cfg.data.service)
         spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,
                                 pipeline.normalization(cfg, manifest), manifest.spacing)
-        return manifest, rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec)
+        return manifest, rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec,
+                                        folds=folds.record(manifest, cfg.data))
 
     def _claim_run(self) -> None:
         """The chief locks the run directory, checks that a resumed run keeps its recipe and its

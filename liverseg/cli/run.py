@@ -61,7 +61,7 @@ def tensorboard(logdir, host, port):
 
 @runs_tensorflow
 @cli.command()
-@run_option
+@runs_option
 @weights_option
 @click.option("--records", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Converted dataset (default: the one the run trained on).")
@@ -71,19 +71,43 @@ def tensorboard(logdir, host, port):
 @click.option("--layout", type=click.Choice(LAYOUTS), default="pattern", show_default=True,
               help="Layout of --data (as for convert).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval/<split>).")
-def evaluate(run_dir, weights, records, split, data, layout, out):
-    """Per-case Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm): CSV, JSON, overlays, TensorBoard."""
+def evaluate(run_dirs, weights, records, split, data, layout, out):
+    """Per-case Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm): CSV, JSON, overlays, TensorBoard (several --run: their ensemble)."""
     from liverseg import evaluate as evaluate_mod
-    from liverseg import predict as predict_mod
 
-    rows, summary, out = evaluate_mod.evaluate(predict_mod.load_run(run_dir, weights), records, split, data, out,
+    if not run_dirs:
+        raise click.UsageError("give --run RUN (several: their ensemble)")
+    rows, summary, out = evaluate_mod.evaluate(load_models(run_dirs, weights, ()), records, split, data, out,
                                                layout=layout)
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and abs(v) < 1e6 else str(v)  # noqa: E731
-    click.echo(table([{k: fmt(v) for k, v in r.items()} for r in rows]))
+    click.echo(table([{k: _fmt(v) for k, v in r.items()} for r in rows]))
     click.echo()
-    click.echo(table([{"metric": k, "mean": fmt(v["mean"]), "sd": fmt(v["sd"]), "median": fmt(v["median"]),
-                        "cases": v["n"], "infinite": v["n_inf"]} for k, v in summary.items()]))
-    click.echo(f"wrote {out}/cases.csv, {out}/metrics.json and overlays; TensorBoard: {run_dir}/evaluation")
+    click.echo(_summary_table(summary))
+    click.echo(f"wrote {out}/cases.csv, {out}/metrics.json and overlays; TensorBoard: {run_dirs[0]}/evaluation")
+
+
+@runs_tensorflow
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: cv/ beside the first run).")
+def cv(runs, out):
+    """Cross-validation: the out-of-fold scores of RUNS (one run per fold of one dataset), per patient and per fold."""
+    from liverseg import evaluate as evaluate_mod
+
+    rows, summary, out = evaluate_mod.cross_validate(runs, out)
+    click.echo(table([{k: _fmt(v) for k, v in r.items()} for r in rows]))
+    for name, part in [("all folds", summary["overall"]), *((f"fold {f}", s) for f, s in summary["folds"].items())]:
+        click.echo(f"\n{name}")
+        click.echo(_summary_table(part))
+    click.echo(f"wrote {out}/cases.csv and {out}/metrics.json")
+
+
+def _fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) and abs(v) < 1e6 else str(v)
+
+
+def _summary_table(summary: dict) -> str:
+    return table([{"metric": k, "mean": _fmt(v["mean"]), "sd": _fmt(v["sd"]), "median": _fmt(v["median"]),
+                   "cases": v["n"], "infinite": v["n_inf"]} for k, v in summary.items()])
 
 
 def load_models(run_dirs, weights, model_dirs, engine=None) -> list:

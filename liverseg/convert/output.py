@@ -14,13 +14,11 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from liverseg import LiversegError, folder_lock, records
 from liverseg.convert.discover import Case
 from liverseg.convert.shards import TMP_PREFIX, ShardResult
-from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, HUStats, Manifest, RegionHU, ShardInfo,
-                               SkippedCase, SplitInfo)
+from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, Manifest, RegionHU, ShardInfo, SkippedCase,
+                               SplitInfo, pooled_hu)
 
 
 LOCK = ".lock"  # held by the conversion writing into OUT
@@ -59,20 +57,6 @@ def check_out(out: Path, opts: ConvertOptions, src: Path) -> Manifest | None:
     return old
 
 
-def _aggregate_hu(infos: list[CaseInfo], region: str) -> HUStats:
-    stats = [getattr(i.hu, region) for i in infos if getattr(i.hu, region).count > 0]
-    if not stats:
-        return HUStats(0)
-    w = np.array([s.count for s in stats], np.float64)
-    means = np.array([s.mean for s in stats])
-    var = np.array([s.std ** 2 for s in stats])
-    mean = float((w * means).sum() / w.sum())
-    std = float(np.sqrt((w * (var + (means - mean) ** 2)).sum() / w.sum()))
-    pct = {p: float(sum(wi * s.percentiles[p] for wi, s in zip(w, stats)) / w.sum()) for p in stats[0].percentiles}
-    return HUStats(int(w.sum()), round(mean, 3), round(std, 3), {k: round(v, 3) for k, v in pct.items()},
-                   "pooled mean/std; percentiles are the voxel-weighted mean of per-case percentiles")
-
-
 def assemble(src: Path, opts: ConvertOptions, cases: list[Case], results: list[ShardResult],
              runner: str = "local") -> Manifest:
     """The manifest of a conversion from its written shards (any order) and the header-failed cases."""
@@ -93,7 +77,7 @@ def assemble(src: Path, opts: ConvertOptions, cases: list[Case], results: list[S
             num_examples=sum(r.num_examples for r in shards), num_cases=len(members),
             liver_slices=sum(i.liver_slices for i in members), bytes=sum(r.bytes for r in shards),
             slice_shape=shapes.pop() if len(shapes) == 1 else None,
-            hu=RegionHU(_aggregate_hu(members, "liver"), _aggregate_hu(members, "body")),
+            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")),
             shards=tuple(ShardInfo(name, r.num_examples, r.bytes, r.sha256, tuple(i.case_id for i in r.cases))
                          for name, r in named))
         infos += members
