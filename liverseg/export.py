@@ -164,4 +164,29 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
     return out, diff
 
 
-__all__ = ["ARTIFACTS", "FORMATS", "PARITY_TOL", "export", "probe"]
+def export_ensemble(runs: list[Run], out: str | Path, fmt: str = "savedmodel", overwrite: bool = False) -> tuple[Path, float]:
+    """Several runs as one exported ensemble: OUT/member-<i>/ each an export of one run, and
+    OUT/liverseg-model.json naming them (`predict --model OUT` averages their probabilities
+    on the source grid). Returns (out, the largest parity difference of the members)."""
+    from liverseg.predict import check_ensemble
+
+    if len(runs) == 1:
+        return export(runs[0], out, fmt, overwrite)
+    check_ensemble(runs)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LiversegError(f"{out} is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    diffs = []
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        names = [f"member-{i}" for i in range(len(runs))]
+        for name, run in zip(names, runs):
+            diffs.append(export(run, tmp / name, fmt)[1])
+        (tmp / CONTRACT_FILE).write_text(json.dumps({"version": CONTRACT_VERSION, "format": fmt, "ensemble": names,
+                                                     "liverseg": __version__,
+                                                     "runs": [str(r.root.resolve()) for r in runs]}, indent=2) + "\n")
+    return out, max(diffs)
+
+
+__all__ = ["ARTIFACTS", "FORMATS", "PARITY_TOL", "export", "export_ensemble", "probe"]

@@ -181,14 +181,19 @@ def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=Non
     hold the other split's cases) only the rows of member cases.
     """
     rows = tf.range(tf.shape(shard[records.SLICE_INDEX], out_type=tf.int64)[0])
-    if members is not None:
-        rows = tf.boolean_mask(rows, tf.gather(members, shard[records.CASE_INDEX]))
+    keep = None
     if keep_seed is not None and (keep_bg < 1.0 or case_keep is not None):
         u = tf.random.stateless_uniform(tf.shape(rows), keep_seed, dtype=tf.float64)
         p = tf.where(shard[records.LIVER_VOXELS] > 0, tf.constant(1.0, tf.float64), keep_bg)
         if case_keep is not None:
             p = p * tf.gather(case_keep, shard[records.CASE_INDEX])
-        rows = tf.boolean_mask(rows, u < p)
+        keep = u < p
+    if members is not None:
+        member = tf.gather(members, shard[records.CASE_INDEX])
+        keep = member if keep is None else keep & member
+    if keep is not None:
+        rows = tf.boolean_mask(rows, keep)
+
     def with_shard(row):
         return shard, row
 

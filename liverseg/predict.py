@@ -187,6 +187,18 @@ def load_export(root: str | Path, engine: str | None = None) -> Exported:
                         f"{' or openvino' if fmt == 'onnx' else ''})")
 
 
+def load_exports(root: str | Path, engine: str | None = None) -> list[Exported]:
+    """The models of an exported folder: one, or an exported ensemble's members."""
+    root = Path(root)
+    try:
+        names = json.loads((root / CONTRACT_FILE).read_text()).get("ensemble")
+    except (OSError, ValueError, AttributeError):
+        names = None  # load_export names what is wrong
+    if not names:
+        return [load_export(root, engine)]
+    return [load_export(root / name, engine) for name in names]
+
+
 def check_ensemble(models: list) -> None:
     """Models whose probabilities may be averaged: the same labels (each may have its own
     input contract: each maps back to the source grid)."""
@@ -406,4 +418,5 @@ def _write_seg(target: Path, mask: np.ndarray, src: Source, models: list) -> Non
 
 
 __all__ = ["CONTRACT_FILE", "Contract", "Exported", "OUTPUT_FORMATS", "Run", "infer_volume", "inputs", "load_export",
+           "load_exports",
            "load_run", "postprocess", "predict", "predict_image", "predict_source"]

@@ -274,3 +274,16 @@ def test_the_export_cli_is_quiet_and_says_its_parity(trained_run, tmp_path):
     assert "exported onnx to" in r.stdout and "probabilities within" in r.stdout
     assert sorted(p.name for p in Path(tmp_path / "out").iterdir()) == ["best.weights.h5", "config.yaml",
                                                                         "liverseg-model.json", "model.onnx", "run.json"]
+
+
+def test_an_exported_ensemble_predicts_as_its_runs_do(run, volume, tmp_path):
+    from liverseg import export
+
+    out, diff = export.export_ensemble([run, run], tmp_path / "ens", "onnx")
+    assert diff <= 1e-4 and sorted(p.name for p in out.iterdir()) == ["liverseg-model.json", "member-0", "member-1"]
+    members = predict.load_exports(out)
+    assert len(members) == 2 and all(m.contract.weights == run.contract.weights for m in members)
+    predict.predict([run, run], [volume], tmp_path / "runs", probabilities=True)
+    predict.predict(members, [volume], tmp_path / "models", probabilities=True)
+    a, b = (_nii(tmp_path / d / "vol_liver_prob.nii.gz")[0] for d in ("runs", "models"))
+    assert np.abs(a - b).max() <= 1e-4

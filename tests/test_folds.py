@@ -40,6 +40,9 @@ def test_a_folds_manifest_and_pipelines_hold_exactly_its_patients(dataset):
         assert got_val == {c: m.case(c).num_slices for c in val}
         got_train = {index[int(b["case_index"][0])] for b in pipeline.build_dataset(cfg, "train", epochs=1)}
         assert got_train == trained
+        thinned = config.replace(cfg, **{"data.foreground_fraction": 0.7})  # with background slices thinned too
+        got_thinned = {index[int(b["case_index"][0])] for b in pipeline.build_dataset(thinned, "train", epochs=3)}
+        assert got_thinned == trained
         seen += sorted(val)
     assert sorted(seen) == sorted(pool)  # every patient validated by exactly one fold
 

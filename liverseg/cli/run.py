@@ -121,7 +121,7 @@ def load_models(run_dirs, weights, model_dirs, engine=None) -> list:
     runs = [predict_mod.load_run(r, weights) for r in run_dirs]
     if engine:
         runs = [r.use_engine(engine) for r in runs]  # refuses an engine that runs exports only
-    return runs + [predict_mod.load_export(m, engine) for m in model_dirs]
+    return runs + [member for m in model_dirs for member in predict_mod.load_exports(m, engine)]
 
 
 engine_option = click.option("--engine", type=click.Choice(ENGINES),
@@ -156,16 +156,17 @@ def predict(run_dirs, weights, model_dirs, engine, inputs, out, fmt, force, prob
 
 @runs_tensorflow
 @cli.command()
-@run_option
+@runs_option
 @weights_option
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="savedmodel", show_default=True,
               help="savedmodel (TensorFlow), onnx (ONNX Runtime), openvino (OpenVINO IR), litert (.tflite).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-def export(run_dir, weights, out, fmt, force):
-    """The run's network in FORMAT with its input contract: liverseg predict --model OUT runs it."""
+def export(run_dirs, weights, out, fmt, force):
+    """The run's network in FORMAT with its input contract (several --run: an ensemble); liverseg predict --model OUT runs it."""
     from liverseg import export as export_mod
-    from liverseg import predict as predict_mod
 
-    out, diff = export_mod.export(predict_mod.load_run(run_dir, weights), out, fmt, force)
+    if not run_dirs:
+        raise click.UsageError("give --run RUN (several: an exported ensemble)")
+    out, diff = export_mod.export_ensemble(load_models(run_dirs, weights, ()), out, fmt, force)
     click.echo(f"exported {fmt} to {out} (probabilities within {diff:.2g} of the run's on a probe batch)")
