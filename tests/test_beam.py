@@ -82,3 +82,23 @@ def test_an_unknown_runner_or_pipeline_option_is_one_line(phantoms, tmp_path, ru
     with pytest.raises(LiversegError, match=message):
         convert_beam(phantoms, tmp_path / "out", ConvertOptions(runner=runner), args)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_in_a_worker_is_one_line_naming_the_output(phantoms, tmp_path, monkeypatch):
+    import errno
+
+    from liverseg import LiversegError
+    from liverseg.convert import beam
+
+    real = beam.writing
+
+    def full(path, *args):
+        if ".records" not in str(path):  # the shard itself: its segments fitted
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args)
+
+    monkeypatch.setattr(beam, "writing", full)
+    out = tmp_path / "out"
+    with pytest.raises(LiversegError, match=r"^\S+out: no space left on device; nothing was made final; free space"):
+        convert_beam(phantoms, out, ConvertOptions(shard_mb=0.04, runner="direct", workers=1))
+    assert not out.exists() or not any(out.iterdir())

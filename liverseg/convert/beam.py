@@ -18,6 +18,8 @@ the driver removes the temporary files.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -58,11 +60,24 @@ def import_beam():
     return apache_beam
 
 
+@contextlib.contextmanager
+def _full_disk_named(out):
+    """A full disk in a worker as one LiversegError naming OUT (Beam passes its text on)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise LiversegError(f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
+                            "(or choose another output folder) and re-run") from None
+
+
 def _encode(task: tuple[tuple[str, int], int, Case], out: str, opts: ConvertOptions):
     key, position, case = task
     path = Path(out) / f"{TMP_PREFIX}case-{case.index:06d}.records"
     result: list = []
-    count, _, _ = writing(path, "", lambda w: result.append(write_case(w, case, opts)))
+    with _full_disk_named(out):
+        count, _, _ = writing(path, "", lambda w: result.append(write_case(w, case, opts)))
     if isinstance(result[0], SkippedCase):
         path.unlink(missing_ok=True)
         return key, Segment(position, None, 0, result[0])
@@ -79,7 +94,8 @@ def _write(keyed, jobs: dict, opts: ConvertOptions) -> ShardResult:
             if s.path is not None:
                 writer.append_framed(Path(s.path).read_bytes(), s.count)
 
-    n, nbytes, sha = writing(job.tmp, opts.compression, fill)
+    with _full_disk_named(job.tmp.parent):
+        n, nbytes, sha = writing(job.tmp, opts.compression, fill)
     for s in segments:
         if s.path is not None:
             Path(s.path).unlink()
