@@ -181,10 +181,10 @@ def load_export(root: str | Path, engine: str | None = None) -> Exported:
     name = engine or engines.ENGINE_OF_FORMAT[fmt]
     if name == engines.ENGINE_OF_FORMAT[fmt]:
         return Exported(root, fmt, contract, engines.FILE_ENGINES[fmt](artifact))
-    if name == "openvino" and fmt == "onnx":
-        return Exported(root, fmt, contract, engines.FILE_ENGINES["openvino"](artifact))
+    if name in ("openvino", "openvino-bf16") and fmt in ("onnx", "openvino"):
+        return Exported(root, fmt, contract, engines.openvino_engine(artifact, "bf16" if name.endswith("bf16") else "f32"))
     raise LiversegError(f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
-                        f"{' or openvino' if fmt == 'onnx' else ''})")
+                        f"{', openvino or openvino-bf16' if fmt in ('onnx', 'openvino') else ''})")
 
 
 def load_exports(root: str | Path, engine: str | None = None) -> list[Exported]:

@@ -103,3 +103,30 @@ def test_a_compressed_series_without_its_decoder_is_refused_naming_the_slice_and
     assert "cannot decode its pixel data (transfer syntax JPEG 2000 Image Compression (Lossless Only)" in errors[0]
     assert "pip install pylibjpeg pylibjpeg-openjpeg" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_listed_patient_converts_as_the_ircad_tree_does_with_a_mask_series(real_ct, tmp_path):
+    """IRCAD patient 1 as its DICOM series with its NIfTI mask (a list) gives, slice for slice,
+    the records of the same patient as a 3D-IRCADb-01 tree whose MASKS_DICOM/liver series holds
+    that mask (written here on the CT's grid, 255 inside, as IRCAD's mask series are)."""
+    import shutil
+
+    from liverseg.manifest import Manifest
+
+    series = real_ct / "ircad-01" / "PATIENT_DICOM"
+    ct = volumes.read_header(Source.dicom(dicom_io.find_series(series)[0]))
+    mask = volumes.load_mask(Source.nifti(SHARED_MASKS / "ircad_e01_liver.nii.gz"))
+    on_ct = geometry.onto_grid(mask.voxels, mask.header, ct)
+    tree = tmp_path / "ircad" / "3Dircadb1.1"
+    tree.mkdir(parents=True)
+    shutil.copytree(series, tree / "PATIENT_DICOM")
+    dicom_io.write_series(tree / "MASKS_DICOM" / "liver", (on_ct * 255).astype(np.uint8), ct.affine, "OT", 1)
+    convert(tree.parent, tmp_path / "tree", ConvertOptions(layout="ircad"), progress=False)
+    cases = _list(tmp_path / "cases.csv", [("ircad_e01", series, SHARED_MASKS / "ircad_e01_liver.nii.gz", "", "", "")])
+    convert(cases, tmp_path / "list", ConvertOptions(layout="list"), progress=False)
+    a, b = Manifest.load(tmp_path / "tree"), Manifest.load(tmp_path / "list")
+    image_a, mask_a = records.read_case(a.records_of("3Dircadb1.1"))
+    image_b, mask_b = records.read_case(b.records_of("ircad_e01"))
+    np.testing.assert_array_equal(image_a, image_b)
+    np.testing.assert_array_equal(mask_a, mask_b)
+    assert a.case("3Dircadb1.1").geometry == b.case("ircad_e01").geometry

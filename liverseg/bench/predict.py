@@ -11,7 +11,7 @@ import numpy as np
 from liverseg.bench.measure import warm
 
 
-ENGINE_ROWS = ("tensorflow", "tensorflow-xla", "onnxruntime", "openvino")  # litert on request (--engine litert)
+ENGINE_ROWS = ("tensorflow", "tensorflow-xla", "onnxruntime", "openvino", "openvino-bf16")  # litert: --engine litert
 
 
 def _untrained_run(config_file, size: int, root: Path) -> Path:
@@ -38,12 +38,15 @@ def _exports(runs: list[Path], engines_wanted, tmp: Path) -> dict[str, list[Path
     """The exports the file engines need, per engine (openvino runs its own IR)."""
     from liverseg import export, predict
 
-    need = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "litert"}
+    need = {"onnxruntime": "onnx", "openvino": "openvino", "openvino-bf16": "openvino", "litert": "litert"}
+    made: dict[str, list[Path]] = {}
     out = {}
     for engine in engines_wanted:
         fmt = need.get(engine)
+        if fmt and fmt not in made:
+            made[fmt] = [export.export(predict.load_run(r), tmp / f"{fmt}-{i}", fmt)[0] for i, r in enumerate(runs)]
         if fmt:
-            out[engine] = [export.export(predict.load_run(r), tmp / f"{fmt}-{i}", fmt)[0] for i, r in enumerate(runs)]
+            out[engine] = made[fmt]
     return out
 
 
@@ -66,9 +69,18 @@ def _measure(engine: str, models: list[Path], images: list[Path], masks_out: Pat
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _worker(job: dict) -> dict:
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike getrusage's maxrss, which Linux
+    carries across exec from the parent, it is this program's own)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(job: dict) -> dict:
     from liverseg import predict, volumes
     from liverseg.volumes import Source
 
@@ -88,7 +100,7 @@ def _worker(job: dict) -> dict:
         masks[f"m{i}"] = mask
     np.savez_compressed(job["masks"], **masks)
     return {"seconds": seconds, "slices": slices, "volumes": len(loaded),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, config_file=None, size: int | None = None,
