@@ -126,7 +126,8 @@ def load_models(run_dirs, weights, model_dirs, engine=None) -> list:
 
 engine_option = click.option("--engine", type=click.Choice(ENGINES),
                              help="Who runs the network: a run's tensorflow (default) or tensorflow-xla; an export's "
-                                  "own runtime (default) or openvino for an ONNX export.")
+                                  "own runtime (default), or openvino / openvino-bf16 (bfloat16) for an ONNX or "
+                                  "OpenVINO export.")
 
 
 @runs_tensorflow_without("--model")
