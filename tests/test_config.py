@@ -7,10 +7,22 @@ from liverseg import config
 from liverseg.config import ConfigError
 
 
-@pytest.mark.parametrize("preset", ["default", "seed", "smoke"])
+@pytest.mark.parametrize("preset", ["default", "seed", "smoke", "demo", "real-cpu"])
 def test_presets_load(preset):
     cfg = config.load(REPO / "configs" / f"{preset}.yaml")
     assert config.from_dict(config.to_dict(cfg)) == cfg  # round trip through the saved form
+
+
+def test_the_real_cpu_recipe_names_the_convert_flags_its_records_need():
+    first = (REPO / "configs" / "real-cpu.yaml").read_text().splitlines()[0]
+    assert first == "# convert: --layout list --spacing 2.0 --size 192"
+    from liverseg.manifest import ConvertOptions
+
+    flags = first.removeprefix("# convert: ").split()
+    known = {"--" + name.replace("_", "-") for name in ConvertOptions.__dataclass_fields__}
+    assert all(f in known for f in flags if f.startswith("--"))
+    cfg = config.load(REPO / "configs" / "real-cpu.yaml")
+    assert cfg.data.source_weights == {"real": 0.6, "phantom": 0.4} and cfg.eval.min_component_fraction == 1.0
 
 
 def test_seed_preset_is_the_tutorials_recipe():
