@@ -17,12 +17,15 @@ a DICOM series), or of another frame of reference, frames off the image's voxel 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from liverseg import InputError, geometry
 from liverseg.geometry import Header
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT = "liver"
 # Patient and study attributes a SEG copies from its source images, which must be present (type 2)
@@ -147,9 +150,18 @@ def write(path: str | Path, mask: np.ndarray, series, version: str, weights_fing
     from liverseg import atomic_path, dicom_io
 
     sources = dicom_io.slice_datasets(series)
-    if not all(str(ds.get("FrameOfReferenceUID", "")) for ds in sources):
-        raise InputError(f"{series.path}: its slices carry no FrameOfReferenceUID, which a DICOM SEG must share with "
-                         "them; write NIfTI instead (--format nifti)")
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in sources}
+    if len(frames_of_reference) > 1:
+        raise InputError(f"{series.path}: its slices carry {len(frames_of_reference)} Frames of Reference; a DICOM SEG "
+                         "shares one with its source series (write NIfTI instead: --format nifti)")
+    if frames_of_reference == {""}:  # de-identified series (3D-IRCADb-01's) drop it although CT requires it
+        from pydicom.uid import generate_uid
+
+        derived = generate_uid(entropy_srcs=[series.uid, "liverseg frame of reference"])
+        log.warning("%s: its slices carry no FrameOfReferenceUID; the SEG's is %s, derived from the series UID (each "
+                    "frame still references its source slice)", series.path, derived)
+        for ds in sources:
+            ds.FrameOfReferenceUID = derived
     for ds in sources:
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:  # highdicom copies and refuses it empty
             del ds.SpecificCharacterSet

@@ -42,6 +42,7 @@ def cli() -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint timings at INFO
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per module it copies into a SEG
 
 
 def runs_tensorflow(cmd: click.Command) -> click.Command:
