@@ -1,6 +1,6 @@
 """`liverseg export`: a trained run as an artifact that runs where TensorFlow does not.
 
-OUT holds the network in one format, its contract (`predict.CONTRACT_FILE`: the input it was
+OUT holds the network in one format, its contract (`predict.ExportInfo`: the input it was
 trained on, the divisor its input is padded to, post-processing, labels, weights
 fingerprint, the parity measured here) and, for the record, the run's weights, config.yaml
 and run.json. `liverseg predict --model OUT` reproduces `predict --run` from it: the pre- and
@@ -21,15 +21,15 @@ nothing is left in OUT.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, __version__, atomic_path, engines, rundir
-from liverseg.predict import CONTRACT_FILE, CONTRACT_VERSION, Run, load_export, normalize
+from liverseg import LiversegError, atomic_path, engines, rundir
+from liverseg.predict import ExportInfo, Run, load_export, normalize
 
 FORMATS = ("savedmodel", "onnx", "openvino", "litert")
 ARTIFACTS = {"savedmodel": "saved_model", "onnx": "model.onnx", "openvino": "model.xml", "litert": "model.tflite"}
@@ -146,9 +146,8 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
     with atomic_path(out) as tmp:
         tmp.mkdir()
         WRITERS[fmt](run, tmp / ARTIFACTS[fmt])
-        contract = {"version": CONTRACT_VERSION, "format": fmt, "artifact": ARTIFACTS[fmt], "liverseg": __version__,
-                    "run": str(run.root.resolve()), **run.contract.to_json()}
-        (tmp / CONTRACT_FILE).write_text(json.dumps(contract, indent=2) + "\n")
+        info = ExportInfo(fmt, ARTIFACTS[fmt], run.contract, runs=(str(run.root.resolve()),))
+        info.save(tmp)
         x = probe(run)
         want = engines.sigmoid(np.asarray(run.model(x, training=False)))
         got = engines.sigmoid(load_export(tmp).logits(x))
@@ -156,8 +155,7 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
         if not diff <= PARITY_TOL:
             raise LiversegError(f"--format {fmt}: the exported network's probabilities differ from the run's by {diff:.3g} "
                                 f"(more than {PARITY_TOL}); nothing written (report this with the run's config)")
-        contract["parity"] = {"max_abs_probability_difference": diff, "probe": list(x.shape)}
-        (tmp / CONTRACT_FILE).write_text(json.dumps(contract, indent=2) + "\n")
+        dataclasses.replace(info, parity={"max_abs_probability_difference": diff, "probe": list(x.shape)}).save(tmp)
         shutil.copy2(run.weights, tmp / run.weights.name)
         for path in (rundir.RunDir(run.root).config, rundir.RunDir(run.root).info):
             shutil.copy2(path, tmp / path.name)
@@ -183,9 +181,7 @@ def export_ensemble(runs: list[Run], out: str | Path, fmt: str = "savedmodel", o
         names = [f"member-{i}" for i in range(len(runs))]
         for name, run in zip(names, runs):
             diffs.append(export(run, tmp / name, fmt)[1])
-        (tmp / CONTRACT_FILE).write_text(json.dumps({"version": CONTRACT_VERSION, "format": fmt, "ensemble": names,
-                                                     "liverseg": __version__,
-                                                     "runs": [str(r.root.resolve()) for r in runs]}, indent=2) + "\n")
+        ExportInfo(fmt, members=tuple(names), runs=tuple(str(r.root.resolve()) for r in runs)).save(tmp)
     return out, max(diffs)
 
 

@@ -156,33 +156,83 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     return Run(root, cfg, spec, model, weights, contract, engines.keras_engine(model))
 
 
+@dataclass(frozen=True)
+class ExportInfo:
+    """`liverseg-model.json` (CONTRACT_FILE), the one owner of an exported folder's file: its
+    format, the artifact, the model's `Contract` (its fields at the top level), the parity
+    measured on export, the run it came from; or, for an exported ensemble, its members'
+    folders (each an export of its own)."""
+
+    format: str
+    artifact: str = ""
+    contract: Contract | None = None
+    members: tuple[str, ...] = ()
+    parity: dict | None = None
+    runs: tuple[str, ...] = ()
+    liverseg: str = __version__
+    version: int = CONTRACT_VERSION
+
+    def to_json(self) -> dict:
+        d = {"version": self.version, "format": self.format, "liverseg": self.liverseg, "runs": list(self.runs)}
+        if self.members:
+            return {**d, "ensemble": list(self.members)}
+        return {**d, "artifact": self.artifact, **self.contract.to_json(),
+                **({"parity": self.parity} if self.parity is not None else {})}
+
+    @classmethod
+    def from_json(cls, d: dict, where: Path) -> "ExportInfo":
+        version = d.get("version") if isinstance(d, dict) else None
+        if version != CONTRACT_VERSION:
+            raise LiversegError(f"{where}: export format version {version}, this liverseg ({__version__}) reads version "
+                                f"{CONTRACT_VERSION}; export the run again with this version")
+        try:
+            if d.get("ensemble"):
+                return cls(d["format"], members=tuple(d["ensemble"]), runs=tuple(d.get("runs", ())),
+                           liverseg=d.get("liverseg", "?"))
+            return cls(d["format"], d["artifact"], Contract.from_json(d), (), d.get("parity"), tuple(d.get("runs", ())),
+                       d.get("liverseg", "?"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise LiversegError(f"{where}: unreadable export contract ({type(e).__name__}: {e}); export the run "
+                                "again") from None
+
+    @classmethod
+    def load(cls, root: str | Path) -> "ExportInfo":
+        path = Path(root) / CONTRACT_FILE
+        if not path.is_file():
+            raise LiversegError(f"{root}: not a liverseg export (no {CONTRACT_FILE}); make one with liverseg export "
+                                f"--run RUN {root} --format onnx|openvino|litert|savedmodel")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise LiversegError(f"{path}: unreadable export contract ({type(e).__name__}: {e}); export the run "
+                                "again") from None
+        return cls.from_json(d, path)
+
+    def save(self, root: str | Path) -> None:
+        (Path(root) / CONTRACT_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
 def load_export(root: str | Path, engine: str | None = None) -> Exported:
     """An exported folder: its contract (CONTRACT_FILE) and its artifact in its format's
     runtime (or `engine`: openvino also runs an ONNX export). Refused in one line: not an
     export, an older or newer contract, a missing artifact, a runtime not installed."""
     root = Path(root)
-    path = root / CONTRACT_FILE
-    if not path.is_file():
-        raise LiversegError(f"{root}: not a liverseg export (no {CONTRACT_FILE}); make one with liverseg export --run "
-                            f"RUN {root} --format onnx|openvino|litert|savedmodel")
-    try:
-        d = json.loads(path.read_text())
-        version, fmt, artifact = d["version"], d["format"], root / d["artifact"]
-        contract = Contract.from_json(d)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LiversegError(f"{path}: unreadable export contract ({type(e).__name__}: {e}); export the run again") from None
-    if version != CONTRACT_VERSION:
-        raise LiversegError(f"{path}: export format version {version}, this liverseg ({__version__}) reads version "
-                            f"{CONTRACT_VERSION}; export the run again with this version")
+    info = ExportInfo.load(root)
+    fmt = info.format
+    if info.members:
+        raise LiversegError(f"{root}: an exported ensemble of {len(info.members)} models; load it with load_exports")
     if fmt not in engines.FILE_ENGINES:
-        raise LiversegError(f"{path}: unknown export format {fmt!r} (known: {', '.join(engines.FILE_ENGINES)})")
+        raise LiversegError(f"{root / CONTRACT_FILE}: unknown export format {fmt!r} (known: "
+                            f"{', '.join(engines.FILE_ENGINES)})")
+    artifact = root / info.artifact
     if not artifact.exists():
         raise LiversegError(f"{root}: its {fmt} artifact {artifact.name} is missing; export the run again")
     name = engine or engines.ENGINE_OF_FORMAT[fmt]
     if name == engines.ENGINE_OF_FORMAT[fmt]:
-        return Exported(root, fmt, contract, engines.FILE_ENGINES[fmt](artifact))
+        return Exported(root, fmt, info.contract, engines.FILE_ENGINES[fmt](artifact))
     if name in ("openvino", "openvino-bf16") and fmt in ("onnx", "openvino"):
-        return Exported(root, fmt, contract, engines.openvino_engine(artifact, "bf16" if name.endswith("bf16") else "f32"))
+        return Exported(root, fmt, info.contract,
+                        engines.openvino_engine(artifact, "bf16" if name.endswith("bf16") else "f32"))
     raise LiversegError(f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
                         f"{', openvino or openvino-bf16' if fmt in ('onnx', 'openvino') else ''})")
 
@@ -190,13 +240,8 @@ def load_export(root: str | Path, engine: str | None = None) -> Exported:
 def load_exports(root: str | Path, engine: str | None = None) -> list[Exported]:
     """The models of an exported folder: one, or an exported ensemble's members."""
     root = Path(root)
-    try:
-        names = json.loads((root / CONTRACT_FILE).read_text()).get("ensemble")
-    except (OSError, ValueError, AttributeError):
-        names = None  # load_export names what is wrong
-    if not names:
-        return [load_export(root, engine)]
-    return [load_export(root / name, engine) for name in names]
+    info = ExportInfo.load(root)
+    return [load_export(root / name, engine) for name in info.members] or [load_export(root, engine)]
 
 
 def check_ensemble(models: list) -> None:
@@ -417,6 +462,6 @@ def _write_seg(target: Path, mask: np.ndarray, src: Source, models: list) -> Non
     dicom_seg.write(target, mask, src.dicom_series(), __version__, "+".join(m.contract.weights for m in models))
 
 
-__all__ = ["CONTRACT_FILE", "Contract", "Exported", "OUTPUT_FORMATS", "Run", "infer_volume", "inputs", "load_export",
+__all__ = ["CONTRACT_FILE", "Contract", "ExportInfo", "Exported", "OUTPUT_FORMATS", "Run", "infer_volume", "inputs", "load_export",
            "load_exports",
            "load_run", "postprocess", "predict", "predict_image", "predict_source"]
