@@ -75,11 +75,18 @@ def test_stderr_drops_notices_whenever_they_come_and_keeps_everything_else():
         sys.stderr.write("train:  50%|#####     | 1/2\\r")  # a progress bar: no newline, shown at once
         sys.stderr.flush()
         time.sleep(0.3)
-        sys.stderr.write("train: 100%|##########| 2/2\\n")
+        sys.stderr.write("\\rtrain:   0%|          | 0/3")  # and a notice logged while the bar is drawn
+        sys.stderr.flush()
+        time.sleep(0.3)
+        os.write(2, b"E0000 00:00:19.3 12 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512. "
+                    b"Falling back to the default Eigen-based implementation if present.\\n")
+        time.sleep(0.3)
+        sys.stderr.write("\\rtrain: 100%|##########| 2/2\\n")
     """)
     assert proc.returncode == 0
     assert proc.stderr.decode() == ("kept: liverseg's own line\n" "E0000 00:00:18.2 12 some.cc:1] a real error\n"
-                                    "train:  50%|#####     | 1/2\rtrain: 100%|##########| 2/2\n")
+                                    "train:  50%|#####     | 1/2\r\rtrain:   0%|          | 0/3"
+                                    "\rtrain: 100%|##########| 2/2\n")
 
 
 def test_what_a_crashing_process_printed_last_still_reaches_the_console():

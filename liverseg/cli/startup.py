@@ -156,18 +156,18 @@ def _filter(src: int, dst: int, notices: tuple[bytes, ...]) -> None:
 
     A C++ log line is one write() shorter than PIPE_BUF, so it arrives whole: only complete
     lines need checking, and a partial one (a progress bar's carriage-return update) is
-    passed on at once rather than held back until its newline.
+    passed on at once rather than held back until its newline. A notice that lands after
+    such a partial line (TensorFlow logging while tqdm draws) arrives as its own write, so
+    it is dropped with its newline, and the bar's next update redraws the line.
     """
-    continuing = False  # the previous read ended mid-line (already passed on)
     while chunk := os.read(src, 1 << 16):
         parts = chunk.split(b"\n")
         out = []
         for i, part in enumerate(parts):
             complete = i < len(parts) - 1
-            if complete and not (continuing and i == 0) and any(n in part for n in notices):
+            if complete and any(n in part for n in notices):
                 continue
             out.append(part + b"\n" if complete else part)
-        continuing = bool(parts[-1])
         data = b"".join(out)
         try:
             while data:
