@@ -41,36 +41,41 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
     name = split if data is None else Path(data).name
     models, run = members(run), members(run)[0]  # an ensemble is reported under its first run
     check_ensemble(models)
-    _warn_overlap(run, records, split, data, layout)
-    cases = record_cases(models, records, split) if data is None else folder_cases(models, data, layout)
+    if data is None:
+        m = split_manifest(run, records)
+        _warn_overlap(run, {c.case_id: Path(c.image.path) for c in m.cases_in(split)})
+        cases = record_cases(models, records, split, m)
+    else:
+        found, _ = layouts.find(Path(data), layout)  # raises naming the folder when it holds no pairs
+        _warn_overlap(run, {c: pair.image.name for c, pair in found.items()})
+        cases = folder_cases(models, found, layout)
     return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs)
 
 
-def _warn_overlap(run: Run, records, split: str, data, layout: str) -> None:
-    """A warning when the cases scored are patients the run trained on under another public
-    dataset's name (3D-IRCADb-01 inside LiTS and the Decathlon)."""
+def _warn_overlap(run: Run, scored: dict) -> None:
+    """A warning when the cases scored (case id -> image path) are patients the run trained
+    on under another public dataset's name (3D-IRCADb-01 inside LiTS and the Decathlon)."""
     try:
         trained_on = Manifest.load(Path(run.cfg.data.records))
     except LiversegError:
         return  # the run's records are gone: nothing to compare with
-    trained = {c.case_id: Path(c.image.path)
-               for s in ("train", "val") for c in trained_on.cases_in(s)}
-    if data is None:
-        m = Manifest.load(Path(records or run.cfg.data.records))
-        scored = {c.case_id: Path(c.image.path) for c in m.cases_in(split)}
-    else:
-        scored = {c: pair.image.name for c, pair in layouts.find(Path(data), layout)[0].items()}
+    trained = {c.case_id: Path(c.image.path) for s in ("train", "val") for c in trained_on.cases_in(s)}
     why = layouts.ircad_overlap(trained, scored)
     if why:
         log.warning("the cases scored overlap the run's training cases: %s; these scores are not held out", why)
 
 
-def record_cases(run, records: str | Path | None, split: str):
-    """Cases of a records split, predicted from their stored slices (checked before the first
-    case). A run of a fold (data.folds) sees the manifest as its fold does: its val split is
-    its fold's patients."""
+def split_manifest(run: Run, records: str | Path | None = None) -> Manifest:
+    """The manifest of `records` (default: the run's) as the run sees it: a run of a fold
+    (data.folds) sees its fold's patients as the val split."""
     from liverseg import folds
 
+    return folds.view(Manifest.load(Path(records or run.cfg.data.records)), run.cfg.data)
+
+
+def record_cases(run, records: str | Path | None, split: str, m: Manifest | None = None):
+    """Cases of a records split (`m`: its `split_manifest`, when already loaded), predicted
+    from their stored slices (checked before the first case)."""
     models, run = members(run), members(run)[0]  # an ensemble: the members' probabilities averaged
     grids = {(model.contract.spec.size, model.contract.spec.spacing) for model in models}
     if len(grids) > 1:
@@ -78,7 +83,7 @@ def record_cases(run, records: str | Path | None, split: str):
                             + "; ".join(f"{model.name}: size {model.contract.spec.size}, spacing "
                                         f"{model.contract.spec.spacing}" for model in models)
                             + "); score it on the source scans with --data")
-    m = folds.view(Manifest.load(Path(records or run.cfg.data.records)), run.cfg.data)
+    m = m or split_manifest(run, records)
     m.split(split)  # names the folder and its splits when the split is not there
     e = run.contract
 
@@ -191,9 +196,9 @@ def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
     return geometry.onto_grid(mask, header, image_grid)
 
 
-def folder_cases(run, data: str | Path, layout: str = "pattern"):
-    """The cases of a folder (any case layout), each predicted and scored on its own source grid."""
-    found, _ = layouts.find(Path(data), layout)  # raises naming the folder when it holds no pairs
+def folder_cases(run, found: layouts.Found, layout: str = "pattern"):
+    """The cases of a folder as `layouts.find` found them in `layout`, each predicted and
+    scored on its own source grid."""
 
     def cases():
         for case_id, (image_src, mask_src, *_) in sorted(found.items()):

@@ -131,6 +131,12 @@ def probe(run: Run, n: int = 2) -> np.ndarray:
     return normalize(hu + rng.normal(0, 20, hu.shape).astype(np.float32), spec.normalization)
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LiversegError(f"{out} is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
 def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool = False) -> tuple[Path, float]:
     """Write the export of `run` in `fmt` to `out` (atomically), checked against the Keras
     forward pass by the format's own runtime. Returns (out, largest probability difference)."""
@@ -140,9 +146,7 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
     if fmt != "savedmodel":
         engines.require(engines.ENGINE_OF_FORMAT[fmt])
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LiversegError(f"{out} is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out(out, overwrite)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         WRITERS[fmt](run, tmp / ARTIFACTS[fmt])
@@ -172,9 +176,7 @@ def export_ensemble(runs: list[Run], out: str | Path, fmt: str = "savedmodel", o
         return export(runs[0], out, fmt, overwrite)
     check_ensemble(runs)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LiversegError(f"{out} is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out(out, overwrite)
     diffs = []
     with atomic_path(out) as tmp:
         tmp.mkdir()

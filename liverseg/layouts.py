@@ -416,15 +416,16 @@ def ircad_overlap(first: dict[str, Path | None], second: dict[str, Path | None] 
 
     a_ircad, a_lits = split(first)
     b_ircad, b_lits = split(second) if second is not None else (a_ircad, a_lits)
-    pairs = [(x, y) for x, y in ((a_ircad, b_lits), (a_lits, b_ircad)) if x and y]
-    if not pairs:
+    if a_ircad and b_lits:
+        ircad, lits = a_ircad, b_lits
+    elif a_lits and b_ircad:
+        ircad, lits = b_ircad, a_lits
+    else:
         return None
 
     def named(ids):
         return ", ".join(ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
 
-    x, y = pairs[0]
-    ircad, lits = (x, y) if x is a_ircad else (y, x)
     return (f"{named(lits)} (LiTS/Decathlon) are 3D-IRCADb-01 scans, as are {named(ircad)} "
             "(LiTS volumes 28-44 and 46-48 are IRCAD's 20 patients)")
 

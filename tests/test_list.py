@@ -194,6 +194,7 @@ def test_mask_segment_chooses_a_segs_segment_where_the_row_names_none(tmp_path, 
     listed = _write_list(tmp_path / "cases.csv", [("a", "ct", "seg.dcm", "", "", "")])
     with pytest.raises(InputError, match=r"seg\.dcm: no segment labelled 'spleen' .*convert --mask-segment NAME"):
         convert(listed, tmp_path / "out", ConvertOptions(layout="list", mask_segment="spleen"), progress=False)
+    assert not (tmp_path / "out").exists()
     m = convert(listed, tmp_path / "out", ConvertOptions(layout="list", mask_segment="LIVER"), progress=False)
     assert m.cases[0].liver_voxels == mask.sum()
 
@@ -213,6 +214,10 @@ def test_lits_copies_of_ircad_patients_are_named_and_can_be_dropped(pair, caplog
     m = convert(listed, root / "out2", ConvertOptions(layout="list", exclude_ircad_overlap=True), progress=False)
     assert [c.case_id for c in m.cases] == ["ircad_e05", "lits_045"]
     assert "dropped 2 LiTS/Decathlon case(s) that are 3D-IRCADb-01 patients: lits_030, liver_46" in caplog.text
+    only_copies = _write_list(root / "copies.csv", [("lits_030", "a_orig.nii.gz", "a_liver.nii.gz", "", "", "")])
+    with pytest.raises(LiversegError, match=r"--exclude-ircad-overlap dropped every case; nothing to convert"):
+        convert(only_copies, root / "out3", ConvertOptions(layout="list", exclude_ircad_overlap=True), progress=False)
+    assert not (root / "out3").exists()
     # evaluation: the run's training set against the cases scored, either way round
     assert layouts.ircad_overlap({"x": root / "3Dircadb1.17" / "PATIENT_DICOM"}, {"volume-40": None}) is not None
     assert layouts.ircad_overlap({"lits_001": None, "lits_045": None}, {"3Dircadb1.3": None}) is None

@@ -103,6 +103,11 @@ def _worker(job: dict) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
+def _unmeasured(engine: str, models: str, why: str) -> dict:
+    return {"engine": engine, "models": models, "s/volume": "", "slices/s": "", "peak RSS MB": "", "same mask": "",
+            "note": why}
+
+
 def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, config_file=None, size: int | None = None,
                   engine_rows=ENGINE_ROWS) -> list[dict]:
     """Whole-volume prediction (orientation, 2.5D stacks, network, TTA, back to the source
@@ -113,7 +118,7 @@ def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, c
     `config_file` at `size` (speed only)."""
     import tempfile
 
-    from liverseg import engines, layouts
+    from liverseg import LiversegError, engines, layouts
 
     found, _ = layouts.find(Path(data))
     images = [pair.image.path for _, pair in sorted(found.items())[:cases]]
@@ -127,9 +132,8 @@ def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, c
             try:
                 engines.require(engine)
                 available.append(engine)
-            except Exception as e:  # noqa: BLE001 - a runtime not installed: its row says so
-                rows.append({"engine": engine, "models": "", "s/volume": "", "slices/s": "", "peak RSS MB": "",
-                             "same mask": "", "note": str(e)})
+            except LiversegError as e:  # a runtime not installed: its row says so
+                rows.append(_unmeasured(engine, "", str(e)))
         exported = _exports(runs, available, tmp)
         groups = [("1 run", runs[:1])] + ([(f"ensemble of {len(runs)}", runs)] if len(runs) > 1 else [])
         for label, members in groups:
@@ -138,8 +142,7 @@ def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, c
                 models = exported[engine][:len(members)] if engine in exported else members
                 r = _measure(engine, models, images, tmp / f"{engine}-{len(members)}.npz")
                 if "error" in r:
-                    rows.append({"engine": engine, "models": label, "s/volume": "", "slices/s": "", "peak RSS MB": "",
-                                 "same mask": "", "note": r["error"]})
+                    rows.append(_unmeasured(engine, label, r["error"]))
                     continue
                 masks = np.load(tmp / f"{engine}-{len(members)}.npz")
                 same = ""
