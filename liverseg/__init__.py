@@ -11,12 +11,9 @@ command that needs it (`require_tensorflow`: one clear line naming the extra to 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -36,89 +33,6 @@ class LiversegError(Exception):
 
 class InputError(LiversegError):
     """A bad input file (NIfTI, DICOM, zip). The message starts with the file's path."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Write to the yielded temporary sibling of `path`; it is renamed onto `path` when the
-    block succeeds and removed when it fails, so `path` is never half-written.
-
-    The temporary name (`.partial-<name>`) keeps the suffix, so nibabel and Keras pick the
-    same format. A folder works too (an existing folder at `path` is replaced).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".partial-{path.name}")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if tmp.is_dir():
-        _remove(path)  # rename cannot replace a non-empty folder
-    tmp.replace(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | Path, name: str, holder_kind: str, advice: str, remove: bool = False) -> Iterator[None]:
-    """Hold `folder/name` (an flock, released by the kernel when the process dies) for the block.
-
-    A second holder fails with one line naming the first (pid, host, since when) and `advice`.
-    A lock file left by a process that died holds no flock, so it is taken over (and said so).
-    `remove`: the lock file is deleted on release (a taker then checks that the file it locked
-    is still the one at the path, and retries otherwise); else it stays, emptied. A folder
-    this call created is removed again when nothing but the lock was written into it.
-    """
-    import fcntl
-    import logging
-    import os
-    import socket
-    import time
-
-    folder = Path(folder)
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise LiversegError(f"{folder} is in use by {holder_kind} ({holder}); {advice}") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # its holder removed it as we took it: take the one at the path now
-    try:
-        stale = os.pread(fd, 512, 0).decode(errors="replace").strip()
-        if stale:
-            logging.getLogger(__name__).warning("%s: taking over the lock of %s that did not exit cleanly (%s)",
-                                                path, holder_kind, stale)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
-        try:
-            yield
-        finally:
-            if remove:
-                path.unlink(missing_ok=True)
-            else:
-                os.ftruncate(fd, 0)  # an empty lock file: released cleanly
-    finally:
-        os.close(fd)  # releases the flock
-        if created and folder.is_dir() and not [p for p in folder.iterdir() if p != path]:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def available_memory() -> float | None:

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from liverseg import LiversegError, atomic_path
+from liverseg import LiversegError
+from liverseg.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,8 @@ def _read(path: Path, header_only: bool = False):
     check_readable(path)
     try:
         return hd.seg.segread(str(path)) if not header_only else _dataset(path)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001 - highdicom and pydicom raise several types
         raise InputError(f"{path}: not a readable DICOM Segmentation ({type(e).__name__}: {str(e)[:200]})") from None
 
@@ -48,10 +50,24 @@ def _read(path: Path, header_only: bool = False):
 def _dataset(path: Path):
     import pydicom
 
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    ds = pydicom.dcmread(str(path))  # pixels too (a SEG's are small): a truncated file is found here, in phase 1
     if str(getattr(ds, "SOPClassUID", "")) != "1.2.840.10008.5.1.4.1.1.66.4":
         raise ValueError(f"SOP class {getattr(ds.SOPClassUID, 'name', ds.get('SOPClassUID'))}, not Segmentation Storage")
+    _check_pixel_data(ds, path)
     return ds
+
+
+def _check_pixel_data(ds, path: Path) -> None:
+    """A native (uncompressed) SEG must hold the bytes its frames need: BINARY frames are bit-packed."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed:
+        return  # encapsulated frames: their decoder checks them
+    frames, rows, cols = int(getattr(ds, "NumberOfFrames", 1)), int(ds.Rows), int(ds.Columns)
+    need = (frames * rows * cols * int(ds.BitsAllocated) + 7) // 8
+    have = len(ds.PixelData) if "PixelData" in ds else 0
+    if have < need:
+        raise InputError(f"{path}: truncated or damaged DICOM SEG: its pixel data holds {have:,} of the {need:,} bytes "
+                         f"its {frames} frame(s) of {rows}x{cols} need; copy or export the SEG again")
 
 
 def _segment_number(ds, name: str, path: Path) -> int:
@@ -124,7 +140,11 @@ def read_mask(path: str | Path, image: Header, image_series: str | None = None, 
     header = read_header(path, image, image_series, frame_of_reference, segment)
     ds = _read(path)
     number = _segment_number(ds, segment, path)
-    pixels = ds.pixel_array
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - pydicom's decoders raise several types
+        raise InputError(f"{path}: the SEG's frames cannot be decoded ({type(e).__name__}: {str(e)[:160]}); copy or "
+                         "export the SEG again") from None
     if pixels.ndim == 2:
         pixels = pixels[None]
     out = np.zeros(image.shape, np.uint8)
@@ -147,7 +167,8 @@ def write(path: str | Path, mask: np.ndarray, series, version: str, weights_fing
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from liverseg import atomic_path, dicom_io
+    from liverseg import dicom_io
+    from liverseg.outputs import atomic_path
 
     sources = dicom_io.slice_datasets(series)
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in sources}

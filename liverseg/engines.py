@@ -24,6 +24,7 @@ Only the TensorFlow engines import TensorFlow, and only when built.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,24 @@ ENGINES = ("tensorflow", "tensorflow-xla", "onnxruntime", "openvino", "openvino-
 RUNTIMES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
             "openvino-bf16": ("openvino", "openvino"), "litert": ("ai_edge_litert", "litert")}
 
-Engine = Callable[[np.ndarray], np.ndarray]  # float32 [N, H, W, C] -> float32 logits [N, H, W, 1]
+Shape = tuple  # [N, H, W, C]: an int where the network takes one size only, None where it takes any
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A network in its runtime: float32 [N, H, W, C] -> float32 logits [N, H, W, 1] as NumPy,
+    and the input shape the artifact declares (what a contract is checked against)."""
+
+    forward: Callable[[np.ndarray], np.ndarray]
+    input_shape: Shape
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
+
+
+def _dims(dims) -> Shape:
+    """A runtime's declared dimensions as ints, None for a symbolic or unknown one."""
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in dims)
 
 
 def _threads() -> int:
@@ -58,7 +76,7 @@ def keras_engine(model, xla: bool = False) -> Engine:
     import tensorflow as tf
 
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, jit_compile=xla)
-    return lambda x: np.asarray(forward(tf.constant(x)), np.float32)
+    return Engine(lambda x: np.asarray(forward(tf.constant(x)), np.float32), _dims(model.input_shape))
 
 
 def savedmodel_engine(path: Path) -> Engine:
@@ -67,7 +85,8 @@ def savedmodel_engine(path: Path) -> Engine:
     import tensorflow as tf
 
     fn = tf.saved_model.load(str(path)).signatures["logits"]
-    return lambda x: np.asarray(fn(slices=tf.constant(x))["logits"], np.float32)
+    shape = fn.structured_input_signature[1]["slices"].shape.as_list()
+    return Engine(lambda x: np.asarray(fn(slices=tf.constant(x))["logits"], np.float32), _dims(shape))
 
 
 def onnx_engine(path: Path) -> Engine:
@@ -78,8 +97,8 @@ def onnx_engine(path: Path) -> Engine:
     options.intra_op_num_threads = _threads()
     options.log_severity_level = 3  # errors only: no "unused initializer" notices on the console
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: np.asarray(session.run(None, {name: x})[0], np.float32)
+    first = session.get_inputs()[0]
+    return Engine(lambda x: np.asarray(session.run(None, {first.name: x})[0], np.float32), _dims(first.shape))
 
 
 def openvino_engine(path: Path, precision: str = "f32") -> Engine:
@@ -94,7 +113,8 @@ def openvino_engine(path: Path, precision: str = "f32") -> Engine:
                                                           "PERFORMANCE_HINT": "LATENCY",
                                                           "INFERENCE_NUM_THREADS": _threads()})
     request = compiled.create_infer_request()
-    return lambda x: np.array(request.infer([x])[0], np.float32)
+    shape = [d.get_length() if d.is_static else None for d in compiled.input(0).get_partial_shape()]
+    return Engine(lambda x: np.array(request.infer([x])[0], np.float32), _dims(shape))
 
 
 def litert_engine(path: Path) -> Engine:
@@ -102,7 +122,8 @@ def litert_engine(path: Path) -> Engine:
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(str(path), num_threads=_threads())
-    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    details = interpreter.get_input_details()[0]
+    inp, out = details["index"], interpreter.get_output_details()[0]["index"]
     shape = [None]
 
     def run(x):
@@ -114,7 +135,7 @@ def litert_engine(path: Path) -> Engine:
         interpreter.invoke()
         return np.array(interpreter.get_tensor(out), np.float32)
 
-    return run
+    return Engine(run, _dims(details.get("shape_signature", details["shape"])))
 
 
 FILE_ENGINES = {"savedmodel": savedmodel_engine, "onnx": onnx_engine, "openvino": openvino_engine,

@@ -11,7 +11,6 @@ geometry, with a warning naming it.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from liverseg import InputError, LiversegError, atomic_path, dicom_io, geometry, layouts, metrics, overlay, rundir, volumes
+from liverseg import InputError, LiversegError, dicom_io, geometry, layouts, metrics, overlay, rundir, volumes
+from liverseg.outputs import atomic_path, check_output, new_folder
 from liverseg.manifest import CaseInfo, Manifest, SourceFile
 from liverseg.predict import Run, check_ensemble, infer_volume, members, postprocess, predict_image
 from liverseg.records import read_case
@@ -49,7 +49,8 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
         found, _ = layouts.find(Path(data), layout)  # raises naming the folder when it holds no pairs
         _warn_overlap(run, {c: pair.image.name for c, pair in found.items()})
         cases = folder_cases(models, found, layout)
-    return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs)
+    inputs = [model.root for model in models] + [Path(data) if data is not None else Path(records or run.cfg.data.records)]
+    return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs, inputs)
 
 
 def _warn_overlap(run: Run, scored: dict) -> None:
@@ -115,6 +116,8 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
     from liverseg.predict import load_run
 
     roots = [Path(r) for r in run_dirs]
+    out = Path(out) if out else roots[0].parent / "cv"
+    check_output(out, roots, replaces="report", flag="--out")
     infos = [rundir.RunInfo.load(r) for r in roots]
     plain = [str(r) for r, i in zip(roots, infos) if not i.folds]
     if plain:
@@ -152,10 +155,7 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
             rows.append({"case": case_id, "fold": fold, **metrics.case_metrics(pred, ref, spacing)})
     summary = {"overall": metrics.summarize(rows),
                "folds": {str(f): metrics.summarize([row for row in rows if row["fold"] == f]) for f in sorted(by_fold)}}
-    out = Path(out) if out else roots[0].parent / "cv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    with new_folder(out) as tmp:
         _write_table(tmp / "cases.csv", rows)
         (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary,
                                                       "runs": {str(f): str(r) for f, r in sorted(by_fold.items())}},
@@ -217,31 +217,24 @@ def folder_cases(run, found: layouts.Found, layout: str = "pattern"):
     return cases()
 
 
-def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True) -> tuple[list[dict], dict, Path]:
+def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True, inputs=()) -> tuple[list[dict], dict, Path]:
     """The evaluation report of scored cases: cases.csv, metrics.json, one overlay PNG per case
-    and the means in TensorBoard (RUN/evaluation). Written into a temporary folder renamed
-    onto `out` at the end, so a failure part-way leaves no folder."""
+    and the means in TensorBoard (RUN/evaluation). `out` is checked first (it may replace
+    only an earlier report, and holds none of `inputs`), then written into a temporary folder
+    renamed onto `out` at the end, so a failure part-way leaves no folder."""
     rows = []
-    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(out) as tmp:
-            tmp.mkdir()
-            for case_id, pred, ref, spacing, panel in cases:
-                rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
-                if pngs:
-                    overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
-            if not rows:
-                raise LiversegError(f"{name}: no cases to evaluate")
-            summary = metrics.summarize(rows)
-            _write_table(tmp / "cases.csv", rows)
-            (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
-                                                         indent=1, default=_json_number) + "\n")
-    except BaseException:
-        for p in new_parents:  # innermost first: folders this call created, left empty by the failure
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
+    check_output(out, [run.root, *inputs], replaces="report", flag="--out")
+    with new_folder(out) as tmp:
+        for case_id, pred, ref, spacing, panel in cases:
+            rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
+            if pngs:
+                overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
+        if not rows:
+            raise LiversegError(f"{name}: no cases to evaluate")
+        summary = metrics.summarize(rows)
+        _write_table(tmp / "cases.csv", rows)
+        (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
+                                                     indent=1, default=_json_number) + "\n")
     writer = tf.summary.create_file_writer(str(rundir.RunDir(run.root).board("evaluation")))
     with writer.as_default(step=0):
         for k, v in summary.items():

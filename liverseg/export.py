@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, atomic_path, engines, rundir
-from liverseg.predict import ExportInfo, Run, load_export, normalize
+from liverseg import LiversegError, engines, rundir
+from liverseg.outputs import check_output, new_folder
+from liverseg.predict import ExportInfo, Run, load_export, network_input, normalize
 
 FORMATS = ("savedmodel", "onnx", "openvino", "litert")
 ARTIFACTS = {"savedmodel": "saved_model", "onnx": "model.onnx", "openvino": "model.xml", "litert": "model.tflite"}
@@ -48,10 +49,13 @@ def _require_exporter(fmt: str) -> None:
         raise LiversegError(f"--format {fmt}: needs {', '.join(missing)} to export; pip install 'liverseg[{extra}]'")
 
 
-def _signature(channels: int):
+def _signature(run: Run):
+    """The network's input as the artifact declares it (`predict.network_input`): fixed H and W
+    where the run was trained at one slice size, so a contract edited to another size is
+    caught by the runtime's own shape (`predict.check_artifact_input`)."""
     import tensorflow as tf
 
-    return [tf.TensorSpec([None, None, None, channels], tf.float32, name="slices")]
+    return [tf.TensorSpec([None, *network_input(run.contract)], tf.float32, name="slices")]
 
 
 def _quiet_export(fn) -> None:
@@ -82,7 +86,7 @@ def _savedmodel(run: Run, path: Path) -> None:
     channels = run.contract.spec.channels
 
     class Serving(tf.Module):
-        @tf.function(input_signature=_signature(channels))
+        @tf.function(input_signature=_signature(run))
         def logits(self, slices):
             return {"logits": model(slices, training=False)}
 
@@ -100,7 +104,7 @@ def _savedmodel(run: Run, path: Path) -> None:
 
 
 def _onnx(run: Run, path: Path) -> None:
-    sig = _signature(run.contract.spec.channels)
+    sig = _signature(run)
     _quiet_export(lambda: run.model.export(str(path), format="onnx", input_signature=sig, verbose=False))
 
 
@@ -114,7 +118,7 @@ def _openvino(run: Run, path: Path) -> None:
 
 
 def _litert(run: Run, path: Path) -> None:
-    sig = _signature(run.contract.spec.channels)
+    sig = _signature(run)
     _quiet_export(lambda: run.model.export(str(path), format="litert", input_signature=sig, verbose=False))
 
 
@@ -131,10 +135,13 @@ def probe(run: Run, n: int = 2) -> np.ndarray:
     return normalize(hu + rng.normal(0, 20, hu.shape).astype(np.float32), spec.normalization)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LiversegError(f"{out} is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _check_out(out: Path, overwrite: bool, runs: list[Run]) -> None:
+    """OUT may replace an earlier export only (with --force), never a run, a dataset, the
+    export's own source or a folder of other files (`outputs.check_output`)."""
+    sources = [p for r in runs for p in (r.root, r.weights, Path(r.cfg.data.records))]
+    check_output(out, sources, replaces="export")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LiversegError(f"{out} holds an earlier export; pass --force to replace it")
 
 
 def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool = False) -> tuple[Path, float]:
@@ -146,9 +153,8 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
     if fmt != "savedmodel":
         engines.require(engines.ENGINE_OF_FORMAT[fmt])
     out = Path(out)
-    _check_out(out, overwrite)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    _check_out(out, overwrite, [run])
+    with new_folder(out) as tmp:
         WRITERS[fmt](run, tmp / ARTIFACTS[fmt])
         info = ExportInfo(fmt, ARTIFACTS[fmt], run.contract, runs=(str(run.root.resolve()),))
         info.save(tmp)
@@ -176,10 +182,9 @@ def export_ensemble(runs: list[Run], out: str | Path, fmt: str = "savedmodel", o
         return export(runs[0], out, fmt, overwrite)
     check_ensemble(runs)
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, runs)
     diffs = []
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    with new_folder(out) as tmp:
         names = [f"member-{i}" for i in range(len(runs))]
         for name, run in zip(names, runs):
             diffs.append(export(run, tmp / name, fmt)[1])

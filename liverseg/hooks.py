@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from liverseg import TERMINATE, LiversegError, atomic_path, metrics
+from liverseg import TERMINATE, LiversegError, metrics
+from liverseg.outputs import atomic_path
 from liverseg.config import TrainConfig
 from liverseg.rundir import RunDir
 

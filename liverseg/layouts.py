@@ -41,12 +41,14 @@ MERGES_TUMOUR = ("msd", "lits")  # layouts whose masks label tumour 2 inside the
 
 class Pair(NamedTuple):
     """A case as a layout finds it: its image and mask, its split ("" unless the layout says
-    it) and its source tag (a case list's `source` column: "real", "phantom", ...)."""
+    it), its source tag (a case list's `source` column: "real", "phantom", ...) and where it
+    was listed (a case list's row: what a message about the case names)."""
 
     image: Source
     mask: Source
     split: str = ""
     source: str = ""
+    origin: str = ""
 
 
 Found = dict[str, Pair]
@@ -268,7 +270,7 @@ def list_cases(path: Path, mask_segment: str = "liver") -> tuple[Found, bool]:
         splits.add(bool(split))
         image = _image_source(path.parent, row.get("image", ""), where)
         found[case] = Pair(image, _mask_source(path.parent, row.get("mask", ""), image, row.get("mask_label") or "",
-                                               where, mask_segment), split, source)
+                                               where, mask_segment), split, source, where)
         where_of[case] = where
     if not found:
         raise LiversegError(f"{path}: the case list holds no cases")

@@ -19,7 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from liverseg import InputError, atomic_path, geometry
+from liverseg import InputError, geometry
+from liverseg.outputs import atomic_path
 from liverseg.geometry import Header
 
 try:  # Intel ISA-L inflate: ~1.5x faster than zlib on CT volumes, same output

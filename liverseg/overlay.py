@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import atomic_path, geometry
+from liverseg import geometry
+from liverseg.outputs import atomic_path
 
 GREEN = (0, 220, 0)  # ground truth
 RED = (255, 40, 40)  # prediction

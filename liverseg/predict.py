@@ -29,12 +29,14 @@ import numpy as np
 from scipy import ndimage
 
 from liverseg import InputError, LiversegError, __version__, dicom_io, engines, geometry, layouts, nifti_io, rundir, volumes
+from liverseg.outputs import check_output
 from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
 
 CONTRACT_FILE = "liverseg-model.json"  # an exported folder's contract
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: the artifact's input is fixed in H, W where the run's slice size is
+CONTRACT_VERSIONS = (1, 2)  # read
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
@@ -184,15 +186,15 @@ class ExportInfo:
     @classmethod
     def from_json(cls, d: dict, where: Path) -> "ExportInfo":
         version = d.get("version") if isinstance(d, dict) else None
-        if version != CONTRACT_VERSION:
-            raise LiversegError(f"{where}: export format version {version}, this liverseg ({__version__}) reads version "
-                                f"{CONTRACT_VERSION}; export the run again with this version")
+        if version not in CONTRACT_VERSIONS:
+            raise LiversegError(f"{where}: export format version {version}, this liverseg ({__version__}) reads versions "
+                                f"{', '.join(map(str, CONTRACT_VERSIONS))}; export the run again with this version")
         try:
             if d.get("ensemble"):
                 return cls(d["format"], members=tuple(d["ensemble"]), runs=tuple(d.get("runs", ())),
-                           liverseg=d.get("liverseg", "?"))
+                           liverseg=d.get("liverseg", "?"), version=version)
             return cls(d["format"], d["artifact"], Contract.from_json(d), (), d.get("parity"), tuple(d.get("runs", ())),
-                       d.get("liverseg", "?"))
+                       d.get("liverseg", "?"), version)
         except (KeyError, TypeError, ValueError) as e:
             raise LiversegError(f"{where}: unreadable export contract ({type(e).__name__}: {e}); export the run "
                                 "again") from None
@@ -231,12 +233,39 @@ def load_export(root: str | Path, engine: str | None = None) -> Exported:
         raise LiversegError(f"{root}: its {fmt} artifact {artifact.name} is missing; export the run again")
     name = engine or engines.ENGINE_OF_FORMAT[fmt]
     if name == engines.ENGINE_OF_FORMAT[fmt]:
-        return Exported(root, fmt, info.contract, engines.FILE_ENGINES[fmt](artifact))
-    if name in ("openvino", "openvino-bf16") and fmt in ("onnx", "openvino"):
-        return Exported(root, fmt, info.contract,
-                        engines.openvino_engine(artifact, "bf16" if name.endswith("bf16") else "f32"))
-    raise LiversegError(f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
-                        f"{', openvino or openvino-bf16' if fmt in ('onnx', 'openvino') else ''})")
+        network = engines.FILE_ENGINES[fmt](artifact)
+    elif name in ("openvino", "openvino-bf16") and fmt in ("onnx", "openvino"):
+        network = engines.openvino_engine(artifact, "bf16" if name.endswith("bf16") else "f32")
+    else:
+        raise LiversegError(f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
+                            f"{', openvino or openvino-bf16' if fmt in ('onnx', 'openvino') else ''})")
+    check_artifact_input(info, network.input_shape, artifact)
+    return Exported(root, fmt, info.contract, network)
+
+
+def network_input(contract: Contract) -> tuple[int | None, int | None, int]:
+    """(H, W, C) of the network's input under a contract: the padded stored slice where the
+    run was trained at one size (`size`, or `spacing`'s window), None where any size comes
+    (native-size records: each scan keeps its own); C = 2k+1."""
+    spec, d = contract.spec, contract.divisor
+    if spec.size is None:
+        return None, None, spec.channels
+    return spec.height + (-spec.height % d), spec.width + (-spec.width % d), spec.channels
+
+
+def check_artifact_input(info: ExportInfo, shape: tuple, artifact: Path) -> None:
+    """The contract's input against the input shape the artifact declares: channels always; the
+    slice size for exports of version 2 on (earlier ones declared any size). Refused naming both."""
+    want = network_input(info.contract)
+    got = tuple(shape[1:4]) if len(shape) == 4 else None
+    checked = (2,) if info.version < 2 else (0, 1, 2)
+    if got is None or any(got[i] != want[i] for i in checked):
+        def shown(hwc):
+            return "x".join("any" if v is None else str(v) for v in hwc) if hwc else f"rank {len(shape)}"
+        raise LiversegError(f"{artifact.parent / CONTRACT_FILE}: its input ({shown(want)}: H x W x channels, from "
+                            f"context {info.contract.spec.context}, size {info.contract.spec.size}) does not match "
+                            f"the network in {artifact.name} ({shown(got)}); the contract was edited or belongs to "
+                            "another export: export the run again")
 
 
 def load_exports(root: str | Path, engine: str | None = None) -> list[Exported]:
@@ -426,6 +455,8 @@ def predict(models, paths, out: str | Path, force: bool = False, probabilities: 
             raise LiversegError(f"--format dicom-seg needs DICOM series as inputs (a SEG refers to the series' slices), "
                                 f"but {', '.join(not_dicom)} {'is' if len(not_dicom) == 1 else 'are'} not DICOM; use "
                                 "--format nifti for them")
+    sources = [m.root for m in models if getattr(m, "root", None)]  # a run or an export (a test model has none)
+    check_output(out, [*paths, *sources], flag="--out")  # never over an input: a mask, a scan, a model
     for msg in failures:
         log.error("%s", msg)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from liverseg import LiversegError, __version__, atomic_path, config, folder_lock
+from liverseg import LiversegError, __version__, config
+from liverseg.outputs import atomic_path, folder_lock
 from liverseg.config import Config
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def check_dataset(run: Path, info: RunInfo) -> None:
 
 
 def claim(run: Path):
-    """Hold RUN/.lock while training (`liverseg.folder_lock`): a second trainer on the same
+    """Hold RUN/.lock while training (`outputs.folder_lock`): a second trainer on the same
     run fails naming the holder; a lock left by a crashed trainer is taken over."""
     return folder_lock(run, RunDir(run).lock.name, "a trainer",
                        "wait for it to finish or stop it (two trainers would interleave checkpoints), or choose "

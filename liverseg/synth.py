@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, atomic_path, dicom_io, geometry, nifti_io, volumes
+from liverseg import LiversegError, dicom_io, geometry, nifti_io, volumes
+from liverseg.outputs import atomic_path
 from liverseg.anatomy import render
 from liverseg.layouts import SYNTH_LAYOUTS as LAYOUTS
 from liverseg.volumes import Source

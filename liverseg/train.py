@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import shutil
 import signal
 import sys
@@ -324,30 +325,73 @@ class Trainer:
 
 def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
     """Train (or resume) in `run`. Returns the summary also written to RUN/run.json (chief)."""
-    trainer = Trainer(cfg, run, progress)
-    try:
-        resume_point = lambda: f"step {trainer.hooks.last_saved} in {trainer.paths.checkpoints}"  # noqa: E731
-        with trainer.signals(), lost_workers_explained(cfg.train.strategy == "multi_worker", resume_point):
-            trainer.run(cfg.train.steps)
-            return trainer.finish()
-    finally:
-        trainer.close()
+    trainer: Trainer | None = None
+
+    def resume_point() -> str:
+        saved = trainer.hooks.last_saved if trainer is not None and hasattr(trainer, "hooks") else None
+        where = rundir.RunDir(run).checkpoints
+        if not saved:
+            return f"its newest checkpoint in {where}, if any (none was written by this start)"
+        return f"step {saved} in {where}"
+
+    # From the strategy's first collective (set-up broadcasts the initial weights) to the last.
+    with lost_workers_explained(cfg.train.strategy == "multi_worker", resume_point):
+        trainer = Trainer(cfg, run, progress)
+        try:
+            with trainer.signals():
+                trainer.run(cfg.train.steps)
+                return trainer.finish()
+        finally:
+            trainer.close()
+
+
+LOST_PEER = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+             tf.errors.CancelledError)
+_REASONS = re.compile(r"aborted by: (.+)|((?:recvmsg:)?Connection reset by peer|Socket closed|Connection refused|"
+                      r"failed to connect to all addresses|Deadline Exceeded|heartbeat timeout[^.]*|"
+                      r"leader task was preempted/died/restarted unexpectedly)")
+
+
+def lost_peer_reason(e: tf.errors.OpError) -> str:
+    """The line of a collective's error that says what happened to the peer (TF's first line
+    is often only "Graph execution error:")."""
+    text = e.message or ""
+    m = _REASONS.search(text)
+    if m:
+        return (m.group(1) or m.group(2)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 @contextlib.contextmanager
 def lost_workers_explained(multi_worker: bool, resume_point: Callable[[], str]):
     """Under multi-worker, a peer that died or became unreachable surfaces as a collective's
-    UnavailableError (or a deadline/abort) with a long trace: say it in one line instead,
-    naming where training resumes (`resume_point()`: the last checkpoint)."""
+    UnavailableError (or a deadline, abort or cancellation) with a long trace, in the loop or
+    while the strategy sets up, and in TF's own watcher threads: say it in one line instead,
+    naming where training resumes (`resume_point()`), and keep the threads' copies of it off
+    the console."""
+    if not multi_worker:
+        yield
+        return
+    default_hook = threading.excepthook
+
+    def quiet_lost_peer(args) -> None:  # TF's preemption watchers fail with the same lost peer
+        if issubclass(args.exc_type, LOST_PEER):
+            log.debug("%s: %s", args.thread.name if args.thread else "thread", args.exc_value)
+            return
+        default_hook(args)
+
+    threading.excepthook = quiet_lost_peer
     try:
         yield
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError) as e:
-        if not multi_worker:
-            raise
-        first = (e.message or type(e).__name__).strip().splitlines()[0][:200]
-        raise LiversegError(f"lost contact with a worker of the cluster ({type(e).__name__}: {first}); restart every "
-                            f"worker with the same command: training resumes from the last checkpoint "
-                            f"({resume_point()})") from None
+    except LOST_PEER as e:  # the hook stays: the watchers may fail again while the process exits
+        raise LiversegError(f"lost contact with a worker of the cluster ({type(e).__name__}: {lost_peer_reason(e)}); "
+                            f"restart every worker with the same command: training resumes from {resume_point()}"
+                            ) from None
+    except BaseException:
+        threading.excepthook = default_hook
+        raise
+    threading.excepthook = default_hook
 
 
 __all__ = ["LogWindow", "NonFiniteLoss", "PREEMPTED_EXIT", "Preempted", "Trainer", "every", "train"]

@@ -296,7 +296,7 @@ def test_two_conversions_into_one_out_the_second_fails_naming_the_first(tmp_path
     src = tmp_path / "src"
     synth.synthesize(src, cases=2, size=24, slices=(6, 6), seed=1, progress=False)
     out = tmp_path / "out"
-    with locked(out):
+    with locked(out, src):
         assert (out / LOCK).read_text().startswith(f"pid {os.getpid()} on ")
         with pytest.raises(LiversegError, match=rf"{out} is in use by a conversion \(pid {os.getpid()} .*choose another OUT"):
             convert(src, out, ConvertOptions(), progress=False)

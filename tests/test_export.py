@@ -242,8 +242,17 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
     shutil.copytree(exports["onnx"], old)
     contract = json.loads((old / predict.CONTRACT_FILE).read_text())
     (old / predict.CONTRACT_FILE).write_text(json.dumps({**contract, "version": 0}))
-    with pytest.raises(LiversegError, match=r"export format version 0, this liverseg .* reads version 1; export the run again"):
+    with pytest.raises(LiversegError, match=r"export format version 0, this liverseg .* reads versions 1, 2; export the run again"):
         predict.load_export(old)
+    # a contract edited to another input: the slice size (this export takes any), the context
+    for edit, said in (({"size": 64, "height": 64, "width": 64}, r"64x64x3: .* does not match the network in model\.onnx "
+                                                                 r"\(anyxanyx3\)"),
+                       ({"context": 2, "channels": 5}, r"anyxanyx5: .* does not match the network in model\.onnx "
+                                                      r"\(anyxanyx3\)")):
+        edited = {**contract, "input": {**contract["input"], **edit}}
+        (old / predict.CONTRACT_FILE).write_text(json.dumps(edited))
+        with pytest.raises(LiversegError, match=rf"liverseg-model\.json: its input \({said}; the contract was edited"):
+            predict.load_export(old)
     (old / predict.CONTRACT_FILE).write_text(json.dumps(contract))
     (old / "model.onnx").unlink()
     with pytest.raises(LiversegError, match=r"old: its onnx artifact model\.onnx is missing; export the run again"):

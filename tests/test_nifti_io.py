@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import load_image, load_mask, write_nifti
-from liverseg import atomic_path, geometry, nifti_io
+from liverseg import geometry, nifti_io
+from liverseg.outputs import atomic_path
 from liverseg.nifti_io import InputError
 
 ORIENTATIONS = ["LAS", "RAS", "LPS", "PIR", "SAL"]

@@ -55,6 +55,19 @@ def test_resized_training_restores_native_geometry(dataset, tmp_path):
     image = sorted(src.glob("*_orig.nii.gz"))[0]
     mask, prob, geom = predict.predict_source(r, Source.nifti(image))
     assert mask.shape == prob.shape == nib.load(str(image)).shape and geom.resized
+    # its export takes 32x32 slices only, and a contract edited to another size is refused
+    from liverseg import export
+
+    out = export.export(r, tmp_path / "onnx", "onnx")[0]
+    model = predict.load_export(out)
+    assert model.engine.input_shape == (None, 32, 32, 1)
+    np.testing.assert_array_equal(predict.predict_source(model, Source.nifti(image))[0], mask)
+    contract = json.loads((out / predict.CONTRACT_FILE).read_text())
+    contract["input"].update(size=48, height=48, width=48)
+    (out / predict.CONTRACT_FILE).write_text(json.dumps(contract))
+    with pytest.raises(LiversegError, match=r"its input \(48x48x1: .* size 48\) does not match the network in "
+                                            r"model\.onnx \(32x32x1\)"):
+        predict.load_export(out)
 
 
 def test_largest_component_removes_a_detached_blob_and_fills_holes():
@@ -141,7 +154,7 @@ def test_export_reloads_with_the_same_probabilities(trained_run, tmp_path):
     padded = tf.pad(pipeline.normalize(tf.constant(x, tf.float32), run.contract.spec.normalization), [[0, 0], [0, 2], [0, 0], [0, 0]], mode="REFLECT")
     ref = tf.sigmoid(run.model(padded, training=False)).numpy()[:, :30, :28]
     np.testing.assert_allclose(got, ref, atol=1e-5)
-    with pytest.raises(LiversegError, match="not empty"):
+    with pytest.raises(LiversegError, match="holds an earlier export; pass --force"):
         export.export(run, out)
 
 

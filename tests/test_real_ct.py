@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_MASKS
-from liverseg import dicom_io, geometry, records, volumes
+from liverseg import InputError, LiversegError, dicom_io, geometry, records, volumes
 from liverseg.convert import ConvertOptions, convert
 from liverseg.volumes import Source
 
@@ -53,6 +53,25 @@ def test_real_dicom_seg_and_nrrd_of_the_same_label_give_the_same_records(real_ct
     as_nrrd = volumes.load_mask(Source.nrrd(ct / "liver_seg.nrrd"))
     geometry.check_pair(on_ct.header, as_nrrd.header)
     np.testing.assert_array_equal(geometry.onto_grid(as_nrrd.voxels, as_nrrd.header, on_ct.header), on_ct.voxels)
+
+
+def test_a_truncated_real_seg_is_named_with_its_list_row_and_nothing_is_written(real_ct, tmp_path):
+    """dcmqi's SEG cut short inside its pixel data, listed as the mask of row 3: refused in
+    phase 1 (before any shard) naming the file and the row; the same for its voxels."""
+    ct = real_ct / "dcmqi-ct-3slice"
+    whole = (ct / "liver.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[:len(whole) - 2000])
+    cases = _list(tmp_path / "cases.csv", [("good", ct, ct / "liver.dcm", "train", "", ""),
+                                           ("cut", ct, tmp_path / "cut.dcm", "train", "", "")])
+    with pytest.raises(LiversegError, match=r"cut\.dcm: truncated or damaged DICOM SEG: its pixel data holds 96,304 of "
+                                            r"the 98,304 bytes .* \(case cut, .*cases\.csv row 3\)"):
+        convert(cases, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
+    assert not (tmp_path / "out").exists()
+    image = volumes.read_header(Source.dicom(next(s for s in dicom_io.find_series(ct) if s.modality == "CT")))
+    from liverseg import dicom_seg
+
+    with pytest.raises(InputError, match=r"cut\.dcm: truncated or damaged DICOM SEG"):
+        dicom_seg.read_mask(tmp_path / "cut.dcm", image)
 
 
 def test_real_jpeg2000_series_with_its_multilabel_nifti(real_ct, tmp_path):

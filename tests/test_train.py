@@ -92,6 +92,41 @@ def test_two_process_multi_worker_run(dataset, tmp_path):
     assert json.loads((run / "run.json").read_text())["result"]["replicas"] == 2
 
 
+@pytest.mark.slow
+def test_the_survivor_of_a_killed_chief_says_so_in_one_line(dataset, tmp_path):
+    """SIGKILL of the chief of two MultiWorkerMirrored workers, once it has checkpointed: the
+    other worker ends with one line naming the lost peer and where training resumes, without
+    TensorFlow's traces (Python's, its watcher threads', the collectives' C++ aborts)."""
+    import json as json_mod
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    run = tmp_path / "run"
+    procs = [_cli("train", "--config", SMOKE, "--records", dataset, "--run", run, "--set", "train.strategy=multi_worker",
+                  "--set", "train.steps=100000", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=0",
+                  env={"TF_CONFIG": json_mod.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+             for i in range(2)]
+    try:
+        _wait_for(run / "checkpoints" / "ckpt-10.index", procs[0], timeout=240)
+        procs[0].kill()
+        out = procs[1].communicate(timeout=240)[0]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[1].returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "lost contact with a worker of the cluster (UnavailableError: " in errors[0], out
+    assert "training resumes from step " in errors[0] and str(run / "checkpoints") in errors[0], out
+    for noise in ("Traceback", "E0000", "GRPC", "Exception in thread"):
+        assert noise not in out, out
+
+
 def _wait_for(path: Path, proc, timeout=120):
     t0 = time.time()
     while not path.exists():

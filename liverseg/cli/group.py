@@ -7,12 +7,18 @@ their commands on `cli`; `cli/__init__` imports them all and holds the entry poi
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
 import click
 
 from liverseg import LiversegError
+
+
+# What a file system refuses for reasons outside liverseg: permissions, immutable files,
+# read-only mounts, a full disk or quota.
+FILE_SYSTEM_REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(click.ClickException):
@@ -31,6 +37,12 @@ class Group(click.Group):
             if "liverseg needs TensorFlow" in str(e):
                 raise UserError(str(e)) from None
             raise
+        except OSError as e:  # the file system said no where no check foresaw it: one line naming the file
+            if e.errno not in FILE_SYSTEM_REFUSALS:
+                raise
+            where = e.filename or "a file"
+            raise UserError(f"{where}: {e.strerror or e}; fix its permissions or free "
+                            "space, or choose another folder") from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,6 +54,7 @@ def cli() -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint timings at INFO
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # multi-worker: a line per collective group, watchers
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per module it copies into a SEG
 
 

@@ -33,9 +33,13 @@ _TERMINATED = "LIVERSEG_SIGTERM_BEFORE_EXEC"  # set across the re-exec when SIGT
 # Eigen-based implementation" (util.cc) says an op of that dtype runs in Eigen instead, with
 # the same result; which dtypes it names depends on the CPU (the pipeline's float16-bits
 # transpose on CPUs without AVX512-FP16).
+# A multi-worker peer that died: every collective in flight logs its abort and the gRPC
+# detail, in C++, before the Python error that `train.lost_workers_explained` says in one line.
 NOTICES = (b"WARNING: All log messages before absl::InitializeLog()", b"oneDNN custom operations are on",
            b"cpu_feature_guard.cc", b"To enable the following instructions:", b"rebuild TensorFlow with the",
-           b"Falling back to the default Eigen-based implementation")
+           b"Falling back to the default Eigen-based implementation",
+           b"BaseCollectiveExecutor::StartAbort", b"] Aborting Ring", b"Additional GRPC error information from remote target",
+           b":UNKNOWN:Error received from peer")
 
 
 def catch_sigterm(argv: list[str]) -> None:

@@ -65,7 +65,7 @@ def prepare(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[Case], lis
     folder's state, the shard plan and the space it needs (opts: `resolve`d). Raises on the
     first problem."""
     cases = discover(src, opts)
-    old = check_out(out, opts, src)
+    old = check_out(out, opts, src, cases)
     check_headers(cases, opts)
     bad = [c for c in cases if c.error]
     if bad and not opts.skip_bad:
@@ -91,7 +91,7 @@ def _check_space(out: Path, jobs: list[ShardJob], opts: ConvertOptions) -> None:
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True) -> Manifest:
     """Convert SRC to a sharded dataset in OUT. Returns the manifest (also written to OUT/dataset.json)."""
-    with locked(Path(out)):
+    with locked(Path(out), Path(src)):
         return _convert(Path(src), Path(out), resolve(opts), progress)
 
 

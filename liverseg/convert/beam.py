@@ -145,7 +145,7 @@ def convert_beam(src: str | Path, out: str | Path, opts: ConvertOptions, beam_ar
     its pipeline options). Returns the manifest, as `convert.convert` does."""
     from liverseg.convert.output import locked
 
-    with locked(Path(out)):
+    with locked(Path(out), Path(src)):
         return _convert_beam(Path(src), Path(out), opts, beam_args)
 
 

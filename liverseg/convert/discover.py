@@ -39,8 +39,13 @@ class Case:
     mask: Source
     index: int = -1
     source: str = ""  # the case list's source tag
+    origin: str = ""  # where it was listed ("LIST row N"), named by errors about it
     geometry: geometry.Geometry | None = None  # planned from the headers (a --spacing window is placed later)
     error: str | None = None
+
+    def explain(self, e: Exception) -> str:
+        """An error about this case, naming the case list's row it came from (when it did)."""
+        return f"{e} (case {self.case_id}, {self.origin})" if self.origin else str(e)
 
 
 def discover(src: Path, opts: ConvertOptions) -> list[Case]:
@@ -52,7 +57,7 @@ def discover(src: Path, opts: ConvertOptions) -> list[Case]:
     found, from_folders = layouts.find(src.resolve(), opts.layout, opts.image_pattern, opts.mask_pattern,
                                        opts.mask_segment)  # absolute: the manifest names the sources
     found = _without_ircad_twins(found, opts.exclude_ircad_overlap)
-    cases = [Case(c, pair.split, pair.image, pair.mask, source=pair.source) for c, pair in sorted(found.items())]
+    cases = [Case(c, pair.split, pair.image, pair.mask, source=pair.source, origin=pair.origin) for c, pair in sorted(found.items())]
     _assign_splits(cases, opts, from_folders)
     order = {s: i for i, s in enumerate(SPLITS)}
     cases.sort(key=lambda c: (order[c.split], c.source, c.case_id))  # the order shards hold them in
@@ -145,4 +150,4 @@ def check_headers(cases: list[Case], opts: ConvertOptions) -> None:
             geometry.check_pair(image, mask, opts.affine_tol)
             c.geometry = geometry.stored_geometry(image, opts.size, opts.spacing)
         except InputError as e:
-            c.error = str(e)
+            c.error = c.explain(e)

@@ -14,7 +14,8 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from liverseg import LiversegError, folder_lock, records
+from liverseg import LiversegError, records
+from liverseg.outputs import check_output, folder_lock
 from liverseg.convert.discover import Case
 from liverseg.convert.shards import TMP_PREFIX, ShardResult
 from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, Manifest, RegionHU, ShardInfo, SkippedCase,
@@ -24,15 +25,20 @@ from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, Manif
 LOCK = ".lock"  # held by the conversion writing into OUT
 
 
-def locked(out: Path):
+def locked(out: Path, src: Path):
     """OUT locked for one conversion: a second one into the same OUT fails naming the first
-    (it would delete the first's temporary shards); a lock left by a killed one is taken over."""
+    (it would delete the first's temporary shards); a lock left by a killed one is taken over.
+    Checked first: OUT is not SRC, does not hold it, is not a run or an export, and can be
+    written (`outputs.check_output`)."""
+    check_output(out, [src], may_be="a converted dataset")
     return folder_lock(out, LOCK, "a conversion", "wait for it to finish or stop it, or choose another OUT",
                        remove=True)
 
 
-def check_out(out: Path, opts: ConvertOptions, src: Path) -> Manifest | None:
-    """Refuse to clobber a different dataset or unrelated files; return the old manifest, if any."""
+def check_out(out: Path, opts: ConvertOptions, src: Path, cases: list[Case] = ()) -> Manifest | None:
+    """Refuse to clobber a different dataset or unrelated files, or to write where a case's
+    files are; return the old manifest, if any."""
+    check_output(out, [p for c in cases for p in (c.image.path, c.mask.path)], may_be="a converted dataset")
     if not out.exists():
         return None
     if not out.is_dir():

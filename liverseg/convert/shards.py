@@ -149,8 +149,8 @@ def write_case(writer: records.ShardWriter, c: Case, opts: ConvertOptions) -> Ca
         image, mask, info, per_slice = _load_case(c, opts)
     except InputError as e:
         if not opts.skip_bad:
-            raise
-        return SkippedCase(c.case_id, c.split, str(e))
+            raise InputError(c.explain(e)) from None
+        return SkippedCase(c.case_id, c.split, c.explain(e))
     z, h, w = image.shape
     spacing = c.geometry.stored_spacing
     image = image.astype("<i2", copy=False)  # little-endian on any host; stored arrays are C-contiguous
