@@ -423,6 +423,9 @@ def _rescale(ds, where: str) -> tuple[float, float]:
 # ------------------------------------------------------------------------- writing (phantoms, tests)
 
 
+WRITER = "liverseg"  # the Manufacturer of the series `write_series` writes
+
+
 def write_series(folder: str | Path, voxels: np.ndarray, affine: np.ndarray, modality: str = "CT",
                  seed: int = 0, shuffle: bool = False, patient: str = "phantom") -> str:
     """Write voxels [i, j, k] with an RAS affine as a DICOM series, one uncompressed file per
@@ -459,7 +462,7 @@ def write_series(folder: str | Path, voxels: np.ndarray, affine: np.ndarray, mod
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, uid("frame of reference")
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
         ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName, ds.SeriesNumber = "", "O", "", 1
-        ds.Modality, ds.InstanceNumber = modality, int(names[k]) + 1
+        ds.Modality, ds.InstanceNumber, ds.Manufacturer = modality, int(names[k]) + 1, WRITER
         ds.ImageOrientationPatient = [round(float(v), 8) for v in (*row_c, *col_c)]
         ds.ImagePositionPatient = [round(float(v), 6) for v in positions[k]]
         ds.PixelSpacing = [round(dr, 6), round(dc, 6)]

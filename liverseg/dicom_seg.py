@@ -28,6 +28,7 @@ from liverseg.geometry import Header
 log = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT = "liver"
+SERIES_DESCRIPTION = "liverseg liver segmentation"  # what `write` names its series, and `written_here` recognises
 # Patient and study attributes a SEG copies from its source images, which must be present (type 2)
 TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
@@ -204,11 +205,22 @@ def write(path: str | Path, mask: np.ndarray, series, version: str, weights_fing
             segment_descriptions=[liver], series_instance_uid=hd.UID(), series_number=series_number,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="liverseg",
             manufacturer_model_name="liverseg U-Net", software_versions=version, device_serial_number=weights_fingerprint,
-            series_description="liverseg liver segmentation", omit_empty_frames=True)
+            series_description=SERIES_DESCRIPTION, omit_empty_frames=True)
     path = Path(path)
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path
 
 
-__all__ = ["DEFAULT_SEGMENT", "read_header", "read_mask", "write"]
+def written_here(path: str | Path) -> bool:
+    """Whether `path` is a SEG that `write` wrote (a later `predict --force` may replace it)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - pydicom raises several types for what is not DICOM
+        return False
+    return str(ds.get("Manufacturer", "")) == "liverseg" and str(ds.get("SeriesDescription", "")) == SERIES_DESCRIPTION
+
+
+__all__ = ["DEFAULT_SEGMENT", "read_header", "read_mask", "write", "written_here"]

@@ -201,13 +201,15 @@ def read_voxels(path: Path, raw: bytes | None, scaled: bool) -> tuple[np.ndarray
 # ------------------------------------------------------------------------- writing
 
 
-def write(path: str | Path, arr: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> None:
+def write(path: str | Path, arr: np.ndarray, affine: np.ndarray, dtype=np.uint8, description: str = "") -> None:
     """Write a NIfTI-1 file atomically (temp name, then rename): voxels as `dtype`, the
     affine as both sform and qform (code 1, scanner), millimetres, no intensity scaling
-    for integer types."""
+    for integer types; `description` in the header's descrip field (what wrote it: an
+    output that a later run may replace is recognised by it, `description_of`)."""
     arr = np.asarray(arr).astype(dtype, copy=False)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(arr, affine)
+    img.header["descrip"] = description.encode()[:79]
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm")
     if np.issubdtype(dtype, np.integer):
@@ -218,8 +220,16 @@ def write(path: str | Path, arr: np.ndarray, affine: np.ndarray, dtype=np.uint8)
         nib.save(img, str(tmp))
 
 
-def save_like(path: str | Path, arr: np.ndarray, geom: geometry.Geometry, dtype=np.uint8) -> None:
+def save_like(path: str | Path, arr: np.ndarray, geom: geometry.Geometry, dtype=np.uint8, description: str = "") -> None:
     """Write a source-grid array with the source affine, atomically."""
     if tuple(np.shape(arr)) != tuple(geom.shape):
         raise ValueError(f"array shape {np.shape(arr)} does not match source shape {geom.shape}")
-    write(path, arr, np.asarray(geom.affine), dtype)
+    write(path, arr, np.asarray(geom.affine), dtype, description)
+
+
+def description_of(path: str | Path) -> str:
+    """The descrip field of a NIfTI file's header ("" when it is not a readable NIfTI file)."""
+    try:
+        return bytes(nib.load(str(path)).header["descrip"]).rstrip(b"\0").decode(errors="replace")
+    except Exception:  # noqa: BLE001 - nibabel raises several types for what is not NIfTI
+        return ""

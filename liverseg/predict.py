@@ -38,6 +38,7 @@ CONTRACT_FILE = "liverseg-model.json"  # an exported folder's contract
 CONTRACT_VERSION = 2  # 2: the artifact's input is fixed in H, W where the run's slice size is
 CONTRACT_VERSIONS = (1, 2)  # read
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
+PREDICTION = "liverseg prediction"  # the descrip of the NIfTI files predict writes (what --force may replace)
 
 
 @dataclass(frozen=True)
@@ -464,16 +465,16 @@ def predict(models, paths, out: str | Path, force: bool = False, probabilities: 
     for src, stem in scans:
         target, prob_target = out / f"{stem}{suffix}", out / f"{stem}_liver_prob.nii.gz"
         try:
-            if target.exists() and not force:
-                raise LiversegError(f"{target} exists; pass --force to overwrite")
+            for path in (target, prob_target) if probabilities else (target,):
+                _check_replaceable(path, force)
             mask, prob, geom = predict_source(models, src)
             if fmt == "dicom-seg":
                 _write_seg(target, mask, src, models)
             else:
-                nifti_io.save_like(target, mask, geom, np.uint8)
+                nifti_io.save_like(target, mask, geom, np.uint8, PREDICTION)
             written.append(target)
             if probabilities:
-                nifti_io.save_like(prob_target, prob, geom, np.float32)
+                nifti_io.save_like(prob_target, prob, geom, np.float32, PREDICTION)
                 written.append(prob_target)
             log.info("%s -> %s (%.0f ml)", src.name, target, mask.sum() * math.prod(geom.spacing) / 1000)
         except (LiversegError, OSError) as err:
@@ -481,6 +482,21 @@ def predict(models, paths, out: str | Path, force: bool = False, probabilities: 
             failures.append(msg)
             log.error("%s", msg)
     return written, failures
+
+
+def _check_replaceable(target: Path, force: bool) -> None:
+    """An existing output is replaced with --force only when predict wrote it (NIfTI: its
+    descrip field; SEG: its series description): never a label or scan of the same name."""
+    if not target.exists():
+        return
+    if not force:
+        raise LiversegError(f"{target} exists; pass --force to overwrite")
+    from liverseg import dicom_seg
+
+    ours = dicom_seg.written_here(target) if target.suffix == ".dcm" else nifti_io.description_of(target) == PREDICTION
+    if not ours:
+        raise LiversegError(f"{target} exists and was not written by liverseg predict (a label or scan of that name?); "
+                            "--force replaces only earlier predictions: choose another --out")
 
 
 def _write_seg(target: Path, mask: np.ndarray, src: Source, models: list) -> None:

@@ -27,6 +27,7 @@ from liverseg.layouts import SYNTH_LAYOUTS as LAYOUTS
 from liverseg.volumes import Source
 
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
+PHANTOM = "liverseg phantom"  # the descrip of the NIfTI files synth writes (what a re-run may replace)
 THICKNESSES = (1.0, 1.25, 1.6, 2.0, 2.5, 3.0, 4.0)
 
 
@@ -75,9 +76,42 @@ def _write_case(spec: CaseSpec, out: Path, layout: str = "flat") -> str:
             dicom_io.write_series(tmp / "MASKS_DICOM" / "liver", mask * np.uint8(255), affine, "OT", spec.seed,
                                   patient=patient.name)
         return spec.name
-    nifti_io.write(out / f"{spec.name}_orig.nii.gz", ct, affine, np.int16)
-    nifti_io.write(out / f"{spec.name}_liver.nii.gz", mask, affine, np.uint8)
+    nifti_io.write(out / f"{spec.name}_orig.nii.gz", ct, affine, np.int16, PHANTOM)
+    nifti_io.write(out / f"{spec.name}_liver.nii.gz", mask, affine, np.uint8, PHANTOM)
     return spec.name
+
+
+def _targets(spec: CaseSpec, out: Path, layout: str) -> list[Path]:
+    if layout == "ircad":
+        return [out / ircad_folder(spec.name)]
+    return [out / f"{spec.name}_orig.nii.gz", out / f"{spec.name}_liver.nii.gz"]
+
+
+def _is_phantom(path: Path) -> bool:
+    """Whether an existing case file (or IRCAD patient folder) is a phantom synth wrote."""
+    if path.is_dir():
+        import pydicom
+
+        first = next((f for f in sorted((path / "PATIENT_DICOM").glob("image_*")) if f.is_file()), None)
+        try:
+            return first is not None and pydicom.dcmread(first, stop_before_pixels=True).get("Manufacturer") == \
+                dicom_io.WRITER
+        except Exception:  # noqa: BLE001 - pydicom raises several types for what is not DICOM
+            return False
+    return nifti_io.description_of(path) == PHANTOM
+
+
+def _check_targets(specs: list[CaseSpec], folders: dict[str, Path], layout: str, masks: Path | None) -> None:
+    """synth replaces its own earlier phantoms only: never a real scan or label that has a
+    case's name, nor the folder of the masks it builds around."""
+    from liverseg.outputs import check_output
+
+    for folder in set(folders.values()):
+        check_output(folder, [masks] if masks is not None else [], flag="OUT")
+    foreign = [t for s in specs for t in _targets(s, folders[s.name], layout) if t.exists() and not _is_phantom(t)]
+    if foreign:
+        raise LiversegError(f"{foreign[0]}: exists and is not a liverseg phantom ({len(foreign)} such file(s) or "
+                            "folder(s)); synth replaces only its own phantoms: choose an empty or new folder")
 
 
 def ircad_folder(name: str) -> str:
@@ -116,6 +150,7 @@ def synthesize(out: str | Path, cases: int = 20, size: int = 512, slices: tuple[
     n_test = max(1, round(len(specs) / 4)) if layout == "seed" else 0
     folders = {s.name: out / ("test" if i >= len(specs) - n_test else "train") if layout == "seed" else out
                for i, s in enumerate(specs)}
+    _check_targets(specs, folders, layout, Path(masks) if masks is not None else None)
     for f in set(folders.values()):
         f.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(specs), desc="synth", unit="case", disable=not progress)
