@@ -56,6 +56,13 @@ class DataConfig:
     cycle_length: int = 4
     # Keep parsed shards in memory after the first pass (for datasets that fit in RAM).
     cache: bool = False
+    # Training reads this pipeline's shards into memory once and draws each pass's slices from
+    # there, in a fresh random order (a permutation of the pass, no shuffle buffer), instead of
+    # reading every shard again each pass: with source_weights or foreground sampling most rows
+    # read are dropped. "auto": when the shards take at most a quarter of the available memory
+    # (and not on the tf.data service); "always"; "never": stream the shards. Exact resume
+    # holds either way (the pass and its position are the iterator's state).
+    in_memory: Literal["auto", "always", "never"] = "auto"
     # "grpc://HOST:PORT" of a tf.data service dispatcher (`liverseg data-service`): the
     # training pipeline's shard reads, parsing, 2.5D gather and host augmentation run on its
     # workers. A resumed run then continues with a fresh data order, not the exact next batch.
@@ -394,6 +401,8 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         need(1 <= cfg.cycle_length <= 256, "cycle_length", "must be in [1, 256]")
         need(not cfg.service or cfg.service.startswith("grpc://"), "service", "must be empty or grpc://HOST:PORT")
         need(not (cfg.service and cfg.cache), "service", "cannot be combined with data.cache (the workers read)")
+        need(not (cfg.service and cfg.in_memory == "always"), "service",
+             "cannot be combined with data.in_memory=always (the workers read the shards)")
         need(cfg.service_timeout_s > 0, "service_timeout_s", "must be > 0")
         need(all(w >= 0 for w in cfg.source_weights.values()) and (not cfg.source_weights
                                                                     or sum(cfg.source_weights.values()) > 0),

@@ -171,14 +171,13 @@ def context_rows(slice_index, num_slices, row, k: int):
     return row - slice_index + tf.clip_by_value(slice_index + offsets, 0, num_slices - 1)
 
 
-def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=None, members=None) -> tf.data.Dataset:
-    """(shard, row) for the slices of one parsed shard to use, in order.
+def kept_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=None, members=None):
+    """The rows [R] int64 of one parsed shard (or of the shards held in memory) to use, in order.
 
-    The shard's tensors are shared by reference (no copy); `_gather_slice` copies out one
-    slice later. Rows are thinned here, before any voxel is copied: non-liver rows kept with
-    probability keep_bg, and every row with its case's `case_keep` (by case index: the
-    source weights' thinning); with `members` (a bool per case index: a fold's shards also
-    hold the other split's cases) only the rows of member cases.
+    Rows are thinned here, before any voxel is copied: non-liver rows kept with probability
+    keep_bg, and every row with its case's `case_keep` (by case index: the source weights'
+    thinning); with `members` (a bool per case index: a fold's shards also hold the other
+    split's cases) only the rows of member cases.
     """
     rows = tf.range(tf.shape(shard[records.SLICE_INDEX], out_type=tf.int64)[0])
     keep = None
@@ -191,12 +190,17 @@ def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=Non
     if members is not None:
         member = tf.gather(members, shard[records.CASE_INDEX])
         keep = member if keep is None else keep & member
-    if keep is not None:
-        rows = tf.boolean_mask(rows, keep)
+    return rows if keep is None else tf.boolean_mask(rows, keep)
+
+
+def _shard_rows(shard: dict, keep_seed=None, keep_bg: float = 1.0, case_keep=None, members=None) -> tf.data.Dataset:
+    """(shard, row) for the `kept_rows` of one parsed shard, in order. The shard's tensors are
+    shared by reference (no copy); `_gather_slice` copies out one slice later."""
 
     def with_shard(row):
         return shard, row
 
+    rows = kept_rows(shard, keep_seed, keep_bg, case_keep, members)
     return tf.data.Dataset.from_tensor_slices(rows).map(with_shard)
 
 
@@ -259,6 +263,7 @@ class _Plan:
     n_pipes: int
     record_shard: bool
     members: tuple[bool, ...] | None = None  # per case index, where the shards hold cases of other splits
+    in_memory: bool = False  # training reads the shards into memory once (`in_memory`)
 
 
 def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bool) -> _Plan:
@@ -281,7 +286,27 @@ def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bo
     held = {case for s in shards for case in s.cases}
     own = {c.case_id for c in m.cases_in(split)}
     members = tuple(c.split == split for c in m.cases) if held - own else None
-    return _Plan(m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard, members)
+    memory = training and in_memory(cfg, shards, h, w, on_service)
+    return _Plan(m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard, members,
+                 memory)
+
+
+IN_MEMORY_SHARE = 0.25  # data.in_memory "auto": the shards may take this share of the available memory
+
+
+def in_memory(cfg: Config, shards, h: int, w: int, on_service: bool = False) -> bool:
+    """Whether training holds these shards (of h x w slices) in memory (data.in_memory;
+    "auto": they take at most IN_MEMORY_SHARE of the available memory, and not on the
+    tf.data service)."""
+    from liverseg import available_memory
+
+    if cfg.data.in_memory != "auto":
+        return cfg.data.in_memory == "always"
+    if on_service:
+        return False
+    need = sum(s.num_examples for s in shards) * (3 * h * w + 64)  # int16 image + uint8 mask + scalars
+    available = available_memory()
+    return available is not None and need <= IN_MEMORY_SHARE * available
 
 
 def _files(plan: _Plan, shards) -> tf.data.Dataset:
@@ -303,6 +328,34 @@ def _stages(cfg: Config, plan: _Plan):
         return _gather_slice(shard, row, k)
 
     return read, gather
+
+
+def _in_memory_slices(cfg: Config, plan: _Plan, shards, epochs: int | None) -> tf.data.Dataset:
+    """Examples of `shards` held in memory (read and parsed once, here): each pass thins the
+    rows as a streamed visit would (`kept_rows`, seeded by the pass) and takes them in a
+    random permutation of its own, so no shuffle buffer is needed. The iterator's state is
+    the pass and the position in it: exact resume, however often."""
+    read, gather_at = _stages(cfg, plan)
+    parts = [read(tf.constant(str(plan.manifest.path(s))), tf.constant(s.num_examples, tf.int64)) for s in shards]
+    held = {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]}  # whole cases in order: contexts stay in case
+    keep_bg, seed = liver_keep_probability(cfg, plan.manifest, plan.split), cfg.seed
+    sampling = tf.constant(derive_seed(seed, "foreground-sampling"), tf.int64)
+    order = tf.constant(derive_seed(seed, f"in-memory-order-{plan.pipe}"), tf.int64)
+    keep = source_keep(cfg, plan.manifest, plan.split)
+    case_keep = None if keep is None else tf.constant(keep, tf.float64)
+    members = None if plan.members is None else tf.constant(plan.members, tf.bool)
+
+    def rows_of_pass(visit):
+        rows = kept_rows(held, tf.stack([sampling, visit]), keep_bg, case_keep, members)
+        return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(rows, tf.stack([order, visit])))
+
+    def gather(row):
+        return gather_at(held, row)
+
+    ds = tf.data.Dataset.range(epochs if epochs is not None else 2**62).flat_map(rows_of_pass)
+    if plan.record_shard:
+        ds = ds.shard(plan.n_pipes, plan.pipe)
+    return ds.map(gather, num_parallel_calls=_parallel(cfg))
 
 
 def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_service: bool) -> tf.data.Dataset:
@@ -371,9 +424,12 @@ def source_keep(cfg: Config, manifest: Manifest, split: str = "train") -> list[f
 def _training_batches(cfg: Config, plan: _Plan, epochs: int | None, on_service: bool) -> tf.data.Dataset:
     """Shuffled, batched (per replica, remainder dropped: static shapes) and, with host
     placement, augmented batches; device placement ships int16 + uint8 as read."""
-    ds = _training_slices(cfg, plan, plan.shards, epochs, on_service)
-    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=derive_seed(cfg.seed, f"slice-shuffle-{plan.pipe}"),
-                    reshuffle_each_iteration=True)
+    if plan.in_memory:  # each pass a permutation already
+        ds = _in_memory_slices(cfg, plan, plan.shards, epochs)
+    else:
+        ds = _training_slices(cfg, plan, plan.shards, epochs, on_service)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=derive_seed(cfg.seed, f"slice-shuffle-{plan.pipe}"),
+                        reshuffle_each_iteration=True)
     ds = ds.batch(plan.batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
     if cfg.augment.placement == "device":
         return ds

@@ -65,7 +65,9 @@ def test_the_host_form_gives_the_device_forms_result_but_its_own_noise():
     clean = augment.Augmenter(config.replace(config.load(None), **OFF).augment, _norm)(image, mask, seed)[0].numpy()
     d, g = (_augment(image, mask, seed, noise, _norm, f)[0].numpy() - clean for f in (True, False))
     assert not np.allclose(d, g)
-    np.testing.assert_allclose(d.std(axis=(1, 2, 3)), g.std(axis=(1, 2, 3)), rtol=0.05)  # 1440 pixels each
+    # 1440 pixels each: a sample std is within ~1.9 % of its drawn std (1 sd), the two forms' ratio ~2.6 %;
+    # 12 % (4.6 sd) still fails a std off by sqrt(2) or a field drawn once for all examples
+    np.testing.assert_allclose(d.std(axis=(1, 2, 3)), g.std(axis=(1, 2, 3)), rtol=0.12)
 
 
 def test_int16_hu_as_stored_augment_like_float32():

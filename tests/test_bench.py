@@ -67,6 +67,15 @@ def test_bench_pipeline_prints_all_rows(dataset, phantoms):
         assert float(vs5.rstrip("%")) == pytest.approx(100 * rate[name] / rate[names[5]], abs=1.0), name
 
 
+def test_bench_pipeline_measures_a_recipes_own_settings(dataset, tmp_path):
+    """--config: the rows use the recipe's context and batch (here 5 channels from --set): row 2's
+    bytes per slice are those of a float32 [32, 32, 5] image, its uint8 mask and two int64 indices."""
+    out = run("bench", "pipeline", dataset, "--config", "configs/smoke.yaml", "--set", "data.context=2",
+              "--batches", 3, "--aug", "none")
+    slices_s, mb_s = (float(v) for v in _rows(out, ["2 pipeline, no augmentation"])["2 pipeline, no augmentation"][:2])
+    assert mb_s * 2**20 / slices_s == pytest.approx(32 * 32 * 5 * 4 + 32 * 32 + 16, rel=0.02)
+
+
 def test_bench_pipeline_through_the_service(dataset):
     out = run("bench", "pipeline", dataset, "--batches", 2, "--batch", 2, "--aug", "none", "--service")
     rows = _rows(out, ["1 raw TFRecord read", "2 pipeline, no augmentation", "2b pipeline, int16 + uint8 for device augmentation",

@@ -52,11 +52,13 @@ def test_eval_order_every_slice_once_in_case_slice_order(dataset):
     assert all(b["image"].dtype == tf.float32 for b in batches)
 
 
-def test_training_batches_are_static_and_foreground_share_matches(dataset):
+@pytest.mark.parametrize("memory", ["always", "never"])
+def test_training_batches_are_static_and_foreground_share_matches(dataset, memory):
     m = Manifest.load(dataset)
     f = m.split("train").liver_fraction
     for p in (0.0, 0.6):
-        cfg = cfg_for(dataset, f"data.foreground_fraction={p}", "augment.placement=none", "data.batch_size=16")
+        cfg = cfg_for(dataset, f"data.foreground_fraction={p}", "augment.placement=none", "data.batch_size=16",
+                      f"data.in_memory={memory}")
         ds = pipeline.build_dataset(cfg, "train")
         assert ds.element_spec["image"].shape == (16, 32, 32, 1)
         liver = total = 0
@@ -79,6 +81,24 @@ def test_two_input_pipelines_see_every_eval_example_once(dataset, caplog):
         assert sorted(got) == sorted((c.index, s) for c in m.cases_in(split) for s in range(c.num_slices))
         assert len(got) == len(set(got))
     assert "1 shard(s) for 2 input pipelines" in caplog.text
+
+
+def test_in_memory_passes_are_permutations_of_the_training_slices(dataset):
+    """Held in memory, each pass (no thinning) yields every training slice once, each pass in
+    another order, the same order for the same seed; "auto" holds a split that fits."""
+    m = Manifest.load(dataset)
+    cfg = cfg_for(dataset, "data.foreground_fraction=0", "augment.placement=none", "data.batch_size=1",
+                  "data.in_memory=always")
+    n = m.split("train").num_examples
+    drawn = [(int(b["case_index"][0]), int(b["slice_index"][0])) for b in pipeline.build_dataset(cfg, "train").take(2 * n)]
+    every = sorted((c.index, s) for c in m.cases_in("train") for s in range(c.num_slices))
+    assert sorted(drawn[:n]) == every and sorted(drawn[n:]) == every and drawn[:n] != drawn[n:]
+    again = [(int(b["case_index"][0]), int(b["slice_index"][0])) for b in pipeline.build_dataset(cfg, "train").take(n)]
+    assert again == drawn[:n]
+    shards, (h, w) = m.shards("train"), m.split("train").slice_shape
+    auto = config.replace(cfg, **{"data.in_memory": "auto"})
+    assert pipeline.in_memory(auto, shards, h, w) and not pipeline.in_memory(auto, shards, h, w, on_service=True)
+    assert not pipeline.in_memory(config.replace(cfg, **{"data.in_memory": "never"}), shards, h, w)
 
 
 def test_file_sharding_gives_each_pipeline_its_own_shards(dataset):
@@ -120,12 +140,14 @@ def test_iterator_checkpoint_resumes_on_the_exact_next_batch(dataset, tmp_path):
         np.testing.assert_array_equal(next(fresh)["image"].numpy(), e)
 
 
-@pytest.mark.parametrize("placement", ["host", "device"])
-def test_resumed_three_times_reads_exactly_like_one_pass(dataset, tmp_path, placement):
+@pytest.mark.parametrize("placement, memory", [("host", "always"), ("host", "never"), ("device", "never")])
+def test_resumed_three_times_reads_exactly_like_one_pass(dataset, tmp_path, placement, memory):
     """An iterator restored from a checkpoint that a restored iterator wrote (and so on) still
-    yields the uninterrupted sequence: a run can be resumed any number of times. (TF 2.21's
-    `enumerate`, a zip over a shuffle, failed the second restore: "Expected 4 components but got 0".)"""
-    cfg = cfg_for(dataset, "deterministic=true", f"augment.placement={placement}", "data.shuffle_buffer=64", "data.cycle_length=2")
+    yields the uninterrupted sequence: a run can be resumed any number of times, shards held in
+    memory or streamed. (TF 2.21's `enumerate`, a zip over a shuffle, failed the second
+    restore: "Expected 4 components but got 0".)"""
+    cfg = cfg_for(dataset, "deterministic=true", f"augment.placement={placement}", "data.shuffle_buffer=64",
+                  "data.cycle_length=2", f"data.in_memory={memory}")
     ref = iter(pipeline.build_dataset(cfg, "train"))
     expected = [next(ref) for _ in range(16)]  # several passes over the 4 training shards
     it, got, path = iter(pipeline.build_dataset(cfg, "train")), [], None
@@ -232,8 +254,10 @@ def _real_share(cfg, batches=150):
         c.num_slices for c in m.cases)
 
 
-def test_source_weights_set_each_sources_share_whatever_its_slices(mixed):
-    base = [f"data.records={mixed}", "data.batch_size=4", "augment.placement=none", "data.foreground_fraction=0"]
+@pytest.mark.parametrize("memory", ["always", "never"])
+def test_source_weights_set_each_sources_share_whatever_its_slices(mixed, memory):
+    base = [f"data.records={mixed}", "data.batch_size=4", "augment.placement=none", "data.foreground_fraction=0",
+            f"data.in_memory={memory}"]
     plain, by_slices = _real_share(config.load(None, base))
     assert plain == pytest.approx(by_slices, abs=0.1)  # without weights: as the slices come (~1/3 real)
     for w in (0.5, 0.8):

@@ -33,13 +33,15 @@ class TutorialLoader:
 
 
 def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, batches: int = 40, aug: str = "host",
-                   context: int = 0, batch: int = 8, tutorial_batches: int = 2, split: str = "train",
-                   service: bool = False) -> list[dict]:
+                   context: int | None = None, batch: int | None = None, tutorial_batches: int = 2, split: str = "train",
+                   service: bool = False, config_path: str | Path | None = None, overrides=()) -> list[dict]:
     """Slices/s and MB/s of: raw TFRecord read, the pipeline without augmentation (float32 out,
     and int16 out as shipped for device augmentation) and with host augmentation, the tutorial's
     loader (with nifti), TF's batched bilinear transform alone (the floor), and with `service`
     the 2b (and 3) pipelines through a tf.data service of 1 and 2 workers on loopback
-    (uncompressed: data.service_compression none)."""
+    (uncompressed: data.service_compression none). The pipeline rows use the data and augment
+    settings of `config_path` (+ `overrides`; default: the built-in defaults), with `context`
+    and `batch` when given."""
     import tensorflow as tf
 
     from liverseg import config, pipeline
@@ -49,7 +51,11 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
     paths = m.shard_paths(split)
     warm(paths)
     h, w = m.split(split).slice_shape
-    base = config.load(None, [f"data.records={records_dir}", f"data.context={context}", f"data.batch_size={batch}"])
+    base = config.load(config_path, [*overrides, f"data.records={records_dir}",
+                                     *([f"data.context={context}"] if context is not None else []),
+                                     *([f"data.batch_size={batch}"] if batch is not None else [])])
+    base = config.replace(base, **{"augment.placement": "host"})  # row 3 is host augmentation
+    context, batch = base.data.context, base.data.batch_size
     rows = []
 
     def add(name, rate):

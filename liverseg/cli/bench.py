@@ -37,16 +37,20 @@ def bench_convert(src, dicom, beam, **kw):
               help="Source NIfTI folder: adds the tutorial's per-slice nib.load loader.")
 @click.option("--batches", default=40, show_default=True, help="Batches timed per row (after 5 warm-up batches).")
 @click.option("--aug", type=click.Choice(["none", "host"]), default="host", show_default=True)
-@click.option("--context", default=0, show_default=True, help="2.5D context k (2k+1 channels).")
-@click.option("--batch", default=8, show_default=True, help="Batch size.")
+@click.option("--context", type=int, help="2.5D context k (2k+1 channels)  [default: the recipe's, else 0]")
+@click.option("--batch", type=int, help="Batch size  [default: the recipe's, else 8]")
 @click.option("--tutorial-batches", default=2, show_default=True, help="Batches timed for the (slow) tutorial loader.")
 @click.option("--service", is_flag=True, help="Add the pipeline through a tf.data service of 1 and 2 loopback workers.")
-def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches, service):
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A recipe whose data and augment settings the rows use (--context and --batch then default "
+                   "to the recipe's).")
+@set_option
+def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches, service, config_path, overrides):
     """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
     from liverseg import bench as bench_mod
 
     click.echo(table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches,
-                                               service=service)))
+                                               service=service, config_path=config_path, overrides=overrides)))
 
 
 def _bench_rows(ctx, param, value: str) -> tuple:
