@@ -153,6 +153,12 @@ class TrainConfig:
     """The training loop (the `train` module)."""
 
     steps: int = 20000
+    # Minutes of training (0: off): the run measures its own steps/s over its first
+    # BUDGET_STEPS steps after compilation and then trains min(steps, the steps that fit the
+    # budget), so a recipe ends in about this time on any machine (the learning-rate schedule
+    # spans the steps fixed). The steps fixed are stored in RUN/run.json: a resumed run keeps
+    # them (one interrupted before they were fixed measures again).
+    time_budget_min: float = 0.0
     # "auto": one device, or MirroredStrategy when several GPUs are visible;
     # "multi_worker": MultiWorkerMirroredStrategy from TF_CONFIG.
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
@@ -435,6 +441,7 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         need(0.0 <= cfg.bn_momentum < 1.0, "bn_momentum", "must be in [0, 1)")
     elif isinstance(cfg, TrainConfig):
         need(1 <= cfg.steps <= 10**9, "steps", "must be in [1, 10**9]")
+        need(0 <= cfg.time_budget_min <= 60 * 24 * 30, "time_budget_min", "must be in [0, 43200] minutes (0: off)")
         need(1 <= cfg.steps_per_call <= 1000, "steps_per_call", "must be in [1, 1000]")
         need(0 < cfg.lr <= 10, "lr", "must be in (0, 10]")
         need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")

@@ -67,15 +67,19 @@ def per_example_loss(cfg: TrainConfig):
 
 @keras.saving.register_keras_serializable(package="liverseg")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0 to `lr`, then constant, cosine to 0, or polynomial (power 0.9) to 0."""
+    """Linear warmup from 0 to `lr`, then constant, cosine to 0, or polynomial (power 0.9) to 0.
 
-    def __init__(self, lr: float, steps: int, warmup: int, kind: str):
+    `steps` may be a variable (train.time_budget_min fixes the run's steps after it started):
+    the decay then spans its value when the step runs."""
+
+    def __init__(self, lr: float, steps, warmup: int, kind: str):
         self.lr, self.steps, self.warmup, self.kind = lr, steps, warmup, kind
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         warm = tf.minimum(1.0, (step + 1.0) / max(1, self.warmup)) if self.warmup else 1.0
-        t = tf.clip_by_value((step - self.warmup) / max(1, self.steps - self.warmup), 0.0, 1.0)
+        span = tf.maximum(1.0, tf.cast(self.steps, tf.float32) - self.warmup)
+        t = tf.clip_by_value((step - self.warmup) / span, 0.0, 1.0)
         if self.kind == "cosine":
             decay = 0.5 * (1.0 + tf.cos(math.pi * t))
         elif self.kind == "poly":
@@ -85,7 +89,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return self.lr * warm * decay
 
     def get_config(self):
-        return {"lr": self.lr, "steps": self.steps, "warmup": self.warmup, "kind": self.kind}
+        return {"lr": self.lr, "steps": int(tf.cast(self.steps, tf.int64)), "warmup": self.warmup, "kind": self.kind}
 
 
 _PRE_REDUCED: dict[type, type] = {}
@@ -110,14 +114,15 @@ def _pre_reduced(cls: type) -> type:
     return _PRE_REDUCED[cls]
 
 
-def optimizer(cfg: TrainConfig, mixed_float16: bool, lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
-    """The configured optimiser (loss-scaled for mixed_float16), built by the caller.
+def optimizer(cfg: TrainConfig, mixed_float16: bool, lr_scale: float = 1.0, steps=None) -> keras.optimizers.Optimizer:
+    """The configured optimiser (loss-scaled for mixed_float16), built by the caller;
+    `steps` (a number or a variable): what the schedule spans, default train.steps.
 
     It expects gradients already summed across replicas (see `_pre_reduced`), so
     `clip_norm` bounds the norm of the global gradient exactly, whatever the replica count.
     lr_scale multiplies train.lr (linear scaling when the global batch grows with replicas).
     """
-    schedule = WarmupSchedule(cfg.lr * lr_scale, cfg.steps, cfg.warmup_steps, cfg.schedule)
+    schedule = WarmupSchedule(cfg.lr * lr_scale, cfg.steps if steps is None else steps, cfg.warmup_steps, cfg.schedule)
     clip = {"global_clipnorm": cfg.clip_norm} if cfg.clip_norm > 0 else {}
     if cfg.optimizer == "adam":
         opt = _pre_reduced(keras.optimizers.Adam)(schedule, **clip)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 RUN_INFO_VERSION = 1
 # Keys that may change when a run is resumed (they do not change what is learned per step).
-RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+RESUMABLE = {"train.steps", "train.time_budget_min", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.max_nonfinite_steps", "train.num_images", "train.profile_steps", "data.records", "eval.batch_size",
              "data.service", "data.service_timeout_s", "data.service_compression"}
 
@@ -135,12 +135,15 @@ class RunInfo:
     liverseg_version: str = __version__
     version: int = RUN_INFO_VERSION
     folds: dict | None = None  # data.folds K, data.fold k, fold_seed, and the exact train and val patients
+    budget: dict | None = None  # train.time_budget_min: minutes, the steps fixed, at_step, steps_per_s
 
     def to_json(self) -> dict:
         d = {"version": self.version, "liverseg_version": self.liverseg_version, "records": self.records,
              "manifest_sha256": self.manifest_sha256, "input": self.input.to_json()}
         if self.folds is not None:
             d["folds"] = self.folds
+        if self.budget is not None:
+            d["budget"] = self.budget
         if self.result is not None:
             d["result"] = self.result
         return d
@@ -153,7 +156,7 @@ class RunInfo:
                                 f"(1..{RUN_INFO_VERSION}); upgrade liverseg")
         try:
             return cls(d["records"], d["manifest_sha256"], InputSpec.from_json(d["input"]), d.get("result"),
-                       d.get("liverseg_version", "?"), version, d.get("folds"))
+                       d.get("liverseg_version", "?"), version, d.get("folds"), d.get("budget"))
         except (KeyError, TypeError, ValueError) as e:
             raise LiversegError(f"{where}: malformed run.json ({type(e).__name__}: {e})") from None
 

@@ -103,6 +103,11 @@ class Trainer:
         self.local = len(self.strategy.extended.worker_devices)
         self.global_batch = pipeline.global_batch(cfg, self.replicas)
         self.manifest, self.info = self._check_inputs()
+        stored = _stored_budget(self.paths)  # steps a time budget fixed before this start
+        if stored is not None:
+            self.info = dataclasses.replace(self.info, budget=stored)
+        # The steps this run trains: train.steps, or fewer where a time budget fixed them.
+        self.planned = min(cfg.train.steps, int(stored["steps"])) if stored else cfg.train.steps
         self.cleanup = contextlib.ExitStack()  # the run lock, a worker's temporary folder: released by close()
         try:
             self._set_up(progress)
@@ -135,7 +140,7 @@ class Trainer:
             best=self.best, manager=self.manager, sync_bn=step.batch_norm_sync(self.strategy, self.model),
             validating=validating, validator=validator, writers=self._writers(), global_batch=self.global_batch,
             mixed16=self.mixed16, preemption=preemption, last_saved=self.at,
-            bar=tqdm(total=self.tc.steps, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief)))
+            bar=tqdm(total=self.planned, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief)))
 
     # ------------------------------------------------------------------ set-up
 
@@ -176,7 +181,9 @@ class Trainer:
         lr_scale = self.replicas if self.cfg.data.batch_per_replica else 1
         with self.strategy.scope():
             self.model = unet.build(self.cfg.model, self.info.input.channels, policy)
-            self.optimizer = objective.optimizer(self.tc, self.mixed16, lr_scale)
+            # what the learning-rate schedule spans: a variable, as a time budget fixes it later
+            self.schedule_steps = tf.Variable(float(self.planned), trainable=False, name="schedule_steps")
+            self.optimizer = objective.optimizer(self.tc, self.mixed16, lr_scale, self.schedule_steps)
             self.optimizer.build(self.model.trainable_variables)
             self.acc = step.Accumulators()
         self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -259,17 +266,21 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self, until_step: int) -> None:
-        """Train from the current step to `until_step`: calls of steps_per_call steps, the
-        hooks after each (the run's end counts as `last`: log, validate, checkpoint)."""
+        """Train from the current step to `until_step` (to fewer where train.time_budget_min
+        fixes the run's steps): calls of steps_per_call steps, the hooks after each (the run's
+        end counts as `last`: log, validate, checkpoint)."""
         tc, hooks, staged, token, calls = self.tc, self.hooks, [], None, 0
+        budget = StepBudget(60 * tc.time_budget_min) if (
+            tc.time_budget_min > 0 and self.info.budget is None) else None
+        until = min(until_step, self.planned) if budget or self.info.budget else until_step
         hooks.preempt(self.at, staged=False)  # SIGTERM during set-up
         with pipeline.named_data_errors(self.cfg, "train"):
-            while self.at < until_step:
+            while self.at < until:
                 before = self.at
-                k = len(staged) or min(tc.steps_per_call, until_step - before)
+                k = len(staged) or min(tc.steps_per_call, until - before)
                 batches = staged or self._draw(k)
                 after = before + k
-                k_next = min(tc.steps_per_call, until_step - after)
+                k_next = min(tc.steps_per_call, until - after)
                 ahead = (tc.device_prefetch and k_next > 0 and not stop_requested()
                          and not every(before, after, tc.checkpoint_every))  # checkpoints see nothing drawn ahead
                 upcoming = self._draw(k_next) if ahead else []
@@ -288,7 +299,33 @@ class Trainer:
                 self.at = after
                 hooks.window.steps += k
                 hooks.bar.update(k)
-                hooks.after_call(before, after, bool(staged), last=after == until_step)
+                if budget is not None:
+                    fixed = budget.after_call(calls, after, token)
+                    if fixed is not None:
+                        until = min(until_step, self._fix_steps(*fixed, after + len(staged)))
+                        budget = None
+                hooks.after_call(before, after, bool(staged), last=after == until)
+
+    def _fix_steps(self, steps: int, rate: float, at_least: int) -> int:
+        """Fix the run's steps from a time budget's measurement: the same on every worker (their
+        mean), never fewer than the steps already drawn; the schedule spans them, run.json keeps
+        them (the chief writes it)."""
+        if self.replicas > 1:
+            values = self.strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(float(steps), tf.float64))
+            steps = int(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None).numpy())
+        self.planned = min(self.tc.steps, max(steps, at_least))
+        self.schedule_steps.assign(float(self.planned))
+        self.info = dataclasses.replace(self.info, budget={
+            "minutes": self.tc.time_budget_min, "steps": self.planned, "at_step": self.at,
+            "steps_per_s": round(rate, 3)})
+        if self.chief:
+            self.info.save(self.paths.root)
+        self.hooks.bar.total = self.planned
+        self.hooks.bar.refresh()
+        log.info("train.time_budget_min=%g: %d steps (%.2f steps/s measured to step %d)", self.tc.time_budget_min,
+                 self.planned, rate, self.at)
+        return self.planned
 
     def _draw(self, k: int) -> list:
         t = time.perf_counter()
@@ -361,6 +398,51 @@ def lost_peer_reason(e: tf.errors.OpError) -> str:
         return (m.group(1) or m.group(2)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[0] if lines else type(e).__name__)[:200]
+
+
+BUDGET_STEPS = 64  # steps timed, after the two calls that compile, to fix a time budget's steps
+BUDGET_RESERVE = 0.05  # share of a time budget kept for validation, checkpoints and the end
+
+
+@dataclasses.dataclass
+class StepBudget:
+    """train.time_budget_min as steps: the loop's steps/s measured over BUDGET_STEPS steps
+    after its first two calls (compilation), then the steps that fit what is left of the
+    budget (less BUDGET_RESERVE). Decided at a step count, not a time, so every worker of a
+    cluster decides at the same call."""
+
+    seconds: float
+    clock: Callable[[], float] = time.perf_counter
+    start: float = dataclasses.field(default=0.0, init=False)  # when the run's loop began
+    mark: tuple[int, float] | None = None  # (step, time) when the measurement began
+
+    def __post_init__(self):
+        self.start = self.clock()
+
+    def after_call(self, calls: int, at: int, token=None) -> tuple[int, float] | None:
+        """(steps, steps/s) once measured, else None. `token`: the call's device value, read to
+        wait for the device before the clock is read."""
+        if self.mark is None:
+            if calls >= 2:
+                if token is not None:
+                    int(token)
+                self.mark = (at, self.clock())
+            return None
+        if at - self.mark[0] < BUDGET_STEPS:
+            return None
+        if token is not None:
+            int(token)
+        now = self.clock()
+        rate = (at - self.mark[0]) / max(now - self.mark[1], 1e-9)
+        left = self.seconds * (1 - BUDGET_RESERVE) - (now - self.start)
+        return at + max(0, int(rate * left)), rate
+
+
+def _stored_budget(paths: rundir.RunDir) -> dict | None:
+    """The steps a time budget fixed in an earlier start of this run (its run.json), or None."""
+    if not paths.info.is_file():
+        return None
+    return rundir.RunInfo.load(paths.root).budget
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, liverseg_process
-from liverseg import TERMINATE, LiversegError, config, objective, pipeline, step, train, unet
+from liverseg import TERMINATE, LiversegError, config, objective, pipeline, rundir, step, train, unet
 from liverseg.cli import cli
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -296,6 +296,38 @@ def test_resume_refuses_a_changed_recipe_but_extends_steps(dataset, tmp_path):
         train.train(smoke(dataset, "train.steps=2", "train.lr=0.1"), run, progress=False)
     result = train.train(smoke(dataset, "train.steps=4", "train.eval_every=1000"), run, progress=False)
     assert result["step"] == 4
+
+
+def test_a_time_budget_fixes_the_steps_once_and_a_resumed_run_keeps_them(dataset, tmp_path, monkeypatch, terminate):
+    """A clock that ticks 1 s per reading: start 1, measurement from step 2 (after two calls) at
+    2, to step 66 at 3: 64 steps/s, and 0.05 min x 0.95 - 2 s = 0.85 s left: 66 + 54 = 120 steps.
+    Stopped by SIGTERM past the fix, the resumed run trains to those 120, not to train.steps."""
+    import functools
+    import itertools
+
+    ticks = itertools.count(1)
+    monkeypatch.setattr(train, "StepBudget", functools.partial(train.StepBudget, clock=lambda: float(next(ticks))))
+    cfg = smoke(dataset, "train.steps=100000", "train.time_budget_min=0.05", "train.eval_every=0",
+                "train.checkpoint_every=50")
+    real_draw = step.draw
+    _sigterm_after(monkeypatch, terminate, 90)
+    with pytest.raises(train.Preempted):
+        train.train(cfg, tmp_path / "run", progress=False)
+    budget = rundir.RunInfo.load(tmp_path / "run").budget
+    assert budget == {"minutes": 0.05, "steps": 120, "at_step": 66, "steps_per_s": 64.0}
+    terminate.clear()
+    monkeypatch.setattr(step, "draw", real_draw)
+    monkeypatch.setattr(train, "StepBudget", None)  # a resumed run measures nothing again
+    assert train.train(cfg, tmp_path / "run", progress=False)["step"] == 120
+    assert rundir.RunInfo.load(tmp_path / "run").budget == budget
+
+
+def test_the_schedule_spans_the_steps_a_budget_fixes():
+    steps = tf.Variable(100.0)
+    lr = objective.WarmupSchedule(1.0, steps, 0, "cosine")
+    assert float(lr(100)) == pytest.approx(0.0, abs=1e-6) and float(lr(50)) == pytest.approx(0.5, abs=1e-6)
+    steps.assign(200.0)
+    assert float(lr(100)) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_cli_rejects_unknown_set_key(dataset, tmp_path):
