@@ -45,7 +45,7 @@ OPS = ("flip_lr", "flip_ap", "affine", "elastic", "blur", "noise", "contrast", "
 
 
 def enabled(cfg: AugmentConfig) -> bool:
-    return cfg.placement != "none" and any(getattr(cfg, f"{op}_p") > 0 for op in OPS)
+    return cfg.placement != "none" and (cfg.crop > 0 or any(getattr(cfg, f"{op}_p") > 0 for op in OPS))
 
 
 def _seeds(seed, n: int) -> list:
@@ -133,17 +133,26 @@ def sample(x, src_x, src_y, bilinear: bool, fill: float):
 
 def spatial(image, mask, seed, cfg: AugmentConfig):
     """Flips + affine (+ elastic) applied identically to image (HU, bilinear: float32 out) and
-    mask (nearest, its own type). Without spatial ops both come back as given."""
-    if max(cfg.flip_lr_p, cfg.flip_ap_p, cfg.affine_p, cfg.elastic_p) == 0:
+    mask (nearest, its own type), sampled on a `cfg.crop` window at a random place (whole
+    slices without crop). Without spatial ops or crop both come back as given.
+
+    The window's corner is a whole pixel, so an example that draws no transform is an exact
+    crop of its slice; the affine acts about the slice's centre as without a crop."""
+    if max(cfg.flip_lr_p, cfg.flip_ap_p, cfg.affine_p, cfg.elastic_p) == 0 and not cfg.crop:
         return image, mask
     b, h, w = tf.shape(image)[0], image.shape[1], image.shape[2]
-    s_affine, s_on, s_field = _seeds(seed, 3)
+    s_affine, s_on, s_field, s_crop = _seeds(seed, 4)
     t = _affine_matrices(s_affine, b, h, w, cfg)[:, :, None, None]
-    ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32), indexing="ij")
+    oh, ow = (cfg.crop, cfg.crop) if cfg.crop else (h, w)
+    ys, xs = tf.meshgrid(tf.range(oh, dtype=tf.float32), tf.range(ow, dtype=tf.float32), indexing="ij")
+    if cfg.crop:  # the window's corner, per example, in slice pixels
+        corner = tf.floor(tf.random.stateless_uniform([2, b], s_crop, alg=RNG) * tf.constant([[h - oh + 1], [w - ow + 1]],
+                                                                                               tf.float32))
+        ys, xs = ys[None] + corner[0][:, None, None], xs[None] + corner[1][:, None, None]
     src_x = t[:, 0] * xs + t[:, 1] * ys + t[:, 2]
     src_y = t[:, 3] * xs + t[:, 4] * ys + t[:, 5]
     if cfg.elastic_p > 0:
-        field = _elastic_field(s_field, _coin(s_on, b, cfg.elastic_p), b, h, w, cfg)
+        field = _elastic_field(s_field, _coin(s_on, b, cfg.elastic_p), b, oh, ow, cfg)
         src_x, src_y = src_x + field[..., 0], src_y + field[..., 1]
     return sample(image, src_x, src_y, True, AIR_HU), sample(mask, src_x, src_y, False, 0.0)
 

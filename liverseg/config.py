@@ -1,6 +1,7 @@
 """Configuration: a frozen dataclass tree, YAML presets and dotted overrides.
 
-A config is built from the dataclass defaults, then a preset (`configs/*.yaml`), then
+A config is built from the dataclass defaults, then a preset (a YAML file, or one shipped in
+`liverseg/presets/`, which the repository's `configs/` links to: `--config smoke`), then
 `--set section.key=value` overrides (values parsed as YAML). An unknown key or a value of
 the wrong type is a `ConfigError` that names the key and the valid choices. The resolved
 config is written into every run directory (`RUN/config.yaml`) and read back from there
@@ -93,6 +94,11 @@ class AugmentConfig:
     # "none": no augmentation; "host": in tf.data after batching (vectorised over the batch);
     # "device": inside the training step on the accelerator (the pipeline ships int16 + uint8).
     placement: Literal["none", "host", "device"] = "host"
+    # Train on random CROP x CROP windows of the slices (0: whole slices): the spatial
+    # transform samples the window only, so augmentation and each step cost (CROP / size)^2 of
+    # a whole slice; the network, fully convolutional, still predicts whole slices. A
+    # multiple of the model's divisor (2**depth), at most the slice size.
+    crop: int = 0
     # Mirror left-right / anterior-posterior. Off by default: the liver's side is a real cue.
     flip_lr_p: float = 0.0
     flip_ap_p: float = 0.0
@@ -229,13 +235,37 @@ class Config:
 # ---------------------------------------------------------------------------- loading
 
 
+PRESETS = ("default", "demo", "real-cpu", "seed", "smoke")  # liverseg/presets/*.yaml, shipped in the package
+
+
+def preset(name: str):
+    """The shipped preset `name` (e.g. "smoke") as a readable path-like (importlib.resources:
+    it works from an installed wheel; the repository's configs/ links to the same files)."""
+    from importlib import resources
+
+    if name not in PRESETS:
+        raise ConfigError(f"no preset {name!r}; presets: {', '.join(PRESETS)} (or give a YAML file's path)")
+    return resources.files("liverseg") / "presets" / f"{name}.yaml"
+
+
+def resolve(path: str | Path):
+    """A --config value: a YAML file, or the name of a shipped preset (smoke, real-cpu.yaml, ...)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name.removesuffix(".yaml")
+    if name in PRESETS and (len(p.parts) == 1 or p.parent.name == "configs"):
+        return preset(name)
+    raise ConfigError(f"config file {path} does not exist; give a YAML file or a preset name "
+                      f"({', '.join(PRESETS)})")
+
+
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults <- YAML preset at `path` <- `key.sub=value` overrides. Validated."""
+    """Defaults <- YAML preset at `path` (a file, or a shipped preset's name) <- `key.sub=value`
+    overrides. Validated."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (presets live in configs/*.yaml)")
+        path = resolve(path)
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -428,6 +458,9 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
             lo, hi = getattr(cfg, name)
             need(0.0 < lo <= hi <= 10.0, name, "needs 0 < low <= high <= 10")
         need(0.0 <= cfg.rotation_deg <= 180.0, "rotation_deg", "must be in [0, 180] degrees")
+        need(0 <= cfg.crop <= 4096, "crop", "must be in [0, 4096] pixels (0: whole slices)")
+        need(not (cfg.crop and cfg.placement == "none"), "crop", "needs augment.placement host or device (the "
+             "spatial transform samples the window)")
         need(0.0 <= cfg.translate < 1.0, "translate", "must be in [0, 1) (a fraction of the image size)")
         need(0.0 <= cfg.shear_deg < 90.0, "shear_deg", "must be in [0, 90) degrees")
         need(0.0 <= cfg.elastic_alpha <= 100.0, "elastic_alpha", "must be in [0, 100] pixels")

@@ -24,7 +24,7 @@ from liverseg import InputError, LiversegError, dicom_io, geometry, layouts, met
 from liverseg.outputs import atomic_path, check_output, new_folder
 from liverseg.manifest import CaseInfo, Manifest, SourceFile
 from liverseg.predict import Run, check_ensemble, infer_volume, members, postprocess, predict_image
-from liverseg.records import read_case
+from liverseg.records import read_cases
 from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def record_cases(run, records: str | Path | None, split: str, m: Manifest | None
     e = run.contract
 
     def cases():
-        for case in m.cases_in(split):
-            image, ref = read_case(m.records_of(case.case_id))
+        listed = m.cases_in(split)
+        for case, (_, image, ref) in zip(listed, read_cases([m.records_of(c.case_id) for c in listed])):
             prob = sum(infer_volume(model, image) for model in models) / np.float32(len(models))
             on_source = _source_reference(case, m.options.merge_tumour) if case.geometry.resized else None
             pred_stored = postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction)

@@ -18,6 +18,7 @@ instead of guessing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -383,18 +384,34 @@ class Manifest:
     def cases_in(self, split: str | None = None) -> list[CaseInfo]:
         return [c for c in self.cases if split is None or c.split == split]
 
+    @functools.cached_property
+    def _by_id(self) -> dict[str, CaseInfo]:  # built once per manifest: a lookup is O(1) at any size
+        return {c.case_id: c for c in self.cases}
+
+    @functools.cached_property
+    def _placement(self) -> dict[str, tuple[ShardInfo, int]]:
+        """Each case's shard and its first record there (cases are contiguous in their shard,
+        in the shard's order), for every case at once: one pass over the shards."""
+        out = {}
+        for info in self.splits.values():
+            for shard in info.shards:
+                first = 0
+                for case_id in shard.cases:
+                    out[case_id] = (shard, first)
+                    first += self._by_id[case_id].num_slices
+        return out
+
     def case(self, case_id: str) -> CaseInfo:
-        for c in self.cases:
-            if c.case_id == case_id:
-                return c
-        raise RecordsError(f"{self.root or MANIFEST}: no case {case_id!r}")
+        try:
+            return self._by_id[case_id]
+        except KeyError:
+            raise RecordsError(f"{self.root or MANIFEST}: no case {case_id!r}") from None
 
     def records_of(self, case_id: str) -> records.CaseRecords:
         """Where a case's records are (for `records.read_case`): its shard and its first record
-        there (cases are contiguous in their shard, in manifest order)."""
+        there."""
         case = self.case(case_id)
-        shard = next(s for s in self.shards(case.split) if s.file == case.shard)
-        first = sum(self.case(c).num_slices for c in shard.cases[:shard.cases.index(case_id)])
+        shard, first = self._placement[case_id]
         return records.CaseRecords(case_id, self.path(shard), first, case.num_slices, self.compression,
                                    Path(self.root or "."))
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -349,35 +351,44 @@ class FramingError(Exception):
     reason: str
 
 
-def iter_records(path: Path, compression: str = "") -> Iterator[tuple[int, int, bytes]]:
-    """Yield (record index, byte offset, record) checking both CRCs of every record.
+def iter_records(path: Path, compression: str = "", start: int = 0,
+                 stop: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (record index, byte offset, record) of records [start, stop) (default: all),
+    checking both CRCs of every record yielded.
 
-    Offsets are in the uncompressed stream. Raises FramingError at the first bad record.
-    """
-    data = Path(path).read_bytes()
-    if compression == "GZIP":
-        data = gzip.decompress(data)
-    elif compression == "ZLIB":
-        data = zlib.decompress(data)
-    pos, index, n = 0, 0, len(data)
-    view = memoryview(data)
-    while pos < n:
-        if pos + 12 > n:
-            raise FramingError(index, pos, f"truncated header ({n - pos} of 12 bytes)")
-        header = bytes(view[pos : pos + 8])
-        (length,) = struct.unpack("<Q", header)
-        (crc,) = struct.unpack("<I", view[pos + 8 : pos + 12])
-        if crc != _masked_crc(header):
-            raise FramingError(index, pos, "length CRC mismatch (corrupt header)")
-        end = pos + 12 + length
-        if end + 4 > n:
-            raise FramingError(index, pos, f"truncated record (needs {length + 16} bytes, {n - pos} left)")
-        record = bytes(view[pos + 12 : end])
-        (crc,) = struct.unpack("<I", view[end : end + 4])
-        if crc != _masked_crc(record):
-            raise FramingError(index, pos, "data CRC mismatch (corrupt record)")
-        yield index, pos, record
-        pos, index = end + 4, index + 1
+    Offsets are in the uncompressed stream. An uncompressed shard is read record by record:
+    the records before `start` are skipped by their headers (length and its CRC checked, the
+    data not read), and reading ends at `stop`; a compressed one is decompressed whole.
+    Raises FramingError at the first bad record."""
+    if compression:
+        data = Path(path).read_bytes()
+        data = gzip.decompress(data) if compression == "GZIP" else zlib.decompress(data)
+        f, n = io.BytesIO(data), len(data)
+    else:
+        f = open(path, "rb")
+        n = os.fstat(f.fileno()).st_size
+    with f:
+        pos, index = 0, 0
+        while pos < n and (stop is None or index < stop):
+            header = f.read(12)
+            if len(header) < 12:
+                raise FramingError(index, pos, f"truncated header ({len(header)} of 12 bytes)")
+            (length,) = struct.unpack("<Q", header[:8])
+            (crc,) = struct.unpack("<I", header[8:])
+            if crc != _masked_crc(header[:8]):
+                raise FramingError(index, pos, "length CRC mismatch (corrupt header)")
+            end = pos + 12 + length
+            if end + 4 > n:
+                raise FramingError(index, pos, f"truncated record (needs {length + 16} bytes, {n - pos} left)")
+            if index < start:
+                f.seek(length + 4, io.SEEK_CUR)
+            else:
+                record = f.read(length)
+                (crc,) = struct.unpack("<I", f.read(4))
+                if crc != _masked_crc(record):
+                    raise FramingError(index, pos, "data CRC mismatch (corrupt record)")
+                yield index, pos, record
+            pos, index = end + 4, index + 1
 
 
 def find_corruption(paths: list[Path], compression: str = "") -> str | None:
@@ -417,20 +428,46 @@ class CaseRecords:
 def read_case(where: CaseRecords) -> tuple[np.ndarray, np.ndarray]:
     """Stored image [Z, H, W] int16 and mask [Z, H, W] uint8 of one case, from its shard.
 
-    Only the case's own records are decoded.
-    """
+    Only the case's own records are read and decoded (those before it are skipped by their
+    headers). For many cases, `read_cases` reads each shard once."""
+    return next(read_cases([where]))[1:]
+
+
+def read_cases(wheres: list[CaseRecords]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(case id, stored image, stored mask) of each case, in the order given, reading each run
+    of cases that share a shard in one pass (cost linear in the records read, whatever the
+    number of cases per shard)."""
+    i = 0
+    while i < len(wheres):
+        j = i + 1
+        while j < len(wheres) and wheres[j].shard == wheres[i].shard and wheres[j].first >= wheres[j - 1].first:
+            j += 1
+        group = wheres[i:j]
+        start, stop = group[0].first, max(w.first + w.count for w in group)
+        raws: dict[int, bytes] = {}
+        try:
+            for index, _, r in iter_records(group[0].shard, group[0].compression, start, stop):
+                raws[index] = r
+        except FramingError as e:
+            raise RecordsError(f"corrupt record: {group[0].shard}: record {e.index} at byte {e.offset}: {e.reason}; "
+                               f"run liverseg verify {group[0].dataset}") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise RecordsError(f"{group[0].shard}: unreadable shard ({e}); run liverseg verify {group[0].dataset}") from None
+        for where in group:
+            yield (where.case_id, *_decode_case(where, [raws[k] for k in range(where.first, where.first + where.count)
+                                                       if k in raws]))
+        i = j
+
+
+def _decode_case(where: CaseRecords, raw: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow as tf
 
-    shard, first, last = where.shard, where.first, where.first + where.count
-    try:
-        raw = [r for i, _, r in iter_records(shard, where.compression) if first <= i < last]
-    except FramingError as e:
-        raise RecordsError(f"corrupt record: {shard}: record {e.index} at byte {e.offset}: {e.reason}; "
-                           f"run liverseg verify {where.dataset}") from None
-    except (OSError, EOFError, zlib.error) as e:
-        raise RecordsError(f"{shard}: unreadable shard ({e}); run liverseg verify {where.dataset}") from None
+    first, last = where.first, where.first + where.count
+    if len(raw) != where.count:
+        raise RecordsError(f"{where.shard}: records {first}-{last - 1} are not all {where.case_id}; "
+                           f"run liverseg verify {where.dataset}")
     ex = decode_example(tf.constant(raw))
-    if len(raw) != where.count or not bool(tf.reduce_all(ex[CASE_ID] == where.case_id.encode())):
-        raise RecordsError(f"{shard}: records {first}-{last - 1} are not all {where.case_id}; "
+    if not bool(tf.reduce_all(ex[CASE_ID] == where.case_id.encode())):
+        raise RecordsError(f"{where.shard}: records {first}-{last - 1} are not all {where.case_id}; "
                            f"run liverseg verify {where.dataset}")
     return ex[IMAGE].numpy(), ex[MASK].numpy()

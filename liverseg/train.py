@@ -152,6 +152,12 @@ class Trainer:
         manifest = pipeline.open_split(cfg, "train")
         h, w = manifest.split("train").slice_shape
         unet.check_input(cfg.model, h, w)
+        crop = cfg.augment.crop
+        if crop:
+            if crop > min(h, w):
+                raise LiversegError(f"augment.crop={crop}: larger than the {h}x{w} slices of {manifest.root}; choose at "
+                                    f"most {min(h, w)}")
+            unet.check_input(cfg.model, crop, crop)
         pipeline.check_context(cfg, manifest)
         pipeline.source_keep(cfg, manifest)  # weights for the training cases' sources, before anything is written
         pipeline.check_memory(cfg, manifest, available_memory(), self.replicas)
@@ -384,7 +390,7 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
 
 LOST_PEER = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
              tf.errors.CancelledError)
-_REASONS = re.compile(r"aborted by: (.+)|((?:recvmsg:)?Connection reset by peer|Socket closed|Connection refused|"
+_REASONS = re.compile(r"((?:Collective ops is )?aborted by: .+)|((?:recvmsg:)?Connection reset by peer|Socket closed|Connection refused|"
                       r"failed to connect to all addresses|Deadline Exceeded|heartbeat timeout[^.]*|"
                       r"leader task was preempted/died/restarted unexpectedly)")
 

@@ -38,7 +38,7 @@ def test_dotted_overrides_are_parsed_and_typed():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.nope=1", r"unknown config key train.nope \(valid keys at train: steps, strategy"),
+    ("train.nope=1", r"unknown config key train.nope \(valid keys at train: steps, time_budget_min, strategy"),
     ("nope.x=1", r"unknown config key nope \(valid keys at top level: seed"),
     ("train.steps=ten", r"train.steps='ten' must be an integer"),
     ("train.loss=mse", r"train.loss='mse' is not valid; choose one of: bce, dice, bce_dice, focal, tversky"),

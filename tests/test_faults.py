@@ -395,7 +395,7 @@ def test_sigterm_while_train_starts_up_exits_42(dataset, tmp_path):
 def test_a_lost_worker_is_one_line():
     where = lambda: "step 40 in run/checkpoints"  # noqa: E731
     with pytest.raises(LiversegError, match=r"^lost contact with a worker of the cluster \(UnavailableError: Collective "
-                                            r"ops is aborted by: peer down\); restart every worker .*step 40 in run/checkpoints\)$"):
+                                            r"ops is aborted by: peer down\); restart every worker .*resumes from step 40 in run/checkpoints$"):
         with train.lost_workers_explained(True, where):
             raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: peer down\nAdditional GRPC ...")
     with pytest.raises(tf.errors.UnavailableError):  # one process: not ours to explain

@@ -41,9 +41,9 @@ def bench_convert(src, dicom, beam, **kw):
 @click.option("--batch", type=int, help="Batch size  [default: the recipe's, else 8]")
 @click.option("--tutorial-batches", default=2, show_default=True, help="Batches timed for the (slow) tutorial loader.")
 @click.option("--service", is_flag=True, help="Add the pipeline through a tf.data service of 1 and 2 loopback workers.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A recipe whose data and augment settings the rows use (--context and --batch then default "
-                   "to the recipe's).")
+@click.option("--config", "config_path",
+              help="A recipe (YAML file or preset name) whose data and augment settings the rows use (--context and "
+                   "--batch then default to the recipe's).")
 @set_option
 def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches, service, config_path, overrides):
     """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
@@ -70,9 +70,8 @@ def _choices(value: str, valid: tuple, flag: str) -> tuple:
 @runs_tensorflow
 @bench.command("train")
 @click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=Path(__file__).resolve().parents[2] / "configs" / "default.yaml", show_default=True,
-              help="YAML preset whose recipe is measured.")
+@click.option("--config", "config_path", default="default", show_default=True,
+              help="The recipe measured: a YAML file or a preset name (default, real-cpu, smoke, ...).")
 @set_option
 @click.option("--steps", default=8, show_default=True, help="Timed steps of the model and end-to-end rows (after --warmup).")
 @click.option("--warmup", default=2, show_default=True, help="Untimed calls of train.steps_per_call steps first (compilation; 2 at least).")
@@ -94,8 +93,8 @@ def bench_train(records, config_path, overrides, steps, warmup, loop_steps, inpu
 @runs_option
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--cases", default=3, show_default=True, help="Volumes of DATA (image/mask pairs) to predict.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Without --run: an untrained network of this recipe (speed only).")
+@click.option("--config", "config_path",
+              help="Without --run: an untrained network of this recipe (a YAML file or a preset name; speed only).")
 @click.option("--size", type=int, help="With --config: the network's input size (slices resized to SIZE x SIZE).")
 @click.option("--engine", "engine_rows", multiple=True, type=click.Choice(ENGINES),
               help="Engines to measure (default: tensorflow, tensorflow-xla, onnxruntime, openvino).")
@@ -119,3 +118,30 @@ def bench_metrics(masks):
     from liverseg import bench as bench_mod
 
     click.echo(table(bench_mod.bench_metrics(masks)))
+
+
+@runs_tensorflow
+@bench.command("scale")
+@click.option("--cases", default="100,1000,10000", show_default=True, help="Case counts N, comma-separated.")
+@click.option("--size", default=32, show_default=True, help="In-plane size of the synthetic cases.")
+@click.option("--slices", default=8, show_default=True, help="Slices per case.")
+@click.option("--no-beam", is_flag=True, help="Skip the conversion on Beam's DirectRunner.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Folder for the temporary data (default: the "
+              "system's temporary folder).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as JSON here.")
+def bench_scale(cases, size, slices, no_beam, work, json_out):
+    """Every stage from N=100 to 10,000 cases: per-case cost and its growth exponent, against the goals."""
+    from liverseg.bench import scale
+
+    try:
+        counts = tuple(int(c) for c in cases.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{cases!r}: comma-separated case counts, e.g. 100,1000,10000", param_hint="--cases")
+    if min(counts) < 10:
+        raise click.BadParameter(f"{cases!r}: at least 10 cases per row (val and test take a few)", param_hint="--cases")
+    rows, notes = scale.bench_scale(counts, size, slices, beam=not no_beam, work=work)
+    click.echo(table(rows))
+    for note in notes:
+        click.echo(note)
+    if json_out:
+        json_out.write_text(scale.as_json(rows, notes))

@@ -26,8 +26,8 @@ def _config(config_path, records, overrides):
 
 @runs_tensorflow
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML preset (configs/default.yaml, seed.yaml, smoke.yaml).")
+@click.option("--config", "config_path",
+              help="A YAML file or a shipped preset's name: default, demo, real-cpu, seed, smoke (configs/*.yaml).")
 @click.option("--records", type=click.Path(file_okay=False, path_type=Path), help="Converted dataset (sets data.records).")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory; re-running on it resumes.")

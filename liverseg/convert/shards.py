@@ -55,9 +55,14 @@ def plan_shards(cases: list[Case], opts: ConvertOptions, out: Path) -> list[Shar
     """Whole cases per shard, in case order, each shard one source's; by size (shard_mb) or by
     count (num_shards, per split and source)."""
     jobs: list[ShardJob] = []
+    ordinals: dict[str, int] = {}  # shards planned so far per split
     groups_of = [(split, source) for split in SPLITS for source in sorted({c.source for c in cases if c.split == split})]
+    by_group: dict[tuple[str, str], list[Case]] = {}
+    for c in cases:
+        if c.error is None:
+            by_group.setdefault((c.split, c.source), []).append(c)
     for split, source in groups_of:  # a shard holds one source's cases: sources can be read apart (source_weights)
-        members = [c for c in cases if c.split == split and c.source == source and c.error is None]
+        members = by_group.get((split, source), [])
         if not members:
             continue
         sizes = np.array([estimated_bytes(c) for c in members], np.float64)
@@ -82,7 +87,8 @@ def plan_shards(cases: list[Case], opts: ConvertOptions, out: Path) -> list[Shar
                 acc += s
             groups.append(current)
         for g in groups:
-            ordinal = len([j for j in jobs if j.split == split])
+            ordinal = ordinals.get(split, 0)
+            ordinals[split] = ordinal + 1
             jobs.append(ShardJob(split, ordinal, out / f"{TMP_PREFIX}{split}-{ordinal:05d}.tfrecord", [members[i] for i in g]))
     return jobs
 
