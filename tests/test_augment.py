@@ -143,3 +143,40 @@ def test_gaussian_blur_matches_reference():
     for i, s in enumerate((0.7, 1.0)):
         ref = ndimage.gaussian_filter(x[i, ..., 0], s, mode="mirror", truncate=3 / s)
         np.testing.assert_allclose(out[i, ..., 0], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["device form", "host form"])
+def test_a_crop_without_transforms_is_an_exact_window_of_image_and_mask(dense):
+    """augment.crop alone: each example is a 24x24 window of its slice at a whole-pixel corner,
+    the same window of image and mask, windows differing between examples; eagerly as in a map."""
+    image, mask = _pattern(6)
+    cfg = config.replace(config.load(None), **{**OFF, "augment.crop": 24}).augment
+    seed = tf.constant([4, 2], tf.int64)
+    out_image, out_mask = _augment(image, mask, seed, cfg, _norm, dense)
+    assert out_image.shape == (6, 24, 24, 1) and out_mask.shape == (6, 24, 24, 1)
+    want = _norm(image).numpy()
+    corners = []
+    for i in range(6):
+        found = [(r, c) for r in range(40 - 24 + 1) for c in range(36 - 24 + 1)
+                 if np.allclose(want[i, r:r + 24, c:c + 24], out_image[i].numpy(), atol=1e-6)]
+        assert len(found) >= 1, i
+        r, c = found[0]
+        np.testing.assert_array_equal(out_mask[i].numpy(), mask.numpy()[i, r:r + 24, c:c + 24])
+        corners.append(found[0])
+    assert len(set(corners)) > 1
+    mapped = next(iter(tf.data.Dataset.from_tensors((image, mask)).map(lambda i, m: _augment(i, m, seed, cfg, _norm,
+                                                                                             dense))))
+    np.testing.assert_array_equal(mapped[1].numpy(), out_mask.numpy())
+
+
+def test_a_crop_larger_than_the_slices_or_off_the_divisor_is_refused(dataset, tmp_path):
+    from liverseg import LiversegError, train
+
+    base = [f"data.records={dataset}", "train.steps=1"]
+    with pytest.raises(LiversegError, match=r"augment.crop=48: larger than the 32x32 slices of .*choose at most 32"):
+        train.Trainer(config.load("smoke", [*base, "augment.crop=48"]), tmp_path / "a", progress=False)
+    with pytest.raises(LiversegError, match=r"slices of 30x30 cannot pass a unet with depth 2: .* multiples of 4"):
+        train.Trainer(config.load("smoke", [*base, "augment.crop=30"]), tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(config.ConfigError, match=r"augment.crop=16 is not valid: needs augment.placement host or device"):
+        config.load("smoke", [*base, "augment.crop=16", "augment.placement=none"])
