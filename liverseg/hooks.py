@@ -3,8 +3,9 @@ and the profiler window.
 
 `Hooks` is built by `train.Trainer` with everything it uses named in its constructor (a
 dataclass: the fields are the contract). After each call of the compiled step the loop
-calls `after_call(before, after, staged, last)`; each hook runs when the step count crosses
-its interval (`every`). This is where the host reads device values: the training figures
+calls `after_call(before, after, staged, last, window)` with its own timing of the log
+window, and gets back a `Report` (the figures made, the seconds paused); each hook runs
+when the step count crosses its interval (`every`). This is where the host reads device values: the training figures
 (`step.Accumulators`) at log and checkpoint intervals, and the non-finite streak every
 `max_nonfinite_steps` steps (so a diverged run stops within that many more steps, whatever
 `log_every` is). The loop itself reads only the step counter of one call per log window,
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import logging
 import shutil
 import time
@@ -26,11 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from liverseg import TERMINATE, LiversegError, metrics
-from liverseg.outputs import atomic_path
 from liverseg.config import TrainConfig
 from liverseg.rundir import RunDir
+from liverseg.step import TrainState
+from liverseg.unet import save_weights
 
-log = logging.getLogger("liverseg.train")
+log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 42  # TensorFlow's "preempted, restart me" exit status
 
 
@@ -57,25 +58,15 @@ def stop_requested() -> bool:
     return TERMINATE.is_set()
 
 
-def weights_fingerprint(model) -> str:
-    h = hashlib.sha256()
-    for w in model.weights:
-        h.update(np.ascontiguousarray(w.value.numpy()).tobytes())
-    return h.hexdigest()[:16]
-
-
-def save_weights(model, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        model.save_weights(str(tmp))
-
-
 @dataclasses.dataclass
 class LogWindow:
-    """Timing of one log interval: wall time, hook pauses, host time blocked on input, and
-    one call timed on its own (the device time per step when inputs are ready)."""
+    """Timing of one log interval, kept by the training loop: wall time, hook pauses, host time
+    blocked on input, steps and images, and one call timed on its own (the device time per
+    step when inputs are ready)."""
 
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     steps: int = 0
+    images: int = 0
     paused: float = 0.0
     input_wait: float = 0.0
     step_time: float | None = None  # seconds per step of the timed call
@@ -85,44 +76,53 @@ class LogWindow:
 
 
 @dataclasses.dataclass
+class Report:
+    """What the hooks did after one call: seconds spent in validation and checkpoints, and the
+    figures they produced (the log window's, the validation's, the step of a new best)."""
+
+    paused: float = 0.0
+    train: dict | None = None
+    validation: dict | None = None
+    best_step: int | None = None
+
+
+@dataclasses.dataclass
 class Hooks:
-    """The periodic work of a training run, and the state it keeps between calls."""
+    """The periodic work of a training run. It keeps only what lasts between calls (the step
+    of the last checkpoint, the profiler's state); the loop hands it each call's window."""
 
     tc: TrainConfig
     paths: RunDir
     chief: bool
-    model: object
-    optimizer: object
-    acc: object  # step.Accumulators: the on-device training figures
-    best: tf.Variable  # best validation 3D Dice so far (checkpointed)
+    state: TrainState  # model, optimizer, step, best validation Dice, the on-device figures
     manager: tf.train.CheckpointManager
     sync_bn: Callable[[], None]  # average batch-norm statistics across replicas (a collective: every worker)
     validating: bool  # validation runs (on every worker: its batch-norm sync is a collective)
     validator: Callable | None  # validation.make_validator's function, on the chief
     writers: dict  # TensorBoard writers "train" and "validation" (no-op writers off the chief)
-    global_batch: int
-    mixed16: bool  # a LossScaleOptimizer: log its scale
     preemption: object | None  # TF's PreemptionCheckpointHandler under multi-worker
-    bar: object  # the tqdm progress bar
     last_saved: int  # step of the last checkpoint written (or restored)
-    window: LogWindow = dataclasses.field(default_factory=LogWindow)
-    summary: dict = dataclasses.field(default_factory=dict)  # last figures, returned by Trainer.finish
-    paused_total: float = 0.0  # seconds spent in validation and checkpoints, over the whole run
     profiling: bool = False
 
-    def after_call(self, before: int, after: int, staged: bool, last: bool) -> None:
+    def after_call(self, before: int, after: int, staged: bool, last: bool, window: LogWindow) -> Report:
         """The hooks due after a call that took the step count from `before` to `after`
-        (`staged`: the next call's batches are already on the devices; `last`: the run's end)."""
-        tc = self.tc
+        (`staged`: the next call's batches are already on the devices; `last`: the run's end;
+        `window`: the loop's timing since the last log)."""
+        tc, report = self.tc, Report()
         if every(before, after, tc.log_every) or last:
-            self.log(after)
+            report.train = self.log(after, window)
         elif every(before, after, tc.max_nonfinite_steps):
             self._figures(after, reset=False)  # the streak check alone
         if self.validating and (every(before, after, tc.eval_every) or last):
-            self.validate(after)
+            t = time.perf_counter()
+            report.validation, report.best_step = self.validate(after)
+            report.paused += time.perf_counter() - t
         if every(before, after, tc.checkpoint_every) or last:
+            t = time.perf_counter()
             self.checkpoint(after)
+            report.paused += time.perf_counter() - t
         self.preempt(after, staged)
+        return report
 
     def profile(self, at: int) -> None:
         """Start or stop the profiler trace of train.profile_steps (the chief only)."""
@@ -138,7 +138,7 @@ class Hooks:
 
     def _figures(self, at: int, reset: bool) -> dict:
         """Read the on-device figures (a sync) and stop on a persistent non-finite streak."""
-        fig = self.acc.read(reset)
+        fig = self.state.figures.read(reset)
         if fig["streak"] >= self.tc.max_nonfinite_steps:
             raise NonFiniteLoss(
                 f"loss or gradients non-finite for steps {fig['streak_first']}-{at} ({fig['streak']} in a row); "
@@ -146,51 +146,49 @@ class Hooks:
                 f"{self.manager.directory} (lower train.lr, check the data, or use float32)")
         return fig
 
-    def log(self, at: int) -> None:
+    def log(self, at: int, w: LogWindow) -> dict:
+        """The window's training figures, written to TensorBoard and returned."""
         fig = self._figures(at, reset=True)
-        w = self.window
         wall = time.perf_counter() - w.t0 - w.paused
         busy = w.busy_fraction(wall)
-        lr = self.optimizer.learning_rate
+        optimizer = self.state.optimizer
+        lr = optimizer.learning_rate
         means = {"loss": fig["loss_sum"] / fig["applied"] if fig["applied"] else float("nan"),
                  "dice": metrics.dice_from_counts(*fig["counts"]),
                  "learning_rate": float(lr.numpy()) if hasattr(lr, "numpy") else self.tc.lr,
-                 "images_per_sec": w.steps * self.global_batch / wall,
+                 "images_per_sec": w.images / wall,
                  "host_input_wait_fraction": w.input_wait / wall,
                  "skipped_steps": fig["skipped"]}
         if busy is not None:
             means["input_wait_fraction"] = 1.0 - busy  # device idle: input, or anything else the host did
-        if self.mixed16:
-            means["loss_scale"] = float(self.optimizer.dynamic_scale.numpy())
+        if hasattr(optimizer, "dynamic_scale"):  # a LossScaleOptimizer (mixed_float16)
+            means["loss_scale"] = float(optimizer.dynamic_scale.numpy())
         with self.writers["train"].as_default(step=at):
             for name, value in means.items():
                 tf.summary.scalar(name, value)
-        self.bar.set_postfix(loss=f"{means['loss']:.4f}", dice=f"{means['dice']:.3f}",
-                             img_s=f"{means['images_per_sec']:.1f}", idle=f"{means.get('input_wait_fraction', 0):.0%}")
-        self.summary["train"] = means
-        self.window = LogWindow()
+        return means
 
-    def validate(self, at: int) -> None:
-        t = time.perf_counter()
-        self.sync_bn()  # every worker: a collective
-        if self.validator is not None:
-            result, images = self.validator(self.tc.num_images)
-            with self.writers["validation"].as_default(step=at):
-                for name, value in result.items():
-                    tf.summary.scalar(name, value)
-                if images:
-                    tf.summary.image("overlay (green truth, red prediction)", np.stack(images) / 255.0,
-                                     max_outputs=len(images))
-            if result["dice_3d"] > self.best.numpy():
-                self.best.assign(result["dice_3d"])
-                save_weights(self.model, self.paths.best_weights)
-                self.summary["best_step"] = at
-            self.summary["validation"] = result
-            log.info("step %d: validation %s", at, {k: round(v, 4) for k, v in result.items()})
-        self._pause(t)
+    def validate(self, at: int) -> tuple[dict | None, int | None]:
+        """(the validation figures, `at` when they are a new best) on the chief; every worker
+        syncs its batch-norm statistics first (a collective)."""
+        self.sync_bn()
+        if self.validator is None:
+            return None, None
+        result, images = self.validator(self.tc.num_images)
+        with self.writers["validation"].as_default(step=at):
+            for name, value in result.items():
+                tf.summary.scalar(name, value)
+            if images:
+                tf.summary.image("overlay (green truth, red prediction)", np.stack(images) / 255.0,
+                                 max_outputs=len(images))
+        log.info("step %d: validation %s", at, {k: round(v, 4) for k, v in result.items()})
+        if result["dice_3d"] > self.state.best.numpy():
+            self.state.best.assign(result["dice_3d"])
+            save_weights(self.state.model, self.paths.best_weights)
+            return result, at
+        return result, None
 
     def checkpoint(self, at: int) -> None:
-        t = time.perf_counter()
         fig = self._figures(at, reset=False)
         if fig["streak"]:  # keep the last good checkpoint: never save in the middle of non-finite steps
             log.warning("no checkpoint at step %d: steps %d-%d were non-finite", at, fig["streak_first"], at)
@@ -198,7 +196,6 @@ class Hooks:
             self.sync_bn()
             self._save(at)
             self.last_saved = at
-        self._pause(t)
 
     def _save(self, at: int) -> None:
         """manager.save, a full disk said in one line with TF's half-written `ckpt-N_temp` removed."""
@@ -224,11 +221,6 @@ class Hooks:
             if self.last_saved != at:
                 self.checkpoint(at)
             raise Preempted(at, self.last_saved)
-
-    def _pause(self, since: float) -> None:
-        spent = time.perf_counter() - since
-        self.window.paused += spent
-        self.paused_total += spent
 
     def close(self) -> None:
         if self.profiling:

@@ -133,7 +133,7 @@ def _labels_of(records: str | None) -> str:
 def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     """Rebuild the network from RUN/config.yaml and load best.weights.h5 (else final.weights.h5)."""
     from liverseg import unet
-    from liverseg.hooks import weights_fingerprint
+    from liverseg.unet import weights_fingerprint
 
     root, paths = Path(root), rundir.RunDir(root)
     cfg = rundir.load_config(root)

@@ -19,6 +19,7 @@ and update run outside (`whole_step_compiles`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -146,6 +147,37 @@ class Accumulators:
 
 
 # ------------------------------------------------------------------------- the update
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What training changes and a checkpoint holds (`build_state`): the model and its
+    optimizer, whose learning-rate schedule spans `schedule_steps` (a variable: a time budget
+    fixes the run's steps after it started), created in strategy scope with the on-device
+    figures; the step counter and the best validation Dice are plain variables beside them
+    (the compiled call adds to the counter once, outside the replicas)."""
+
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    figures: Accumulators
+    schedule_steps: tf.Variable
+    step: tf.Variable
+    best: tf.Variable
+
+
+def build_state(cfg: Config, strategy, channels: int, steps: int, lr_scale: float = 1.0) -> TrainState:
+    """A fresh TrainState for a run of `steps` steps on `channels`-slice inputs."""
+    from liverseg import unet
+
+    policy = precision(cfg)
+    with strategy.scope():
+        model = unet.build(cfg.model, channels, policy)
+        schedule_steps = tf.Variable(float(steps), trainable=False, name="schedule_steps")
+        optimizer = objective.optimizer(cfg.train, policy == "mixed_float16", lr_scale, schedule_steps)
+        optimizer.build(model.trainable_variables)
+        figures = Accumulators()
+    return TrainState(model, optimizer, figures, schedule_steps, tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
+                      tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice"))
 
 
 def apply_or_skip(optimizer, grads, variables, ok) -> None:

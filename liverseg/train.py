@@ -3,15 +3,18 @@
 A custom loop, because Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy (keras
 issue 20585). It reads top to bottom:
 
-    set-up   strategy (first), run directory, model / optimizer / counters in strategy
-             scope, input iterator, checkpoint (restored), the compiled step (`step`),
-             validation (`validation`), TensorBoard writers, the hooks (`hooks.Hooks`)
+    set-up   strategy (first), run directory, the training state (`step.build_state`: model,
+             optimizer and on-device figures in strategy scope, the step counter and best
+             Dice beside them), input iterator, checkpoint (restored), the compiled step
+             (`step`), validation (`validation`), TensorBoard writers, the hooks
     run      `Trainer.run(until_step)`: calls of `steps_per_call` compiled steps; a call
              also copies the next call's batches onto the devices (drawn before it, unless
-             a checkpoint is due)
+             a checkpoint is due). The loop owns its log window (`hooks.LogWindow`) and the
+             progress bar, and hands the window to the hooks
     hooks    log, validate, checkpoint, the non-finite streak, preempt: each when the step
-             count crosses its interval. The host reads device values there, and in the
-             loop only the step counter of one timed call per log window
+             count crosses its interval (`hooks.Hooks.after_call`, which reports what it
+             did). The host reads device values there, and in the loop only the step
+             counter of one timed call per log window
 
 * Non-finite steps are skipped on every replica (`step.apply_or_skip`); a streak of
   `max_nonfinite_steps` stops the run naming the steps (checked every that many steps), and
@@ -47,8 +50,8 @@ import tensorflow as tf
 from liverseg import (TERMINATE, LiversegError, available_memory, checkpoints, config, data_service, derive_seed, folds,
                       objective, pipeline, rundir, step, unet, validation)
 from liverseg.config import Config
-from liverseg.hooks import (PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, save_weights, stop_requested,
-                            weights_fingerprint)
+from liverseg import hooks as hooks_mod
+from liverseg.hooks import PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +92,15 @@ def _set_op_determinism(on: bool) -> None:
 class Trainer:
     """Set-up in __init__, then `run(until_step)` (any number of times), then `finish()`;
     `close()` always. `input_transform` (for `liverseg bench train`) maps the training
-    dataset before its iterator is made (e.g. one batch held in memory, repeated)."""
+    dataset before its iterator is made (e.g. one batch held in memory, repeated).
+
+    What the loop keeps between calls is here: `at` (the step count), the log `window`,
+    the progress `bar`, `summary` (the last figures the hooks reported) and `paused_total`
+    (seconds in validation and checkpoints)."""
 
     def __init__(self, cfg: Config, run: str | Path, progress: bool = True,
                  input_transform: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None):
-        self.cfg, self.tc, self.paths = cfg, cfg.train, rundir.RunDir(run)
+        self.cfg, self.paths = cfg, rundir.RunDir(run)
         self.input_transform = input_transform
         self.strategy = step.make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
         tf.keras.utils.set_random_seed(cfg.seed)
@@ -108,6 +115,7 @@ class Trainer:
             self.info = dataclasses.replace(self.info, budget=stored)
         # The steps this run trains: train.steps, or fewer where a time budget fixed them.
         self.planned = min(cfg.train.steps, int(stored["steps"])) if stored else cfg.train.steps
+        self.window, self.summary, self.paused_total = hooks_mod.LogWindow(), {}, 0.0
         self.cleanup = contextlib.ExitStack()  # the run lock, a worker's temporary folder: released by close()
         try:
             self._set_up(progress)
@@ -118,29 +126,29 @@ class Trainer:
     def _set_up(self, progress: bool) -> None:
         from tqdm import tqdm
 
-        cfg = self.cfg
+        cfg, tc = self.cfg, self.cfg.train
         self._claim_run()
-        self._build_state()
-        self._build_input_and_checkpoint()
-        self.run_steps = step.build_train_step(cfg, self.strategy, self.model, self.optimizer,
-                                               self.info.input.normalization, self.step_var, self.acc)
-        validating = "val" in self.manifest.splits and self.tc.eval_every > 0
+        self.state = step.build_state(cfg, self.strategy, self.info.input.channels, self.planned,
+                                      self.replicas if cfg.data.batch_per_replica else 1)
+        manager = self._build_input_and_checkpoint()
+        self.run_steps = step.build_train_step(cfg, self.strategy, self.state.model, self.state.optimizer,
+                                               self.info.input.normalization, self.state.step, self.state.figures)
+        validating = "val" in self.manifest.splits and tc.eval_every > 0
         if not validating:
-            log.warning("no validation (%s): no %s", "train.eval_every=0" if self.tc.eval_every == 0
+            log.warning("no validation (%s): no %s", "train.eval_every=0" if tc.eval_every == 0
                         else f"{self.manifest.root} has no val split", self.paths.best_weights.name)
-        validator = (validation.make_validator(self.model, cfg, objective.per_example_loss(self.tc), len(self.manifest.cases))
-                     if validating and self.chief else None)
+        validator = (validation.make_validator(self.state.model, cfg, objective.per_example_loss(tc),
+                                               len(self.manifest.cases)) if validating and self.chief else None)
         preemption = None
-        if self.tc.strategy == "multi_worker":  # TF's handler makes every worker save at the same step
+        if tc.strategy == "multi_worker":  # TF's handler makes every worker save at the same step
             preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
-                self.strategy.cluster_resolver, self.manager,
+                self.strategy.cluster_resolver, manager,
                 termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=lambda: sys.exit(PREEMPTED_EXIT)))
-        self.hooks = Hooks(
-            tc=self.tc, paths=self.paths, chief=self.chief, model=self.model, optimizer=self.optimizer, acc=self.acc,
-            best=self.best, manager=self.manager, sync_bn=step.batch_norm_sync(self.strategy, self.model),
-            validating=validating, validator=validator, writers=self._writers(), global_batch=self.global_batch,
-            mixed16=self.mixed16, preemption=preemption, last_saved=self.at,
-            bar=tqdm(total=self.planned, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief)))
+        self.hooks = Hooks(tc=tc, paths=self.paths, chief=self.chief, state=self.state, manager=manager,
+                           sync_bn=step.batch_norm_sync(self.strategy, self.state.model), validating=validating,
+                           validator=validator, writers=self._writers(), preemption=preemption, last_saved=self.at)
+        self.bar = tqdm(total=self.planned, initial=self.at, desc="train", unit="step",
+                        disable=not (progress and self.chief))
 
     # ------------------------------------------------------------------ set-up
 
@@ -181,68 +189,56 @@ class Trainer:
         rundir.save_config(root, self.cfg)
         self.info.save(root)
 
-    def _build_state(self) -> None:
-        policy = step.precision(self.cfg)
-        self.mixed16 = policy == "mixed_float16"
-        lr_scale = self.replicas if self.cfg.data.batch_per_replica else 1
-        with self.strategy.scope():
-            self.model = unet.build(self.cfg.model, self.info.input.channels, policy)
-            # what the learning-rate schedule spans: a variable, as a time budget fixes it later
-            self.schedule_steps = tf.Variable(float(self.planned), trainable=False, name="schedule_steps")
-            self.optimizer = objective.optimizer(self.tc, self.mixed16, lr_scale, self.schedule_steps)
-            self.optimizer.build(self.model.trainable_variables)
-            self.acc = step.Accumulators()
-        self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.best = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice")
-
-    def _dataset(self) -> tf.data.Dataset:
+    def _dataset(self, restarts: int = 0) -> tf.data.Dataset:
         """This worker's training batches.
 
         On the tf.data service, each start of the run reads a job of its own, seeded by the
-        number of restarts: a fresh data order, the same for every trainer of the run."""
+        number of `restarts`: a fresh data order, the same for every trainer of the run."""
         cfg, job = self.cfg, "liverseg"
         if cfg.data.service:
-            restarts = int(self.restarts.numpy())
             cfg = config.replace(cfg, seed=derive_seed(cfg.seed, f"service-restart-{restarts}") if restarts else cfg.seed)
             job = f"liverseg-{self.info.manifest_sha256[:12]}-{self.paths.root.name}-{restarts}"
         ds = pipeline.build_dataset(cfg, "train", step.input_context(self.strategy), service_job=job)
         return self.input_transform(ds) if self.input_transform else ds
 
-    def _build_input_and_checkpoint(self) -> None:
+    def _build_input_and_checkpoint(self) -> tf.train.CheckpointManager:
+        """The input iterator and the checkpoint, restored (sets `iterator` and `at`); returns
+        the checkpoint manager, which writes this worker's checkpoints."""
         # One plain tf.data iterator per worker, feeding its local replicas: unlike TF's
         # DistributedIterator (not trackable, TF issue 56372) it can be checkpointed, so a
         # resumed run continues on the exact next batch. A cache or the tf.data service
         # cannot be checkpointed: then a resumed run continues with a fresh data order.
-        tracked = {"model": self.model, "optimizer": self.optimizer, "step": self.step_var, "best": self.best}
+        st = self.state
+        tracked = {"model": st.model, "optimizer": st.optimizer, "step": st.step, "best": st.best}
         service = self.cfg.data.service
         if service:
             log.warning("data.service %s: the service's position cannot be checkpointed, so a resumed run continues "
                         "with a fresh, non-repeating data order, not the exact next batch", service)
-            self.restarts = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_restarts")
-            tracked["input_restarts"] = self.restarts
+            restarts = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_restarts")
+            tracked["input_restarts"] = restarts
         else:
             self.iterator = iter(self._dataset())
             if self.cfg.data.cache:
                 log.warning("data.cache: tf.data cannot checkpoint a cache, so a resumed run restarts the data order")
             else:
                 tracked["iterator"] = self.iterator
-        self.ckpt = tf.train.Checkpoint(**tracked)
+        ckpt = tf.train.Checkpoint(**tracked)
         ckpt_dir = self.paths.checkpoints
         # Every worker restores from the chief's checkpoints; only the chief repairs them.
-        restored = checkpoints.restore_newest(self.ckpt, ckpt_dir, repair=self.chief)
+        restored = checkpoints.restore_newest(ckpt, ckpt_dir, repair=self.chief)
         if service:
             if restored is not None:
-                self.restarts.assign_add(1)
-            self.iterator = iter(self._dataset())
+                restarts.assign_add(1)
+            self.iterator = iter(self._dataset(int(restarts.numpy())))
         write_dir = ckpt_dir
         if not self.chief:
             resolver = self.strategy.cluster_resolver
             write_dir = checkpoints.worker_checkpoint_dir(self.paths.root, f"{resolver.task_type}{resolver.task_id}")
             self.cleanup.callback(shutil.rmtree, write_dir, ignore_errors=True)
-        self.manager = tf.train.CheckpointManager(self.ckpt, str(write_dir), max_to_keep=self.tc.keep_checkpoints)
-        self.at = int(self.step_var.numpy())  # the step counter, read once: the loop counts steps itself
+        self.at = int(st.step.numpy())  # the step counter, read once: the loop counts steps itself
         if restored is not None:
             log.info("resumed from %s at step %d", ckpt_dir / f"ckpt-{restored}", self.at)
+        return tf.train.CheckpointManager(ckpt, str(write_dir), max_to_keep=self.cfg.train.keep_checkpoints)
 
     def _writers(self) -> dict:
         if not self.chief:
@@ -260,7 +256,7 @@ class Trainer:
         """SIGTERM asks the loop to checkpoint and stop (sets TERMINATE; under multi-worker
         TF's preemption handler catches it instead)."""
         old = None
-        if self.tc.strategy != "multi_worker":
+        if self.cfg.train.strategy != "multi_worker":
             with contextlib.suppress(ValueError):  # not the main thread: no signal handling
                 old = signal.signal(signal.SIGTERM, lambda *_: TERMINATE.set())
         try:
@@ -275,11 +271,10 @@ class Trainer:
         """Train from the current step to `until_step` (to fewer where train.time_budget_min
         fixes the run's steps): calls of steps_per_call steps, the hooks after each (the run's
         end counts as `last`: log, validate, checkpoint)."""
-        tc, hooks, staged, token, calls = self.tc, self.hooks, [], None, 0
-        budget = StepBudget(60 * tc.time_budget_min) if (
-            tc.time_budget_min > 0 and self.info.budget is None) else None
+        tc, staged, token, calls = self.cfg.train, [], None, 0
+        budget = StepBudget(60 * tc.time_budget_min) if tc.time_budget_min > 0 and self.info.budget is None else None
         until = min(until_step, self.planned) if budget or self.info.budget else until_step
-        hooks.preempt(self.at, staged=False)  # SIGTERM during set-up
+        self.hooks.preempt(self.at, staged=False)  # SIGTERM during set-up
         with pipeline.named_data_errors(self.cfg, "train"):
             while self.at < until:
                 before = self.at
@@ -290,27 +285,46 @@ class Trainer:
                 ahead = (tc.device_prefetch and k_next > 0 and not stop_requested()
                          and not every(before, after, tc.checkpoint_every))  # checkpoints see nothing drawn ahead
                 upcoming = self._draw(k_next) if ahead else []
-                hooks.profile(before)
+                self.hooks.profile(before)
                 # Once per log window (not the first call: it compiles) one call is timed on its own,
                 # queue drained before and after: the device time per step when inputs are ready.
-                timed = hooks.window.step_time is None and calls > 0 and token is not None
+                timed = self.window.step_time is None and calls > 0 and token is not None
                 if timed:
                     int(token)
                     t = time.perf_counter()
                 staged, token = self.run_steps(batches, upcoming)
                 if timed:
                     int(token)
-                    hooks.window.step_time = (time.perf_counter() - t) / k
+                    self.window.step_time = (time.perf_counter() - t) / k
                 calls += 1
                 self.at = after
-                hooks.window.steps += k
-                hooks.bar.update(k)
+                self.window.steps += k
+                self.window.images += k * self.global_batch
+                self.bar.update(k)
                 if budget is not None:
                     fixed = budget.after_call(calls, after, token)
                     if fixed is not None:
                         until = min(until_step, self._fix_steps(*fixed, after + len(staged)))
                         budget = None
-                hooks.after_call(before, after, bool(staged), last=after == until)
+                self._reported(self.hooks.after_call(before, after, bool(staged), after == until, self.window))
+
+    def _reported(self, report: hooks_mod.Report) -> None:
+        """Take in what the hooks did: their figures, a new log window after a log (started now,
+        so the hooks' own time is not in it), their pauses."""
+        self.paused_total += report.paused
+        if report.train is not None:
+            means = report.train
+            self.bar.set_postfix(loss=f"{means['loss']:.4f}", dice=f"{means['dice']:.3f}",
+                                 img_s=f"{means['images_per_sec']:.1f}",
+                                 idle=f"{means.get('input_wait_fraction', 0):.0%}")
+            self.summary["train"] = means
+            self.window = hooks_mod.LogWindow()
+        else:
+            self.window.paused += report.paused
+        if report.validation is not None:
+            self.summary["validation"] = report.validation
+        if report.best_step is not None:
+            self.summary["best_step"] = report.best_step
 
     def _fix_steps(self, steps: int, rate: float, at_least: int) -> int:
         """Fix the run's steps from a time budget's measurement: the same on every worker (their
@@ -320,16 +334,16 @@ class Trainer:
             values = self.strategy.experimental_distribute_values_from_function(
                 lambda ctx: tf.constant(float(steps), tf.float64))
             steps = int(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None).numpy())
-        self.planned = min(self.tc.steps, max(steps, at_least))
-        self.schedule_steps.assign(float(self.planned))
+        tc = self.cfg.train
+        self.planned = min(tc.steps, max(steps, at_least))
+        self.state.schedule_steps.assign(float(self.planned))
         self.info = dataclasses.replace(self.info, budget={
-            "minutes": self.tc.time_budget_min, "steps": self.planned, "at_step": self.at,
-            "steps_per_s": round(rate, 3)})
+            "minutes": tc.time_budget_min, "steps": self.planned, "at_step": self.at, "steps_per_s": round(rate, 3)})
         if self.chief:
             self.info.save(self.paths.root)
-        self.hooks.bar.total = self.planned
-        self.hooks.bar.refresh()
-        log.info("train.time_budget_min=%g: %d steps (%.2f steps/s measured to step %d)", self.tc.time_budget_min,
+        self.bar.total = self.planned
+        self.bar.refresh()
+        log.info("train.time_budget_min=%g: %d steps (%.2f steps/s measured to step %d)", tc.time_budget_min,
                  self.planned, rate, self.at)
         return self.planned
 
@@ -342,25 +356,25 @@ class Trainer:
                                          "workers running? (liverseg data-service worker --dispatcher ...)")
         else:
             batches = step.draw(self.iterator, k, self.local)
-        self.hooks.window.input_wait += time.perf_counter() - t
+        self.window.input_wait += time.perf_counter() - t
         return batches
 
     # ------------------------------------------------------------------ the end
 
     def close(self) -> None:
-        self.hooks.bar.close()
+        self.bar.close()
         self.hooks.close()
         self.cleanup.close()
 
     def finish(self) -> dict:
         self.hooks.sync_bn()
-        best = float(self.best.numpy())
-        summary = self.hooks.summary
+        best = float(self.state.best.numpy())
+        summary = self.summary
         summary.update(step=self.at, best_val_dice_3d=best if best >= 0 else None,
-                       weights_fingerprint=weights_fingerprint(self.model), replicas=self.replicas)
+                       weights_fingerprint=unet.weights_fingerprint(self.state.model), replicas=self.replicas)
         log.info("finished at step %d, weights %s", self.at, summary["weights_fingerprint"])
         if self.chief:
-            save_weights(self.model, self.paths.final_weights)
+            unet.save_weights(self.state.model, self.paths.final_weights)
             result = {k: v for k, v in summary.items() if k != "train"}
             dataclasses.replace(self.info, result=result).save(self.paths.root)
         return summary

@@ -7,9 +7,12 @@ under mixed precision. The sigmoid lives in the loss and in prediction.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 from liverseg import LiversegError
@@ -152,3 +155,18 @@ def check_input(cfg: ModelConfig, height: int, width: int) -> None:
     if height % d or width % d:
         raise LiversegError(f"slices of {height}x{width} cannot pass a {cfg.name} with depth "
                             f"{cfg.depth}: height and width must be multiples of {d} (convert with --size)")
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 of the weight values (16 hex digits): names one set of trained weights."""
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(np.ascontiguousarray(w.value.numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_weights(model: keras.Model, path: Path) -> None:
+    """The model's weights as `path` (*.weights.h5), written atomically."""
+    from liverseg.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        model.save_weights(str(tmp))

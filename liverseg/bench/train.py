@@ -47,12 +47,12 @@ def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tup
         logging.getLogger("liverseg.train").removeFilter(quiet)
     try:
         trainer.run(warmup)
-        paused, t0 = trainer.hooks.paused_total, time.perf_counter()
+        paused, t0 = trainer.paused_total, time.perf_counter()
         trainer.run(warmup + steps)
-        seconds = time.perf_counter() - t0 - (trainer.hooks.paused_total - paused)
+        seconds = time.perf_counter() - t0 - (trainer.paused_total - paused)
     finally:
         trainer.close()
-    return seconds / steps, trainer.hooks.summary["train"]
+    return seconds / steps, trainer.summary["train"]
 
 
 def _tiny_records(tmp: Path, size: int = 64) -> Path:
