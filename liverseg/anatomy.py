@@ -14,7 +14,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from liverseg import LiversegError, volumes
+from liverseg import LiversegError
 
 SLAB = 16  # slices rendered at once (bounds memory at 512x512)
 
@@ -310,7 +310,8 @@ def _paint_ribs(A: dict, cv: _Canvas) -> None:
 
 def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
            liver: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(CT int16 HU, mask uint8) in RAS order [x, y, z] for a grid of `shape` and `spacing` (mm)."""
+    """(CT float32 HU as rendered, mask uint8) in RAS order [x, y, z] for a grid of `shape`
+    and `spacing` (mm); `synth.render` turns the HU into stored int16."""
     X, Y, Z = shape
     sx, sy, sz = spacing
     xs = ((np.arange(X) - (X - 1) / 2) * sx).astype(np.float32)
@@ -350,5 +351,4 @@ def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple
     for z0 in range(0, Z, SLAB):
         sl = slice(z0, min(Z, z0 + SLAB))
         ct[:, :, sl] += noise * rng.standard_normal(ct[:, :, sl].shape, dtype=np.float32)
-    ct = np.clip(np.rint(ct), volumes.HU_MIN, volumes.HU_MAX).astype(np.int16)
     return ct, mask

@@ -11,6 +11,7 @@ by `evaluate`, `predict` and `export`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import types
 import typing
@@ -21,6 +22,13 @@ from typing import Any, Literal
 import yaml
 
 from liverseg import LiversegError
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent seed in [0, 2**31) for one random stream ("host-augment-0", ...) of a
+    run seeded with `seed`: the same on every machine and Python version (not `hash`)."""
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 class ConfigError(LiversegError):

@@ -78,14 +78,22 @@ def _zip(container, where: str) -> zipfile.ZipFile:
         raise InputError(f"{where}: cannot read ({e.strerror})") from None
 
 
+def _open_level(zip_path: Path, chain: tuple[str, ...]) -> tuple[zipfile.ZipFile, str]:
+    """(the zip at the end of `chain` inside `zip_path`, how messages name it): `zip_path`
+    itself for an empty chain; a zip inside a zip is inflated once (`_inner_zip`, cached)."""
+    where = NESTED.join([str(zip_path), *chain])
+    if not chain:
+        return _zip(zip_path, where), where
+    stat = zip_path.stat()
+    return _zip(io.BytesIO(_inner_zip(str(zip_path), chain, (stat.st_mtime_ns, stat.st_size))), where), where
+
+
 def _zip_members(root: Path, chain: tuple[str, ...] = ()) -> list[str]:
     """The files of a zip (`chain`: the zips inside it leading to this one), zips inside it
     expanded. Directory entries and hidden files (macOS `__MACOSX/._*`) are not files."""
-    stat = root.stat()
-    where = NESTED.join([str(root), *chain])
-    inner = _inner_zip(str(root), chain, (stat.st_mtime_ns, stat.st_size)) if chain else None
     out = []
-    with _zip(root if inner is None else io.BytesIO(inner), where) as z:
+    z, _ = _open_level(root, chain)
+    with z:
         for info in z.infolist():
             parts = info.filename.rstrip("/").split("/")
             if info.is_dir() or any(p.startswith(".") or p == "__MACOSX" for p in parts):
@@ -133,10 +141,8 @@ def read_member(container: str | Path, member: str) -> bytes:
             return zip_path.read_bytes()
         except OSError as e:
             raise InputError(f"{zip_path}: cannot read ({e.strerror})") from None
-    stat = zip_path.stat()
-    inner = _inner_zip(str(zip_path), chain, (stat.st_mtime_ns, stat.st_size)) if chain else None
-    where = NESTED.join([str(zip_path), *chain])
-    with _zip(zip_path if inner is None else io.BytesIO(inner), where) as z:
+    z, where = _open_level(zip_path, chain)
+    with z:
         try:
             info = z.getinfo(name)
         except KeyError:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from liverseg import derive_seed
+from liverseg.config import derive_seed
 from liverseg.manifest import Manifest, RegionHU, SplitInfo, pooled_hu
 from liverseg.records import RecordsError
 

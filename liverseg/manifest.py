@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from liverseg import __version__, records
-from liverseg.layouts import LAYOUTS
 from liverseg.records import COMPRESSIONS, SPLITS, RecordsError
 
 if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from this module and starts fast
@@ -53,8 +52,7 @@ class ConvertOptions:
 
     layout: str = _opt("pattern", "Source layout: pattern (NIfTI pairs named by --image-pattern/--mask-pattern), "
                        "ircad (3D-IRCADb-01 DICOM: 3Dircadb1.N/PATIENT_DICOM + MASKS_DICOM/liver, zipped or not), "
-                       "msd (Decathlon imagesTr/labelsTr), lits (volume-N/segmentation-N).",
-                       choices={name: name for name in LAYOUTS})
+                       "msd (Decathlon imagesTr/labelsTr), lits (volume-N/segmentation-N), list (a case list).")
     size: int | None = _opt(None, "Resize slices in-plane to SIZE x SIZE (default: native); with --spacing, "
                              "the SIZE x SIZE window cropped or padded around the body.")
     spacing: float | None = _opt(None, "Resample slices in-plane to SPACING mm pixels (image: antialiased linear, "
@@ -73,7 +71,7 @@ class ConvertOptions:
     mask_segment: str = _opt("liver", "--layout list: the segment of a DICOM SEG or .seg.nrrd mask that is the liver, "
                              "where the row's mask_label is empty (matched to SegmentLabel or the code meaning).")
     exclude_ircad_overlap: bool = _opt(False, "Drop the LiTS and Decathlon (MSD) cases that are 3D-IRCADb-01 "
-                                       "patients (LiTS 28-44 and 46-48, MSD liver_28-44 and 46-48).")
+                                       "patients (LiTS 28-48, MSD liver_28-48: sources number IRCAD's 20 as 28-47 or 28-44 and 46-48).")
     affine_tol: float = _opt(1e-3, "Image/mask affine tolerance in mm.")
     workers: int = _opt(1, "Parallel processes (with --runner direct: Beam's worker processes).")
     runner: str = _opt("local", "local: processes on this machine; direct: Apache Beam's DirectRunner; or a Beam runner "

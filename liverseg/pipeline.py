@@ -37,14 +37,25 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from liverseg import augment, data_service, derive_seed, records
-from liverseg.config import Config
+from liverseg import augment, data_service, records
+from liverseg.config import Config, derive_seed
 from liverseg.manifest import Manifest
 from liverseg.rundir import Normalization
 from liverseg.records import RecordsError
 
 log = logging.getLogger(__name__)
 READ_BUFFER = 8 * 2**20
+
+
+def available_memory() -> float | None:
+    """MemAvailable (bytes) from /proc/meminfo, or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def normalization(cfg: Config, manifest: Manifest) -> Normalization:
@@ -298,8 +309,6 @@ def in_memory(cfg: Config, shards, h: int, w: int, on_service: bool = False) -> 
     """Whether training holds these shards (of h x w slices) in memory (data.in_memory;
     "auto": they take at most IN_MEMORY_SHARE of the available memory, and not on the
     tf.data service)."""
-    from liverseg import available_memory
-
     if cfg.data.in_memory != "auto":
         return cfg.data.in_memory == "always"
     if on_service:

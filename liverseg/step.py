@@ -26,8 +26,8 @@ import os
 import keras
 import tensorflow as tf
 
-from liverseg import LiversegError, derive_seed, objective, pipeline
-from liverseg.config import Config
+from liverseg import LiversegError, objective, pipeline
+from liverseg.config import Config, derive_seed
 
 log = logging.getLogger(__name__)
 

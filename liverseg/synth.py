@@ -22,7 +22,7 @@ import numpy as np
 
 from liverseg import LiversegError, dicom_io, geometry, nifti_io, volumes
 from liverseg.outputs import atomic_path
-from liverseg.anatomy import render
+from liverseg import anatomy
 from liverseg.layouts import SYNTH_LAYOUTS as LAYOUTS
 from liverseg.volumes import Source
 
@@ -41,6 +41,14 @@ class CaseSpec:
 
 
 # ------------------------------------------------------------------------- cases
+
+
+def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+           liver: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(CT int16 HU, mask uint8) in RAS order [x, y, z]: `anatomy.render`, its HU stored by
+    the CT value rules (`volumes.hounsfield`: rounded, clipped to the record range)."""
+    ct, mask = anatomy.render(rng, shape, spacing, liver)
+    return volumes.hounsfield(ct, Path("phantom")), mask
 
 
 def _procedural_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -47,9 +47,9 @@ from typing import Callable
 
 import tensorflow as tf
 
-from liverseg import (TERMINATE, LiversegError, available_memory, checkpoints, config, data_service, derive_seed, folds,
+from liverseg import (TERMINATE, LiversegError, checkpoints, config, data_service, folds,
                       objective, pipeline, rundir, step, unet, validation)
-from liverseg.config import Config
+from liverseg.config import Config, derive_seed
 from liverseg import hooks as hooks_mod
 from liverseg.hooks import PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, stop_requested
 
@@ -168,7 +168,7 @@ class Trainer:
             unet.check_input(cfg.model, crop, crop)
         pipeline.check_context(cfg, manifest)
         pipeline.source_keep(cfg, manifest)  # weights for the training cases' sources, before anything is written
-        pipeline.check_memory(cfg, manifest, available_memory(), self.replicas)
+        pipeline.check_memory(cfg, manifest, pipeline.available_memory(), self.replicas)
         if cfg.data.service:
             data_service.check_reachable(cfg.data.service)
         spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,

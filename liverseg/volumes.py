@@ -85,6 +85,28 @@ class Volume(NamedTuple):
     nbytes: int
 
 
+def dicom_series(path: str | Path, select=None) -> list:
+    """The DICOM series in a folder or zip (`dicom_io.Series`; `select(member)` picks files)."""
+    from liverseg import dicom_io
+
+    return dicom_io.find_series(path, select)
+
+
+def is_dicom_seg(path: str | Path) -> bool:
+    """Is this file a DICOM Segmentation object?"""
+    from liverseg import dicom_io
+
+    return dicom_io.is_segmentation(Path(path))
+
+
+def member_parts(member: str) -> list[str]:
+    """The folders and file of a file inside a folder or zip, zips named as folders
+    (`PATIENT_DICOM.zip!/PATIENT_DICOM/image_0` -> PATIENT_DICOM, PATIENT_DICOM, image_0)."""
+    from liverseg.dicom_io import NESTED
+
+    return [p.removesuffix(".zip") for p in member.replace(NESTED, "/").split("/")]
+
+
 def read_header(src: Source, ct: bool = False) -> Header:
     """The grid a source promises, checked before its voxels are read (DICOM: tags only;
     ct: the series must be a CT)."""
@@ -216,4 +238,5 @@ def _labels(path: Path, arr: np.ndarray) -> set[int]:
     return set(int(v) for v in values)
 
 
-__all__ = ["HU_MAX", "HU_MIN", "Source", "Volume", "hounsfield", "liver", "load_image", "load_mask", "read_header"]
+__all__ = ["HU_MAX", "HU_MIN", "Source", "Volume", "dicom_series", "hounsfield", "is_dicom_seg", "liver", "load_image",
+           "load_mask", "member_parts", "read_header"]

@@ -200,24 +200,26 @@ def test_mask_segment_chooses_a_segs_segment_where_the_row_names_none(tmp_path, 
 
 
 def test_lits_copies_of_ircad_patients_are_named_and_can_be_dropped(pair, caplog):
-    """LiTS 28-44/46-48 (and the Decathlon's liver_N of those numbers) are 3D-IRCADb-01
-    patients: mixed with IRCAD cases they are named; --exclude-ircad-overlap drops them."""
+    """LiTS 28-48 (sources number IRCAD's 20 as 28-47 or 28-44 and 46-48; the Decathlon's
+    liver_N of those numbers too) are 3D-IRCADb-01 patients: mixed with IRCAD cases they are
+    named; --exclude-ircad-overlap drops them; 27 and 49 are not."""
     from liverseg import layouts
 
     root = pair[0]
-    rows = [(c, "a_orig.nii.gz", "a_liver.nii.gz", "", "", "") for c in ("ircad_e05", "lits_030", "lits_045", "liver_46")]
+    rows = [(c, "a_orig.nii.gz", "a_liver.nii.gz", "", "", "") for c in ("ircad_e05", "lits_030", "lits_045", "liver_46",
+                                                                                "lits_027", "lits_049")]
     listed = _write_list(root / "cases.csv", rows)
     m = convert(listed, root / "out", ConvertOptions(layout="list"), progress=False)
-    assert len(m.cases) == 4
-    assert "lits_030, liver_46 (LiTS/Decathlon) are 3D-IRCADb-01 scans, as are ircad_e05" in caplog.text
+    assert len(m.cases) == 6
+    assert "lits_030, lits_045, liver_46 (LiTS/Decathlon) are 3D-IRCADb-01 scans, as are ircad_e05" in caplog.text
     caplog.clear()
     m = convert(listed, root / "out2", ConvertOptions(layout="list", exclude_ircad_overlap=True), progress=False)
-    assert [c.case_id for c in m.cases] == ["ircad_e05", "lits_045"]
-    assert "dropped 2 LiTS/Decathlon case(s) that are 3D-IRCADb-01 patients: lits_030, liver_46" in caplog.text
+    assert [c.case_id for c in m.cases] == ["ircad_e05", "lits_027", "lits_049"]
+    assert "dropped 3 LiTS/Decathlon case(s) that are 3D-IRCADb-01 patients: lits_030, lits_045, liver_46" in caplog.text
     only_copies = _write_list(root / "copies.csv", [("lits_030", "a_orig.nii.gz", "a_liver.nii.gz", "", "", "")])
     with pytest.raises(LiversegError, match=r"--exclude-ircad-overlap dropped every case; nothing to convert"):
         convert(only_copies, root / "out3", ConvertOptions(layout="list", exclude_ircad_overlap=True), progress=False)
     assert not (root / "out3").exists()
     # evaluation: the run's training set against the cases scored, either way round
     assert layouts.ircad_overlap({"x": root / "3Dircadb1.17" / "PATIENT_DICOM"}, {"volume-40": None}) is not None
-    assert layouts.ircad_overlap({"lits_001": None, "lits_045": None}, {"3Dircadb1.3": None}) is None
+    assert layouts.ircad_overlap({"lits_001": None, "lits_049": None}, {"3Dircadb1.3": None}) is None

@@ -80,7 +80,7 @@ MEMORY_HEADROOM = 0.85  # of MemAvailable: the rest is left to the system
 
 def available_memory() -> float | None:
     """This machine's available memory (a function of its own, so tests can pretend)."""
-    from liverseg import available_memory as from_proc
+    from liverseg.pipeline import available_memory as from_proc
 
     return from_proc()
 

@@ -36,14 +36,13 @@ def main() -> None:
     # Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
     if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # unset or empty
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    from liverseg import require_tensorflow
     from liverseg.cli import group
 
     cli = _commands()
     runs_tensorflow = group.runs_tensorflow_command(sys.argv[1:])
     if runs_tensorflow:
         try:
-            require_tensorflow()
+            startup.require_tensorflow()
         except ImportError as e:  # one line, exit status 2, as every bad-input error
             print(f"Error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

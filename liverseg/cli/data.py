@@ -11,7 +11,7 @@ import typing
 
 from liverseg import LiversegError
 from liverseg.cli.group import cli, runs_tensorflow, table
-from liverseg.layouts import SYNTH_LAYOUTS
+from liverseg.layouts import LAYOUTS, SYNTH_LAYOUTS
 
 
 @cli.command()
@@ -37,15 +37,20 @@ def synth(out, cases, size, slices, masks, seed, layout, workers):
         click.echo(f"wrote {folder}")
 
 
-def dataclass_options(cls, skip: tuple[str, ...] = ()):
+def dataclass_options(cls, skip: tuple[str, ...] = (), choices: dict[str, tuple] | None = None):
     """Click options generated from a frozen options dataclass: one `--field-name` per field,
     its default and help taken from the field, so each default is written once (in the class).
 
     Field metadata: "help"; "choices" ({shown value: field value}); "exists" (a file that must exist).
+    `choices` adds choices by field name from the module that owns them (convert's layouts).
     Returns (decorator, build) where build(**kw) turns the parsed values into an instance.
     """
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    given = {name: {v: v for v in values} for name, values in (choices or {}).items()}
+
+    def choices_of(f):
+        return f.metadata.get("choices") or given.get(f.name)
 
     def decorator(fn):
         for f in reversed(fields):
@@ -55,9 +60,9 @@ def dataclass_options(cls, skip: tuple[str, ...] = ()):
             if tp is bool:
                 fn = click.option(flag, is_flag=True, help=meta.get("help"))(fn)
                 continue
-            if "choices" in meta:
-                shown = {v: k for k, v in meta["choices"].items()}
-                kw.update(type=click.Choice(list(meta["choices"])), default=shown.get(f.default))
+            if choices_of(f):
+                shown = {v: k for k, v in choices_of(f).items()}
+                kw.update(type=click.Choice(list(choices_of(f))), default=shown.get(f.default))
             else:
                 base = next(a for a in (typing.get_args(tp) or (tp,)) if a is not type(None))
                 kw.update(type=click.Path(exists=True, dir_okay=False) if meta.get("exists") else base, default=f.default)
@@ -68,8 +73,8 @@ def dataclass_options(cls, skip: tuple[str, ...] = ()):
         values = {}
         for f in fields:
             v = kw[f.name]
-            if "choices" in f.metadata and v is not None:
-                v = f.metadata["choices"][v]
+            if choices_of(f) and v is not None:
+                v = choices_of(f)[v]
             values[f.name] = v
         return cls(**values)
 
@@ -79,7 +84,7 @@ def dataclass_options(cls, skip: tuple[str, ...] = ()):
 def _convert_cli():
     from liverseg.manifest import ConvertOptions
 
-    return dataclass_options(ConvertOptions)
+    return dataclass_options(ConvertOptions, choices={"layout": LAYOUTS})
 
 
 convert_options, build_convert_options = _convert_cli()

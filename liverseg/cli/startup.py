@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes.util
+import importlib.util
 import os
 import signal
 import sys
@@ -210,3 +211,16 @@ def import_tensorflow_quietly() -> None:
             captured.seek(0)
             kept = [line for line in captured.read().splitlines(keepends=True) if not any(n in line for n in NOTICES)]
             sys.stderr.write(b"".join(kept).decode(errors="replace"))
+
+
+def require_tensorflow() -> None:
+    """Raise a one-line ImportError naming the extra to install when TF is missing."""
+    try:
+        found = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # a finder that refuses it: as good as missing
+        found = False
+    if not found:
+        raise ImportError(
+            "liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
+            "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)"
+        )
