@@ -51,13 +51,14 @@ def refold(m: Manifest, k: int, fold: int, seed: int) -> Manifest:
     for split in POOL:
         members = [c for c in cases if c.split == split]
         names = {c.case_id for c in members}
-        shards = tuple(s for s in pool_shards if names & set(s.cases))
+        shards = tuple(s for s in pool_shards if names & set(m.cases_of(s)))
         shapes = {tuple(c.geometry.stored_shape[1:]) for c in members}
         splits[split] = SplitInfo(
             num_examples=sum(c.num_slices for c in members), num_cases=len(members),
             liver_slices=sum(c.liver_slices for c in members), bytes=sum(s.bytes for s in shards),
             slice_shape=shapes.pop() if len(shapes) == 1 else None,
-            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")), shards=shards)
+            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")), shards=shards,
+            min_slices=min((c.num_slices for c in members), default=None))
     ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
     return dataclasses.replace(m, splits=ordered, cases=cases)
 

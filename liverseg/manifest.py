@@ -11,8 +11,11 @@ Versions: `schema_version` is the record schema (`records.SCHEMA_VERSION`);
 was written before the field existed and is version 1. Version 2 adds DICOM sources
 (`series`), the `layout` and `spacing` options and a case geometry's `resampled_hw` and
 `window`; version 3 a case's `source` tag and sources of other kinds (`kind`: nrrd, seg;
-`label`); older files read as before. A reader meeting a newer version says so
-instead of guessing.
+`label`); version 4 keeps the cases in `cases.jsonl` beside it (one per line, its sha256
+and count in `dataset.json`), read only when a case is asked for, and no longer lists each
+shard's cases (they follow from the cases), so `dataset.json` and its load stay small
+whatever the number of cases; older files read as before. A reader meeting a newer version
+says so instead of guessing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,8 +36,9 @@ if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from 
     from liverseg.geometry import Geometry
 
 MANIFEST = "dataset.json"
+CASES = "cases.jsonl"  # version 4: one CaseInfo per line, read on first use, checked by its sha256
 FORMAT = "liverseg-slices"
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 LAYOUT = ("one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
           "anterior->posterior and columns patient right->left (see geometry)")
 
@@ -206,19 +211,19 @@ class CaseInfo:
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """A shard file: its records, bytes and sha256 (its cases: `Manifest.cases_of`)."""
+
     file: str
     num_examples: int
     bytes: int
     sha256: str
-    cases: tuple[str, ...]
 
     def to_json(self) -> dict:
-        return {"file": self.file, "num_examples": self.num_examples, "bytes": self.bytes, "sha256": self.sha256,
-                "cases": list(self.cases)}
+        return {"file": self.file, "num_examples": self.num_examples, "bytes": self.bytes, "sha256": self.sha256}
 
     @classmethod
-    def from_json(cls, d: dict) -> "ShardInfo":
-        return cls(d["file"], d["num_examples"], d["bytes"], d["sha256"], tuple(d["cases"]))
+    def from_json(cls, d: dict) -> "ShardInfo":  # versions 1-3 also list the shard's cases: they follow from the cases
+        return cls(d["file"], d["num_examples"], d["bytes"], d["sha256"])
 
 
 @dataclass(frozen=True)
@@ -230,17 +235,19 @@ class SplitInfo:
     slice_shape: tuple[int, int] | None  # None when cases of the split differ in slice size
     hu: RegionHU
     shards: tuple[ShardInfo, ...]
+    min_slices: int | None = None  # slices of its shortest case (version 4; None: ask the cases)
 
     def to_json(self) -> dict:
-        return {"num_examples": self.num_examples, "num_cases": self.num_cases, "liver_slices": self.liver_slices,
-                "bytes": self.bytes, "slice_shape": list(self.slice_shape) if self.slice_shape else None,
-                "hu": self.hu.to_json(), "shards": [s.to_json() for s in self.shards]}
+        d = {"num_examples": self.num_examples, "num_cases": self.num_cases, "liver_slices": self.liver_slices,
+             "bytes": self.bytes, "slice_shape": list(self.slice_shape) if self.slice_shape else None,
+             "hu": self.hu.to_json(), "shards": [s.to_json() for s in self.shards]}
+        return {**d, "min_slices": self.min_slices} if self.min_slices is not None else d
 
     @classmethod
     def from_json(cls, d: dict) -> "SplitInfo":
         return cls(d["num_examples"], d["num_cases"], d["liver_slices"], d["bytes"],
                    tuple(d["slice_shape"]) if d["slice_shape"] else None, RegionHU.from_json(d["hu"]),
-                   tuple(ShardInfo.from_json(s) for s in d["shards"]))
+                   tuple(ShardInfo.from_json(s) for s in d["shards"]), d.get("min_slices"))
 
     @property
     def liver_fraction(self) -> float:
@@ -264,6 +271,50 @@ class SkippedCase:
 # ------------------------------------------------------------------------- the manifest
 
 
+class LazyCases(Sequence):
+    """The cases of a version-4 manifest: `cases.jsonl`, read and checked (count, sha256) the
+    first time a case is asked for. A truncated or replaced file is named, never half-read."""
+
+    def __init__(self, path: Path, sha256: str, count: int):
+        self.path, self.sha256, self.count = path, sha256, count
+
+    @functools.cached_property
+    def _items(self) -> tuple[CaseInfo, ...]:
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise RecordsError(f"{self.path}: cannot read the dataset's cases ({e.strerror}); re-run liverseg convert") from None
+        if hashlib.sha256(raw).hexdigest() != self.sha256:
+            raise RecordsError(f"{self.path}: its sha256 is not the one {self.path.parent / MANIFEST} records (truncated "
+                               "or replaced); re-run liverseg convert")
+        try:
+            cases = tuple(CaseInfo.from_json(json.loads(line)) for line in raw.splitlines() if line.strip())
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordsError(f"{self.path}: malformed case ({type(e).__name__}: {e}); re-run liverseg convert") from None
+        if len(cases) != self.count:
+            raise RecordsError(f"{self.path}: {len(cases)} cases, {MANIFEST} says {self.count}; re-run liverseg convert")
+        return cases
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == tuple(other) if isinstance(other, Sequence) else NotImplemented
+
+    __hash__ = None
+
+
+def cases_lines(cases) -> str:
+    """The content of `cases.jsonl`: one case per line, in index order."""
+    return "".join(json.dumps(c.to_json(), separators=(",", ":")) + "\n" for c in cases)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The content of `dataset.json`. `root` (the dataset folder) and `sha256` (of the file's
@@ -272,7 +323,7 @@ class Manifest:
     source: str
     options: ConvertOptions
     splits: dict[str, SplitInfo]
-    cases: tuple[CaseInfo, ...]
+    cases: Sequence[CaseInfo]  # a tuple, or `LazyCases` (version 4, read on first use)
     skipped: tuple[SkippedCase, ...] = ()
     runner: str = "local"  # which converter wrote it: "local" or "beam:<Runner>"
     schema_version: int = records.SCHEMA_VERSION
@@ -292,16 +343,19 @@ class Manifest:
             "creation": {"source": self.source, "options": self.options.creation(), "runner": self.runner},
             "record": {"keys": records.KEY_DOC, "layout": LAYOUT, "compression": self.options.compression or "none"},
             "splits": {name: s.to_json() for name, s in self.splits.items()},
-            "cases": [c.to_json() for c in self.cases],
+            "cases": {"file": CASES, "count": len(self.cases),
+                      "sha256": hashlib.sha256(cases_lines(self.cases).encode()).hexdigest()},
             "skipped": [s.to_json() for s in self.skipped],
         }
 
     def dumps(self) -> str:
+        """dataset.json's content (the cases' file: `cases_lines(manifest.cases)`)."""
         return json.dumps(self.to_json(), indent=1) + "\n"
 
     @classmethod
     def from_json(cls, d: dict, where: str | Path = MANIFEST) -> "Manifest":
-        """Parse a manifest dict, refusing other formats and versions this liverseg cannot read."""
+        """Parse a manifest dict, refusing other formats and versions this liverseg cannot read
+        (version 4's cases are read from CASES beside `where`, when first asked for)."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise RecordsError(f"{where}: not a liverseg dataset manifest (format {got!r})")
@@ -316,7 +370,7 @@ class Manifest:
             creation = d["creation"]
             return cls(source=creation["source"], options=ConvertOptions.from_creation(creation["options"]),
                        splits={k: SplitInfo.from_json(v) for k, v in d["splits"].items()},
-                       cases=tuple(CaseInfo.from_json(c) for c in d["cases"]),
+                       cases=_cases_of(d["cases"], Path(where).parent / CASES),
                        skipped=tuple(SkippedCase.from_json(s) for s in d.get("skipped", [])),
                        runner=creation.get("runner", "local"), schema_version=d["schema_version"],
                        manifest_version=version, liverseg_version=d.get("liverseg_version", "?"))
@@ -349,6 +403,22 @@ class Manifest:
         return m
 
     # -- reading it
+
+    @functools.cached_property
+    def _shard_cases(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for c in self.cases:  # index order: cases are contiguous in their shard, in this order
+            out.setdefault(c.shard, []).append(c.case_id)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def cases_of(self, shard: ShardInfo | str) -> tuple[str, ...]:
+        """The case ids a shard holds, in record order."""
+        return self._shard_cases.get(shard if isinstance(shard, str) else shard.file, ())
+
+    @property
+    def num_cases(self) -> int:
+        """The number of cases (from the summary: reads no case)."""
+        return len(self.cases)
 
     @property
     def compression(self) -> str:
@@ -394,7 +464,7 @@ class Manifest:
         for info in self.splits.values():
             for shard in info.shards:
                 first = 0
-                for case_id in shard.cases:
+                for case_id in self.cases_of(shard):
                     out[case_id] = (shard, first)
                     first += self._by_id[case_id].num_slices
         return out
@@ -414,5 +484,12 @@ class Manifest:
                                    Path(self.root or "."))
 
 
-__all__ = ["CaseInfo", "ConvertOptions", "HUStats", "MANIFEST", "Manifest", "RegionHU", "ShardInfo", "SkippedCase",
+def _cases_of(d, path: Path) -> Sequence[CaseInfo]:
+    """The cases as a version's file holds them: inline (1-3) or in CASES (4)."""
+    if isinstance(d, list):
+        return tuple(CaseInfo.from_json(c) for c in d)
+    return LazyCases(path, d["sha256"], int(d["count"]))
+
+
+__all__ = ["CASES", "CaseInfo", "ConvertOptions", "HUStats", "LazyCases", "MANIFEST", "Manifest", "cases_lines", "RegionHU", "ShardInfo", "SkippedCase",
            "SourceFile", "SplitInfo"]

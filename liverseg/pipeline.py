@@ -96,6 +96,9 @@ def check_context(cfg: Config, manifest: Manifest) -> None:
     """Refuse a 2.5D context that reaches past the shortest training case; warn when its
     window is wider than that case (those channels are copies of the case's edge slices)."""
     k = cfg.data.context
+    known = manifest.split("train").min_slices
+    if k == 0 or known is not None and 2 * k + 1 <= known:  # from the summary: no case read
+        return
     shortest = min(manifest.cases_in("train"), key=lambda c: c.num_slices, default=None)
     if shortest is None or 2 * k + 1 <= shortest.num_slices:
         return
@@ -294,9 +297,11 @@ def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bo
                     split, len(shards), n_pipes, n_pipes, n_pipes)
     elif n_pipes > 1:
         shards = shards[pipe::n_pipes]
-    held = {case for s in shards for case in s.cases}
-    own = {c.case_id for c in m.cases_in(split)}
-    members = tuple(c.split == split for c in m.cases) if held - own else None
+    members = None
+    if cfg.data.folds:  # only a fold's shards hold cases of another split (`folds.refold`)
+        held = {case for s in shards for case in m.cases_of(s)}
+        own = {c.case_id for c in m.cases_in(split)}
+        members = tuple(c.split == split for c in m.cases) if held - own else None
     memory = training and in_memory(cfg, shards, h, w, on_service)
     return _Plan(m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard, members,
                  memory)
@@ -424,7 +429,7 @@ def source_keep(cfg: Config, manifest: Manifest, split: str = "train") -> list[f
                 for s in present}
     rate = {s: weights[s] / max(expected[s], 1e-9) for s in present}
     top = max(rate.values())
-    keep = [0.0] * len(manifest.cases)
+    keep = [0.0] * manifest.num_cases
     for c in cases:
         keep[c.index] = rate[c.source] / top
     return keep

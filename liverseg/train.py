@@ -138,7 +138,7 @@ class Trainer:
             log.warning("no validation (%s): no %s", "train.eval_every=0" if tc.eval_every == 0
                         else f"{self.manifest.root} has no val split", self.paths.best_weights.name)
         validator = (validation.make_validator(self.state.model, cfg, objective.per_example_loss(tc),
-                                               len(self.manifest.cases)) if validating and self.chief else None)
+                                               self.manifest.num_cases) if validating and self.chief else None)
         preemption = None
         if tc.strategy == "multi_worker":  # TF's handler makes every worker save at the same step
             preemption = tf.distribute.experimental.PreemptionCheckpointHandler(

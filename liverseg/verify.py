@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from liverseg import records
-from liverseg.manifest import CaseInfo, Manifest, ShardInfo
+from liverseg.manifest import CaseInfo, Manifest
 from liverseg.records import FramingError
 
 
@@ -27,9 +27,9 @@ class ShardReport:
         return self.status == "ok"
 
 
-def _check_contents(examples: list[dict], shard: ShardInfo, cases: dict[str, CaseInfo]) -> str | None:
+def _check_contents(examples: list[dict], shard_cases: tuple[str, ...], cases: dict[str, CaseInfo]) -> str | None:
     """Cases contiguous and complete, slices in order, features consistent with the manifest."""
-    expected = [(cid, s) for cid in shard.cases for s in range(cases[cid].num_slices)]
+    expected = [(cid, s) for cid in shard_cases for s in range(cases[cid].num_slices)]
     if len(examples) != len(expected):
         return f"{len(examples)} records, manifest cases need {len(expected)}"
     for k, (ex, (cid, s)) in enumerate(zip(examples, expected)):
@@ -92,7 +92,7 @@ def verify(root: str | Path) -> list[ShardReport]:
             except (ValueError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
                 rep.status = f"record {len(examples)} does not decode: {e or type(e).__name__}"
                 continue
-            problem = _check_contents(examples, shard, cases)
+            problem = _check_contents(examples, m.cases_of(shard), cases)
             if problem:
                 rep.status = problem
     return reports

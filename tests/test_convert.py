@@ -274,7 +274,7 @@ def test_out_holding_another_dataset_is_not_overwritten(good_src, phantoms, tmp_
         convert(good_src, out, progress=False)
     assert {p: (out / p).read_bytes() for p in tree(out)} == before
     m = convert(phantoms, out, ConvertOptions(overwrite=True), progress=False)
-    assert sorted(tree(out)) == sorted(["dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
+    assert sorted(tree(out)) == sorted(["cases.jsonl", "dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
 
 
 def test_out_with_foreign_files_is_refused(good_src, tmp_path):
@@ -305,7 +305,7 @@ def test_two_conversions_into_one_out_the_second_fails_naming_the_first(tmp_path
     (out).mkdir()
     (out / LOCK).write_text("pid 99999 on gone since 2026-01-01")  # a killed conversion's lock: taken over
     m = convert(src, out, ConvertOptions(), progress=False)
-    assert sorted(tree(out)) == sorted(["dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
+    assert sorted(tree(out)) == sorted(["cases.jsonl", "dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
 
 
 @pytest.mark.parametrize("opts, message", [

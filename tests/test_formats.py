@@ -107,3 +107,42 @@ def test_overlay_png_decodes_to_the_drawn_contours(tmp_path):
     np.testing.assert_array_equal(green, overlay.contour(truth[1]) & ~overlay.contour(pred[1]))
     grey = int(overlay.window(np.int16(50)))
     assert np.all(axial[~(green | red)] == grey)
+
+
+def test_a_version_3_manifest_with_its_cases_inline_reads_as_version_4(dataset, tmp_path):
+    """Version 4 keeps the cases in cases.jsonl; a version 3 file holding them (and each shard's
+    case list) inline reads to the same cases, shard members and record positions."""
+    m = Manifest.load(dataset)
+    v3 = json.loads((dataset / MANIFEST).read_text())
+    v3["manifest_version"], v3["cases"] = 3, [c.to_json() for c in m.cases]
+    for split in v3["splits"].values():
+        split.pop("min_slices")
+        for s in split["shards"]:
+            s["cases"] = list(m.cases_of(s["file"]))
+    copy = tmp_path / "v3"
+    shutil.copytree(dataset, copy)
+    (copy / "cases.jsonl").unlink()
+    (copy / MANIFEST).write_text(json.dumps(v3))
+    old = Manifest.load(copy)
+    assert tuple(old.cases) == tuple(m.cases) and old.manifest_version == 3
+    for split in m.splits:
+        for s in m.shards(split):
+            assert old.cases_of(s) == m.cases_of(s)
+    c = m.cases[-1].case_id
+    assert (old.records_of(c).first, old.records_of(c).count) == (m.records_of(c).first, m.records_of(c).count)
+
+
+def test_a_truncated_manifest_or_cases_file_is_named_not_half_read(dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    cases = (copy / "cases.jsonl").read_bytes()
+    (copy / "cases.jsonl").write_bytes(cases[: len(cases) // 2])
+    m = Manifest.load(copy)  # the summary loads; the cases are read when asked for
+    assert m.num_cases == len(Manifest.load(dataset).cases)
+    with pytest.raises(records.RecordsError, match=r"cases.jsonl: its sha256 is not the one .*dataset.json records "
+                                                   r"\(truncated or replaced\); re-run liverseg convert"):
+        m.case(Manifest.load(dataset).cases[0].case_id)
+    text = (dataset / MANIFEST).read_text()
+    (copy / MANIFEST).write_text(text[: len(text) // 2])
+    with pytest.raises(records.RecordsError, match=r"dataset.json: unreadable manifest"):
+        Manifest.load(copy)

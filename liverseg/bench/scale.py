@@ -177,9 +177,9 @@ def slope(n0: int, v0: float, n1: int, v1: float) -> float:
 
 
 def bench_scale(cases: tuple[int, ...] = (100, 1000, 10000), size: int = 32, slices: int = 8, beam: bool = True,
-                work: str | Path | None = None) -> tuple[list[dict], list[str]]:
+                work: str | Path | None = None) -> tuple[list[dict], list[str], dict]:
     """The table (a row per figure: per-case values at each N, the slope, the goal, whether it
-    holds) and the notes (wall time per N, the start-up goal)."""
+    holds), the notes (wall time per N, the start-up goal) and the raw totals {N: {figure: value}}."""
     cases = tuple(sorted(cases))
     root = Path(tempfile.mkdtemp(prefix="liverseg-scale-", dir=work))
     results, notes = {}, []
@@ -209,7 +209,7 @@ def bench_scale(cases: tuple[int, ...] = (100, 1000, 10000), size: int = 32, sli
     start = results[hi]["train start-up to first step"]
     notes.append(f"train start-up at {hi:,} cases: {start:.1f} s (goal {STARTUP_GOAL_S:g} s: "
                  f"{'holds' if start <= STARTUP_GOAL_S else 'MISSED'})")
-    return rows, notes
+    return rows, notes, results
 
 
 UNITS = {"records bytes": "B/case", "manifest bytes": "B/case", "train peak RSS": "MB", "pipeline slices/s": "slices/s",
@@ -227,8 +227,8 @@ def _shown(figure: str, v: float) -> str:
     return f"{v:,.0f} {unit.split('/')[0] if unit != 'slices/s' else 'slices/s'}"
 
 
-def as_json(rows: list[dict], notes: list[str]) -> str:
-    return json.dumps({"rows": rows, "notes": notes}, indent=1)
+def as_json(rows: list[dict], notes: list[str], totals: dict) -> str:
+    return json.dumps({"rows": rows, "notes": notes, "totals": {str(n): v for n, v in totals.items()}}, indent=1)
 
 
 __all__ = ["GOALS", "bench_scale", "measure", "slope", "synthesise", "tiny_case"]

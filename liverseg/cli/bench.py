@@ -139,9 +139,9 @@ def bench_scale(cases, size, slices, no_beam, work, json_out):
         raise click.BadParameter(f"{cases!r}: comma-separated case counts, e.g. 100,1000,10000", param_hint="--cases")
     if min(counts) < 10:
         raise click.BadParameter(f"{cases!r}: at least 10 cases per row (val and test take a few)", param_hint="--cases")
-    rows, notes = scale.bench_scale(counts, size, slices, beam=not no_beam, work=work)
+    rows, notes, totals = scale.bench_scale(counts, size, slices, beam=not no_beam, work=work)
     click.echo(table(rows))
     for note in notes:
         click.echo(note)
     if json_out:
-        json_out.write_text(scale.as_json(rows, notes))
+        json_out.write_text(scale.as_json(rows, notes, totals))

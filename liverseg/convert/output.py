@@ -1,8 +1,9 @@
 """Conversion, phase 3: the output folder, the manifest of the written shards, the commit.
 
 The commit makes a conversion final in an order that never shows a partial dataset: the
-new manifest is written under a temporary name first (the one write that may fail for
-space), then the shards are renamed to their final names, then the manifest. A failure
+new manifest and its cases file are written under temporary names first (the writes that may
+fail for space), then the shards are renamed to their final names, then the cases file, then
+the manifest. A failure
 before the last rename leaves no manifest, and a failure before the shard renames leaves
 no final-named shard.
 """
@@ -18,8 +19,8 @@ from liverseg import LiversegError, records
 from liverseg.outputs import check_output, folder_lock
 from liverseg.convert.discover import Case
 from liverseg.convert.shards import TMP_PREFIX, ShardResult
-from liverseg.manifest import (MANIFEST, SPLITS, CaseInfo, ConvertOptions, Manifest, RegionHU, ShardInfo, SkippedCase,
-                               SplitInfo, pooled_hu)
+from liverseg.manifest import (CASES, MANIFEST, SPLITS, CaseInfo, ConvertOptions, Manifest, RegionHU, ShardInfo, SkippedCase,
+                               SplitInfo, cases_lines, pooled_hu)
 
 
 LOCK = ".lock"  # held by the conversion writing into OUT
@@ -45,7 +46,8 @@ def check_out(out: Path, opts: ConvertOptions, src: Path, cases: list[Case] = ()
         raise LiversegError(f"{out}: exists and is not a folder")
     for p in out.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run
         p.unlink()
-    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^" + re.escape(MANIFEST) + "$|^" + re.escape(LOCK) + "$")
+    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^(" + "|".join(map(re.escape, (MANIFEST, CASES, LOCK)))
+                      + ")$")
     foreign = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
     if foreign and not opts.overwrite:
         raise LiversegError(f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}); "
@@ -84,8 +86,8 @@ def assemble(src: Path, opts: ConvertOptions, cases: list[Case], results: list[S
             liver_slices=sum(i.liver_slices for i in members), bytes=sum(r.bytes for r in shards),
             slice_shape=shapes.pop() if len(shapes) == 1 else None,
             hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")),
-            shards=tuple(ShardInfo(name, r.num_examples, r.bytes, r.sha256, tuple(i.case_id for i in r.cases))
-                         for name, r in named))
+            shards=tuple(ShardInfo(name, r.num_examples, r.bytes, r.sha256) for name, r in named),
+            min_slices=min(i.num_slices for i in members))
         infos += members
     return Manifest(source=str(src.resolve()), options=ConvertOptions.from_creation(opts.creation()), splits=splits,
                     cases=tuple(sorted(infos, key=lambda i: i.index)), skipped=tuple(skipped), runner=runner)
@@ -110,14 +112,16 @@ def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifes
     removed leaves no manifest, i.e. an incomplete dataset that a re-run completes; a shard
     under its final name is always complete.
     """
-    tmp = out / f"{TMP_PREFIX}{MANIFEST}"
+    tmp, tmp_cases = out / f"{TMP_PREFIX}{MANIFEST}", out / f"{TMP_PREFIX}{CASES}"
     try:
-        with open(tmp, "w") as f:
-            f.write(manifest.dumps())
-            f.flush()
-            os.fsync(f.fileno())
+        for path, text in ((tmp_cases, cases_lines(manifest.cases)), (tmp, manifest.dumps())):
+            with open(path, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
+        tmp_cases.unlink(missing_ok=True)
         raise
     (out / MANIFEST).unlink(missing_ok=True)
     ordered = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
@@ -132,5 +136,6 @@ def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifes
     for p in out.glob("*-of-*.tfrecord"):
         if p.name not in final:
             p.unlink()
+    os.replace(tmp_cases, out / CASES)  # before the manifest that records its sha256: the commit point
     os.replace(tmp, out / MANIFEST)
     return manifest
