@@ -16,6 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -29,8 +30,16 @@ from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
 
-# A scored case: (case id, prediction, reference, spacing in mm of their grid, a function
-# returning the overlay panel's (stored CT, stored spacing, stored reference, stored prediction)).
+class Scored(NamedTuple):
+    """A case to score: its prediction and reference on one grid, that grid's spacing in mm
+    (z, y, x of the arrays), and `panel()`, the overlay's (stored CT, stored spacing, stored
+    reference, stored prediction)."""
+
+    case_id: str
+    prediction: np.ndarray
+    reference: np.ndarray
+    spacing: tuple
+    panel: Callable[[], tuple]
 
 
 def evaluate(run: Run, records: str | Path | None = None, split: str = "test", data: str | Path | None = None,
@@ -97,11 +106,11 @@ def record_cases(run, records: str | Path | None, split: str, m: Manifest | None
             spacing = case.geometry.stored_spacing
             panel = lambda image=image, ref=ref, pred=pred_stored: (image, spacing, ref, pred)  # noqa: E731
             if on_source is None:
-                yield case.case_id, pred_stored, ref, spacing, panel
+                yield Scored(case.case_id, pred_stored, ref, spacing, panel)
                 continue
             pred = postprocess(geometry.from_stored(prob, case.geometry, "prob"), e.threshold, e.largest_component,
                                e.min_component_fraction)
-            yield case.case_id, pred, on_source, case.geometry.spacing, panel
+            yield Scored(case.case_id, pred, on_source, case.geometry.spacing, panel)
 
     return cases()
 
@@ -151,8 +160,9 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
     rows = []
     for fold, root in sorted(by_fold.items()):
         run = load_run(root)
-        for case_id, pred, ref, spacing, _ in record_cases(run, None, "val"):
-            rows.append({"case": case_id, "fold": fold, **metrics.case_metrics(pred, ref, spacing)})
+        for case in record_cases(run, None, "val"):
+            rows.append({"case": case.case_id, "fold": fold,
+                         **metrics.case_metrics(case.prediction, case.reference, case.spacing)})
     summary = {"overall": metrics.summarize(rows),
                "folds": {str(f): metrics.summarize([row for row in rows if row["fold"] == f]) for f in sorted(by_fold)}}
     with new_folder(out) as tmp:
@@ -183,17 +193,17 @@ def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
     """The case's reference mask on its image's source grid, read from the source files, or
     None (with a warning) when they are gone or changed since conversion."""
     try:
-        mask, header, sha, _ = volumes.load_mask(source(case.mask, case.image), merge_tumour)
+        vol = volumes.load_mask(source(case.mask, case.image), merge_tumour)
     except InputError as e:
         log.warning("%s: scored in stored geometry: its source mask cannot be read (%s)", case.case_id, e)
         return None
-    if sha != case.mask.sha256:
+    if vol.sha256 != case.mask.sha256:
         log.warning("%s: scored in stored geometry: %s changed since conversion (sha256)", case.case_id, case.mask.path)
         return None
     image_grid = geometry.Header(Path(case.image.path), tuple(case.geometry.shape), np.asarray(case.geometry.affine),
                                  tuple(case.geometry.spacing), np.dtype(np.int16))
-    geometry.check_pair(image_grid, header)
-    return geometry.onto_grid(mask, header, image_grid)
+    geometry.check_pair(image_grid, vol.header)
+    return geometry.onto_grid(vol.voxels, vol.header, image_grid)
 
 
 def folder_cases(run, found: layouts.Found, layout: str = "pattern"):
@@ -202,17 +212,18 @@ def folder_cases(run, found: layouts.Found, layout: str = "pattern"):
 
     def cases():
         for case_id, (image_src, mask_src, *_) in sorted(found.items()):
-            image, header = volumes.load_image(image_src)[:2]
+            ct = volumes.load_image(image_src)
+            image, header = ct.voxels, ct.header
             pred, _, geom = predict_image(run, image, header)
-            ref, mask_header = volumes.load_mask(mask_src, layout in layouts.MERGES_TUMOUR)[:2]
-            geometry.check_pair(header, mask_header)
-            ref = geometry.onto_grid(ref, mask_header, header)
+            truth = volumes.load_mask(mask_src, layout in layouts.MERGES_TUMOUR)
+            geometry.check_pair(header, truth.header)
+            ref = geometry.onto_grid(truth.voxels, truth.header, header)
 
             def panel(image=image, geom=geom, ref=ref, pred=pred):  # overlays are drawn in stored geometry
                 return (geometry.to_stored(image, geom, "image"), geom.stored_spacing,
                         geometry.to_stored(ref, geom, "mask"), geometry.to_stored(pred, geom, "mask"))
 
-            yield case_id, pred, ref, geom.spacing, panel
+            yield Scored(case_id, pred, ref, geom.spacing, panel)
 
     return cases()
 
@@ -225,10 +236,10 @@ def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True, input
     rows = []
     check_output(out, [run.root, *inputs], replaces="report", flag="--out")
     with new_folder(out) as tmp:
-        for case_id, pred, ref, spacing, panel in cases:
-            rows.append({"case": case_id, **metrics.case_metrics(pred, ref, spacing)})
+        for case in cases:
+            rows.append({"case": case.case_id, **metrics.case_metrics(case.prediction, case.reference, case.spacing)})
             if pngs:
-                overlay.write_png(tmp / f"{case_id}.png", overlay.case_panel(*panel()))
+                overlay.write_png(tmp / f"{case.case_id}.png", overlay.case_panel(*case.panel()))
         if not rows:
             raise LiversegError(f"{name}: no cases to evaluate")
         summary = metrics.summarize(rows)

@@ -340,8 +340,8 @@ def members(models) -> list:
 
 def predict_source(models, src: Source) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
     """(mask uint8, probability float32) on the source's own grid (a NIfTI file or DICOM series), and its geometry."""
-    image, header = volumes.load_image(src)[:2]
-    return predict_image(models, image, header)
+    ct = volumes.load_image(src)
+    return predict_image(models, ct.voxels, ct.header)
 
 
 def predict_image(models, image: np.ndarray, header: geometry.Header) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:

@@ -69,7 +69,8 @@ def _procedural_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _masked_case(spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A phantom around a real liver mask, at the mask file's own shape, spacing and affine."""
-    mask, header, _, _ = volumes.load_mask(Source.nifti(spec.mask_path))  # checked: labels, header, truncation
+    vol = volumes.load_mask(Source.nifti(spec.mask_path))  # checked: labels, header, truncation
+    mask, header = vol.voxels, vol.header
     ras, spacing = geometry.to_ras(mask, header.affine)
     ct_ras, _ = render(np.random.default_rng(spec.seed), ras.shape, spacing, liver=ras)
     return geometry.from_ras(ct_ras, header.affine), mask, header.affine

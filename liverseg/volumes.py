@@ -13,9 +13,10 @@ A `Source` is a NIfTI file or a DICOM series (files in a folder or a zip). `read
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -75,9 +76,10 @@ class Source:
         return Series(str(self.path), self.members, self.series or "")
 
 
-class Volume(NamedTuple):
+@dataclass(frozen=True)
+class Volume:
     """A loaded source volume: voxels on the source's grid (in its own axis order), the grid,
-    and the sha256 and size in bytes of the file(s) read."""
+    and the sha256 and size in bytes of the file(s) read. Read by name, never unpacked."""
 
     voxels: np.ndarray
     header: Header
@@ -154,7 +156,7 @@ def _read(src: Source, ct: bool) -> Volume:
 def load_image(src: Source) -> Volume:
     """A CT: voxels in Hounsfield units as int16 (`hounsfield`)."""
     vol = _read(src, ct=True)
-    return vol._replace(voxels=hounsfield(vol.voxels, src.name))
+    return dataclasses.replace(vol, voxels=hounsfield(vol.voxels, src.name))
 
 
 def load_mask(src: Source, merge_tumour: bool = False) -> Volume:
@@ -164,8 +166,8 @@ def load_mask(src: Source, merge_tumour: bool = False) -> Volume:
         return _read(src, ct=False)
     vol = _read(src, ct=False)
     if src.label:
-        return vol._replace(voxels=selected_label(vol.voxels, src, vol))
-    return vol._replace(voxels=liver(vol.voxels, src.name, merge_tumour))
+        return dataclasses.replace(vol, voxels=selected_label(vol.voxels, src, vol))
+    return dataclasses.replace(vol, voxels=liver(vol.voxels, src.name, merge_tumour))
 
 
 def selected_label(arr: np.ndarray, src: Source, vol: Volume) -> np.ndarray:

@@ -60,14 +60,16 @@ def load_image(path):
     """(int16 HU voxels, header) of a NIfTI CT, through the loader every stage uses."""
     from liverseg import volumes
 
-    return volumes.load_image(volumes.Source.nifti(path))[:2]
+    vol = volumes.load_image(volumes.Source.nifti(path))
+    return vol.voxels, vol.header
 
 
 def load_mask(path, merge_tumour: bool = False):
     """(uint8 liver voxels, header) of a NIfTI mask, through the loader every stage uses."""
     from liverseg import volumes
 
-    return volumes.load_mask(volumes.Source.nifti(path), merge_tumour)[:2]
+    vol = volumes.load_mask(volumes.Source.nifti(path), merge_tumour)
+    return vol.voxels, vol.header
 
 
 def liverseg_process(*args, env=None, **kw) -> subprocess.Popen:

@@ -126,18 +126,18 @@ def _case_stats(image: np.ndarray, mask: np.ndarray, liver_voxels: int) -> Regio
 
 def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, CaseInfo, np.ndarray]:
     """Read, check and reorient one case: (stored image, stored mask, its CaseInfo, liver voxels per slice)."""
-    image, h_img, sha_img, n_img = volumes.load_image(c.image)
-    mask, h_mask, sha_mask, n_mask = volumes.load_mask(c.mask, opts.merge_tumour)
+    img, msk = volumes.load_image(c.image), volumes.load_mask(c.mask, opts.merge_tumour)
+    h_img, h_mask = img.header, msk.header
     geometry.check_pair(h_img, h_mask, opts.affine_tol)  # the data-time headers must agree too
-    image, geom = geometry.to_stored_image(image, h_img, opts.size, opts.spacing)
+    image, geom = geometry.to_stored_image(img.voxels, h_img, opts.size, opts.spacing)
     if geom.stored_shape != c.geometry.stored_shape:
         raise InputError(f"{c.image.name}: its voxels ({geom.stored_shape}) disagree with its header "
                          f"({c.geometry.stored_shape}); the file changed during conversion")
-    mask = geometry.to_stored(geometry.onto_grid(mask, h_mask, h_img), geom, "mask")
+    mask = geometry.to_stored(geometry.onto_grid(msk.voxels, h_mask, h_img), geom, "mask")
     per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1, dtype=np.int64)
     liver = int(per_slice.sum())
-    info = CaseInfo(c.case_id, c.index, c.split, source_file(c.image, sha_img, n_img),
-                    source_file(c.mask, sha_mask, n_mask), geom, int(mask.shape[0]), liver,
+    info = CaseInfo(c.case_id, c.index, c.split, source_file(c.image, img.sha256, img.nbytes),
+                    source_file(c.mask, msk.sha256, msk.nbytes), geom, int(mask.shape[0]), liver,
                     int(np.count_nonzero(per_slice)), _case_stats(image, mask, liver), source=c.source)
     return image, mask, info, per_slice
 
