@@ -40,7 +40,7 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import sparse
 
-from liverseg import InputError
+from liverseg import InputError, serial
 
 STORED_AXCODES = ("S", "P", "L")
 AIR_HU = -1024  # what a CT window is padded with
@@ -78,8 +78,8 @@ class Geometry:
     native_hw: tuple[int, int]
     stored_shape: tuple[int, int, int]
     stored_spacing: tuple[float, float, float]
-    resampled_hw: tuple[int, int] | None = None
-    window: tuple[int, int] | None = None
+    resampled_hw: tuple[int, int] | None = serial.key(omit=True, default=None)
+    window: tuple[int, int] | None = serial.key(omit=True, default=None)
 
     @property
     def plane_hw(self) -> tuple[int, int]:
@@ -91,34 +91,11 @@ class Geometry:
         return tuple(self.plane_hw) != tuple(self.native_hw) or self.window is not None
 
     def to_json(self) -> dict:
-        d = {
-            "shape": list(self.shape),
-            "affine": [list(r) for r in self.affine],
-            "orientation": self.orientation,
-            "spacing": list(self.spacing),
-            "native_hw": list(self.native_hw),
-            "stored_shape": list(self.stored_shape),
-            "stored_spacing": list(self.stored_spacing),
-        }
-        if self.resampled_hw is not None:
-            d["resampled_hw"] = list(self.resampled_hw)
-        if self.window is not None:
-            d["window"] = list(self.window)
-        return d
+        return serial.to_json(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "Geometry":
-        return cls(
-            shape=tuple(d["shape"]),
-            affine=tuple(tuple(float(v) for v in r) for r in d["affine"]),
-            orientation=d["orientation"],
-            spacing=tuple(d["spacing"]),
-            native_hw=tuple(d["native_hw"]),
-            stored_shape=tuple(d["stored_shape"]),
-            stored_spacing=tuple(d["stored_spacing"]),
-            resampled_hw=tuple(d["resampled_hw"]) if d.get("resampled_hw") else None,
-            window=tuple(d["window"]) if d.get("window") is not None else None,
-        )
+        return serial.from_json(cls, d)
 
 
 # ------------------------------------------------------------------------- grids and orientation

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from liverseg import __version__, records
+from liverseg import __version__, records, serial
 from liverseg.records import COMPRESSIONS, SPLITS, RecordsError
 
 if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from this module and starts fast
@@ -99,27 +99,19 @@ class ConvertOptions:
 # ------------------------------------------------------------------------- parts
 
 
-def _drop_none(d: dict) -> dict:
-    return {k: v for k, v in d.items() if v is not None}
-
-
 @dataclass(frozen=True)
 class HUStats:
     """HU statistics of a region (liver or body): count, and when it is not empty mean, std
     and percentiles ({"0.5": ..., "99.5": ...}); pooled statistics carry a note."""
 
     count: int
-    mean: float | None = None
-    std: float | None = None
-    percentiles: dict[str, float] | None = None
-    note: str | None = None
+    mean: float | None = serial.key(omit=True, default=None)
+    std: float | None = serial.key(omit=True, default=None)
+    percentiles: dict[str, float] | None = serial.key(omit=True, default=None)
+    note: str | None = serial.key(omit=True, default=None)
 
-    def to_json(self) -> dict:
-        return _drop_none(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, d: dict) -> "HUStats":
-        return cls(**d)
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
 
 @dataclass(frozen=True)
@@ -127,12 +119,8 @@ class RegionHU:
     liver: HUStats
     body: HUStats
 
-    def to_json(self) -> dict:
-        return {"liver": self.liver.to_json(), "body": self.body.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "RegionHU":
-        return cls(HUStats.from_json(d["liver"]), HUStats.from_json(d["body"]))
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
 
 def pooled_hu(infos, region: str) -> "HUStats":
@@ -161,16 +149,12 @@ class SourceFile:
     path: str
     sha256: str
     bytes: int
-    series: str | None = None
-    kind: str | None = None  # "nrrd" or "seg" (None: NIfTI, or DICOM when series is set)
-    label: str | None = None  # the liver's label in a multi-label mask, or the SEG's segment
+    series: str | None = serial.key(omit=True, default=None)
+    kind: str | None = serial.key(omit=True, default=None)  # "nrrd" or "seg" (None: NIfTI, or DICOM when series is set)
+    label: str | None = serial.key(omit=True, default=None)  # the liver's label in a multi-label mask, or the SEG's segment
 
-    def to_json(self) -> dict:
-        return _drop_none(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, d: dict) -> "SourceFile":
-        return cls(**d)
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
 
 @dataclass(frozen=True)
@@ -189,24 +173,16 @@ class CaseInfo:
     liver_slices: int
     hu: RegionHU
     shard: str = ""  # file name, set when shards are named
-    source: str = ""  # the case list's source tag ("real", "phantom", ...; "" when untagged)
+    source: str = serial.key(omit=True, default="")  # the case list's source tag ("real", "phantom", ...; "" when untagged)
 
-    def to_json(self) -> dict:
-        d = {"case_id": self.case_id, "index": self.index, "split": self.split, "image": self.image.to_json(),
-             "mask": self.mask.to_json(), "geometry": self.geometry.to_json(), "num_slices": self.num_slices,
-             "liver_voxels": self.liver_voxels, "liver_slices": self.liver_slices, "hu": self.hu.to_json(),
-             "shard": self.shard}
-        if self.source:
-            d["source"] = self.source
-        return d
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
-    @classmethod
-    def from_json(cls, d: dict) -> "CaseInfo":
+    @staticmethod
+    def _json_types() -> dict:  # Geometry is imported only for type checking here (the CLI starts fast)
         from liverseg.geometry import Geometry
 
-        return cls(d["case_id"], d["index"], d["split"], SourceFile.from_json(d["image"]), SourceFile.from_json(d["mask"]),
-                   Geometry.from_json(d["geometry"]), d["num_slices"], d["liver_voxels"], d["liver_slices"],
-                   RegionHU.from_json(d["hu"]), d.get("shard", ""), d.get("source", ""))
+        return {"Geometry": Geometry}
 
 
 @dataclass(frozen=True)
@@ -218,12 +194,8 @@ class ShardInfo:
     bytes: int
     sha256: str
 
-    def to_json(self) -> dict:
-        return {"file": self.file, "num_examples": self.num_examples, "bytes": self.bytes, "sha256": self.sha256}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ShardInfo":  # versions 1-3 also list the shard's cases: they follow from the cases
-        return cls(d["file"], d["num_examples"], d["bytes"], d["sha256"])
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)  # versions 1-3 also list the shard's cases: they follow from the cases
 
 
 @dataclass(frozen=True)
@@ -235,19 +207,10 @@ class SplitInfo:
     slice_shape: tuple[int, int] | None  # None when cases of the split differ in slice size
     hu: RegionHU
     shards: tuple[ShardInfo, ...]
-    min_slices: int | None = None  # slices of its shortest case (version 4; None: ask the cases)
+    min_slices: int | None = serial.key(omit=True, default=None)  # its shortest case's slices (version 4)
 
-    def to_json(self) -> dict:
-        d = {"num_examples": self.num_examples, "num_cases": self.num_cases, "liver_slices": self.liver_slices,
-             "bytes": self.bytes, "slice_shape": list(self.slice_shape) if self.slice_shape else None,
-             "hu": self.hu.to_json(), "shards": [s.to_json() for s in self.shards]}
-        return {**d, "min_slices": self.min_slices} if self.min_slices is not None else d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "SplitInfo":
-        return cls(d["num_examples"], d["num_cases"], d["liver_slices"], d["bytes"],
-                   tuple(d["slice_shape"]) if d["slice_shape"] else None, RegionHU.from_json(d["hu"]),
-                   tuple(ShardInfo.from_json(s) for s in d["shards"]), d.get("min_slices"))
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
     @property
     def liver_fraction(self) -> float:
@@ -260,12 +223,8 @@ class SkippedCase:
     split: str
     error: str
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "SkippedCase":
-        return cls(**d)
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
 
 # ------------------------------------------------------------------------- the manifest

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from liverseg import InputError, LiversegError, __version__, dicom_io, engines, geometry, layouts, nifti_io, rundir, volumes
+from liverseg import InputError, LiversegError, __version__, dicom_io, engines, geometry, layouts, nifti_io, rundir, serial, volumes
 from liverseg.outputs import check_output
 from liverseg.volumes import Source
 
@@ -47,29 +47,18 @@ class Contract:
     (`rundir.InputSpec`: context, size or spacing, normalisation), the divisor its input is
     padded to, the post-processing options, what its labels mean and its weights' fingerprint."""
 
-    spec: rundir.InputSpec
-    divisor: int
-    threshold: float
-    tta_flip: bool
-    largest_component: bool
-    min_component_fraction: float
-    batch_size: int
+    spec: rundir.InputSpec = serial.key("input")
+    divisor: int = serial.key()
+    threshold: float = serial.key(group="postprocess")
+    tta_flip: bool = serial.key(group="postprocess")
+    largest_component: bool = serial.key(group="postprocess")
+    min_component_fraction: float = serial.key(group="postprocess")
+    batch_size: int = serial.key()
     labels: str = "liver"  # "liver+tumour" for a model trained on masks whose tumour was merged into the liver
     weights: str = ""  # fingerprint (sha256 of the weight values, 16 hex digits)
 
-    def to_json(self) -> dict:
-        return {"input": self.spec.to_json(), "divisor": self.divisor, "labels": self.labels, "weights": self.weights,
-                "postprocess": {"threshold": self.threshold, "tta_flip": self.tta_flip,
-                                "largest_component": self.largest_component,
-                                "min_component_fraction": self.min_component_fraction},
-                "batch_size": self.batch_size}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Contract":
-        p = d["postprocess"]
-        return cls(rundir.InputSpec.from_json(d["input"]), int(d["divisor"]), float(p["threshold"]),
-                   bool(p["tta_flip"]), bool(p["largest_component"]), float(p["min_component_fraction"]),
-                   int(d["batch_size"]), str(d.get("labels", "liver")), str(d.get("weights", "")))
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from liverseg import LiversegError, __version__, config
+from liverseg import LiversegError, __version__, config, serial
 from liverseg.outputs import atomic_path, folder_lock
 from liverseg.config import Config
 
@@ -91,12 +91,8 @@ class Normalization:
     shift: float
     scale: float
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Normalization":
-        return cls(float(d["lo"]), float(d["hi"]), float(d["shift"]), float(d["scale"]))
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
 
 @dataclass(frozen=True)
@@ -110,17 +106,11 @@ class InputSpec:
     channels: int
     context: int
     size: int | None
-    normalization: Normalization
+    normalization: Normalization = serial.key("intensity")  # its key in run.json since version 1
     spacing: float | None = None
 
-    def to_json(self) -> dict:  # "intensity": the key's name in run.json since version 1
-        return {"height": self.height, "width": self.width, "channels": self.channels, "context": self.context,
-                "size": self.size, "spacing": self.spacing, "intensity": self.normalization.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "InputSpec":
-        return cls(d["height"], d["width"], d["channels"], d["context"], d.get("size"),
-                   Normalization.from_json(d["intensity"]), d.get("spacing"))
+    to_json = serial.to_json
+    from_json = classmethod(serial.from_json)
 
 
 @dataclass(frozen=True)
@@ -131,22 +121,14 @@ class RunInfo:
     records: str
     manifest_sha256: str
     input: InputSpec
-    result: dict | None = None
-    liverseg_version: str = __version__
+    result: dict | None = serial.key(omit=True, default=None)
+    liverseg_version: str = __version__  # the liverseg that wrote it ("?": a file that does not say)
     version: int = RUN_INFO_VERSION
-    folds: dict | None = None  # data.folds K, data.fold k, fold_seed, and the exact train and val patients
-    budget: dict | None = None  # train.time_budget_min: minutes, the steps fixed, at_step, steps_per_s
+    folds: dict | None = serial.key(omit=True, default=None)  # data.folds K, data.fold k, fold_seed, the patients
+    budget: dict | None = serial.key(omit=True, default=None)  # time_budget_min: minutes, steps fixed, at_step, steps/s
 
     def to_json(self) -> dict:
-        d = {"version": self.version, "liverseg_version": self.liverseg_version, "records": self.records,
-             "manifest_sha256": self.manifest_sha256, "input": self.input.to_json()}
-        if self.folds is not None:
-            d["folds"] = self.folds
-        if self.budget is not None:
-            d["budget"] = self.budget
-        if self.result is not None:
-            d["result"] = self.result
-        return d
+        return serial.to_json(self)
 
     @classmethod
     def from_json(cls, d: dict, where: str | Path = "run.json") -> "RunInfo":
@@ -155,8 +137,7 @@ class RunInfo:
             raise LiversegError(f"{where}: run.json version {version!r} is newer than this liverseg reads "
                                 f"(1..{RUN_INFO_VERSION}); upgrade liverseg")
         try:
-            return cls(d["records"], d["manifest_sha256"], InputSpec.from_json(d["input"]), d.get("result"),
-                       d.get("liverseg_version", "?"), version, d.get("folds"), d.get("budget"))
+            return serial.from_json(cls, {"liverseg_version": "?", **d, "version": version})
         except (KeyError, TypeError, ValueError) as e:
             raise LiversegError(f"{where}: malformed run.json ({type(e).__name__}: {e})") from None
 

@@ -146,3 +146,36 @@ def test_a_truncated_manifest_or_cases_file_is_named_not_half_read(dataset, tmp_
     (copy / MANIFEST).write_text(text[: len(text) // 2])
     with pytest.raises(records.RecordsError, match=r"dataset.json: unreadable manifest"):
         Manifest.load(copy)
+
+
+def test_the_serialiser_writes_and_reads_every_field_spelling():
+    """serial.key: a renamed key, a group, a default left out, a field not in the file;
+    nested dataclasses, tuples, optionals and dicts read back by their type hints."""
+    import dataclasses
+
+    from liverseg import serial
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        values: tuple[float, ...]
+        pair: tuple[int, int] | None = serial.key(omit=True, default=None)
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner = serial.key("nested")
+        limit: float = serial.key(group="post")
+        on: bool = serial.key(group="post", default=False)
+        tag: str = serial.key(omit=True, default="")
+        where: str = serial.key(skip=True, default="set by the loader")
+        parts: dict[str, Inner] = dataclasses.field(default_factory=dict)
+
+    o = Outer(Inner((1.0, 2.5), (3, 4)), 0.5, True, "x", "here", {"a": Inner((0.0,))})
+    d = serial.to_json(o)
+    assert d == {"nested": {"values": [1.0, 2.5], "pair": [3, 4]}, "post": {"limit": 0.5, "on": True}, "tag": "x",
+                 "parts": {"a": {"values": [0.0]}}}
+    back = serial.from_json(Outer, json.loads(json.dumps(d)))
+    assert back == dataclasses.replace(o, where="set by the loader")
+    plain = serial.to_json(Outer(Inner((1.0,)), 2.0))
+    assert "tag" not in plain and serial.from_json(Outer, plain).tag == ""
+    with pytest.raises(KeyError, match="limit"):
+        serial.from_json(Outer, {"nested": {"values": []}, "post": {}})
