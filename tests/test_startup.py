@@ -62,31 +62,50 @@ def _python(code: str, **kw) -> subprocess.CompletedProcess:
 
 
 def test_stderr_drops_notices_whenever_they_come_and_keeps_everything_else():
+    """The filter on file descriptor 2 of a process: notices dropped (also the absl preamble of
+    a library that logs late), its own lines and real errors kept."""
     proc = _python("""
-        import os, sys, time
+        import os, sys
         from liverseg.cli import startup
         startup.quiet_stderr()
         os.write(2, b"I0000 00:00:17.1 12 port.cc:153] oneDNN custom operations are on. You may see ...\\n")
         sys.stderr.write("kept: liverseg's own line\\n")
         sys.stderr.flush()
-        time.sleep(0.3)  # long after the import: the absl preamble of a library that logs late
         os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n"
                     b"E0000 00:00:18.2 12 some.cc:1] a real error\\n")
-        sys.stderr.write("train:  50%|#####     | 1/2\\r")  # a progress bar: no newline, shown at once
-        sys.stderr.flush()
-        time.sleep(0.3)
-        sys.stderr.write("\\rtrain:   0%|          | 0/3")  # and a notice logged while the bar is drawn
-        sys.stderr.flush()
-        time.sleep(0.3)
-        os.write(2, b"E0000 00:00:19.3 12 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512. "
-                    b"Falling back to the default Eigen-based implementation if present.\\n")
-        time.sleep(0.3)
-        sys.stderr.write("\\rtrain: 100%|##########| 2/2\\n")
     """)
     assert proc.returncode == 0
-    assert proc.stderr.decode() == ("kept: liverseg's own line\n" "E0000 00:00:18.2 12 some.cc:1] a real error\n"
-                                    "train:  50%|#####     | 1/2\r\rtrain:   0%|          | 0/3"
-                                    "\rtrain: 100%|##########| 2/2\n")
+    assert proc.stderr.decode() == "kept: liverseg's own line\nE0000 00:00:18.2 12 some.cc:1] a real error\n"
+
+
+def test_the_filter_passes_each_write_on_as_it_comes():
+    """Write by write, each one sent only once the filter has passed the last one on (an event,
+    not a sleep): a progress bar's partial line at once, a notice logged while the bar is drawn
+    dropped with its newline, the bar's next update kept."""
+    import os
+    import select
+    import threading
+
+    src_r, src_w = os.pipe()
+    dst_r, dst_w = os.pipe()
+    threading.Thread(target=startup._filter, args=(src_r, dst_w, startup.NOTICES), daemon=True).start()
+
+    def send(data: bytes, expect: bytes) -> None:
+        os.write(src_w, data)
+        got = b""
+        while len(got) < len(expect):
+            ready, _, _ = select.select([dst_r], [], [], 30)
+            assert ready, f"the filter passed {got!r} of {expect!r} on, then nothing"
+            got += os.read(dst_r, 1 << 16)
+        assert got == expect
+
+    send(b"I0000 12 port.cc:153] oneDNN custom operations are on.\nkept: own line\n", b"kept: own line\n")
+    send(b"train:  50%|#####     | 1/2\r", b"train:  50%|#####     | 1/2\r")  # no newline: shown at once
+    send(b"\rtrain:   0%|          | 0/3", b"\rtrain:   0%|          | 0/3")
+    os.write(src_w, b"E0000 12 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512. Falling back to "
+                    b"the default Eigen-based implementation if present.\n")
+    send(b"\rtrain: 100%|##########| 2/2\n", b"\rtrain: 100%|##########| 2/2\n")  # nothing of the notice before it
+    os.close(src_w)
 
 
 def test_what_a_crashing_process_printed_last_still_reaches_the_console():
@@ -107,7 +126,7 @@ def test_the_filter_survives_ctrl_c_of_the_process_group_and_ends_with_the_comma
         from liverseg.cli import startup
         startup.quiet_stderr()
         os.killpg(0, signal.SIGINT)  # as a Ctrl-C in a terminal: every process of the group
-        time.sleep(0.2)
+        signal.pause()  # the KeyboardInterrupt arrives
     """, start_new_session=True)
     assert proc.returncode == -signal.SIGINT and b"KeyboardInterrupt" in proc.stderr  # its traceback got through
 
