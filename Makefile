@@ -1,4 +1,4 @@
-# liverseg: `make demo` runs the main job end to end on synthetic data; `make test` runs the tests.
+# liverseg: `make demo` runs the main job end to end on synthetic data; `make test` lints and runs the tests.
 # Both create .venv and install liverseg[cpu,dev,beam,export] on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,14 +6,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO ?= demo
 
-.PHONY: demo test clean
+.PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[cpu,dev,beam,export]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (lint and format; its rules and the 120-character line in pyproject.toml), then the suite
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2
 
 demo: $(STAMP)

@@ -37,42 +37,109 @@ def _draw_anatomy(rng: np.random.Generator, fov_x: float, fov_y: float, coverage
         lz = coverage * rng.uniform(0.5, 0.6)
     liver = rng.uniform(55, 115)
     return {
-        "a": a, "b": b, "yc": yc,
+        "a": a,
+        "b": b,
+        "yc": yc,
         "wobble": [(k, rng.uniform(0.01, 0.035), rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4)],
-        "fat_t": rng.uniform(0.05, 0.12), "muscle_t": rng.uniform(0.04, 0.07),
-        "lz": lz, "lh": height,
-        "right": (a * rng.uniform(0.36, 0.46), b * rng.uniform(-0.05, 0.1), lz - 0.05 * height,
-                  a * rng.uniform(0.38, 0.46), b * rng.uniform(0.55, 0.7), 0.5 * height),
-        "left": (a * rng.uniform(-0.15, 0.0), b * rng.uniform(0.35, 0.5), lz + 0.15 * height,
-                 a * rng.uniform(0.25, 0.38), b * rng.uniform(0.22, 0.32), 0.3 * height),
+        "fat_t": rng.uniform(0.05, 0.12),
+        "muscle_t": rng.uniform(0.04, 0.07),
+        "lz": lz,
+        "lh": height,
+        "right": (
+            a * rng.uniform(0.36, 0.46),
+            b * rng.uniform(-0.05, 0.1),
+            lz - 0.05 * height,
+            a * rng.uniform(0.38, 0.46),
+            b * rng.uniform(0.55, 0.7),
+            0.5 * height,
+        ),
+        "left": (
+            a * rng.uniform(-0.15, 0.0),
+            b * rng.uniform(0.35, 0.5),
+            lz + 0.15 * height,
+            a * rng.uniform(0.25, 0.38),
+            b * rng.uniform(0.22, 0.32),
+            0.3 * height,
+        ),
         "deform": [(_unit(rng) * 2 * math.pi / rng.uniform(60, 140), rng.uniform(0, 2 * math.pi)) for _ in range(6)],
         "deform_amp": rng.uniform(0.08, 0.18),
         "hu": {
-            "air": -1000.0, "fat": rng.uniform(-110, -80), "muscle": rng.uniform(40, 60),
-            "bg": rng.uniform(-40, 10), "liver": liver, "spleen": liver + rng.uniform(-5, 15),
-            "kidney": liver + rng.uniform(60, 120), "medulla": liver + rng.uniform(20, 50),
-            "aorta": liver + rng.uniform(40, 120), "ivc": liver + rng.uniform(20, 60),
-            "vessel": liver + rng.uniform(25, 60), "lesion": liver - rng.uniform(25, 55),
-            "bone": rng.uniform(220, 350), "cortex": rng.uniform(600, 1000), "disc": rng.uniform(70, 100),
-            "fluid": rng.uniform(0, 20), "gall": rng.uniform(0, 20), "csf": rng.uniform(5, 15),
+            "air": -1000.0,
+            "fat": rng.uniform(-110, -80),
+            "muscle": rng.uniform(40, 60),
+            "bg": rng.uniform(-40, 10),
+            "liver": liver,
+            "spleen": liver + rng.uniform(-5, 15),
+            "kidney": liver + rng.uniform(60, 120),
+            "medulla": liver + rng.uniform(20, 50),
+            "aorta": liver + rng.uniform(40, 120),
+            "ivc": liver + rng.uniform(20, 60),
+            "vessel": liver + rng.uniform(25, 60),
+            "lesion": liver - rng.uniform(25, 55),
+            "bone": rng.uniform(220, 350),
+            "cortex": rng.uniform(600, 1000),
+            "disc": rng.uniform(70, 100),
+            "fluid": rng.uniform(0, 20),
+            "gall": rng.uniform(0, 20),
+            "csf": rng.uniform(5, 15),
             "table": rng.uniform(100, 300),
         },
-        "spleen": (-a * rng.uniform(0.55, 0.65), -b * rng.uniform(0.15, 0.35), lz + rng.uniform(-0.05, 0.15) * height,
-                   a * rng.uniform(0.12, 0.17), b * rng.uniform(0.25, 0.33), height * rng.uniform(0.25, 0.35)),
-        "kidneys": [(s * a * rng.uniform(0.33, 0.42), -b * rng.uniform(0.42, 0.55), lz - height * rng.uniform(0.35, 0.5),
-                     a * rng.uniform(0.11, 0.14), b * rng.uniform(0.16, 0.22), rng.uniform(45, 60)) for s in (1, -1)],
-        "stomach": (-a * rng.uniform(0.3, 0.4), b * rng.uniform(0.2, 0.4), lz + 0.2 * height,
-                    a * rng.uniform(0.16, 0.24), b * rng.uniform(0.18, 0.28), 0.22 * height),
-        "gall": (a * rng.uniform(0.15, 0.3), b * rng.uniform(0.25, 0.45), lz - 0.3 * height,
-                 rng.uniform(12, 18), rng.uniform(15, 22), rng.uniform(25, 40)),
-        "vert_r": rng.uniform(16, 22), "disc_period": rng.uniform(28, 34), "disc_phase": rng.uniform(0, 30),
-        "ribs": [(ang, rng.uniform(4.5, 7.0), rng.uniform(-0.006, 0.006)) for ang in
-                 np.deg2rad(np.concatenate([rng.uniform(-35, 35, 1) + d for d in (-150, -120, -90, -60, -30, 30, 60, 90, 120, 150)]))],
+        "spleen": (
+            -a * rng.uniform(0.55, 0.65),
+            -b * rng.uniform(0.15, 0.35),
+            lz + rng.uniform(-0.05, 0.15) * height,
+            a * rng.uniform(0.12, 0.17),
+            b * rng.uniform(0.25, 0.33),
+            height * rng.uniform(0.25, 0.35),
+        ),
+        "kidneys": [
+            (
+                s * a * rng.uniform(0.33, 0.42),
+                -b * rng.uniform(0.42, 0.55),
+                lz - height * rng.uniform(0.35, 0.5),
+                a * rng.uniform(0.11, 0.14),
+                b * rng.uniform(0.16, 0.22),
+                rng.uniform(45, 60),
+            )
+            for s in (1, -1)
+        ],
+        "stomach": (
+            -a * rng.uniform(0.3, 0.4),
+            b * rng.uniform(0.2, 0.4),
+            lz + 0.2 * height,
+            a * rng.uniform(0.16, 0.24),
+            b * rng.uniform(0.18, 0.28),
+            0.22 * height,
+        ),
+        "gall": (
+            a * rng.uniform(0.15, 0.3),
+            b * rng.uniform(0.25, 0.45),
+            lz - 0.3 * height,
+            rng.uniform(12, 18),
+            rng.uniform(15, 22),
+            rng.uniform(25, 40),
+        ),
+        "vert_r": rng.uniform(16, 22),
+        "disc_period": rng.uniform(28, 34),
+        "disc_phase": rng.uniform(0, 30),
+        "ribs": [
+            (ang, rng.uniform(4.5, 7.0), rng.uniform(-0.006, 0.006))
+            for ang in np.deg2rad(
+                np.concatenate([rng.uniform(-35, 35, 1) + d for d in (-150, -120, -90, -60, -30, 30, 60, 90, 120, 150)])
+            )
+        ],
         "rib_low": lz - rng.uniform(0.2, 0.45) * height,
         "vessels": [_draw_vessel(rng, a, b, lz, height) for _ in range(rng.integers(5, 9))],
         "lesions": [(rng.uniform(0, 1, 3), rng.uniform(5, 22)) for _ in range(rng.integers(0, 5))],
-        "gas": [(rng.uniform(-0.6, 0.3) * a, rng.uniform(-0.2, 0.6) * b, lz - height * rng.uniform(0.45, 1.2),
-                 rng.uniform(6, 18)) for _ in range(rng.integers(6, 14))],
+        "gas": [
+            (
+                rng.uniform(-0.6, 0.3) * a,
+                rng.uniform(-0.2, 0.6) * b,
+                lz - height * rng.uniform(0.45, 1.2),
+                rng.uniform(6, 18),
+            )
+            for _ in range(rng.integers(6, 14))
+        ],
         "tex": [(_unit(rng) * 2 * math.pi / rng.uniform(8, 40), rng.uniform(0, 2 * math.pi)) for _ in range(10)],
     }
 
@@ -100,7 +167,11 @@ def _ellipsoid(x, y, z, e) -> np.ndarray:
 
 def _ellipsoid_box(e, margin: float = 1.0):
     cx, cy, cz, sx, sy, sz = e
-    return (cx - margin * sx, cy - margin * sy, cz - margin * sz), (cx + margin * sx, cy + margin * sy, cz + margin * sz)
+    return (cx - margin * sx, cy - margin * sy, cz - margin * sz), (
+        cx + margin * sx,
+        cy + margin * sy,
+        cz + margin * sz,
+    )
 
 
 class _WaveField:
@@ -200,7 +271,11 @@ def _paint_body_wall(A: dict, cv: _Canvas, r, tex) -> np.ndarray:
     table = (np.abs(ys - table_y) < 4)[None, :, None] & (np.abs(xs) < 1.2 * A["a"])[:, None, None]
     ct[np.broadcast_to(table, ct.shape)] = hu["table"]
     inner2d = r < 1 - A["fat_t"] - A["muscle_t"]
-    for ring, value in ((r < 1, hu["fat"] + 8 * tex), (r < 1 - A["fat_t"], hu["muscle"]), (inner2d, hu["bg"] + 25 * tex)):
+    for ring, value in (
+        (r < 1, hu["fat"] + 8 * tex),
+        (r < 1 - A["fat_t"], hu["muscle"]),
+        (inner2d, hu["bg"] + 25 * tex),
+    ):
         region = np.broadcast_to(ring, ct.shape)
         ct[region] = value if np.isscalar(value) else value[region]
     return np.broadcast_to(inner2d, ct.shape)
@@ -211,17 +286,26 @@ def _paint_abdomen(A: dict, cv: _Canvas, inner) -> None:
     hu, spine_y = A["hu"], A["yc"] - 0.62 * A["b"]
     for side in (1, -1):  # paraspinal muscles
         e = (side * 0.22 * A["a"], spine_y - 0.12 * A["b"], 0.0, 0.16 * A["a"], 0.17 * A["b"], BIG)
-        cv.paint(_ellipsoid_box(e), lambda x, y, z: (((x - e[0]) / e[3]) ** 2 + ((y - e[1]) / e[4]) ** 2 < 1, hu["muscle"]))
+        cv.paint(
+            _ellipsoid_box(e),
+            lambda x, y, z, e=e: (((x - e[0]) / e[3]) ** 2 + ((y - e[1]) / e[4]) ** 2 < 1, hu["muscle"]),
+        )
     for gx, gy, gz, gr in A["gas"]:  # bowel gas pockets, lower abdomen
         e = (gx, gy, gz, gr, gr, gr / 1.5)
-        cv.paint(_ellipsoid_box(e), lambda x, y, z: (_ellipsoid(x, y, z, e) < 1, hu["air"]), within=inner)
+        cv.paint(_ellipsoid_box(e), lambda x, y, z, e=e: (_ellipsoid(x, y, z, e) < 1, hu["air"]), within=inner)
     st = A["stomach"]
-    cv.paint(_ellipsoid_box(st), lambda x, y, z: (_ellipsoid(x, y, z, st) < 1, np.where(y > st[1] + 0.45 * st[4], hu["air"], hu["fluid"])), within=inner)
+    cv.paint(
+        _ellipsoid_box(st),
+        lambda x, y, z: (_ellipsoid(x, y, z, st) < 1, np.where(y > st[1] + 0.45 * st[4], hu["air"], hu["fluid"])),
+        within=inner,
+    )
     for k in A["kidneys"]:
+
         def kidney(x, y, z, k=k):
             q = _ellipsoid(x, y, z, k)
             value = np.where(q < 0.45, np.where(np.abs(x) < abs(k[0]), hu["fat"], hu["medulla"]), hu["kidney"])
             return q < 1, value
+
         cv.paint(_ellipsoid_box(k), kidney, within=inner)
 
 
@@ -250,7 +334,9 @@ def _paint_liver(A: dict, cv: _Canvas, liver, inner, tex, lesions, gallbladder: 
     """The spleen (liver-like HU), the liver with its vessels and lesions, and the gallbladder."""
     hu, ct = A["hu"], cv.ct
     sp = A["spleen"]
-    cv.paint(_ellipsoid_box(sp, 1.2), lambda x, y, z: (_ellipsoid(x, y, z, sp) < 1, hu["spleen"]), within=inner & ~liver)
+    cv.paint(
+        _ellipsoid_box(sp, 1.2), lambda x, y, z: (_ellipsoid(x, y, z, sp) < 1, hu["spleen"]), within=inner & ~liver
+    )
     ct[liver & cv.body[..., None]] = (hu["liver"] + 6 * tex)[liver & cv.body[..., None]]
     for vessel in A["vessels"]:
         p0, d, length, rad = vessel
@@ -259,7 +345,7 @@ def _paint_liver(A: dict, cv: _Canvas, liver, inner, tex, lesions, gallbladder: 
         cv.paint(box, lambda x, y, z, v=vessel: (_tube(x, y, z, v) < v[3] ** 2, hu["vessel"]), within=liver)
     for c, rad in lesions:
         e = (*c, rad, rad, rad)
-        cv.paint(_ellipsoid_box(e), lambda x, y, z: (_ellipsoid(x, y, z, e) < 1, hu["lesion"]), within=liver)
+        cv.paint(_ellipsoid_box(e), lambda x, y, z, e=e: (_ellipsoid(x, y, z, e) < 1, hu["lesion"]), within=liver)
     if gallbladder:
         g = A["gall"]
         cv.paint(_ellipsoid_box(g), lambda x, y, z: (_ellipsoid(x, y, z, g) < 1, hu["gall"]))
@@ -294,6 +380,7 @@ def _paint_ribs(A: dict, cv: _Canvas) -> None:
     hu, zs = A["hu"], cv.zs
     rib_ring = 1 - A["fat_t"] - 0.5 * A["muscle_t"]
     for ang, rad, drift in A["ribs"]:
+
         def centre(z, ang=ang, drift=drift):
             phi = ang + drift * (z - A["lz"])
             return A["a"] * rib_ring * np.cos(phi), A["yc"] + A["b"] * rib_ring * np.sin(phi)
@@ -308,8 +395,12 @@ def _paint_ribs(A: dict, cv: _Canvas) -> None:
         cv.paint(((*(ends.min(0) - pad), A["rib_low"]), (*(ends.max(0) + pad), BIG)), rib)
 
 
-def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
-           liver: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    liver: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(CT float32 HU as rendered, mask uint8) in RAS order [x, y, z] for a grid of `shape`
     and `spacing` (mm); `synth.render` turns the HU into stored int16."""
     X, Y, Z = shape
@@ -322,7 +413,10 @@ def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple
         idx = np.nonzero(liver)
         if len(idx[0]) == 0:
             raise LiversegError("a real liver mask given to synth is empty")
-        box = ((xs[idx[0].min()], ys[idx[1].min()], zs[idx[2].min()]), (xs[idx[0].max()], ys[idx[1].max()], zs[idx[2].max()]))
+        box = (
+            (xs[idx[0].min()], ys[idx[1].min()], zs[idx[2].min()]),
+            (xs[idx[0].max()], ys[idx[1].max()], zs[idx[2].max()]),
+        )
     A = _draw_anatomy(rng, X * sx, Y * sy, Z * sz, box)
     lesions = []
     if liver is not None:
@@ -342,8 +436,9 @@ def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple
     for z0 in range(0, Z, SLAB):
         sl = slice(z0, min(Z, z0 + SLAB))
         cv = _Canvas(ct[:, :, sl], body, xs, ys, zs[sl])
-        mask[:, :, sl] = _render_slab(A, cv, r, tex.slab(zs[sl]), deform.slab(zs[sl]),
-                                      None if liver is None else liver[:, :, sl], lesions)
+        mask[:, :, sl] = _render_slab(
+            A, cv, r, tex.slab(zs[sl]), deform.slab(zs[sl]), None if liver is None else liver[:, :, sl], lesions
+        )
     # Partial-volume blur (in voxels: thicker slices blur less along z), then scanner noise.
     blur = rng.uniform(0.5, 0.8)
     ndimage.gaussian_filter(ct, sigma=(blur, blur, 0.35), output=ct)

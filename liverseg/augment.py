@@ -146,8 +146,9 @@ def spatial(image, mask, seed, cfg: AugmentConfig):
     oh, ow = (cfg.crop, cfg.crop) if cfg.crop else (h, w)
     ys, xs = tf.meshgrid(tf.range(oh, dtype=tf.float32), tf.range(ow, dtype=tf.float32), indexing="ij")
     if cfg.crop:  # the window's corner, per example, in slice pixels
-        corner = tf.floor(tf.random.stateless_uniform([2, b], s_crop, alg=RNG) * tf.constant([[h - oh + 1], [w - ow + 1]],
-                                                                                               tf.float32))
+        corner = tf.floor(
+            tf.random.stateless_uniform([2, b], s_crop, alg=RNG) * tf.constant([[h - oh + 1], [w - ow + 1]], tf.float32)
+        )
         ys, xs = ys[None] + corner[0][:, None, None], xs[None] + corner[1][:, None, None]
     src_x = t[:, 0] * xs + t[:, 1] * ys + t[:, 2]
     src_y = t[:, 3] * xs + t[:, 4] * ys + t[:, 5]
@@ -179,8 +180,8 @@ def _gaussian_blur(x, sigma):
         y = tf.nn.depthwise_conv2d(y, column, [1, 1, 1, 1], "VALID")
         return tf.nn.depthwise_conv2d(y, tf.reshape(column, [1, 2 * radius + 1, c, 1]), [1, 1, 1, 1], "VALID")
     k = k[:, :, None, None, None]  # [N, taps, 1, 1, 1]
-    y = tf.add_n([k[:, i] * y[:, i:i + h] for i in range(2 * radius + 1)])
-    return tf.add_n([k[:, i] * y[:, :, i:i + w] for i in range(2 * radius + 1)])
+    y = tf.add_n([k[:, i] * y[:, i : i + h] for i in range(2 * radius + 1)])
+    return tf.add_n([k[:, i] * y[:, :, i : i + w] for i in range(2 * radius + 1)])
 
 
 def _gamma(x, g):
@@ -199,9 +200,13 @@ def intensity_draws(seed, b, cfg: AugmentConfig) -> dict:
     the enabled ops, and "noise_seed" (the noise field's stateless seed)."""
     s = _seeds(seed, 11)
     draws = {"noise_seed": s[4]}
-    ranges = {"contrast": (s[5], s[6], cfg.contrast), "brightness": (s[7], s[8], (-cfg.brightness, cfg.brightness)),
-              "blur": (s[1], s[0], cfg.blur_sigma), "noise": (s[3], s[2], (0.0, cfg.noise_std)),
-              "gamma": (s[10], s[9], cfg.gamma)}
+    ranges = {
+        "contrast": (s[5], s[6], cfg.contrast),
+        "brightness": (s[7], s[8], (-cfg.brightness, cfg.brightness)),
+        "blur": (s[1], s[0], cfg.blur_sigma),
+        "noise": (s[3], s[2], (0.0, cfg.noise_std)),
+        "gamma": (s[10], s[9], cfg.gamma),
+    }
     for op in INTENSITY_OPS:
         p = getattr(cfg, f"{op}_p")
         if p > 0:
@@ -250,9 +255,12 @@ def intensity(image, draws: dict, dense: bool = True):
     for i in range(len(examples)):
         x = examples[i][None]
         for op, chosen, value in ops:
-            fn = (functools.partial(_noise, seed=tf.random.experimental.stateless_fold_in(draws["noise_seed"], i))
-                  if op == "noise" else fns[op])
-            x = tf.cond(chosen[i], lambda x=x, fn=fn, v=value[i:i + 1]: fn(x, v), lambda x=x: x)
+            fn = (
+                functools.partial(_noise, seed=tf.random.experimental.stateless_fold_in(draws["noise_seed"], i))
+                if op == "noise"
+                else fns[op]
+            )
+            x = tf.cond(chosen[i], lambda x=x, fn=fn, v=value[i : i + 1]: fn(x, v), lambda x=x: x)
         examples[i] = x[0]
     return tf.stack(examples)
 
@@ -278,7 +286,11 @@ class Augmenter:
         """(normalised moved image, moved mask, the intensity draws)."""
         s_spatial, s_intensity = _seeds(seed, 2)
         image_hu, mask = spatial(image_hu, mask, s_spatial, self.cfg)
-        return self.normalize(tf.cast(image_hu, tf.float32)), mask, intensity_draws(s_intensity, tf.shape(mask)[0], self.cfg)
+        return (
+            self.normalize(tf.cast(image_hu, tf.float32)),
+            mask,
+            intensity_draws(s_intensity, tf.shape(mask)[0], self.cfg),
+        )
 
     def _augment(self, image_hu, mask, seed):
         first = self._moved_and_drawn if self.dense else self._compiled  # inside XLA already, or compiled alone

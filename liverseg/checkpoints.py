@@ -44,8 +44,11 @@ def _incomplete(number: int, files: list[Path]) -> str | None:
     if len(shards) != 1:
         return "its .data file is missing" if not shards else "its .data files disagree on their count"
     total = shards.pop()
-    missing = [f"ckpt-{number}.data-{i:05d}-of-{total:05d}" for i in range(total)
-               if f"ckpt-{number}.data-{i:05d}-of-{total:05d}" not in names]
+    missing = [
+        f"ckpt-{number}.data-{i:05d}-of-{total:05d}"
+        for i in range(total)
+        if f"ckpt-{number}.data-{i:05d}-of-{total:05d}" not in names
+    ]
     return f"{missing[0]} is missing" if missing else None
 
 
@@ -64,8 +67,10 @@ def restore_newest(ckpt, directory: Path, repair: bool) -> int | None:
     found = _checkpoint_files(directory)
     if not found:
         if state.is_file():
-            raise LiversegError(f"{state} lists checkpoints but no ckpt-* files are in {directory}; put them back, "
-                                f"or move {directory} aside to train from step 0")
+            raise LiversegError(
+                f"{state} lists checkpoints but no ckpt-* files are in {directory}; put them back, "
+                f"or move {directory} aside to train from step 0"
+            )
         return None
     skipped: list[tuple[int, str]] = []
     restored = None
@@ -81,8 +86,11 @@ def restore_newest(ckpt, directory: Path, repair: bool) -> int | None:
         log.warning("skipping checkpoint %s: %s", directory / f"ckpt-{number}", why)
         skipped.append((number, why))
     if restored is None:
-        raise LiversegError(f"{directory}: no checkpoint restores (" + "; ".join(f"ckpt-{n}: {w}" for n, w in skipped)
-                            + f"); restore them from a backup, or move {directory} aside to train from step 0")
+        raise LiversegError(
+            f"{directory}: no checkpoint restores ("
+            + "; ".join(f"ckpt-{n}: {w}" for n, w in skipped)
+            + f"); restore them from a backup, or move {directory} aside to train from step 0"
+        )
     if repair:
         _set_aside(directory, [p for n, _ in skipped for p in found[n]])
         kept = sorted(n for n in found if n <= restored and _incomplete(n, found[n]) is None)
@@ -124,7 +132,6 @@ def worker_checkpoint_dir(run: Path, task: str) -> Path:
         shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
-
 
 
 __all__ = ["restore_newest", "worker_checkpoint_dir"]

@@ -264,8 +264,7 @@ def resolve(path: str | Path):
     name = p.name.removesuffix(".yaml")
     if name in PRESETS and (len(p.parts) == 1 or p.parent.name == "configs"):
         return preset(name)
-    raise ConfigError(f"config file {path} does not exist; give a YAML file or a preset name "
-                      f"({', '.join(PRESETS)})")
+    raise ConfigError(f"config file {path} does not exist; give a YAML file or a preset name ({', '.join(PRESETS)})")
 
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -356,9 +355,7 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
     unknown = sorted(set(tree) - set(names))
     if unknown:
         where = prefix.rstrip(".") or "top level"
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]} (valid keys at {where}: {', '.join(names)})"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys at {where}: {', '.join(names)})")
     kwargs = {}
     for name in names:
         if name not in tree:
@@ -432,32 +429,50 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
 
     if isinstance(cfg, Config):
         need(0 <= cfg.seed < 2**31, "seed", "must be in [0, 2**31)")
-        need(not (cfg.deterministic and cfg.train.jit_compile), "deterministic",
-             "cannot be combined with train.jit_compile=true: XLA has no deterministic max-pool "
-             "gradient; set train.jit_compile=false for deterministic runs")
+        need(
+            not (cfg.deterministic and cfg.train.jit_compile),
+            "deterministic",
+            "cannot be combined with train.jit_compile=true: XLA has no deterministic max-pool "
+            "gradient; set train.jit_compile=false for deterministic runs",
+        )
     elif isinstance(cfg, DataConfig):
         need(0 <= cfg.context <= 16, "context", "must be in [0, 16] (2 is usual)")
         need(1 <= cfg.batch_size <= 65536, "batch_size", "must be in [1, 65536]")
-        need(-1024 <= cfg.hu_window[0] < cfg.hu_window[1] <= 3071, "hu_window",
-             "needs -1024 <= low < high <= 3071 (the HU range records hold)")
+        need(
+            -1024 <= cfg.hu_window[0] < cfg.hu_window[1] <= 3071,
+            "hu_window",
+            "needs -1024 <= low < high <= 3071 (the HU range records hold)",
+        )
         need(0.0 <= cfg.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]")
         need(1 <= cfg.shuffle_buffer <= 2**20, "shuffle_buffer", "must be in [1, 1048576] slices")
         need(1 <= cfg.cycle_length <= 256, "cycle_length", "must be in [1, 256]")
         need(not cfg.service or cfg.service.startswith("grpc://"), "service", "must be empty or grpc://HOST:PORT")
         need(not (cfg.service and cfg.cache), "service", "cannot be combined with data.cache (the workers read)")
-        need(not (cfg.service and cfg.in_memory == "always"), "service",
-             "cannot be combined with data.in_memory=always (the workers read the shards)")
+        need(
+            not (cfg.service and cfg.in_memory == "always"),
+            "service",
+            "cannot be combined with data.in_memory=always (the workers read the shards)",
+        )
         need(cfg.service_timeout_s > 0, "service_timeout_s", "must be > 0")
-        need(all(w >= 0 for w in cfg.source_weights.values()) and (not cfg.source_weights
-                                                                    or sum(cfg.source_weights.values()) > 0),
-             "source_weights", "weights must be >= 0 and not all 0")
+        need(
+            all(w >= 0 for w in cfg.source_weights.values())
+            and (not cfg.source_weights or sum(cfg.source_weights.values()) > 0),
+            "source_weights",
+            "weights must be >= 0 and not all 0",
+        )
         need(0 <= cfg.fold_seed < 2**31, "fold_seed", "must be in [0, 2**31)")
         need(cfg.folds == 0 or 2 <= cfg.folds <= 1000, "folds", "must be 0 (no folds) or in [2, 1000]")
-        need(0 <= cfg.fold < max(cfg.folds, 1), "fold", f"must be in [0, {max(cfg.folds, 1) - 1}] "
-             f"(data.folds={cfg.folds})")
-        need(not (cfg.folds and cfg.normalize == "zscore"), "normalize",
-             "zscore takes the train split's liver HU percentiles from the manifest, which a fold's cases do not "
-             "have: use window with data.folds")
+        need(
+            0 <= cfg.fold < max(cfg.folds, 1),
+            "fold",
+            f"must be in [0, {max(cfg.folds, 1) - 1}] (data.folds={cfg.folds})",
+        )
+        need(
+            not (cfg.folds and cfg.normalize == "zscore"),
+            "normalize",
+            "zscore takes the train split's liver HU percentiles from the manifest, which a fold's cases do not "
+            "have: use window with data.folds",
+        )
     elif isinstance(cfg, AugmentConfig):
         for f in dataclasses.fields(cfg):
             if f.name.endswith("_p"):
@@ -467,8 +482,11 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
             need(0.0 < lo <= hi <= 10.0, name, "needs 0 < low <= high <= 10")
         need(0.0 <= cfg.rotation_deg <= 180.0, "rotation_deg", "must be in [0, 180] degrees")
         need(0 <= cfg.crop <= 4096, "crop", "must be in [0, 4096] pixels (0: whole slices)")
-        need(not (cfg.crop and cfg.placement == "none"), "crop", "needs augment.placement host or device (the "
-             "spatial transform samples the window)")
+        need(
+            not (cfg.crop and cfg.placement == "none"),
+            "crop",
+            "needs augment.placement host or device (the spatial transform samples the window)",
+        )
         need(0.0 <= cfg.translate < 1.0, "translate", "must be in [0, 1) (a fraction of the image size)")
         need(0.0 <= cfg.shear_deg < 90.0, "shear_deg", "must be in [0, 90) degrees")
         need(0.0 <= cfg.elastic_alpha <= 100.0, "elastic_alpha", "must be in [0, 100] pixels")

@@ -37,7 +37,7 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """"grpc://host:port" or "host:port" -> (host, port); an error naming the value otherwise."""
+    """ "grpc://host:port" or "host:port" -> (host, port); an error naming the value otherwise."""
     url = urlparse(address if "://" in address else f"grpc://{address}")
     if url.scheme != "grpc" or not url.hostname or url.port is None:
         raise LiversegError(f"data service address {address!r}: write grpc://HOST:PORT (e.g. grpc://127.0.0.1:5050)")
@@ -52,8 +52,10 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S, what: str 
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
         reason = "timed out" if isinstance(e, socket.timeout) else e.strerror or type(e).__name__
-        raise LiversegError(f"{what} {address}: no tf.data service dispatcher reachable ({reason}, waited at most "
-                            f"{timeout:g} s); start one with `liverseg data-service dispatcher --port {port}`") from None
+        raise LiversegError(
+            f"{what} {address}: no tf.data service dispatcher reachable ({reason}, waited at most "
+            f"{timeout:g} s); start one with `liverseg data-service dispatcher --port {port}`"
+        ) from None
 
 
 def distribute(ds, address: str, job_name: str, compression: str = "auto"):
@@ -62,8 +64,14 @@ def distribute(ds, address: str, job_name: str, compression: str = "auto"):
     import tensorflow as tf
 
     service = tf.data.experimental.service
-    return ds.apply(service.distribute(processing_mode=service.ShardingPolicy.DYNAMIC, service=address,
-                                       job_name=job_name, compression="AUTO" if compression == "auto" else None))
+    return ds.apply(
+        service.distribute(
+            processing_mode=service.ShardingPolicy.DYNAMIC,
+            service=address,
+            job_name=job_name,
+            compression="AUTO" if compression == "auto" else None,
+        )
+    )
 
 
 # ------------------------------------------------------------------------- servers
@@ -106,8 +114,10 @@ def check_port_free(port: int, what: str) -> None:
         try:
             s.bind(("", port))
         except OSError as e:
-            raise LiversegError(f"{what} --port {port}: in use ({e.strerror}), by another tf.data service server or "
-                                "program; stop it or choose another --port (0: any free one)") from None
+            raise LiversegError(
+                f"{what} --port {port}: in use ({e.strerror}), by another tf.data service server or "
+                "program; stop it or choose another --port (0: any free one)"
+            ) from None
 
 
 def dispatcher(port: int, host: str = "127.0.0.1", work_dir: str | None = None, block: bool = True):
@@ -116,8 +126,9 @@ def dispatcher(port: int, host: str = "127.0.0.1", work_dir: str | None = None, 
     import tensorflow as tf
 
     check_port_free(port, "dispatcher")
-    config = tf.data.experimental.service.DispatcherConfig(port=port, work_dir=work_dir,
-                                                           fault_tolerant_mode=work_dir is not None)
+    config = tf.data.experimental.service.DispatcherConfig(
+        port=port, work_dir=work_dir, fault_tolerant_mode=work_dir is not None
+    )
     server = tf.data.experimental.service.DispatchServer(config)
     address = f"grpc://{host}:{server.target.rsplit(':', 1)[1]}"
     if block:
@@ -132,8 +143,9 @@ def worker(dispatcher_address: str, port: int, host: str = "127.0.0.1", block: b
     d_host, d_port = parse_address(dispatcher_address)
     check_reachable(dispatcher_address, what="--dispatcher")
     check_port_free(port, "worker")
-    config = tf.data.experimental.service.WorkerConfig(dispatcher_address=f"{d_host}:{d_port}",
-                                                       worker_address=f"{host}:%port%", port=port)
+    config = tf.data.experimental.service.WorkerConfig(
+        dispatcher_address=f"{d_host}:{d_port}", worker_address=f"{host}:%port%", port=port
+    )
     server = tf.data.experimental.service.WorkerServer(config)
     address = f"{host}:{server._address.rsplit(':', 1)[1]}" if hasattr(server, "_address") else f"{host}:{port}"
     if block:

@@ -155,9 +155,11 @@ def _check_size(info: zipfile.ZipInfo, limit: int, where: str) -> None:
     """Refuse a member whose declared size is past `limit` before inflating it (zipfile never
     inflates past the declared size): a small zip of a huge member would fill the memory."""
     if info.file_size > limit:
-        raise InputError(f"{where}: {info.file_size / 2**20:,.0f} MB uncompressed ({info.compress_size / 2**20:,.1f} MB "
-                         f"in the zip), more than the {limit / 2**20:,.0f} MB liverseg reads from inside a zip; "
-                         "unzip it and point liverseg at the folder, or check the archive")
+        raise InputError(
+            f"{where}: {info.file_size / 2**20:,.0f} MB uncompressed ({info.compress_size / 2**20:,.1f} MB "
+            f"in the zip), more than the {limit / 2**20:,.0f} MB liverseg reads from inside a zip; "
+            "unzip it and point liverseg at the folder, or check the archive"
+        )
 
 
 def member_path(container: str | Path, member: str) -> str:
@@ -255,8 +257,10 @@ def _parse(source, where: str, header_only: bool = False):
     try:
         return pydicom.dcmread(source, stop_before_pixels=header_only)
     except Exception as e:  # noqa: BLE001 - pydicom raises several types for damaged files
-        raise InputError(f"{where}: not a readable DICOM file ({type(e).__name__}: {e}); it is damaged or "
-                         "truncated: re-copy it, or remove it from the series") from None
+        raise InputError(
+            f"{where}: not a readable DICOM file ({type(e).__name__}: {e}); it is damaged or "
+            "truncated: re-copy it, or remove it from the series"
+        ) from None
 
 
 def _preamble(source) -> bytes:
@@ -276,8 +280,10 @@ def _check_not_truncated(ds, where: str) -> None:
     sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     if sop is not None and "Image Storage" in str(getattr(sop, "name", "")):
         missing = [t for t in ("SeriesInstanceUID", "Rows") if t not in ds]
-        raise InputError(f"{where}: a {sop.name} file without {' or '.join(missing)}: it is damaged or truncated; "
-                         "re-copy it, or remove it from the series")
+        raise InputError(
+            f"{where}: a {sop.name} file without {' or '.join(missing)}: it is damaged or truncated; "
+            "re-copy it, or remove it from the series"
+        )
 
 
 @dataclass(frozen=True)
@@ -297,12 +303,16 @@ def _stack(series: Series, datasets: list, ct: bool) -> _Stack:
     if ct:
         modalities = {str(getattr(ds, "Modality", "")) for ds in datasets}
         if modalities != {"CT"}:
-            raise InputError(f"{where}: a {'/'.join(sorted(modalities)) or 'no-modality'} series, not CT; "
-                             "point the image at the CT series")
+            raise InputError(
+                f"{where}: a {'/'.join(sorted(modalities)) or 'no-modality'} series, not CT; "
+                "point the image at the CT series"
+            )
     frames = max(int(getattr(ds, "NumberOfFrames", 1) or 1) for ds in datasets)
     if frames > 1:
-        raise InputError(f"{where}: multi-frame DICOM ({frames} frames in one file) is not supported; convert it to "
-                         "NIfTI (e.g. with dcm2niix) or to one file per slice")
+        raise InputError(
+            f"{where}: multi-frame DICOM ({frames} frames in one file) is not supported; convert it to "
+            "NIfTI (e.g. with dcm2niix) or to one file per slice"
+        )
     first = datasets[0]
     cosines = np.array(_float_tuple(first, "ImageOrientationPatient", 6, where))
     spacing = _float_tuple(first, "PixelSpacing", 2, where)
@@ -310,11 +320,15 @@ def _stack(series: Series, datasets: list, ct: bool) -> _Stack:
     names = [m.replace(NESTED, "/").rsplit("/", 1)[-1] for m in series.members]  # file names, for messages
     for member, ds in zip(names[1:], datasets[1:]):
         if (int(ds.Rows), int(ds.Columns)) != size:
-            raise InputError(f"{where}: mixed slice sizes ({member} is {ds.Rows}x{ds.Columns}, others "
-                             f"{size[0]}x{size[1]}); a series must hold one image size")
+            raise InputError(
+                f"{where}: mixed slice sizes ({member} is {ds.Rows}x{ds.Columns}, others "
+                f"{size[0]}x{size[1]}); a series must hold one image size"
+            )
         if np.max(np.abs(np.array(_float_tuple(ds, "ImageOrientationPatient", 6, where)) - cosines)) > COSINE_TOL:
-            raise InputError(f"{where}: mixed orientations ({member} differs in ImageOrientationPatient); "
-                             "one series must have one orientation")
+            raise InputError(
+                f"{where}: mixed orientations ({member} differs in ImageOrientationPatient); "
+                "one series must have one orientation"
+            )
         if not np.allclose(_float_tuple(ds, "PixelSpacing", 2, where), spacing, atol=1e-4, rtol=0):
             raise InputError(f"{where}: mixed pixel spacings ({member}); one series must have one pixel spacing")
     normal = np.cross(cosines[:3], cosines[3:])
@@ -326,10 +340,19 @@ def _stack(series: Series, datasets: list, ct: bool) -> _Stack:
 
 def _header(series: Series, stack: _Stack, dtype) -> geometry.Header:
     n = len(stack.order)
-    shape = (stack.size[1], stack.size[0], n)  # [i = column, j = row, k = slice], as geometry.dicom_voxels lays voxels out
+    shape = (
+        stack.size[1],
+        stack.size[0],
+        n,
+    )  # [i = column, j = row, k = slice], as geometry.dicom_voxels lays voxels out
     affine = geometry.dicom_affine(stack.cosines[:3], stack.cosines[3:], stack.first, stack.step, stack.spacing)
-    return geometry.Header(series.path, shape, affine,
-                           (stack.spacing[1], stack.spacing[0], float(np.linalg.norm(stack.step))), np.dtype(dtype))
+    return geometry.Header(
+        series.path,
+        shape,
+        affine,
+        (stack.spacing[1], stack.spacing[0], float(np.linalg.norm(stack.step))),
+        np.dtype(dtype),
+    )
 
 
 def read_header(series: Series, ct: bool = False) -> geometry.Header:
@@ -358,8 +381,9 @@ def read_series(series: Series, ct: bool) -> tuple[np.ndarray, geometry.Header, 
         nbytes += len(raw)
         datasets.append(_parse(io.BytesIO(raw), member_path(series.container, member)))
     stack = _stack(series, datasets, ct)
-    voxels = geometry.dicom_voxels([_pixels(datasets[i], ct, member_path(series.container, series.members[i]))
-                                    for i in stack.order])
+    voxels = geometry.dicom_voxels(
+        [_pixels(datasets[i], ct, member_path(series.container, series.members[i])) for i in stack.order]
+    )
     return voxels, _header(series, stack, voxels.dtype), sha.hexdigest(), nbytes
 
 
@@ -372,19 +396,25 @@ def _check_positions(where: str, members: list[str], positions: np.ndarray, norm
     dup = np.flatnonzero(gaps < POSITION_TOL_MM)
     if dup.size:
         i = dup[0]
-        raise InputError(f"{where}: duplicate slice position {along[i]:.3f} mm ({members[i]} and {members[i + 1]}); "
-                         "remove the duplicate files or split the series")
+        raise InputError(
+            f"{where}: duplicate slice position {along[i]:.3f} mm ({members[i]} and {members[i + 1]}); "
+            "remove the duplicate files or split the series"
+        )
     median = float(np.median(gaps))
     bad = np.flatnonzero(np.abs(gaps - median) > POSITION_TOL_MM + SPACING_TOL * median)
     if bad.size:
         i = bad[0]
         missing = f", about {round(gaps[i] / median) - 1} slice(s) missing" if gaps[i] > 1.5 * median else ""
-        raise InputError(f"{where}: uneven slice spacing: {gaps[i]:.3f} mm between {members[i]} and {members[i + 1]}, "
-                         f"{median:.3f} mm elsewhere{missing}; the series must be complete and evenly spaced")
+        raise InputError(
+            f"{where}: uneven slice spacing: {gaps[i]:.3f} mm between {members[i]} and {members[i + 1]}, "
+            f"{median:.3f} mm elsewhere{missing}; the series must be complete and evenly spaced"
+        )
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
     if np.linalg.norm(np.cross(step / np.linalg.norm(step), normal)) > MAX_SHEAR:
-        raise InputError(f"{where}: slices are offset sideways along the stack (gantry tilt); resample the series "
-                         "to an orthogonal grid first")
+        raise InputError(
+            f"{where}: slices are offset sideways along the stack (gantry tilt); resample the series "
+            "to an orthogonal grid first"
+        )
     return step
 
 
@@ -396,9 +426,12 @@ def _pixels(ds, ct: bool, where: str) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - no decoder for a compressed transfer syntax, or damaged pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
-        raise InputError(f"{where}: cannot decode its pixel data (transfer syntax {name}: {' '.join(str(e).split())}); liverseg's decoders for "
-                         "compressed DICOM are missing or broken: reinstall them (pip install pylibjpeg "
-                         "pylibjpeg-openjpeg pylibjpeg-libjpeg) or decompress the series (e.g. gdcmconv --raw)") from None
+        raise InputError(
+            f"{where}: cannot decode its pixel data (transfer syntax {name}: {' '.join(str(e).split())}); "
+            "liverseg's decoders for "
+            "compressed DICOM are missing or broken: reinstall them (pip install pylibjpeg "
+            "pylibjpeg-openjpeg pylibjpeg-libjpeg) or decompress the series (e.g. gdcmconv --raw)"
+        ) from None
     if arr.ndim != 2:
         raise InputError(f"{where}: pixel data of shape {arr.shape} is not one greyscale slice")
     if not ct:
@@ -416,13 +449,17 @@ def _rescale(ds, where: str) -> tuple[float, float]:
     intercept) or a non-finite value is a broken header, refused."""
     try:
         slope = float(ds.RescaleSlope) if "RescaleSlope" in ds and ds.RescaleSlope not in ("", None) else 1.0
-        intercept = float(ds.RescaleIntercept) if "RescaleIntercept" in ds and ds.RescaleIntercept not in ("", None) else 0.0
+        intercept = (
+            float(ds.RescaleIntercept) if "RescaleIntercept" in ds and ds.RescaleIntercept not in ("", None) else 0.0
+        )
     except (TypeError, ValueError):
         slope = intercept = float("nan")
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-        raise InputError(f"{where}: RescaleSlope {getattr(ds, 'RescaleSlope', None)!r} / RescaleIntercept "
-                         f"{getattr(ds, 'RescaleIntercept', None)!r} cannot map stored values to HU (a slope of 0 "
-                         "makes every voxel the intercept); fix the header")
+        raise InputError(
+            f"{where}: RescaleSlope {getattr(ds, 'RescaleSlope', None)!r} / RescaleIntercept "
+            f"{getattr(ds, 'RescaleIntercept', None)!r} cannot map stored values to HU (a slope of 0 "
+            "makes every voxel the intercept); fix the header"
+        )
     return slope, intercept
 
 
@@ -432,8 +469,15 @@ def _rescale(ds, where: str) -> tuple[float, float]:
 WRITER = "liverseg"  # the Manufacturer of the series `write_series` writes
 
 
-def write_series(folder: str | Path, voxels: np.ndarray, affine: np.ndarray, modality: str = "CT",
-                 seed: int = 0, shuffle: bool = False, patient: str = "phantom") -> str:
+def write_series(
+    folder: str | Path,
+    voxels: np.ndarray,
+    affine: np.ndarray,
+    modality: str = "CT",
+    seed: int = 0,
+    shuffle: bool = False,
+    patient: str = "phantom",
+) -> str:
     """Write voxels [i, j, k] with an RAS affine as a DICOM series, one uncompressed file per
     slice named `image_0`, `image_1`, ... (3D-IRCADb-01's naming). Returns its SeriesInstanceUID.
 

@@ -30,8 +30,17 @@ log = logging.getLogger(__name__)
 DEFAULT_SEGMENT = "liver"
 SERIES_DESCRIPTION = "liverseg liver segmentation"  # what `write` names its series, and `written_here` recognises
 # Patient and study attributes a SEG copies from its source images, which must be present (type 2)
-TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+TYPE_2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def _read(path: Path, header_only: bool = False):
@@ -53,7 +62,9 @@ def _dataset(path: Path):
 
     ds = pydicom.dcmread(str(path))  # pixels too (a SEG's are small): a truncated file is found here, in phase 1
     if str(getattr(ds, "SOPClassUID", "")) != "1.2.840.10008.5.1.4.1.1.66.4":
-        raise ValueError(f"SOP class {getattr(ds.SOPClassUID, 'name', ds.get('SOPClassUID'))}, not Segmentation Storage")
+        raise ValueError(
+            f"SOP class {getattr(ds.SOPClassUID, 'name', ds.get('SOPClassUID'))}, not Segmentation Storage"
+        )
     _check_pixel_data(ds, path)
     return ds
 
@@ -67,8 +78,10 @@ def _check_pixel_data(ds, path: Path) -> None:
     need = (frames * rows * cols * int(ds.BitsAllocated) + 7) // 8
     have = len(ds.PixelData) if "PixelData" in ds else 0
     if have < need:
-        raise InputError(f"{path}: truncated or damaged DICOM SEG: its pixel data holds {have:,} of the {need:,} bytes "
-                         f"its {frames} frame(s) of {rows}x{cols} need; copy or export the SEG again")
+        raise InputError(
+            f"{path}: truncated or damaged DICOM SEG: its pixel data holds {have:,} of the {need:,} bytes "
+            f"its {frames} frame(s) of {rows}x{cols} need; copy or export the SEG again"
+        )
 
 
 def _segment_number(ds, name: str, path: Path) -> int:
@@ -81,19 +94,25 @@ def _segment_number(ds, name: str, path: Path) -> int:
     for number, (_, labels) in found.items():
         if name.lower() in labels:
             return number
-    raise InputError(f"{path}: no segment labelled {name!r} (segments: "
-                     f"{', '.join(f'{n} {label!r}' for n, (label, _) in sorted(found.items()))}); pass the liver's "
-                     "label as the row's mask_label (or convert --mask-segment NAME)")
+    raise InputError(
+        f"{path}: no segment labelled {name!r} (segments: "
+        f"{', '.join(f'{n} {label!r}' for n, (label, _) in sorted(found.items()))}); pass the liver's "
+        "label as the row's mask_label (or convert --mask-segment NAME)"
+    )
 
 
 def _check_references(ds, path: Path, image: Header, image_series: str | None, frame_of_reference: str | None) -> None:
     referenced = {str(r.SeriesInstanceUID) for r in getattr(ds, "ReferencedSeriesSequence", [])}
     if image_series and referenced and image_series not in referenced:
-        raise InputError(f"{path}: this SEG segments series {', '.join(sorted(referenced))}, but the image "
-                         f"{image.path} is series {image_series}; pair it with the series it was drawn on")
+        raise InputError(
+            f"{path}: this SEG segments series {', '.join(sorted(referenced))}, but the image "
+            f"{image.path} is series {image_series}; pair it with the series it was drawn on"
+        )
     if frame_of_reference and str(getattr(ds, "FrameOfReferenceUID", frame_of_reference)) != frame_of_reference:
-        raise InputError(f"{path}: frame of reference {ds.FrameOfReferenceUID} differs from the image's "
-                         f"{frame_of_reference} ({image.path}): it was not drawn in the image's space")
+        raise InputError(
+            f"{path}: frame of reference {ds.FrameOfReferenceUID} differs from the image's "
+            f"{frame_of_reference} ({image.path}): it was not drawn in the image's space"
+        )
 
 
 def _frames(ds, segment: int, path: Path) -> list[tuple[int, np.ndarray]]:
@@ -105,7 +124,7 @@ def _frames(ds, segment: int, path: Path) -> list[tuple[int, np.ndarray]]:
         if ident is None or int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != segment:
             continue
 
-        def tag(seq: str, name: str):
+        def tag(seq: str, name: str, frame=frame, i=i):
             for group in (frame, shared):
                 if group is not None and seq in group and name in group[seq][0]:
                     return [float(v) for v in group[seq][0][name].value]
@@ -119,8 +138,13 @@ def _frames(ds, segment: int, path: Path) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-def read_header(path: str | Path, image: Header, image_series: str | None = None,
-                frame_of_reference: str | None = None, segment: str = DEFAULT_SEGMENT) -> Header:
+def read_header(
+    path: str | Path,
+    image: Header,
+    image_series: str | None = None,
+    frame_of_reference: str | None = None,
+    segment: str = DEFAULT_SEGMENT,
+) -> Header:
     """The image's grid, once the SEG is checked against it (tags only)."""
     path = Path(path)
     ds = _read(path, header_only=True)
@@ -129,13 +153,19 @@ def read_header(path: str | Path, image: Header, image_series: str | None = None
     for i, affine in _frames(ds, number, path):
         where = geometry.frame_voxels(affine, (int(ds.Rows), int(ds.Columns)), image.affine, image.shape)
         if isinstance(where, str):
-            raise InputError(f"{path}: frame {i + 1} of segment {segment!r} does not lie on the image {image.path}: "
-                             f"{where}")
+            raise InputError(
+                f"{path}: frame {i + 1} of segment {segment!r} does not lie on the image {image.path}: {where}"
+            )
     return Header(path, image.shape, image.affine, image.spacing, np.dtype(np.uint8))
 
 
-def read_mask(path: str | Path, image: Header, image_series: str | None = None, frame_of_reference: str | None = None,
-              segment: str = DEFAULT_SEGMENT) -> tuple[np.ndarray, Header, str, int]:
+def read_mask(
+    path: str | Path,
+    image: Header,
+    image_series: str | None = None,
+    frame_of_reference: str | None = None,
+    segment: str = DEFAULT_SEGMENT,
+) -> tuple[np.ndarray, Header, str, int]:
     """(liver uint8 {0, 1} on the image's grid, that grid as the SEG's Header, sha256, bytes)."""
     path = Path(path)
     header = read_header(path, image, image_series, frame_of_reference, segment)
@@ -144,8 +174,10 @@ def read_mask(path: str | Path, image: Header, image_series: str | None = None, 
     try:
         pixels = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - pydicom's decoders raise several types
-        raise InputError(f"{path}: the SEG's frames cannot be decoded ({type(e).__name__}: {str(e)[:160]}); copy or "
-                         "export the SEG again") from None
+        raise InputError(
+            f"{path}: the SEG's frames cannot be decoded ({type(e).__name__}: {str(e)[:160]}); copy or "
+            "export the SEG again"
+        ) from None
     if pixels.ndim == 2:
         pixels = pixels[None]
     out = np.zeros(image.shape, np.uint8)
@@ -159,8 +191,9 @@ def read_mask(path: str | Path, image: Header, image_series: str | None = None, 
     return out, header, hashlib.sha256(raw).hexdigest(), len(raw)
 
 
-def write(path: str | Path, mask: np.ndarray, series, version: str, weights_fingerprint: str,
-          series_number: int = 901) -> Path:
+def write(
+    path: str | Path, mask: np.ndarray, series, version: str, weights_fingerprint: str, series_number: int = 901
+) -> Path:
     """Write `mask` (uint8 [i, j, k] on `series`' grid, as `dicom_io.read_series` lays it out)
     as a SEG over the DICOM series `series` (a dicom_io.Series), atomically. Returns `path`."""
     import warnings
@@ -174,14 +207,20 @@ def write(path: str | Path, mask: np.ndarray, series, version: str, weights_fing
     sources = dicom_io.slice_datasets(series)
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in sources}
     if len(frames_of_reference) > 1:
-        raise InputError(f"{series.path}: its slices carry {len(frames_of_reference)} Frames of Reference; a DICOM SEG "
-                         "shares one with its source series (write NIfTI instead: --format nifti)")
+        raise InputError(
+            f"{series.path}: its slices carry {len(frames_of_reference)} Frames of Reference; a DICOM SEG "
+            "shares one with its source series (write NIfTI instead: --format nifti)"
+        )
     if frames_of_reference == {""}:  # de-identified series (3D-IRCADb-01's) drop it although CT requires it
         from pydicom.uid import generate_uid
 
         derived = generate_uid(entropy_srcs=[series.uid, "liverseg frame of reference"])
-        log.warning("%s: its slices carry no FrameOfReferenceUID; the SEG's is %s, derived from the series UID (each "
-                    "frame still references its source slice)", series.path, derived)
+        log.warning(
+            "%s: its slices carry no FrameOfReferenceUID; the SEG's is %s, derived from the series UID (each "
+            "frame still references its source slice)",
+            series.path,
+            derived,
+        )
         for ds in sources:
             ds.FrameOfReferenceUID = derived
     for ds in sources:
@@ -193,19 +232,35 @@ def write(path: str | Path, mask: np.ndarray, series, version: str, weights_fing
     if mask.shape != (int(sources[0].Columns), int(sources[0].Rows), len(sources)):
         raise ValueError(f"mask of shape {mask.shape} is not on the grid of series {series.uid}")
     frames = np.stack([mask[:, :, k].T for k in range(mask.shape[2])]).astype(bool)  # [slice, row, column]
-    algorithm = hd.AlgorithmIdentificationSequence(name="liverseg", version=f"{version} (weights {weights_fingerprint})",
-                                                   family=codes.DCM.ArtificialIntelligence)
-    liver = hd.seg.SegmentDescription(segment_number=1, segment_label="Liver", segmented_property_category=codes.SCT.Organ,
-                                      segmented_property_type=codes.SCT.Liver, algorithm_identification=algorithm,
-                                      algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="liverseg", version=f"{version} (weights {weights_fingerprint})", family=codes.DCM.ArtificialIntelligence
+    )
+    liver = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Liver",
+        segmented_property_category=codes.SCT.Organ,
+        segmented_property_type=codes.SCT.Liver,
+        algorithm_identification=algorithm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+    )
     with warnings.catch_warnings():  # highdicom's notes on the source's patient name and the like
         warnings.simplefilter("ignore")
         seg = hd.seg.Segmentation(
-            source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=[liver], series_instance_uid=hd.UID(), series_number=series_number,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="liverseg",
-            manufacturer_model_name="liverseg U-Net", software_versions=version, device_serial_number=weights_fingerprint,
-            series_description=SERIES_DESCRIPTION, omit_empty_frames=True)
+            source_images=sources,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[liver],
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="liverseg",
+            manufacturer_model_name="liverseg U-Net",
+            software_versions=version,
+            device_serial_number=weights_fingerprint,
+            series_description=SERIES_DESCRIPTION,
+            omit_empty_frames=True,
+        )
     path = Path(path)
     with atomic_path(path) as tmp:
         seg.save_as(tmp)

@@ -24,9 +24,9 @@ Only the TensorFlow engines import TensorFlow, and only when built.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,8 +34,12 @@ from liverseg import LiversegError
 
 ENGINES = ("tensorflow", "tensorflow-xla", "onnxruntime", "openvino", "openvino-bf16", "litert")
 # The runtime module and the extra that installs it, per file engine.
-RUNTIMES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
-            "openvino-bf16": ("openvino", "openvino"), "litert": ("ai_edge_litert", "litert")}
+RUNTIMES = {
+    "onnxruntime": ("onnxruntime", "onnx"),
+    "openvino": ("openvino", "openvino"),
+    "openvino-bf16": ("openvino", "openvino"),
+    "litert": ("ai_edge_litert", "litert"),
+}
 
 Shape = tuple  # [N, H, W, C]: an int where the network takes one size only, None where it takes any
 
@@ -67,8 +71,9 @@ def require(engine: str) -> None:
 
     module, extra = RUNTIMES.get(engine, ("tensorflow", "cpu"))
     if importlib.util.find_spec(module) is None:
-        raise LiversegError(f"engine {engine}: its runtime ({module}) is not installed; pip install "
-                            f"'liverseg[{extra}]'")
+        raise LiversegError(
+            f"engine {engine}: its runtime ({module}) is not installed; pip install 'liverseg[{extra}]'"
+        )
 
 
 def keras_engine(model, xla: bool = False) -> Engine:
@@ -109,9 +114,11 @@ def openvino_engine(path: Path, precision: str = "f32") -> Engine:
 
     # LATENCY: one request over all cores (predict sends one batch at a time); measured 7.8
     # against 7.0 (no hint) and 3.6 (THROUGHPUT) slices/s for the default model at 512x512.
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                          "PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_NUM_THREADS": _threads()})
+    compiled = ov.Core().compile_model(
+        str(path),
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": _threads()},
+    )
     request = compiled.create_infer_request()
     shape = [d.get_length() if d.is_static else None for d in compiled.input(0).get_partial_shape()]
     return Engine(lambda x: np.array(request.infer([x])[0], np.float32), _dims(shape))
@@ -138,8 +145,12 @@ def litert_engine(path: Path) -> Engine:
     return Engine(run, _dims(details.get("shape_signature", details["shape"])))
 
 
-FILE_ENGINES = {"savedmodel": savedmodel_engine, "onnx": onnx_engine, "openvino": openvino_engine,
-                "litert": litert_engine}
+FILE_ENGINES = {
+    "savedmodel": savedmodel_engine,
+    "onnx": onnx_engine,
+    "openvino": openvino_engine,
+    "litert": litert_engine,
+}
 ENGINE_OF_FORMAT = {"savedmodel": "tensorflow", "onnx": "onnxruntime", "openvino": "openvino", "litert": "litert"}
 
 

@@ -15,20 +15,22 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from liverseg import InputError, LiversegError, dicom_io, geometry, layouts, metrics, overlay, rundir, volumes
-from liverseg.outputs import atomic_path, check_output, new_folder
 from liverseg.manifest import CaseInfo, Manifest, SourceFile
+from liverseg.outputs import atomic_path, check_output, new_folder
 from liverseg.predict import Run, check_ensemble, infer_volume, members, postprocess, predict_image
 from liverseg.records import read_cases
 from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
+
 
 class Scored(NamedTuple):
     """A case to score: its prediction and reference on one grid, that grid's spacing in mm
@@ -42,8 +44,15 @@ class Scored(NamedTuple):
     panel: Callable[[], tuple]
 
 
-def evaluate(run: Run, records: str | Path | None = None, split: str = "test", data: str | Path | None = None,
-             out: str | Path | None = None, pngs: bool = True, layout: str = "pattern") -> tuple[list[dict], dict, Path]:
+def evaluate(
+    run: Run,
+    records: str | Path | None = None,
+    split: str = "test",
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    pngs: bool = True,
+    layout: str = "pattern",
+) -> tuple[list[dict], dict, Path]:
     """Per-case metrics (+ summary) on a records split or on the scans of a folder in `layout`.
     Writes CSV, JSON, overlay PNGs and TensorBoard scalars into `out` (default
     RUN/eval/<split or folder>)."""
@@ -58,7 +67,9 @@ def evaluate(run: Run, records: str | Path | None = None, split: str = "test", d
         found, _ = layouts.find(Path(data), layout)  # raises naming the folder when it holds no pairs
         _warn_overlap(run, {c: pair.image.name for c, pair in found.items()})
         cases = folder_cases(models, found, layout)
-    inputs = [model.root for model in models] + [Path(data) if data is not None else Path(records or run.cfg.data.records)]
+    inputs = [model.root for model in models] + [
+        Path(data) if data is not None else Path(records or run.cfg.data.records)
+    ]
     return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs, inputs)
 
 
@@ -89,10 +100,14 @@ def record_cases(run, records: str | Path | None, split: str, m: Manifest | None
     models, run = members(run), members(run)[0]  # an ensemble: the members' probabilities averaged
     grids = {(model.contract.spec.size, model.contract.spec.spacing) for model in models}
     if len(grids) > 1:
-        raise LiversegError("an ensemble scored on records needs members trained at one size and spacing (these: "
-                            + "; ".join(f"{model.name}: size {model.contract.spec.size}, spacing "
-                                        f"{model.contract.spec.spacing}" for model in models)
-                            + "); score it on the source scans with --data")
+        raise LiversegError(
+            "an ensemble scored on records needs members trained at one size and spacing (these: "
+            + "; ".join(
+                f"{model.name}: size {model.contract.spec.size}, spacing {model.contract.spec.spacing}"
+                for model in models
+            )
+            + "); score it on the source scans with --data"
+        )
     m = m or split_manifest(run, records)
     m.split(split)  # names the folder and its splits when the split is not there
     e = run.contract
@@ -104,12 +119,16 @@ def record_cases(run, records: str | Path | None, split: str, m: Manifest | None
             on_source = _source_reference(case, m.options.merge_tumour) if case.geometry.resized else None
             pred_stored = postprocess(prob, e.threshold, e.largest_component, e.min_component_fraction)
             spacing = case.geometry.stored_spacing
-            panel = lambda image=image, ref=ref, pred=pred_stored: (image, spacing, ref, pred)  # noqa: E731
+            panel = lambda image=image, ref=ref, pred=pred_stored, spacing=spacing: (image, spacing, ref, pred)
             if on_source is None:
                 yield Scored(case.case_id, pred_stored, ref, spacing, panel)
                 continue
-            pred = postprocess(geometry.from_stored(prob, case.geometry, "prob"), e.threshold, e.largest_component,
-                               e.min_component_fraction)
+            pred = postprocess(
+                geometry.from_stored(prob, case.geometry, "prob"),
+                e.threshold,
+                e.largest_component,
+                e.min_component_fraction,
+            )
             yield Scored(case.case_id, pred, on_source, case.geometry.spacing, panel)
 
     return cases()
@@ -130,46 +149,72 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
     infos = [rundir.RunInfo.load(r) for r in roots]
     plain = [str(r) for r, i in zip(roots, infos) if not i.folds]
     if plain:
-        raise LiversegError(f"not runs of a fold (no data.folds): {', '.join(plain)}; train each fold with --set "
-                            "data.folds=K --set data.fold=k")
+        raise LiversegError(
+            f"not runs of a fold (no data.folds): {', '.join(plain)}; train each fold with --set "
+            "data.folds=K --set data.fold=k"
+        )
     datasets = {i.manifest_sha256 for i in infos}
     if len(datasets) > 1:
-        raise LiversegError("runs of different datasets: " + "; ".join(
-            f"{r}: dataset.json sha256 {i.manifest_sha256[:12]}" for r, i in zip(roots, infos)))
+        raise LiversegError(
+            "runs of different datasets: "
+            + "; ".join(f"{r}: dataset.json sha256 {i.manifest_sha256[:12]}" for r, i in zip(roots, infos))
+        )
     settings = {(i.folds["folds"], i.folds.get("fold_seed", 0)) for i in infos}
     if len(settings) > 1:
-        raise LiversegError("runs of different fold settings: " + "; ".join(
-            f"{r}: data.folds={i.folds['folds']}, fold_seed={i.folds.get('fold_seed', 0)}" for r, i in zip(roots, infos)))
+        raise LiversegError(
+            "runs of different fold settings: "
+            + "; ".join(
+                f"{r}: data.folds={i.folds['folds']}, fold_seed={i.folds.get('fold_seed', 0)}"
+                for r, i in zip(roots, infos)
+            )
+        )
     k = infos[0].folds["folds"]
     by_fold: dict[int, Path] = {}
     for r, i in zip(roots, infos):
         if i.folds["fold"] in by_fold:
-            raise LiversegError(f"{by_fold[i.folds['fold']]} and {r} are both fold {i.folds['fold']}: give one run per fold")
+            raise LiversegError(
+                f"{by_fold[i.folds['fold']]} and {r} are both fold {i.folds['fold']}: give one run per fold"
+            )
         by_fold[i.folds["fold"]] = r
     missing = sorted(set(range(k)) - set(by_fold))
     if missing:
-        raise LiversegError(f"fold(s) {', '.join(map(str, missing))} of data.folds={k} missing: give one run per fold "
-                            f"(given: {', '.join(f'fold {f} {r}' for f, r in sorted(by_fold.items()))})")
+        raise LiversegError(
+            f"fold(s) {', '.join(map(str, missing))} of data.folds={k} missing: give one run per fold "
+            f"(given: {', '.join(f'fold {f} {r}' for f, r in sorted(by_fold.items()))})"
+        )
     seen: dict[str, int] = {}
-    for r, i in zip(roots, infos):
+    for i in infos:
         for case in i.folds["val"]:
             if case in seen:
-                raise LiversegError(f"{case} is validated by folds {seen[case]} and {i.folds['fold']}: these runs' "
-                                    "folds overlap")
+                raise LiversegError(
+                    f"{case} is validated by folds {seen[case]} and {i.folds['fold']}: these runs' folds overlap"
+                )
             seen[case] = i.folds["fold"]
     rows = []
     for fold, root in sorted(by_fold.items()):
         run = load_run(root)
         for case in record_cases(run, None, "val"):
-            rows.append({"case": case.case_id, "fold": fold,
-                         **metrics.case_metrics(case.prediction, case.reference, case.spacing)})
-    summary = {"overall": metrics.summarize(rows),
-               "folds": {str(f): metrics.summarize([row for row in rows if row["fold"] == f]) for f in sorted(by_fold)}}
+            rows.append(
+                {
+                    "case": case.case_id,
+                    "fold": fold,
+                    **metrics.case_metrics(case.prediction, case.reference, case.spacing),
+                }
+            )
+    summary = {
+        "overall": metrics.summarize(rows),
+        "folds": {str(f): metrics.summarize([row for row in rows if row["fold"] == f]) for f in sorted(by_fold)},
+    }
     with new_folder(out) as tmp:
         _write_table(tmp / "cases.csv", rows)
-        (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary,
-                                                      "runs": {str(f): str(r) for f, r in sorted(by_fold.items())}},
-                                                     indent=1, default=_json_number) + "\n")
+        (tmp / "metrics.json").write_text(
+            json.dumps(
+                {"cases": rows, "summary": summary, "runs": {str(f): str(r) for f, r in sorted(by_fold.items())}},
+                indent=1,
+                default=_json_number,
+            )
+            + "\n"
+        )
     return rows, summary, out
 
 
@@ -200,8 +245,13 @@ def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
     if vol.sha256 != case.mask.sha256:
         log.warning("%s: scored in stored geometry: %s changed since conversion (sha256)", case.case_id, case.mask.path)
         return None
-    image_grid = geometry.Header(Path(case.image.path), tuple(case.geometry.shape), np.asarray(case.geometry.affine),
-                                 tuple(case.geometry.spacing), np.dtype(np.int16))
+    image_grid = geometry.Header(
+        Path(case.image.path),
+        tuple(case.geometry.shape),
+        np.asarray(case.geometry.affine),
+        tuple(case.geometry.spacing),
+        np.dtype(np.int16),
+    )
     geometry.check_pair(image_grid, vol.header)
     return geometry.onto_grid(vol.voxels, vol.header, image_grid)
 
@@ -220,8 +270,12 @@ def folder_cases(run, found: layouts.Found, layout: str = "pattern"):
             ref = geometry.onto_grid(truth.voxels, truth.header, header)
 
             def panel(image=image, geom=geom, ref=ref, pred=pred):  # overlays are drawn in stored geometry
-                return (geometry.to_stored(image, geom, "image"), geom.stored_spacing,
-                        geometry.to_stored(ref, geom, "mask"), geometry.to_stored(pred, geom, "mask"))
+                return (
+                    geometry.to_stored(image, geom, "image"),
+                    geom.stored_spacing,
+                    geometry.to_stored(ref, geom, "mask"),
+                    geometry.to_stored(pred, geom, "mask"),
+                )
 
             yield Scored(case_id, pred, ref, geom.spacing, panel)
 
@@ -244,8 +298,10 @@ def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True, input
             raise LiversegError(f"{name}: no cases to evaluate")
         summary = metrics.summarize(rows)
         _write_table(tmp / "cases.csv", rows)
-        (tmp / "metrics.json").write_text(json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)},
-                                                     indent=1, default=_json_number) + "\n")
+        (tmp / "metrics.json").write_text(
+            json.dumps({"cases": rows, "summary": summary, "weights": str(run.weights)}, indent=1, default=_json_number)
+            + "\n"
+        )
     writer = tf.summary.create_file_writer(str(rundir.RunDir(run.root).board("evaluation")))
     with writer.as_default(step=0):
         for k, v in summary.items():
@@ -263,5 +319,3 @@ def _write_table(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-
-

@@ -35,8 +35,11 @@ from liverseg.predict import ExportInfo, Run, load_export, network_input, normal
 FORMATS = ("savedmodel", "onnx", "openvino", "litert")
 ARTIFACTS = {"savedmodel": "saved_model", "onnx": "model.onnx", "openvino": "model.xml", "litert": "model.tflite"}
 # The modules each format needs at export time, and the extra that installs them.
-EXPORTERS = {"onnx": (("tf2onnx", "onnx"), "onnx"), "openvino": (("tf2onnx", "onnx", "openvino"), "openvino"),
-             "litert": (("ai_edge_litert",), "litert")}
+EXPORTERS = {
+    "onnx": (("tf2onnx", "onnx"), "onnx"),
+    "openvino": (("tf2onnx", "onnx", "openvino"), "openvino"),
+    "litert": (("ai_edge_litert",), "litert"),
+}
 PARITY_TOL = 1e-4  # largest |probability difference| from the Keras forward pass accepted
 
 
@@ -163,8 +166,10 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
         got = engines.sigmoid(load_export(tmp).logits(x))
         diff = float(np.abs(got - want).max())
         if not diff <= PARITY_TOL:
-            raise LiversegError(f"--format {fmt}: the exported network's probabilities differ from the run's by {diff:.3g} "
-                                f"(more than {PARITY_TOL}); nothing written (report this with the run's config)")
+            raise LiversegError(
+                f"--format {fmt}: the exported network's probabilities differ from the run's by {diff:.3g} "
+                f"(more than {PARITY_TOL}); nothing written (report this with the run's config)"
+            )
         dataclasses.replace(info, parity={"max_abs_probability_difference": diff, "probe": list(x.shape)}).save(tmp)
         shutil.copy2(run.weights, tmp / run.weights.name)
         for path in (rundir.RunDir(run.root).config, rundir.RunDir(run.root).info):
@@ -172,7 +177,9 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
     return out, diff
 
 
-def export_ensemble(runs: list[Run], out: str | Path, fmt: str = "savedmodel", overwrite: bool = False) -> tuple[Path, float]:
+def export_ensemble(
+    runs: list[Run], out: str | Path, fmt: str = "savedmodel", overwrite: bool = False
+) -> tuple[Path, float]:
     """Several runs as one exported ensemble: OUT/member-<i>/ each an export of one run, and
     OUT/liverseg-model.json naming them (`predict --model OUT` averages their probabilities
     on the source grid). Returns (out, the largest parity difference of the members)."""

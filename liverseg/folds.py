@@ -39,13 +39,17 @@ def refold(m: Manifest, k: int, fold: int, seed: int) -> Manifest:
     """`m` as fold `fold` of `k` sees it (k patients at least; refused naming the dataset)."""
     ids = patients(m)
     if k > len(ids):
-        raise RecordsError(f"{m.root}: data.folds={k} folds need at least {k} training patients, but its train and val "
-                           f"splits hold {len(ids)}; use fewer folds")
+        raise RecordsError(
+            f"{m.root}: data.folds={k} folds need at least {k} training patients, but its train and val "
+            f"splits hold {len(ids)}; use fewer folds"
+        )
     if not 0 <= fold < k:
         raise RecordsError(f"data.fold={fold} is not a fold of data.folds={k} (0..{k - 1})")
     of = assign(ids, k, seed)
-    cases = tuple(dataclasses.replace(c, split=("val" if of[c.case_id] == fold else "train")) if c.split in POOL else c
-                  for c in m.cases)
+    cases = tuple(
+        dataclasses.replace(c, split=("val" if of[c.case_id] == fold else "train")) if c.split in POOL else c
+        for c in m.cases
+    )
     pool_shards = [s for split in POOL if split in m.splits for s in m.splits[split].shards]
     splits = {name: info for name, info in m.splits.items() if name not in POOL}
     for split in POOL:
@@ -54,11 +58,15 @@ def refold(m: Manifest, k: int, fold: int, seed: int) -> Manifest:
         shards = tuple(s for s in pool_shards if names & set(m.cases_of(s)))
         shapes = {tuple(c.geometry.stored_shape[1:]) for c in members}
         splits[split] = SplitInfo(
-            num_examples=sum(c.num_slices for c in members), num_cases=len(members),
-            liver_slices=sum(c.liver_slices for c in members), bytes=sum(s.bytes for s in shards),
+            num_examples=sum(c.num_slices for c in members),
+            num_cases=len(members),
+            liver_slices=sum(c.liver_slices for c in members),
+            bytes=sum(s.bytes for s in shards),
             slice_shape=shapes.pop() if len(shapes) == 1 else None,
-            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")), shards=shards,
-            min_slices=min((c.num_slices for c in members), default=None))
+            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")),
+            shards=shards,
+            min_slices=min((c.num_slices for c in members), default=None),
+        )
     ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
     return dataclasses.replace(m, splits=ordered, cases=cases)
 
@@ -72,8 +80,13 @@ def record(m: Manifest, data_cfg) -> dict | None:
     """What run.json records of a fold: K, k, the seed, and the exact train and val patients."""
     if not data_cfg.folds:
         return None
-    return {"folds": data_cfg.folds, "fold": data_cfg.fold, "fold_seed": data_cfg.fold_seed,
-            "train": [c.case_id for c in m.cases_in("train")], "val": [c.case_id for c in m.cases_in("val")]}
+    return {
+        "folds": data_cfg.folds,
+        "fold": data_cfg.fold,
+        "fold_seed": data_cfg.fold_seed,
+        "train": [c.case_id for c in m.cases_in("train")],
+        "val": [c.case_id for c in m.cases_in("val")],
+    }
 
 
 __all__ = ["assign", "patients", "record", "refold", "view"]

@@ -94,7 +94,7 @@ class Geometry:
         return serial.to_json(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Geometry":
+    def from_json(cls, d: dict) -> Geometry:
         return serial.from_json(cls, d)
 
 
@@ -196,9 +196,15 @@ def dicom_voxels(slices) -> np.ndarray:
 
 
 # NRRD "space" names and the signs that turn each into RAS (x, y, z)
-NRRD_SPACES = {"right-anterior-superior": (1, 1, 1), "left-anterior-superior": (-1, 1, 1),
-               "left-posterior-superior": (-1, -1, 1), "ras": (1, 1, 1), "las": (-1, 1, 1), "lps": (-1, -1, 1),
-               "scanner-xyz": (-1, -1, 1)}  # scanner-xyz: DICOM patient coordinates, LPS
+NRRD_SPACES = {
+    "right-anterior-superior": (1, 1, 1),
+    "left-anterior-superior": (-1, 1, 1),
+    "left-posterior-superior": (-1, -1, 1),
+    "ras": (1, 1, 1),
+    "las": (-1, 1, 1),
+    "lps": (-1, -1, 1),
+    "scanner-xyz": (-1, -1, 1),
+}  # scanner-xyz: DICOM patient coordinates, LPS
 
 
 def nrrd_affine(space: str, directions, origin) -> np.ndarray:
@@ -212,8 +218,9 @@ def nrrd_affine(space: str, directions, origin) -> np.ndarray:
     return flip @ a
 
 
-def frame_voxels(frame_affine: np.ndarray, shape_rc: tuple[int, int], grid_affine: np.ndarray, grid_shape,
-                 tol: float = 0.1) -> tuple[np.ndarray, ...] | str:
+def frame_voxels(
+    frame_affine: np.ndarray, shape_rc: tuple[int, int], grid_affine: np.ndarray, grid_shape, tol: float = 0.1
+) -> tuple[np.ndarray, ...] | str:
     """Where the pixels of a 2D frame fall on a 3D grid: the grid's voxel indices (i, j, k
     arrays over the frame's [rows, columns]), or why they do not fall on voxel centres.
 
@@ -232,15 +239,22 @@ def frame_voxels(frame_affine: np.ndarray, shape_rc: tuple[int, int], grid_affin
     idx = idx.astype(np.int64)
     for axis, n in enumerate(grid_shape):
         if idx[axis].min() < 0 or idx[axis].max() >= n:
-            mm = float(np.abs(np.asarray(grid_affine)[:3, :3] @ (np.clip(pts[:, 0, 0], 0, np.array(grid_shape) - 1)
-                                                                 - pts[:, 0, 0])).max())
-            return f"it lies outside the image (voxel axis {axis}: {idx[axis].min()}..{idx[axis].max()} of 0..{n - 1}, " \
-                   f"{mm:.1f} mm off)"
+            mm = float(
+                np.abs(
+                    np.asarray(grid_affine)[:3, :3]
+                    @ (np.clip(pts[:, 0, 0], 0, np.array(grid_shape) - 1) - pts[:, 0, 0])
+                ).max()
+            )
+            return (
+                f"it lies outside the image (voxel axis {axis}: {idx[axis].min()}..{idx[axis].max()} of 0..{n - 1}, "
+                f"{mm:.1f} mm off)"
+            )
     return idx[0], idx[1], idx[2]
 
 
-def to_dicom_slices(voxels: np.ndarray, affine: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray,
-                                                                      list[np.ndarray], tuple[float, float]]:
+def to_dicom_slices(
+    voxels: np.ndarray, affine: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, list[np.ndarray], tuple[float, float]]:
     """The inverse of `dicom_voxels` + `dicom_affine`, for writing a volume as a DICOM series:
     (pixel arrays [Rows, Columns] per slice k, row cosine, column cosine, ImagePositionPatient
     per slice, PixelSpacing (between rows, between columns)), all in LPS."""
@@ -306,8 +320,9 @@ def to_stored(arr: np.ndarray, geom: Geometry, kind: str) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def to_stored_image(image: np.ndarray, header: Header, size: int | None = None,
-                    spacing: float | None = None) -> tuple[np.ndarray, Geometry]:
+def to_stored_image(
+    image: np.ndarray, header: Header, size: int | None = None, spacing: float | None = None
+) -> tuple[np.ndarray, Geometry]:
     """A source CT -> (stored image, its geometry), placing a `--spacing` window on the body:
     the centre of the bounding box of voxels above BODY_HU over all slices (the plane's
     centre when there are none). Masks then go through `to_stored` with that geometry."""
@@ -348,15 +363,19 @@ def _crop_or_pad(vol: np.ndarray, corner: tuple[int, int], hw: tuple[int, int], 
     r0, c0 = max(r, 0), max(c, 0)
     r1, c1 = min(r + h, vol.shape[1]), min(c + w, vol.shape[2])
     if r1 > r0 and c1 > c0:
-        out[:, r0 - r:r1 - r, c0 - c:c1 - c] = vol[:, r0:r1, c0:c1]
+        out[:, r0 - r : r1 - r, c0 - c : c1 - c] = vol[:, r0:r1, c0:c1]
     return out
 
 
 # ------------------------------------------------------------------------- RAS arrays (phantoms, tests)
 
 
-def from_canonical_ras(ras: np.ndarray, spacing: tuple[float, float, float], orientation: str,
-                       origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+def from_canonical_ras(
+    ras: np.ndarray,
+    spacing: tuple[float, float, float],
+    orientation: str,
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> tuple[np.ndarray, np.ndarray]:
     """A RAS-ordered array [x, y, z] and voxel sizes -> (array, affine) in `orientation` (e.g. "LAS").
 
     Used to write the same anatomy in different orientations; the affine maps every voxel
@@ -444,7 +463,26 @@ def resize_hw(vol: np.ndarray, hw: tuple[int, int], kind: str) -> np.ndarray:
     return x.astype(vol.dtype, copy=False)
 
 
-
-__all__ = ["AIR_HU", "BODY_HU", "Geometry", "Header", "STORED_AXCODES", "check_pair", "coronal", "dicom_affine", "dicom_voxels", "to_dicom_slices",
-           "from_canonical_ras", "from_ras", "from_stored", "onto_grid", "orientation_of", "resize_hw", "stored_geometry",
-           "stored_grid", "to_ras", "to_stored", "to_stored_image"]
+__all__ = [
+    "AIR_HU",
+    "BODY_HU",
+    "Geometry",
+    "Header",
+    "STORED_AXCODES",
+    "check_pair",
+    "coronal",
+    "dicom_affine",
+    "dicom_voxels",
+    "to_dicom_slices",
+    "from_canonical_ras",
+    "from_ras",
+    "from_stored",
+    "onto_grid",
+    "orientation_of",
+    "resize_hw",
+    "stored_geometry",
+    "stored_grid",
+    "to_ras",
+    "to_stored",
+    "to_stored_image",
+]

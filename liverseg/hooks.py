@@ -19,8 +19,8 @@ import errno
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -143,7 +143,8 @@ class Hooks:
             raise NonFiniteLoss(
                 f"loss or gradients non-finite for steps {fig['streak_first']}-{at} ({fig['streak']} in a row); "
                 f"weights were not updated by those steps, last checkpoint: step {self.last_saved} in "
-                f"{self.manager.directory} (lower train.lr, check the data, or use float32)")
+                f"{self.manager.directory} (lower train.lr, check the data, or use float32)"
+            )
         return fig
 
     def log(self, at: int, w: LogWindow) -> dict:
@@ -153,12 +154,14 @@ class Hooks:
         busy = w.busy_fraction(wall)
         optimizer = self.state.optimizer
         lr = optimizer.learning_rate
-        means = {"loss": fig["loss_sum"] / fig["applied"] if fig["applied"] else float("nan"),
-                 "dice": metrics.dice_from_counts(*fig["counts"]),
-                 "learning_rate": float(lr.numpy()) if hasattr(lr, "numpy") else self.tc.lr,
-                 "images_per_sec": w.images / wall,
-                 "host_input_wait_fraction": w.input_wait / wall,
-                 "skipped_steps": fig["skipped"]}
+        means = {
+            "loss": fig["loss_sum"] / fig["applied"] if fig["applied"] else float("nan"),
+            "dice": metrics.dice_from_counts(*fig["counts"]),
+            "learning_rate": float(lr.numpy()) if hasattr(lr, "numpy") else self.tc.lr,
+            "images_per_sec": w.images / wall,
+            "host_input_wait_fraction": w.input_wait / wall,
+            "skipped_steps": fig["skipped"],
+        }
         if busy is not None:
             means["input_wait_fraction"] = 1.0 - busy  # device idle: input, or anything else the host did
         if hasattr(optimizer, "dynamic_scale"):  # a LossScaleOptimizer (mixed_float16)
@@ -179,8 +182,9 @@ class Hooks:
             for name, value in result.items():
                 tf.summary.scalar(name, value)
             if images:
-                tf.summary.image("overlay (green truth, red prediction)", np.stack(images) / 255.0,
-                                 max_outputs=len(images))
+                tf.summary.image(
+                    "overlay (green truth, red prediction)", np.stack(images) / 255.0, max_outputs=len(images)
+                )
         log.info("step %d: validation %s", at, {k: round(v, 4) for k, v in result.items()})
         if result["dice_3d"] > self.state.best.numpy():
             self.state.best.assign(result["dice_3d"])
@@ -208,9 +212,11 @@ class Hooks:
                 raise
             for partial in directory.glob(f"ckpt-{at}_temp*"):
                 shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
-            raise LiversegError(f"{directory}: no space left on device writing the checkpoint of step {at}; the last "
-                                f"checkpoint is step {self.last_saved}: free space and run the same command to resume "
-                                "from it") from None
+            raise LiversegError(
+                f"{directory}: no space left on device writing the checkpoint of step {at}; the last "
+                f"checkpoint is step {self.last_saved}: free space and run the same command to resume "
+                "from it"
+            ) from None
 
     def preempt(self, at: int, staged: bool) -> None:
         """SIGTERM: checkpoint (unless this step's hook just did) and stop. With batches staged

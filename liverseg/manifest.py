@@ -24,13 +24,13 @@ import dataclasses
 import functools
 import hashlib
 import json
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from liverseg import __version__, records, serial
-from liverseg.records import COMPRESSIONS, SPLITS, RecordsError
+from liverseg.records import COMPRESSIONS, RecordsError
 
 if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from this module and starts fast
     from liverseg.geometry import Geometry
@@ -39,8 +39,10 @@ MANIFEST = "dataset.json"
 CASES = "cases.jsonl"  # version 4: one CaseInfo per line, read on first use, checked by its sha256
 FORMAT = "liverseg-slices"
 MANIFEST_VERSION = 4
-LAYOUT = ("one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
-          "anterior->posterior and columns patient right->left (see geometry)")
+LAYOUT = (
+    "one example per axial slice in stored geometry: canonical RAS, slice-major [Z, H, W] with rows "
+    "anterior->posterior and columns patient right->left (see geometry)"
+)
 
 
 def _opt(default, help: str, **cli):
@@ -55,13 +57,22 @@ class ConvertOptions:
     `creation()` is the subset that determines the output bytes (recorded in the manifest).
     """
 
-    layout: str = _opt("pattern", "Source layout: pattern (NIfTI pairs named by --image-pattern/--mask-pattern), "
-                       "ircad (3D-IRCADb-01 DICOM: 3Dircadb1.N/PATIENT_DICOM + MASKS_DICOM/liver, zipped or not), "
-                       "msd (Decathlon imagesTr/labelsTr), lits (volume-N/segmentation-N), list (a case list).")
-    size: int | None = _opt(None, "Resize slices in-plane to SIZE x SIZE (default: native); with --spacing, "
-                             "the SIZE x SIZE window cropped or padded around the body.")
-    spacing: float | None = _opt(None, "Resample slices in-plane to SPACING mm pixels (image: antialiased linear, "
-                                 "mask: nearest), then crop/pad to --size around the body's centre (needs --size).")
+    layout: str = _opt(
+        "pattern",
+        "Source layout: pattern (NIfTI pairs named by --image-pattern/--mask-pattern), "
+        "ircad (3D-IRCADb-01 DICOM: 3Dircadb1.N/PATIENT_DICOM + MASKS_DICOM/liver, zipped or not), "
+        "msd (Decathlon imagesTr/labelsTr), lits (volume-N/segmentation-N), list (a case list).",
+    )
+    size: int | None = _opt(
+        None,
+        "Resize slices in-plane to SIZE x SIZE (default: native); with --spacing, "
+        "the SIZE x SIZE window cropped or padded around the body.",
+    )
+    spacing: float | None = _opt(
+        None,
+        "Resample slices in-plane to SPACING mm pixels (image: antialiased linear, "
+        "mask: nearest), then crop/pad to --size around the body's centre (needs --size).",
+    )
     image_pattern: str = _opt("{case}_orig", "Image file name without .nii[.gz].")
     mask_pattern: str = _opt("{case}_liver", "Mask file name without .nii[.gz].")
     split_file: str | None = _opt(None, 'JSON {"train": [...], "val": [...], "test": [...]} of case ids.', exists=True)
@@ -73,14 +84,23 @@ class ConvertOptions:
     num_shards: int | None = _opt(None, "Shards per split (overrides --shard-mb).")
     compression: str = _opt("", "Shard compression.", choices={c or "none": c for c in COMPRESSIONS})
     merge_tumour: bool = _opt(False, "LiTS masks: count tumour (label 2) as liver.")
-    mask_segment: str = _opt("liver", "--layout list: the segment of a DICOM SEG or .seg.nrrd mask that is the liver, "
-                             "where the row's mask_label is empty (matched to SegmentLabel or the code meaning).")
-    exclude_ircad_overlap: bool = _opt(False, "Drop the LiTS and Decathlon (MSD) cases that are 3D-IRCADb-01 "
-                                       "patients (LiTS 28-48, MSD liver_28-48: sources number IRCAD's 20 as 28-47 or 28-44 and 46-48).")
+    mask_segment: str = _opt(
+        "liver",
+        "--layout list: the segment of a DICOM SEG or .seg.nrrd mask that is the liver, "
+        "where the row's mask_label is empty (matched to SegmentLabel or the code meaning).",
+    )
+    exclude_ircad_overlap: bool = _opt(
+        False,
+        "Drop the LiTS and Decathlon (MSD) cases that are 3D-IRCADb-01 "
+        "patients (LiTS 28-48, MSD liver_28-48: sources number IRCAD's 20 as 28-47 or 28-44 and 46-48).",
+    )
     affine_tol: float = _opt(1e-3, "Image/mask affine tolerance in mm.")
     workers: int = _opt(1, "Parallel processes (with --runner direct: Beam's worker processes).")
-    runner: str = _opt("local", "local: processes on this machine; direct: Apache Beam's DirectRunner; or a Beam runner "
-                       "name (FlinkRunner, SparkRunner, ...) with its pipeline options after --. Needs liverseg[beam].")
+    runner: str = _opt(
+        "local",
+        "local: processes on this machine; direct: Apache Beam's DirectRunner; or a Beam runner "
+        "name (FlinkRunner, SparkRunner, ...) with its pipeline options after --. Needs liverseg[beam].",
+    )
     skip_bad: bool = _opt(False, "Convert the good cases and list the bad ones in the manifest.")
     overwrite: bool = _opt(False, "Replace a different dataset already in OUT.")
 
@@ -91,7 +111,7 @@ class ConvertOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_ONLY}
 
     @classmethod
-    def from_creation(cls, d: dict) -> "ConvertOptions":
+    def from_creation(cls, d: dict) -> ConvertOptions:
         known = {f.name for f in dataclasses.fields(cls)} - set(cls.RUN_ONLY)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -123,7 +143,7 @@ class RegionHU:
     from_json = classmethod(serial.from_json)
 
 
-def pooled_hu(infos, region: str) -> "HUStats":
+def pooled_hu(infos, region: str) -> HUStats:
     """The HU statistics of `region` ("liver" or "body") over cases: pooled mean and std,
     percentiles the voxel-weighted mean of the cases' percentiles."""
     import numpy as np
@@ -133,12 +153,17 @@ def pooled_hu(infos, region: str) -> "HUStats":
         return HUStats(0)
     w = np.array([s.count for s in stats], np.float64)
     means = np.array([s.mean for s in stats])
-    var = np.array([s.std ** 2 for s in stats])
+    var = np.array([s.std**2 for s in stats])
     mean = float((w * means).sum() / w.sum())
     std = float(np.sqrt((w * (var + (means - mean) ** 2)).sum() / w.sum()))
     pct = {p: float(sum(wi * s.percentiles[p] for wi, s in zip(w, stats)) / w.sum()) for p in stats[0].percentiles}
-    return HUStats(int(w.sum()), round(mean, 3), round(std, 3), {k: round(v, 3) for k, v in pct.items()},
-                   "pooled mean/std; percentiles are the voxel-weighted mean of per-case percentiles")
+    return HUStats(
+        int(w.sum()),
+        round(mean, 3),
+        round(std, 3),
+        {k: round(v, 3) for k, v in pct.items()},
+        "pooled mean/std; percentiles are the voxel-weighted mean of per-case percentiles",
+    )
 
 
 @dataclass(frozen=True)
@@ -151,7 +176,9 @@ class SourceFile:
     bytes: int
     series: str | None = serial.key(omit=True, default=None)
     kind: str | None = serial.key(omit=True, default=None)  # "nrrd" or "seg" (None: NIfTI, or DICOM when series is set)
-    label: str | None = serial.key(omit=True, default=None)  # the liver's label in a multi-label mask, or the SEG's segment
+    label: str | None = serial.key(
+        omit=True, default=None
+    )  # the liver's label in a multi-label mask, or the SEG's segment
 
     to_json = serial.to_json
     from_json = classmethod(serial.from_json)
@@ -173,7 +200,9 @@ class CaseInfo:
     liver_slices: int
     hu: RegionHU
     shard: str = ""  # file name, set when shards are named
-    source: str = serial.key(omit=True, default="")  # the case list's source tag ("real", "phantom", ...; "" when untagged)
+    source: str = serial.key(
+        omit=True, default=""
+    )  # the case list's source tag ("real", "phantom", ...; "" when untagged)
 
     to_json = serial.to_json
     from_json = classmethod(serial.from_json)
@@ -242,16 +271,24 @@ class LazyCases(Sequence):
         try:
             raw = self.path.read_bytes()
         except OSError as e:
-            raise RecordsError(f"{self.path}: cannot read the dataset's cases ({e.strerror}); re-run liverseg convert") from None
+            raise RecordsError(
+                f"{self.path}: cannot read the dataset's cases ({e.strerror}); re-run liverseg convert"
+            ) from None
         if hashlib.sha256(raw).hexdigest() != self.sha256:
-            raise RecordsError(f"{self.path}: its sha256 is not the one {self.path.parent / MANIFEST} records (truncated "
-                               "or replaced); re-run liverseg convert")
+            raise RecordsError(
+                f"{self.path}: its sha256 is not the one {self.path.parent / MANIFEST} records (truncated "
+                "or replaced); re-run liverseg convert"
+            )
         try:
             cases = tuple(CaseInfo.from_json(json.loads(line)) for line in raw.splitlines() if line.strip())
         except (KeyError, TypeError, ValueError) as e:
-            raise RecordsError(f"{self.path}: malformed case ({type(e).__name__}: {e}); re-run liverseg convert") from None
+            raise RecordsError(
+                f"{self.path}: malformed case ({type(e).__name__}: {e}); re-run liverseg convert"
+            ) from None
         if len(cases) != self.count:
-            raise RecordsError(f"{self.path}: {len(cases)} cases, {MANIFEST} says {self.count}; re-run liverseg convert")
+            raise RecordsError(
+                f"{self.path}: {len(cases)} cases, {MANIFEST} says {self.count}; re-run liverseg convert"
+            )
         return cases
 
     def __len__(self) -> int:
@@ -302,8 +339,11 @@ class Manifest:
             "creation": {"source": self.source, "options": self.options.creation(), "runner": self.runner},
             "record": {"keys": records.KEY_DOC, "layout": LAYOUT, "compression": self.options.compression or "none"},
             "splits": {name: s.to_json() for name, s in self.splits.items()},
-            "cases": {"file": CASES, "count": len(self.cases),
-                      "sha256": hashlib.sha256(cases_lines(self.cases).encode()).hexdigest()},
+            "cases": {
+                "file": CASES,
+                "count": len(self.cases),
+                "sha256": hashlib.sha256(cases_lines(self.cases).encode()).hexdigest(),
+            },
             "skipped": [s.to_json() for s in self.skipped],
         }
 
@@ -312,37 +352,52 @@ class Manifest:
         return json.dumps(self.to_json(), indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, d: dict, where: str | Path = MANIFEST) -> "Manifest":
+    def from_json(cls, d: dict, where: str | Path = MANIFEST) -> Manifest:
         """Parse a manifest dict, refusing other formats and versions this liverseg cannot read
         (version 4's cases are read from CASES beside `where`, when first asked for)."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise RecordsError(f"{where}: not a liverseg dataset manifest (format {got!r})")
         if d.get("schema_version") != records.SCHEMA_VERSION:
-            raise RecordsError(f"{where}: record schema version {d.get('schema_version')} cannot be read by this "
-                               f"liverseg (reads version {records.SCHEMA_VERSION}); re-convert the dataset with this version")
+            raise RecordsError(
+                f"{where}: record schema version {d.get('schema_version')} cannot be read by this "
+                f"liverseg (reads version {records.SCHEMA_VERSION}); re-convert the dataset with this version"
+            )
         version = d.get("manifest_version", 1)
         if not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
-            raise RecordsError(f"{where}: manifest version {version!r} is newer than this liverseg reads "
-                               f"(1..{MANIFEST_VERSION}); upgrade liverseg or re-convert the dataset")
+            raise RecordsError(
+                f"{where}: manifest version {version!r} is newer than this liverseg reads "
+                f"(1..{MANIFEST_VERSION}); upgrade liverseg or re-convert the dataset"
+            )
         try:
             creation = d["creation"]
-            return cls(source=creation["source"], options=ConvertOptions.from_creation(creation["options"]),
-                       splits={k: SplitInfo.from_json(v) for k, v in d["splits"].items()},
-                       cases=_cases_of(d["cases"], Path(where).parent / CASES),
-                       skipped=tuple(SkippedCase.from_json(s) for s in d.get("skipped", [])),
-                       runner=creation.get("runner", "local"), schema_version=d["schema_version"],
-                       manifest_version=version, liverseg_version=d.get("liverseg_version", "?"))
+            return cls(
+                source=creation["source"],
+                options=ConvertOptions.from_creation(creation["options"]),
+                splits={k: SplitInfo.from_json(v) for k, v in d["splits"].items()},
+                cases=_cases_of(d["cases"], Path(where).parent / CASES),
+                skipped=tuple(SkippedCase.from_json(s) for s in d.get("skipped", [])),
+                runner=creation.get("runner", "local"),
+                schema_version=d["schema_version"],
+                manifest_version=version,
+                liverseg_version=d.get("liverseg_version", "?"),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise RecordsError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-run liverseg convert") from None
+            raise RecordsError(
+                f"{where}: malformed manifest ({type(e).__name__}: {e}); re-run liverseg convert"
+            ) from None
 
     @classmethod
-    def load(cls, root: str | Path, check_shards: bool = True) -> "Manifest":
+    def load(cls, root: str | Path, check_shards: bool = True) -> Manifest:
         """Read ROOT/dataset.json; with check_shards, every listed shard must exist at its size."""
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
-            hint = "the conversion did not finish; re-run liverseg convert" if root.is_dir() else "the folder does not exist"
+            hint = (
+                "the conversion did not finish; re-run liverseg convert"
+                if root.is_dir()
+                else "the folder does not exist"
+            )
             raise RecordsError(f"{root}: no {MANIFEST} manifest ({hint})")
         try:
             raw = path.read_bytes()
@@ -357,8 +412,10 @@ class Manifest:
                     if not p.is_file():
                         raise RecordsError(f"{p}: shard listed in {path} is missing; re-run liverseg convert")
                     if p.stat().st_size != s.bytes:
-                        raise RecordsError(f"{p}: {p.stat().st_size} bytes on disk, manifest says {s.bytes}; "
-                                           f"the shard is truncated or was replaced (run liverseg verify {root})")
+                        raise RecordsError(
+                            f"{p}: {p.stat().st_size} bytes on disk, manifest says {s.bytes}; "
+                            f"the shard is truncated or was replaced (run liverseg verify {root})"
+                        )
         return m
 
     # -- reading it
@@ -381,7 +438,7 @@ class Manifest:
 
     @property
     def compression(self) -> str:
-        """"", "GZIP" or "ZLIB", as TFRecordDataset takes it."""
+        """ "", "GZIP" or "ZLIB", as TFRecordDataset takes it."""
         return self.options.compression
 
     @property
@@ -396,7 +453,9 @@ class Manifest:
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
-            raise RecordsError(f"{self.root or MANIFEST}: no split {name!r} (splits: {', '.join(self.splits) or 'none'})")
+            raise RecordsError(
+                f"{self.root or MANIFEST}: no split {name!r} (splits: {', '.join(self.splits) or 'none'})"
+            )
         return self.splits[name]
 
     def shards(self, split: str) -> tuple[ShardInfo, ...]:
@@ -439,8 +498,9 @@ class Manifest:
         there."""
         case = self.case(case_id)
         shard, first = self._placement[case_id]
-        return records.CaseRecords(case_id, self.path(shard), first, case.num_slices, self.compression,
-                                   Path(self.root or "."))
+        return records.CaseRecords(
+            case_id, self.path(shard), first, case.num_slices, self.compression, Path(self.root or ".")
+        )
 
 
 def _cases_of(d, path: Path) -> Sequence[CaseInfo]:
@@ -450,5 +510,18 @@ def _cases_of(d, path: Path) -> Sequence[CaseInfo]:
     return LazyCases(path, d["sha256"], int(d["count"]))
 
 
-__all__ = ["CASES", "CaseInfo", "ConvertOptions", "HUStats", "LazyCases", "MANIFEST", "Manifest", "cases_lines", "RegionHU", "ShardInfo", "SkippedCase",
-           "SourceFile", "SplitInfo"]
+__all__ = [
+    "CASES",
+    "CaseInfo",
+    "ConvertOptions",
+    "HUStats",
+    "LazyCases",
+    "MANIFEST",
+    "Manifest",
+    "cases_lines",
+    "RegionHU",
+    "ShardInfo",
+    "SkippedCase",
+    "SourceFile",
+    "SplitInfo",
+]

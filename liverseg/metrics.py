@@ -105,8 +105,11 @@ def summarize(rows: list[dict], keys=METRICS) -> dict:
     for k in keys:
         v = np.array([r[k] for r in rows], dtype=np.float64)
         finite = v[np.isfinite(v)]
-        out[k] = {"mean": float(finite.mean()) if finite.size else math.nan,
-                  "sd": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
-                  "median": float(np.median(finite)) if finite.size else math.nan,
-                  "n": int(v.size), "n_inf": int(np.count_nonzero(~np.isfinite(v)))}
+        out[k] = {
+            "mean": float(finite.mean()) if finite.size else math.nan,
+            "sd": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+            "median": float(np.median(finite)) if finite.size else math.nan,
+            "n": int(v.size),
+            "n_inf": int(np.count_nonzero(~np.isfinite(v))),
+        }
     return out

@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 
 from liverseg import InputError, geometry
-from liverseg.outputs import atomic_path
 from liverseg.geometry import Header
+from liverseg.outputs import atomic_path
 
 try:  # Intel ISA-L inflate: ~1.5x faster than zlib on CT volumes, same output
     from isal import isal_zlib as _inflate
@@ -69,11 +69,13 @@ def check_readable(path: Path) -> None:
             raise PermissionError(errno.EACCES, "permission denied")
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise InputError(f"{path}: symbolic link loop ({path} -> {os.readlink(path)} -> ...); "
-                             "point the link at the real file") from None
+            raise InputError(
+                f"{path}: symbolic link loop ({path} -> {os.readlink(path)} -> ...); point the link at the real file"
+            ) from None
         if e.errno == errno.ENOENT and path.is_symlink():
-            raise InputError(f"{path}: symbolic link to {os.readlink(path)}, which does not exist; "
-                             "fix or remove the link") from None
+            raise InputError(
+                f"{path}: symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+            ) from None
         if e.errno == errno.ENOENT:
             raise InputError(f"{path}: file not found") from None
         raise InputError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
@@ -81,8 +83,11 @@ def check_readable(path: Path) -> None:
 
 def _check_gzip(path: Path, head: bytes) -> None:
     if path.name.endswith(".gz") and head[:2] != b"\x1f\x8b":
-        hint = "rename it to .nii" if head[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c",
-                                                 b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else "re-export it"
+        hint = (
+            "rename it to .nii"
+            if head[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c", b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
+            else "re-export it"
+        )
         raise InputError(f"{path}: named .gz but not gzip-compressed (it starts with {head[:4].hex()}); {hint}")
 
 
@@ -95,8 +100,9 @@ def _nifti_class(path: Path, block: bytes):
             return nib.Nifti1Image
         if size == 540:
             return nib.Nifti2Image
-    raise InputError(f"{path}: not a NIfTI-1 or NIfTI-2 file (header size field {block[:4].hex()}); "
-                     "re-export it as .nii or .nii.gz")
+    raise InputError(
+        f"{path}: not a NIfTI-1 or NIfTI-2 file (header size field {block[:4].hex()}); re-export it as .nii or .nii.gz"
+    )
 
 
 def _raw_zooms(img, block: bytes) -> tuple[float, ...]:
@@ -104,8 +110,9 @@ def _raw_zooms(img, block: bytes) -> tuple[float, ...]:
     size = 348 if img.header_class is nib.Nifti1Header else 540
     try:  # from the header's own bytes: reading extensions (after them) would need more of the file
         endian = "<" if int.from_bytes(block[:4], "little") == size else ">"
-        return tuple(float(z) for z in img.header_class(binaryblock=block[:size], endianness=endian,
-                                                        check=False)["pixdim"][1:4])
+        return tuple(
+            float(z) for z in img.header_class(binaryblock=block[:size], endianness=endian, check=False)["pixdim"][1:4]
+        )
     except Exception:
         return ()
 
@@ -114,8 +121,10 @@ def _check_header(path: Path, img, block: bytes) -> Header:
     dtype = img.get_data_dtype()
     if dtype.kind not in "iuf" or dtype.fields is not None:
         kind = {"c": "complex", "V": "structured (e.g. RGB)", "b": "boolean"}.get(dtype.kind, dtype.kind)
-        raise InputError(f"{path}: voxels are {kind} ({dtype}), not real numbers; a CT or mask must hold integer or "
-                         "float values (export the magnitude or the label volume)")
+        raise InputError(
+            f"{path}: voxels are {kind} ({dtype}), not real numbers; a CT or mask must hold integer or "
+            "float values (export the magnitude or the label volume)"
+        )
     shape = tuple(int(s) for s in img.header.get_data_shape())
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -127,7 +136,9 @@ def _check_header(path: Path, img, block: bytes) -> Header:
             "are supported; split multi-channel/time series into one file per volume"
         )
     if any(s < 1 or s > MAX_DIM for s in shape) or math.prod(shape) > MAX_VOXELS:
-        raise InputError(f"{path}: header claims shape {shape}, which is not a plausible CT volume; the header is corrupt")
+        raise InputError(
+            f"{path}: header claims shape {shape}, which is not a plausible CT volume; the header is corrupt"
+        )
     raw = _raw_zooms(img, block)
     if not raw or not all(math.isfinite(z) and z > 0 for z in raw):
         raise InputError(f"{path}: voxel sizes (pixdim) {raw} must be positive; fix the header's pixdim")
@@ -166,7 +177,9 @@ def _image_from_bytes(path: Path, raw: bytes):
     except InputError:
         raise
     except Exception as e:  # nibabel raises several types for unreadable headers
-        raise InputError(f"{path}: not a readable NIfTI-1/NIfTI-2 file ({e}); re-export it as .nii or .nii.gz") from None
+        raise InputError(
+            f"{path}: not a readable NIfTI-1/NIfTI-2 file ({e}); re-export it as .nii or .nii.gz"
+        ) from None
 
 
 def _voxels(path: Path, img, raw: bytes, scaled: bool) -> np.ndarray:
@@ -177,8 +190,9 @@ def _voxels(path: Path, img, raw: bytes, scaled: bool) -> np.ndarray:
     proxy = img.dataobj
     count = math.prod(proxy.shape)
     if proxy.offset + count * proxy.dtype.itemsize > len(raw):
-        raise InputError(f"{path}: voxel data is shorter than the header's shape {proxy.shape}; "
-                         "the file is truncated or corrupt")
+        raise InputError(
+            f"{path}: voxel data is shorter than the header's shape {proxy.shape}; the file is truncated or corrupt"
+        )
     arr = np.frombuffer(raw, proxy.dtype, count, proxy.offset).reshape(proxy.shape, order="F")
     if arr.ndim == 4:
         arr = arr[..., 0]
@@ -220,7 +234,9 @@ def write(path: str | Path, arr: np.ndarray, affine: np.ndarray, dtype=np.uint8,
         nib.save(img, str(tmp))
 
 
-def save_like(path: str | Path, arr: np.ndarray, geom: geometry.Geometry, dtype=np.uint8, description: str = "") -> None:
+def save_like(
+    path: str | Path, arr: np.ndarray, geom: geometry.Geometry, dtype=np.uint8, description: str = ""
+) -> None:
     """Write a source-grid array with the source affine, atomically."""
     if tuple(np.shape(arr)) != tuple(geom.shape):
         raise ValueError(f"array shape {np.shape(arr)} does not match source shape {geom.shape}")

@@ -38,36 +38,52 @@ def read_header(path: str | Path) -> Header:
     h = _header(path)
     sizes = tuple(int(s) for s in h.get("sizes", ()))
     if len(sizes) != 3:
-        raise InputError(f"{path}: NRRD of {len(sizes)} dimensions {sizes}; liverseg reads 3D volumes (export one "
-                         "label layer, or the segmentation as a labelmap)")
+        raise InputError(
+            f"{path}: NRRD of {len(sizes)} dimensions {sizes}; liverseg reads 3D volumes (export one "
+            "label layer, or the segmentation as a labelmap)"
+        )
     space = str(h.get("space", "")).lower()
     if space not in geometry.NRRD_SPACES:
-        raise InputError(f"{path}: NRRD without a known 'space' ({space or 'none'}): it cannot be placed in the "
-                         f"world; re-export it with a space ({', '.join(sorted(geometry.NRRD_SPACES))})")
+        raise InputError(
+            f"{path}: NRRD without a known 'space' ({space or 'none'}): it cannot be placed in the "
+            f"world; re-export it with a space ({', '.join(sorted(geometry.NRRD_SPACES))})"
+        )
     directions = np.asarray(h.get("space directions", np.full((3, 3), np.nan)), np.float64)
     origin = np.asarray(h.get("space origin", np.full(3, np.nan)), np.float64)
-    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)) or origin.shape != (3,) \
-            or not np.all(np.isfinite(origin)):
+    if (
+        directions.shape != (3, 3)
+        or not np.all(np.isfinite(directions))
+        or origin.shape != (3,)
+        or not np.all(np.isfinite(origin))
+    ):
         raise InputError(f"{path}: NRRD 'space directions' / 'space origin' missing or not 3D; re-export it with them")
     spacing = np.linalg.norm(directions, axis=1)
     unit = directions / np.maximum(spacing[:, None], 1e-12)
     if np.any(spacing <= 0) or np.abs(unit @ unit.T - np.eye(3)).max() > 1e-4:
-        raise InputError(f"{path}: NRRD space directions {directions.tolist()} are not orthogonal (a sheared grid); "
-                         "resample it to an orthogonal grid first")
-    return Header(path, sizes, geometry.nrrd_affine(space, directions, origin), tuple(float(s) for s in spacing), _dtype(h, path))
+        raise InputError(
+            f"{path}: NRRD space directions {directions.tolist()} are not orthogonal (a sheared grid); "
+            "resample it to an orthogonal grid first"
+        )
+    return Header(
+        path, sizes, geometry.nrrd_affine(space, directions, origin), tuple(float(s) for s in spacing), _dtype(h, path)
+    )
 
 
 # NRRD's type names (the format's own list) and their NumPy kinds
-_TYPES = {**dict.fromkeys(("signed char", "int8", "int8_t"), "i1"),
-          **dict.fromkeys(("uchar", "unsigned char", "uint8", "uint8_t"), "u1"),
-          **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t"), "i2"),
-          **dict.fromkeys(("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), "u2"),
-          **dict.fromkeys(("int", "signed int", "int32", "int32_t"), "i4"),
-          **dict.fromkeys(("uint", "unsigned int", "uint32", "uint32_t"), "u4"),
-          **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int",
-                           "int64", "int64_t"), "i8"),
-          **dict.fromkeys(("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"), "u8"),
-          "float": "f4", "double": "f8"}
+_TYPES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t"), "i1"),
+    **dict.fromkeys(("uchar", "unsigned char", "uint8", "uint8_t"), "u1"),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t"), "i2"),
+    **dict.fromkeys(("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), "u2"),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t"), "i4"),
+    **dict.fromkeys(("uint", "unsigned int", "uint32", "uint32_t"), "u4"),
+    **dict.fromkeys(
+        ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64", "int64_t"), "i8"
+    ),
+    **dict.fromkeys(("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"), "u8"),
+    "float": "f4",
+    "double": "f8",
+}
 
 
 def _dtype(h: dict, path: Path) -> np.dtype:
@@ -96,7 +112,7 @@ def read_file(path: str | Path) -> tuple[np.ndarray, Header, dict, str, int]:
 def label_value(fields: dict, name: str, path: Path) -> int | None:
     """The label value of segment `name` (case-insensitive) in a Slicer `.seg.nrrd`, or None
     when the file names no segments."""
-    names = {k[:-len("_Name")]: str(v) for k, v in fields.items() if k.startswith("Segment") and k.endswith("_Name")}
+    names = {k[: -len("_Name")]: str(v) for k, v in fields.items() if k.startswith("Segment") and k.endswith("_Name")}
     if not names:
         return None
     for key, segment in names.items():
@@ -104,10 +120,14 @@ def label_value(fields: dict, name: str, path: Path) -> int | None:
             value = fields.get(f"{key}_LabelValue", 1)
             layer = int(fields.get(f"{key}_Layer", 0))
             if layer:
-                raise InputError(f"{path}: segment {segment!r} is on layer {layer}; export it as a single-layer labelmap")
+                raise InputError(
+                    f"{path}: segment {segment!r} is on layer {layer}; export it as a single-layer labelmap"
+                )
             return int(value)
-    raise InputError(f"{path}: no segment named {name!r} (segments: {', '.join(sorted(names.values()))}); pass the "
-                     "liver's name as the row's mask_label (or convert --mask-segment NAME)")
+    raise InputError(
+        f"{path}: no segment named {name!r} (segments: {', '.join(sorted(names.values()))}); pass the "
+        "liver's name as the row's mask_label (or convert --mask-segment NAME)"
+    )
 
 
 __all__ = ["label_value", "read_file", "read_header"]

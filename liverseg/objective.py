@@ -106,11 +106,13 @@ def _pre_reduced(cls: type) -> type:
     fails if it ever sums twice.
     """
     if cls not in _PRE_REDUCED:
+
         def _all_reduce_sum_gradients(self, grads_and_vars):
             return list(grads_and_vars)
 
-        _PRE_REDUCED[cls] = type(f"PreReduced{cls.__name__}", (cls,),
-                                 {"_all_reduce_sum_gradients": _all_reduce_sum_gradients})
+        _PRE_REDUCED[cls] = type(
+            f"PreReduced{cls.__name__}", (cls,), {"_all_reduce_sum_gradients": _all_reduce_sum_gradients}
+        )
     return _PRE_REDUCED[cls]
 
 

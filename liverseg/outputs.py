@@ -87,8 +87,9 @@ def _swap(tmp: Path, path: Path) -> None:
     try:
         remove_path(old)
     except OSError as e:
-        log.warning("%s: replaced, but the old copy could not be removed (%s); delete %s yourself", path,
-                    e.strerror or e, old)
+        log.warning(
+            "%s: replaced, but the old copy could not be removed (%s); delete %s yourself", path, e.strerror or e, old
+        )
 
 
 def remove_path(path: Path) -> None:
@@ -127,16 +128,22 @@ REPORT_FILES = ("cases.csv", "metrics.json")
 def _is_report(folder: Path) -> bool:
     """An earlier evaluate/cv report: cases.csv and metrics.json, and else only overlay PNGs."""
     names = {p.name: p for p in folder.iterdir()}
-    return (all(n in names for n in REPORT_FILES)
-            and all(p.is_file() and (n in REPORT_FILES or n.endswith(".png")) for n, p in names.items()))
+    return all(n in names for n in REPORT_FILES) and all(
+        p.is_file() and (n in REPORT_FILES or n.endswith(".png")) for n, p in names.items()
+    )
 
 
 def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output(out: str | Path, inputs: Iterable[str | Path] = (), replaces: str | None = None,
-                 flag: str = "OUT", may_be: str | None = None) -> None:
+def check_output(
+    out: str | Path,
+    inputs: Iterable[str | Path] = (),
+    replaces: str | None = None,
+    flag: str = "OUT",
+    may_be: str | None = None,
+) -> None:
     """Refuse `out` in one line before anything is written or removed (see the module docstring).
 
     inputs: what the command reads; OUT may not be one of them or hold one. replaces:
@@ -170,14 +177,18 @@ def _check_replaceable(out: Path, replaces: str, flag: str) -> None:
     kind = kind_of(out)
     if not (kind == "an export" if replaces == "export" else _is_report(out)):
         mine = "an earlier export" if replaces == "export" else "an earlier report (cases.csv, metrics.json, PNGs)"
-        raise LiversegError(f"{flag} {out} is {kind or 'a folder of other files'}, and only {mine} is ever replaced; "
-                            "choose a new or empty folder (nothing was written or removed)")
+        raise LiversegError(
+            f"{flag} {out} is {kind or 'a folder of other files'}, and only {mine} is ever replaced; "
+            "choose a new or empty folder (nothing was written or removed)"
+        )
     for folder, subdirs, _ in os.walk(out):  # an export's member folders are exports too; nothing else may be below
         for d in subdirs:
             inner = kind_of(Path(folder) / d)
             if inner not in (None, "an export"):
-                raise LiversegError(f"{flag} {out} holds {inner} ({Path(folder) / d}), which is never replaced; "
-                                    "choose a new or empty folder (nothing was written or removed)")
+                raise LiversegError(
+                    f"{flag} {out} holds {inner} ({Path(folder) / d}), which is never replaced; "
+                    "choose a new or empty folder (nothing was written or removed)"
+                )
 
 
 def check_writable(out: str | Path) -> None:
@@ -198,10 +209,15 @@ def check_writable(out: str | Path) -> None:
             probe.mkdir()
             probe.rmdir()
         except OSError as e:
-            reason = {errno.EACCES: "permission denied", errno.EPERM: "not permitted (immutable?)",
-                      errno.EROFS: "read-only file system"}.get(e.errno, e.strerror or str(e))
-            raise LiversegError(f"{place}: cannot write here ({reason}); choose a folder you may write, or fix its "
-                                "permissions (nothing was written or removed)") from None
+            reason = {
+                errno.EACCES: "permission denied",
+                errno.EPERM: "not permitted (immutable?)",
+                errno.EROFS: "read-only file system",
+            }.get(e.errno, e.strerror or str(e))
+            raise LiversegError(
+                f"{place}: cannot write here ({reason}); choose a folder you may write, or fix its "
+                "permissions (nothing was written or removed)"
+            ) from None
 
 
 # ------------------------------------------------------------------------- folder locks
@@ -245,8 +261,9 @@ def folder_lock(folder: str | Path, name: str, holder_kind: str, advice: str, re
         if stale:
             log.warning("%s: taking over the lock of %s that did not exit cleanly (%s)", path, holder_kind, stale)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+        )
         try:
             yield
         finally:

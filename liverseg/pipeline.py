@@ -40,8 +40,8 @@ import tensorflow as tf
 from liverseg import augment, data_service, records
 from liverseg.config import Config, derive_seed
 from liverseg.manifest import Manifest
-from liverseg.rundir import Normalization
 from liverseg.records import RecordsError
+from liverseg.rundir import Normalization
 
 log = logging.getLogger(__name__)
 READ_BUFFER = 8 * 2**20
@@ -67,9 +67,11 @@ def normalization(cfg: Config, manifest: Manifest) -> Normalization:
     if stats.count == 0:
         raise RecordsError(f"{manifest.root}: no liver voxels in the train split; use data.normalize=window")
     if stats.std < 1.0:  # (x - mean) / std would blow rounding up into the whole input range
-        raise RecordsError(f"{manifest.root}: the train split's liver HU have a standard deviation of {stats.std:g} "
-                           "(nearly constant): z-score normalisation cannot be taken from them; use "
-                           "data.normalize=window (and data.hu_window), or check the masks and images")
+        raise RecordsError(
+            f"{manifest.root}: the train split's liver HU have a standard deviation of {stats.std:g} "
+            "(nearly constant): z-score normalisation cannot be taken from them; use "
+            "data.normalize=window (and data.hu_window), or check the masks and images"
+        )
     pct = stats.percentiles
     return Normalization(pct["0.5"], pct["99.5"], stats.mean, stats.std)
 
@@ -102,11 +104,12 @@ def check_context(cfg: Config, manifest: Manifest) -> None:
     shortest = min(manifest.cases_in("train"), key=lambda c: c.num_slices, default=None)
     if shortest is None or 2 * k + 1 <= shortest.num_slices:
         return
-    what = (f"data.context={k} stacks {2 * k + 1} slices, but training case {shortest.case_id} has "
-            f"{shortest.num_slices}")
+    what = f"data.context={k} stacks {2 * k + 1} slices, but training case {shortest.case_id} has {shortest.num_slices}"
     if k >= shortest.num_slices:
-        raise RecordsError(f"{what}: most channels would be copies of its edge slices; choose data.context <= "
-                           f"{(shortest.num_slices - 1) // 2} (2 is usual)")
+        raise RecordsError(
+            f"{what}: most channels would be copies of its edge slices; choose data.context <= "
+            f"{(shortest.num_slices - 1) // 2} (2 is usual)"
+        )
     log.warning("%s: its edge slices are repeated to fill the window", what)
 
 
@@ -117,11 +120,15 @@ def check_memory(cfg: Config, manifest: Manifest, available: float | None, repli
         return
     h, w = manifest.split("train").slice_shape
     slice_bytes = h * w * (2 * (2 * cfg.data.context + 1) + 1)  # int16 image channels + uint8 mask
-    for key, count, per in (("data.shuffle_buffer", cfg.data.shuffle_buffer, slice_bytes),
-                            ("data.batch_size", global_batch(cfg, replicas), 3 * slice_bytes)):  # + float32 copies
+    for key, count, per in (
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer, slice_bytes),
+        ("data.batch_size", global_batch(cfg, replicas), 3 * slice_bytes),
+    ):  # + float32 copies
         if count * per > 0.5 * available:
-            raise RecordsError(f"{key}={count}: {count} slices of {h}x{w} take {count * per / 1e9:.1f} GB, more than "
-                               f"half of the {available / 1e9:.1f} GB available; choose at most {int(0.5 * available // per)}")
+            raise RecordsError(
+                f"{key}={count}: {count} slices of {h}x{w} take {count * per / 1e9:.1f} GB, more than "
+                f"half of the {available / 1e9:.1f} GB available; choose at most {int(0.5 * available // per)}"
+            )
 
 
 def global_batch(cfg: Config, replicas: int) -> int:
@@ -154,8 +161,17 @@ def _read_shard(path, count, compression: str, h: int, w: int) -> dict:
     """
     serialized = tf.data.TFRecordDataset(path, compression, READ_BUFFER).batch(count).get_single_element()
     ex = records.decode_example(serialized, h, w)
-    return {k: ex[k] for k in (records.IMAGE, records.MASK, records.CASE_INDEX, records.SLICE_INDEX,
-                               records.NUM_SLICES, records.LIVER_VOXELS)}
+    return {
+        k: ex[k]
+        for k in (
+            records.IMAGE,
+            records.MASK,
+            records.CASE_INDEX,
+            records.SLICE_INDEX,
+            records.NUM_SLICES,
+            records.LIVER_VOXELS,
+        )
+    }
 
 
 def numbered(ds: tf.data.Dataset, on_service: bool = False) -> tf.data.Dataset:
@@ -243,8 +259,9 @@ def batch_preparer(cfg: Config, norm: Normalization):
     """
     augmenter = None
     if augment.enabled(cfg.augment):  # the dense form inside the compiled step, the gated one on the host
-        augmenter = augment.Augmenter(cfg.augment, functools.partial(normalize, norm=norm),
-                                      dense=cfg.augment.placement == "device")
+        augmenter = augment.Augmenter(
+            cfg.augment, functools.partial(normalize, norm=norm), dense=cfg.augment.placement == "device"
+        )
 
     def prepare(batch: dict, seed=None) -> dict:
         image, mask = batch["image"], batch["mask"]
@@ -292,9 +309,15 @@ def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bo
     batch = global_batch(cfg, replicas) // replicas if training else -(-cfg.eval.batch_size // replicas)
     record_shard = n_pipes > 1 and len(shards) < n_pipes
     if record_shard:
-        log.warning("split %s has %d shard(s) for %d input pipelines: every pipeline reads every shard and "
-                    "keeps 1/%d of the slices; convert with --num-shards >= %d to shard by file",
-                    split, len(shards), n_pipes, n_pipes, n_pipes)
+        log.warning(
+            "split %s has %d shard(s) for %d input pipelines: every pipeline reads every shard and "
+            "keeps 1/%d of the slices; convert with --num-shards >= %d to shard by file",
+            split,
+            len(shards),
+            n_pipes,
+            n_pipes,
+            n_pipes,
+        )
     elif n_pipes > 1:
         shards = shards[pipe::n_pipes]
     members = None
@@ -303,8 +326,9 @@ def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bo
         own = {c.case_id for c in m.cases_in(split)}
         members = tuple(c.split == split for c in m.cases) if held - own else None
     memory = training and in_memory(cfg, shards, h, w, on_service)
-    return _Plan(m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard, members,
-                 memory)
+    return _Plan(
+        m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard, members, memory
+    )
 
 
 IN_MEMORY_SHARE = 0.25  # data.in_memory "auto": the shards may take this share of the available memory
@@ -324,12 +348,14 @@ def in_memory(cfg: Config, shards, h: int, w: int, on_service: bool = False) -> 
 
 
 def _files(plan: _Plan, shards) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices(([str(plan.manifest.path(s)) for s in shards],
-                                               tf.constant([s.num_examples for s in shards], tf.int64)))
+    return tf.data.Dataset.from_tensor_slices(
+        ([str(plan.manifest.path(s)) for s in shards], tf.constant([s.num_examples for s in shards], tf.int64))
+    )
 
 
 # Named functions, not lambdas, below: AutoGraph locates a function's source by its line and
 # gives up (with a warning) on several lambdas that look alike.
+
 
 def _stages(cfg: Config, plan: _Plan):
     """(read, gather): a shard file -> its parsed tensors; (shard, row) -> one 2.5D example."""
@@ -361,7 +387,9 @@ def _in_memory_slices(cfg: Config, plan: _Plan, shards, epochs: int | None) -> t
 
     def rows_of_pass(visit):
         rows = kept_rows(held, tf.stack([sampling, visit]), keep_bg, case_keep, members)
-        return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(rows, tf.stack([order, visit])))
+        return tf.data.Dataset.from_tensor_slices(
+            tf.random.experimental.stateless_shuffle(rows, tf.stack([order, visit]))
+        )
 
     def gather(row):
         return gather_at(held, row)
@@ -389,8 +417,11 @@ def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_se
     if cfg.data.cache:  # parsed shards kept in memory after the first pass
         parsed = files.map(read).cache().shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs)
     else:
-        parsed = files.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat(epochs).map(
-            read, num_parallel_calls=None if cfg.deterministic else cfg.data.cycle_length)
+        parsed = (
+            files.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+            .repeat(epochs)
+            .map(read, num_parallel_calls=None if cfg.deterministic else cfg.data.cycle_length)
+        )
     # This interleave only hands out row references, so it needs no parallelism (and TF's
     # parallel interleave is not safe under symbolic checkpointing); the copying happens in
     # the parallel map after it.
@@ -420,13 +451,18 @@ def source_keep(cfg: Config, manifest: Manifest, split: str = "train") -> list[f
     absent, unweighted = sorted(set(weights) - present), sorted(present - set(weights))
     if absent or unweighted:
         named = lambda xs: ", ".join(x or "(untagged)" for x in xs)  # noqa: E731
-        raise RecordsError("data.source_weights: " + "; ".join(
-            ([f"no {split} case has source {named(absent)}"] if absent else [])
-            + ([f"{split} cases of source {named(unweighted)} have no weight"] if unweighted else []))
-            + f" (the {split} split's sources: {named(sorted(present))}; tag them with the case list's source column)")
+        raise RecordsError(
+            "data.source_weights: "
+            + "; ".join(
+                ([f"no {split} case has source {named(absent)}"] if absent else [])
+                + ([f"{split} cases of source {named(unweighted)} have no weight"] if unweighted else [])
+            )
+            + f" (the {split} split's sources: {named(sorted(present))}; tag them with the case list's source column)"
+        )
     r = liver_keep_probability(cfg, manifest, split)
-    expected = {s: sum(c.liver_slices + (c.num_slices - c.liver_slices) * r for c in cases if c.source == s)
-                for s in present}
+    expected = {
+        s: sum(c.liver_slices + (c.num_slices - c.liver_slices) * r for c in cases if c.source == s) for s in present
+    }
     rate = {s: weights[s] / max(expected[s], 1e-9) for s in present}
     top = max(rate.values())
     keep = [0.0] * manifest.num_cases
@@ -442,8 +478,11 @@ def _training_batches(cfg: Config, plan: _Plan, epochs: int | None, on_service: 
         ds = _in_memory_slices(cfg, plan, plan.shards, epochs)
     else:
         ds = _training_slices(cfg, plan, plan.shards, epochs, on_service)
-        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=derive_seed(cfg.seed, f"slice-shuffle-{plan.pipe}"),
-                        reshuffle_each_iteration=True)
+        ds = ds.shuffle(
+            cfg.data.shuffle_buffer,
+            seed=derive_seed(cfg.seed, f"slice-shuffle-{plan.pipe}"),
+            reshuffle_each_iteration=True,
+        )
     ds = ds.batch(plan.batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
     if cfg.augment.placement == "device":
         return ds
@@ -489,8 +528,14 @@ def _parallel(cfg: Config):
     return None if cfg.deterministic else tf.data.AUTOTUNE
 
 
-def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputContext | None = None,
-                  training: bool | None = None, epochs: int | None = None, service_job: str = "liverseg") -> tf.data.Dataset:
+def build_dataset(
+    cfg: Config,
+    split: str,
+    input_context: tf.distribute.InputContext | None = None,
+    training: bool | None = None,
+    epochs: int | None = None,
+    service_job: str = "liverseg",
+) -> tf.data.Dataset:
     """The dataset of one input pipeline. training defaults to split == "train".
 
     Training repeats for ever (epochs: that many passes over the shards instead). With
@@ -508,7 +553,9 @@ def build_dataset(cfg: Config, split: str, input_context: tf.distribute.InputCon
     options.experimental_symbolic_checkpoint = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # sharded above
     if on_service:  # the workers run the pipeline above (DYNAMIC sharding: each shard once per pass)
-        ds = data_service.distribute(ds.with_options(options), cfg.data.service, service_job, cfg.data.service_compression)
+        ds = data_service.distribute(
+            ds.with_options(options), cfg.data.service, service_job, cfg.data.service_compression
+        )
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

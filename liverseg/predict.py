@@ -28,7 +28,19 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from liverseg import InputError, LiversegError, __version__, dicom_io, engines, geometry, layouts, nifti_io, rundir, serial, volumes
+from liverseg import (
+    InputError,
+    LiversegError,
+    __version__,
+    dicom_io,
+    engines,
+    geometry,
+    layouts,
+    nifti_io,
+    rundir,
+    serial,
+    volumes,
+)
 from liverseg.outputs import check_output
 from liverseg.volumes import Source
 
@@ -83,11 +95,13 @@ class Run:
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.engine(x)
 
-    def use_engine(self, name: str) -> "Run":
+    def use_engine(self, name: str) -> Run:
         """This run with the network run by `name` (tensorflow or tensorflow-xla)."""
         if name not in ("tensorflow", "tensorflow-xla"):
-            raise LiversegError(f"engine {name}: a run is run by tensorflow or tensorflow-xla; export it "
-                                f"(liverseg export --format ...) for {name}")
+            raise LiversegError(
+                f"engine {name}: a run is run by tensorflow or tensorflow-xla; export it "
+                f"(liverseg export --format ...) for {name}"
+            )
         return replace(self, engine=engines.keras_engine(self.model, xla=name == "tensorflow-xla"))
 
 
@@ -131,8 +145,10 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     if weights is None:
         weights = next((p for p in (paths.best_weights, paths.final_weights) if p.is_file()), None)
         if weights is None:
-            raise LiversegError(f"{root}: no {paths.best_weights.name} or {paths.final_weights.name} yet; train longer "
-                                "or pass --weights")
+            raise LiversegError(
+                f"{root}: no {paths.best_weights.name} or {paths.final_weights.name} yet; train longer "
+                "or pass --weights"
+            )
     weights = Path(weights)
     if not weights.name.endswith(".weights.h5"):
         raise LiversegError(f"{weights}: only Keras weight files (*.weights.h5) are loaded, never whole models")
@@ -141,12 +157,23 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
         model.load_weights(str(weights))
     except Exception as e:  # a weights file of another architecture or a corrupt file: Keras dumps the tensors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise LiversegError(f"{weights}: cannot load into this run's {cfg.model.name} ({first}); pass the weights of "
-                            f"this run ({rundir.RunDir(root).best_weights.name} or "
-                            f"{rundir.RunDir(root).final_weights.name})") from None
+        raise LiversegError(
+            f"{weights}: cannot load into this run's {cfg.model.name} ({first}); pass the weights of "
+            f"this run ({rundir.RunDir(root).best_weights.name} or "
+            f"{rundir.RunDir(root).final_weights.name})"
+        ) from None
     e = cfg.eval
-    contract = Contract(spec, unet.divisor(cfg.model), e.threshold, e.tta_flip, e.largest_component,
-                        e.min_component_fraction, e.batch_size, _labels_of(info.records), weights_fingerprint(model))
+    contract = Contract(
+        spec,
+        unet.divisor(cfg.model),
+        e.threshold,
+        e.tta_flip,
+        e.largest_component,
+        e.min_component_fraction,
+        e.batch_size,
+        _labels_of(info.records),
+        weights_fingerprint(model),
+    )
     return Run(root, cfg, model, weights, contract, engines.keras_engine(model))
 
 
@@ -170,36 +197,59 @@ class ExportInfo:
         d = {"version": self.version, "format": self.format, "liverseg": self.liverseg, "runs": list(self.runs)}
         if self.members:
             return {**d, "ensemble": list(self.members)}
-        return {**d, "artifact": self.artifact, **self.contract.to_json(),
-                **({"parity": self.parity} if self.parity is not None else {})}
+        return {
+            **d,
+            "artifact": self.artifact,
+            **self.contract.to_json(),
+            **({"parity": self.parity} if self.parity is not None else {}),
+        }
 
     @classmethod
-    def from_json(cls, d: dict, where: Path) -> "ExportInfo":
+    def from_json(cls, d: dict, where: Path) -> ExportInfo:
         version = d.get("version") if isinstance(d, dict) else None
         if version not in CONTRACT_VERSIONS:
-            raise LiversegError(f"{where}: export format version {version}, this liverseg ({__version__}) reads versions "
-                                f"{', '.join(map(str, CONTRACT_VERSIONS))}; export the run again with this version")
+            raise LiversegError(
+                f"{where}: export format version {version}, this liverseg ({__version__}) reads versions "
+                f"{', '.join(map(str, CONTRACT_VERSIONS))}; export the run again with this version"
+            )
         try:
             if d.get("ensemble"):
-                return cls(d["format"], members=tuple(d["ensemble"]), runs=tuple(d.get("runs", ())),
-                           liverseg=d.get("liverseg", "?"), version=version)
-            return cls(d["format"], d["artifact"], Contract.from_json(d), (), d.get("parity"), tuple(d.get("runs", ())),
-                       d.get("liverseg", "?"), version)
+                return cls(
+                    d["format"],
+                    members=tuple(d["ensemble"]),
+                    runs=tuple(d.get("runs", ())),
+                    liverseg=d.get("liverseg", "?"),
+                    version=version,
+                )
+            return cls(
+                d["format"],
+                d["artifact"],
+                Contract.from_json(d),
+                (),
+                d.get("parity"),
+                tuple(d.get("runs", ())),
+                d.get("liverseg", "?"),
+                version,
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise LiversegError(f"{where}: unreadable export contract ({type(e).__name__}: {e}); export the run "
-                                "again") from None
+            raise LiversegError(
+                f"{where}: unreadable export contract ({type(e).__name__}: {e}); export the run again"
+            ) from None
 
     @classmethod
-    def load(cls, root: str | Path) -> "ExportInfo":
+    def load(cls, root: str | Path) -> ExportInfo:
         path = Path(root) / CONTRACT_FILE
         if not path.is_file():
-            raise LiversegError(f"{root}: not a liverseg export (no {CONTRACT_FILE}); make one with liverseg export "
-                                f"--run RUN {root} --format onnx|openvino|litert|savedmodel")
+            raise LiversegError(
+                f"{root}: not a liverseg export (no {CONTRACT_FILE}); make one with liverseg export "
+                f"--run RUN {root} --format onnx|openvino|litert|savedmodel"
+            )
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise LiversegError(f"{path}: unreadable export contract ({type(e).__name__}: {e}); export the run "
-                                "again") from None
+            raise LiversegError(
+                f"{path}: unreadable export contract ({type(e).__name__}: {e}); export the run again"
+            ) from None
         return cls.from_json(d, path)
 
     def save(self, root: str | Path) -> None:
@@ -216,8 +266,9 @@ def load_export(root: str | Path, engine: str | None = None) -> Exported:
     if info.members:
         raise LiversegError(f"{root}: an exported ensemble of {len(info.members)} models; load it with load_exports")
     if fmt not in engines.FILE_ENGINES:
-        raise LiversegError(f"{root / CONTRACT_FILE}: unknown export format {fmt!r} (known: "
-                            f"{', '.join(engines.FILE_ENGINES)})")
+        raise LiversegError(
+            f"{root / CONTRACT_FILE}: unknown export format {fmt!r} (known: {', '.join(engines.FILE_ENGINES)})"
+        )
     artifact = root / info.artifact
     if not artifact.exists():
         raise LiversegError(f"{root}: its {fmt} artifact {artifact.name} is missing; export the run again")
@@ -227,8 +278,10 @@ def load_export(root: str | Path, engine: str | None = None) -> Exported:
     elif name in ("openvino", "openvino-bf16") and fmt in ("onnx", "openvino"):
         network = engines.openvino_engine(artifact, "bf16" if name.endswith("bf16") else "f32")
     else:
-        raise LiversegError(f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
-                            f"{', openvino or openvino-bf16' if fmt in ('onnx', 'openvino') else ''})")
+        raise LiversegError(
+            f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
+            f"{', openvino or openvino-bf16' if fmt in ('onnx', 'openvino') else ''})"
+        )
     check_artifact_input(info, network.input_shape, artifact)
     return Exported(root, fmt, info.contract, network)
 
@@ -250,12 +303,16 @@ def check_artifact_input(info: ExportInfo, shape: tuple, artifact: Path) -> None
     got = tuple(shape[1:4]) if len(shape) == 4 else None
     checked = (2,) if info.version < 2 else (0, 1, 2)
     if got is None or any(got[i] != want[i] for i in checked):
+
         def shown(hwc):
             return "x".join("any" if v is None else str(v) for v in hwc) if hwc else f"rank {len(shape)}"
-        raise LiversegError(f"{artifact.parent / CONTRACT_FILE}: its input ({shown(want)}: H x W x channels, from "
-                            f"context {info.contract.spec.context}, size {info.contract.spec.size}) does not match "
-                            f"the network in {artifact.name} ({shown(got)}); the contract was edited or belongs to "
-                            "another export: export the run again")
+
+        raise LiversegError(
+            f"{artifact.parent / CONTRACT_FILE}: its input ({shown(want)}: H x W x channels, from "
+            f"context {info.contract.spec.context}, size {info.contract.spec.size}) does not match "
+            f"the network in {artifact.name} ({shown(got)}); the contract was edited or belongs to "
+            "another export: export the run again"
+        )
 
 
 def load_exports(root: str | Path, engine: str | None = None) -> list[Exported]:
@@ -270,8 +327,11 @@ def check_ensemble(models: list) -> None:
     input contract: each maps back to the source grid)."""
     labels = {m.contract.labels for m in models}
     if len(labels) > 1:
-        raise LiversegError("these models segment different labels (" + "; ".join(
-            f"{m.name}: {m.contract.labels}" for m in models) + "): an ensemble averages models of one label")
+        raise LiversegError(
+            "these models segment different labels ("
+            + "; ".join(f"{m.name}: {m.contract.labels}" for m in models)
+            + "): an ensemble averages models of one label"
+        )
 
 
 # ------------------------------------------------------------------------- inference
@@ -285,8 +345,9 @@ def context_rows(z: int, k: int) -> np.ndarray:
 
 def normalize(hu: np.ndarray, norm: rundir.Normalization) -> np.ndarray:
     """`pipeline.normalize` in NumPy (float32): (clip(hu, lo, hi) - shift) / scale."""
-    return ((np.clip(hu.astype(np.float32), np.float32(norm.lo), np.float32(norm.hi)) - np.float32(norm.shift))
-            / np.float32(norm.scale))
+    return (
+        np.clip(hu.astype(np.float32), np.float32(norm.lo), np.float32(norm.hi)) - np.float32(norm.shift)
+    ) / np.float32(norm.scale)
 
 
 def infer_volume(model, image: np.ndarray, batch_size: int | None = None, tta_flip: bool | None = None) -> np.ndarray:
@@ -299,12 +360,12 @@ def infer_volume(model, image: np.ndarray, batch_size: int | None = None, tta_fl
     rows = context_rows(z, c.spec.context)
     out = np.empty((z, h, w), np.float32)
     for i in range(0, z, batch_size):
-        x = normalize(image[rows[i:i + batch_size]].transpose(0, 2, 3, 1), c.spec.normalization)  # [b, H, W, 2k+1]
+        x = normalize(image[rows[i : i + batch_size]].transpose(0, 2, 3, 1), c.spec.normalization)  # [b, H, W, 2k+1]
         x = np.ascontiguousarray(np.pad(x, [(0, 0), (0, ph), (0, pw), (0, 0)], mode="reflect"))
         prob = engines.sigmoid(model.logits(x))
         if tta_flip:
             prob = (prob + engines.sigmoid(model.logits(np.ascontiguousarray(x[:, :, ::-1])))[:, :, ::-1]) / 2
-        out[i:i + batch_size] = prob[:, :h, :w, 0]
+        out[i : i + batch_size] = prob[:, :h, :w, 0]
     return out
 
 
@@ -333,7 +394,9 @@ def predict_source(models, src: Source) -> tuple[np.ndarray, np.ndarray, geometr
     return predict_image(models, ct.voxels, ct.header)
 
 
-def predict_image(models, image: np.ndarray, header: geometry.Header) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
+def predict_image(
+    models, image: np.ndarray, header: geometry.Header
+) -> tuple[np.ndarray, np.ndarray, geometry.Geometry]:
     """A source-grid CT (int16 HU) -> (mask, probability) on the same grid, and the first
     model's geometry. An ensemble: each model's probability (after its own TTA) mapped back
     to the source grid, averaged, then thresholded and post-processed once with the first
@@ -385,8 +448,12 @@ def _scans_in(p: Path) -> list[tuple[Source, Path]]:
     if p.is_file() and p.name.endswith((".nii", ".nii.gz")):
         return [(Source.nifti(p), p)]
     if p.is_dir():
-        niftis = sorted(f for f in p.iterdir() if f.name.endswith((".nii", ".nii.gz"))
-                        and not f.name.endswith(("_liver.nii", "_liver.nii.gz", "_liver_prob.nii.gz")))
+        niftis = sorted(
+            f
+            for f in p.iterdir()
+            if f.name.endswith((".nii", ".nii.gz"))
+            and not f.name.endswith(("_liver.nii", "_liver.nii.gz", "_liver_prob.nii.gz"))
+        )
         if niftis:
             return [(Source.nifti(f), f) for f in niftis]
     elif not p.name.lower().endswith(".zip"):
@@ -406,22 +473,29 @@ def _unique_stems(scans: list[tuple[Source, Path]]) -> list[str]:
     for name in {b for b in base if base.count(b) > 1}:
         clashing = [i for i, b in enumerate(base) if b == name]
         resolved = [paths[i].resolve() for i in clashing]
-        common = Path(*[parts[0] for parts in itertools.takewhile(lambda parts: len(set(parts)) == 1,
-                                                                  zip(*(r.parts for r in resolved)))])
+        common = Path(
+            *[
+                parts[0]
+                for parts in itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*(r.parts for r in resolved)))
+            ]
+        )
         for i, r in zip(clashing, resolved):
             rel = r.relative_to(common) if r != common else Path(r.name)
             stems[i] = "_".join([*rel.parent.parts, name]) if rel.parent.parts else name
     shared = [stems.count(stem) > 1 for stem in stems]
-    return [f"{stem}_{src.series.rsplit('.', 1)[-1]}" if clash and src.series else stem
-            for stem, clash, (src, _) in zip(stems, shared, scans)]
+    return [
+        f"{stem}_{src.series.rsplit('.', 1)[-1]}" if clash and src.series else stem
+        for stem, clash, (src, _) in zip(stems, shared, scans)
+    ]
 
 
 def _nifti_stem(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii").removesuffix("_orig")
 
 
-def predict(models, paths, out: str | Path, force: bool = False, probabilities: bool = False,
-            fmt: str = "nifti") -> tuple[list[Path], list[str]]:
+def predict(
+    models, paths, out: str | Path, force: bool = False, probabilities: bool = False, fmt: str = "nifti"
+) -> tuple[list[Path], list[str]]:
     """Write `<case>_liver.nii.gz` (fmt "nifti") or `<case>_liver.dcm` (fmt "dicom-seg": a
     DICOM Segmentation over the input series; DICOM inputs only) for every input scan, on
     that scan's own grid (a DICOM series as NIfTI: an affine that puts every voxel where the
@@ -438,13 +512,17 @@ def predict(models, paths, out: str | Path, force: bool = False, probabilities: 
     written = []
     scans, failures = inputs(paths)
     if not scans:
-        raise LiversegError("; ".join(failures) or f"no .nii/.nii.gz inputs or DICOM series in {', '.join(map(str, paths))}")
+        raise LiversegError(
+            "; ".join(failures) or f"no .nii/.nii.gz inputs or DICOM series in {', '.join(map(str, paths))}"
+        )
     if fmt == "dicom-seg":
         not_dicom = [str(src.name) for src, _ in scans if src.kind != "dicom"]
         if not_dicom:
-            raise LiversegError(f"--format dicom-seg needs DICOM series as inputs (a SEG refers to the series' slices), "
-                                f"but {', '.join(not_dicom)} {'is' if len(not_dicom) == 1 else 'are'} not DICOM; use "
-                                "--format nifti for them")
+            raise LiversegError(
+                f"--format dicom-seg needs DICOM series as inputs (a SEG refers to the series' slices), "
+                f"but {', '.join(not_dicom)} {'is' if len(not_dicom) == 1 else 'are'} not DICOM; use "
+                "--format nifti for them"
+            )
     sources = [m.root for m in models if getattr(m, "root", None)]  # a run or an export (a test model has none)
     check_output(out, [*paths, *sources], flag="--out")  # never over an input: a mask, a scan, a model
     for msg in failures:
@@ -484,8 +562,10 @@ def _check_replaceable(target: Path, force: bool) -> None:
 
     ours = dicom_seg.written_here(target) if target.suffix == ".dcm" else nifti_io.description_of(target) == PREDICTION
     if not ours:
-        raise LiversegError(f"{target} exists and was not written by liverseg predict (a label or scan of that name?); "
-                            "--force replaces only earlier predictions: choose another --out")
+        raise LiversegError(
+            f"{target} exists and was not written by liverseg predict (a label or scan of that name?); "
+            "--force replaces only earlier predictions: choose another --out"
+        )
 
 
 def _write_seg(target: Path, mask: np.ndarray, src: Source, models: list) -> None:
@@ -495,11 +575,27 @@ def _write_seg(target: Path, mask: np.ndarray, src: Source, models: list) -> Non
     from liverseg import dicom_seg
 
     if not mask.any():
-        raise LiversegError(f"{src.name}: no liver found, and a DICOM SEG holds frames of the segment only; nothing "
-                            "written for it (--format nifti writes the empty mask)")
+        raise LiversegError(
+            f"{src.name}: no liver found, and a DICOM SEG holds frames of the segment only; nothing "
+            "written for it (--format nifti writes the empty mask)"
+        )
     dicom_seg.write(target, mask, src.dicom_series(), __version__, "+".join(m.contract.weights for m in models))
 
 
-__all__ = ["CONTRACT_FILE", "Contract", "ExportInfo", "Exported", "OUTPUT_FORMATS", "Run", "infer_volume", "inputs", "load_export",
-           "load_exports",
-           "load_run", "postprocess", "predict", "predict_image", "predict_source"]
+__all__ = [
+    "CONTRACT_FILE",
+    "Contract",
+    "ExportInfo",
+    "Exported",
+    "OUTPUT_FORMATS",
+    "Run",
+    "infer_volume",
+    "inputs",
+    "load_export",
+    "load_exports",
+    "load_run",
+    "postprocess",
+    "predict",
+    "predict_image",
+    "predict_source",
+]

@@ -20,9 +20,9 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import google_crc32c
 import numpy as np
@@ -101,11 +101,22 @@ def _int64_feature(value: int) -> list:
     return _ld(0x1A, _ld(0x0A, [_varint(int(value))]))
 
 
-def encode_example(image: bytes, mask: bytes, height: int, width: int, case_id: str, case_index: int,
-                   slice_index: int, num_slices: int, liver_voxels: int, spacing) -> bytes:
+def encode_example(
+    image: bytes,
+    mask: bytes,
+    height: int,
+    width: int,
+    case_id: str,
+    case_index: int,
+    slice_index: int,
+    num_slices: int,
+    liver_voxels: int,
+    spacing,
+) -> bytes:
     """Serialised tf.train.Example for one slice. image/mask are the raw bytes described above."""
-    return b"".join(encode_parts(image, mask, height, width, case_id, case_index, slice_index, num_slices,
-                                 liver_voxels, spacing))
+    return b"".join(
+        encode_parts(image, mask, height, width, case_id, case_index, slice_index, num_slices, liver_voxels, spacing)
+    )
 
 
 def _byte_view(x) -> np.ndarray:
@@ -115,8 +126,18 @@ def _byte_view(x) -> np.ndarray:
     return a
 
 
-def encode_parts(image, mask, height: int, width: int, case_id: str, case_index: int,
-                 slice_index: int, num_slices: int, liver_voxels: int, spacing) -> list:
+def encode_parts(
+    image,
+    mask,
+    height: int,
+    width: int,
+    case_id: str,
+    case_index: int,
+    slice_index: int,
+    num_slices: int,
+    liver_voxels: int,
+    spacing,
+) -> list:
     """`encode_example` as a list of buffers whose concatenation is the example.
 
     image/mask may be any contiguous buffers (e.g. a numpy slice's memoryview): the shard
@@ -177,7 +198,7 @@ def _fields(buf: memoryview):
                 n = 8 if wire == 1 else 4
             if i + n > len(buf):
                 raise ValueError(f"field {number} runs past the end of its message")
-            value, i = buf[i:i + n], i + n
+            value, i = buf[i : i + n], i + n
         else:
             raise ValueError(f"unsupported wire type {wire} (field {number})")
         yield number, wire, value
@@ -300,7 +321,9 @@ class ShardWriter:
         self._raw = open(path, "wb")
         self._hashed = _HashingFile(self._raw)
         self._zlib = zlib.compressobj(6) if compression == "ZLIB" else None
-        self._gzip = gzip.GzipFile(fileobj=self._hashed, mode="wb", mtime=0, filename="") if compression == "GZIP" else None
+        self._gzip = (
+            gzip.GzipFile(fileobj=self._hashed, mode="wb", mtime=0, filename="") if compression == "GZIP" else None
+        )
         self.num_examples = 0
 
     def _out(self, b: bytes) -> None:
@@ -351,8 +374,9 @@ class FramingError(Exception):
     reason: str
 
 
-def iter_records(path: Path, compression: str = "", start: int = 0,
-                 stop: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+def iter_records(
+    path: Path, compression: str = "", start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, int, bytes]]:
     """Yield (record index, byte offset, record) of records [start, stop) (default: all),
     checking both CRCs of every record yielded.
 
@@ -449,13 +473,19 @@ def read_cases(wheres: list[CaseRecords]) -> Iterator[tuple[str, np.ndarray, np.
             for index, _, r in iter_records(group[0].shard, group[0].compression, start, stop):
                 raws[index] = r
         except FramingError as e:
-            raise RecordsError(f"corrupt record: {group[0].shard}: record {e.index} at byte {e.offset}: {e.reason}; "
-                               f"run liverseg verify {group[0].dataset}") from None
+            raise RecordsError(
+                f"corrupt record: {group[0].shard}: record {e.index} at byte {e.offset}: {e.reason}; "
+                f"run liverseg verify {group[0].dataset}"
+            ) from None
         except (OSError, EOFError, zlib.error) as e:
-            raise RecordsError(f"{group[0].shard}: unreadable shard ({e}); run liverseg verify {group[0].dataset}") from None
+            raise RecordsError(
+                f"{group[0].shard}: unreadable shard ({e}); run liverseg verify {group[0].dataset}"
+            ) from None
         for where in group:
-            yield (where.case_id, *_decode_case(where, [raws[k] for k in range(where.first, where.first + where.count)
-                                                       if k in raws]))
+            yield (
+                where.case_id,
+                *_decode_case(where, [raws[k] for k in range(where.first, where.first + where.count) if k in raws]),
+            )
         i = j
 
 
@@ -464,10 +494,14 @@ def _decode_case(where: CaseRecords, raw: list[bytes]) -> tuple[np.ndarray, np.n
 
     first, last = where.first, where.first + where.count
     if len(raw) != where.count:
-        raise RecordsError(f"{where.shard}: records {first}-{last - 1} are not all {where.case_id}; "
-                           f"run liverseg verify {where.dataset}")
+        raise RecordsError(
+            f"{where.shard}: records {first}-{last - 1} are not all {where.case_id}; "
+            f"run liverseg verify {where.dataset}"
+        )
     ex = decode_example(tf.constant(raw))
     if not bool(tf.reduce_all(ex[CASE_ID] == where.case_id.encode())):
-        raise RecordsError(f"{where.shard}: records {first}-{last - 1} are not all {where.case_id}; "
-                           f"run liverseg verify {where.dataset}")
+        raise RecordsError(
+            f"{where.shard}: records {first}-{last - 1} are not all {where.case_id}; "
+            f"run liverseg verify {where.dataset}"
+        )
     return ex[IMAGE].numpy(), ex[MASK].numpy()

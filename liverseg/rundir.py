@@ -18,7 +18,6 @@ data), the lock and the checks a resumed run must pass.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -27,16 +26,29 @@ from pathlib import Path
 import yaml
 
 from liverseg import LiversegError, __version__, config, serial
-from liverseg.outputs import atomic_path, folder_lock
 from liverseg.config import Config
+from liverseg.outputs import atomic_path, folder_lock
 
 log = logging.getLogger(__name__)
 
 RUN_INFO_VERSION = 1
 # Keys that may change when a run is resumed (they do not change what is learned per step).
-RESUMABLE = {"train.steps", "train.time_budget_min", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.max_nonfinite_steps", "train.num_images", "train.profile_steps", "data.records", "eval.batch_size",
-             "data.service", "data.service_timeout_s", "data.service_compression"}
+RESUMABLE = {
+    "train.steps",
+    "train.time_budget_min",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite_steps",
+    "train.num_images",
+    "train.profile_steps",
+    "data.records",
+    "eval.batch_size",
+    "data.service",
+    "data.service_timeout_s",
+    "data.service_compression",
+}
 
 
 @dataclass(frozen=True)
@@ -131,23 +143,27 @@ class RunInfo:
         return serial.to_json(self)
 
     @classmethod
-    def from_json(cls, d: dict, where: str | Path = "run.json") -> "RunInfo":
+    def from_json(cls, d: dict, where: str | Path = "run.json") -> RunInfo:
         version = d.get("version", 1) if isinstance(d, dict) else None
         if not isinstance(version, int) or not 1 <= version <= RUN_INFO_VERSION:
-            raise LiversegError(f"{where}: run.json version {version!r} is newer than this liverseg reads "
-                                f"(1..{RUN_INFO_VERSION}); upgrade liverseg")
+            raise LiversegError(
+                f"{where}: run.json version {version!r} is newer than this liverseg reads "
+                f"(1..{RUN_INFO_VERSION}); upgrade liverseg"
+            )
         try:
             return serial.from_json(cls, {"liverseg_version": "?", **d, "version": version})
         except (KeyError, TypeError, ValueError) as e:
             raise LiversegError(f"{where}: malformed run.json ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def load(cls, run: str | Path) -> "RunInfo":
+    def load(cls, run: str | Path) -> RunInfo:
         path = RunDir(run).info
         try:
             return cls.from_json(json.loads(path.read_text()), path)
         except FileNotFoundError:
-            raise LiversegError(f"{run}: no {path.name}; is this a liverseg run directory (liverseg train --run)?") from None
+            raise LiversegError(
+                f"{run}: no {path.name}; is this a liverseg run directory (liverseg train --run)?"
+            ) from None
         except (OSError, ValueError) as e:
             raise LiversegError(f"{path}: unreadable ({e})") from None
 
@@ -177,8 +193,9 @@ def check_resume(run: Path, cfg: Config) -> None:
     changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE)
     if changed:
         diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
-        raise LiversegError(f"{run} was trained with a different config ({diff}); resume with the same "
-                            f"config or start a new --run")
+        raise LiversegError(
+            f"{run} was trained with a different config ({diff}); resume with the same config or start a new --run"
+        )
 
 
 def check_dataset(run: Path, info: RunInfo) -> None:
@@ -193,7 +210,8 @@ def check_dataset(run: Path, info: RunInfo) -> None:
         raise LiversegError(
             f"{run} was trained on {old.records} (dataset.json sha256 {old.manifest_sha256[:12]}...), but --records "
             f"{info.records} is another dataset (sha256 {info.manifest_sha256[:12]}...); resume with the records it "
-            "trained on, or start a new --run")
+            "trained on, or start a new --run"
+        )
     if old.input != info.input:
         raise LiversegError(f"{run}: the input contract changed ({old.input} -> {info.input}); start a new --run")
 
@@ -204,10 +222,22 @@ def check_dataset(run: Path, info: RunInfo) -> None:
 def claim(run: Path):
     """Hold RUN/.lock while training (`outputs.folder_lock`): a second trainer on the same
     run fails naming the holder; a lock left by a crashed trainer is taken over."""
-    return folder_lock(run, RunDir(run).lock.name, "a trainer",
-                       "wait for it to finish or stop it (two trainers would interleave checkpoints), or choose "
-                       "another --run")
+    return folder_lock(
+        run,
+        RunDir(run).lock.name,
+        "a trainer",
+        "wait for it to finish or stop it (two trainers would interleave checkpoints), or choose another --run",
+    )
 
 
-__all__ = ["InputSpec", "Normalization", "RunDir", "RunInfo", "check_dataset", "check_resume", "claim", "load_config",
-           "save_config"]
+__all__ = [
+    "InputSpec",
+    "Normalization",
+    "RunDir",
+    "RunInfo",
+    "check_dataset",
+    "check_resume",
+    "claim",
+    "load_config",
+    "save_config",
+]

@@ -68,7 +68,7 @@ def _plain(value):
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict:
     """The fields' types; names a module imports only for type checking come from the class's
     `_json_types()` (e.g. the manifest's Geometry, imported late so the CLI starts fast)."""

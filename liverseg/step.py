@@ -42,10 +42,14 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise LiversegError("train.strategy=multi_worker needs TF_CONFIG (the cluster and this task's index)")
-        impl = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
-                else tf.distribute.experimental.CommunicationImplementation.RING)
+        impl = (
+            tf.distribute.experimental.CommunicationImplementation.NCCL
+            if gpus
+            else tf.distribute.experimental.CommunicationImplementation.RING
+        )
         return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl))
+            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl)
+        )
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
@@ -67,10 +71,13 @@ def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContex
     pipes, pipe = 1, 0
     if resolver is not None and resolver.task_type:
         spec = resolver.cluster_spec().as_dict()
-        tasks = [("chief", 0)] * len(spec.get("chief", [])) + [("worker", i) for i in range(len(spec.get("worker", [])))]
+        tasks = [("chief", 0)] * len(spec.get("chief", [])) + [
+            ("worker", i) for i in range(len(spec.get("worker", [])))
+        ]
         pipes, pipe = len(tasks), tasks.index((resolver.task_type, resolver.task_id))
-    return tf.distribute.InputContext(num_input_pipelines=pipes, input_pipeline_id=pipe,
-                                      num_replicas_in_sync=strategy.num_replicas_in_sync)
+    return tf.distribute.InputContext(
+        num_input_pipelines=pipes, input_pipeline_id=pipe, num_replicas_in_sync=strategy.num_replicas_in_sync
+    )
 
 
 def precision(cfg: Config, gpus: list | None = None) -> str:
@@ -100,8 +107,10 @@ def whole_step_compiles(strategy: tf.distribute.Strategy) -> bool:
 def confusion(logits, mask, axis=None):
     """Hard (TP, FP, FN) pixel counts of logits > 0 against the mask, stacked on the last axis."""
     pred, y = tf.cast(logits > 0, tf.float32), tf.cast(mask, tf.float32)
-    return tf.stack([tf.reduce_sum(pred * y, axis), tf.reduce_sum(pred * (1 - y), axis),
-                     tf.reduce_sum((1 - pred) * y, axis)], axis=-1)
+    return tf.stack(
+        [tf.reduce_sum(pred * y, axis), tf.reduce_sum(pred * (1 - y), axis), tf.reduce_sum((1 - pred) * y, axis)],
+        axis=-1,
+    )
 
 
 class Accumulators:
@@ -130,15 +139,21 @@ class Accumulators:
         self.counts.assign_add(tf.where(ok, tf.cast(counts, tf.float64), tf.zeros([3], tf.float64)))
         self.applied.assign_add(ok64)
         self.skipped.assign_add(1 - ok64)
-        self.streak_first.assign(tf.where(ok, tf.constant(0, tf.int64),
-                                          tf.where(self.streak > 0, self.streak_first, step_done)))
+        self.streak_first.assign(
+            tf.where(ok, tf.constant(0, tf.int64), tf.where(self.streak > 0, self.streak_first, step_done))
+        )
         self.streak.assign(tf.where(ok, tf.constant(0, tf.int64), self.streak + 1))
 
     def read(self, reset: bool) -> dict:
         """The figures since the last reset (a host read: one sync). Cross-replica context."""
-        out = {"loss_sum": float(self.loss.read_value()), "counts": self.counts.read_value().numpy(),
-               "applied": int(self.applied.read_value()), "skipped": int(self.skipped.read_value()),
-               "streak": int(self.streak.read_value()), "streak_first": int(self.streak_first.read_value())}
+        out = {
+            "loss_sum": float(self.loss.read_value()),
+            "counts": self.counts.read_value().numpy(),
+            "applied": int(self.applied.read_value()),
+            "skipped": int(self.skipped.read_value()),
+            "streak": int(self.streak.read_value()),
+            "streak_first": int(self.streak_first.read_value()),
+        }
         if reset:
             self.loss.assign(0.0)
             self.counts.assign(tf.zeros([3], tf.float64))
@@ -176,8 +191,14 @@ def build_state(cfg: Config, strategy, channels: int, steps: int, lr_scale: floa
         optimizer = objective.optimizer(cfg.train, policy == "mixed_float16", lr_scale, schedule_steps)
         optimizer.build(model.trainable_variables)
         figures = Accumulators()
-    return TrainState(model, optimizer, figures, schedule_steps, tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
-                      tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice"))
+    return TrainState(
+        model,
+        optimizer,
+        figures,
+        schedule_steps,
+        tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
+        tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_val_dice"),
+    )
 
 
 def apply_or_skip(optimizer, grads, variables, ok) -> None:
@@ -283,8 +304,10 @@ def build_train_step(cfg: Config, strategy, model, optimizer, norm, step: tf.Var
         replica_step = tf.function(lambda b, at: update(*compute(b, at), at), jit_compile=cfg.train.jit_compile)
     else:
         if cfg.train.jit_compile:
-            log.info("XLA: several CPU replicas synchronise through merge_call, which cannot run in a compiled "
-                     "function; compiling augmentation and forward/backward, not the update")
+            log.info(
+                "XLA: several CPU replicas synchronise through merge_call, which cannot run in a compiled "
+                "function; compiling augmentation and forward/backward, not the update"
+            )
         compute_fn = tf.function(compute, jit_compile=True) if cfg.train.jit_compile else compute
 
         def replica_step(b, at):
@@ -305,7 +328,8 @@ def build_train_step(cfg: Config, strategy, model, optimizer, norm, step: tf.Var
         staged = [stage(per_replica) for per_replica in upcoming]  # first, so the copies overlap this call
         for i, per_replica in enumerate(batches):
             values = strategy.experimental_distribute_values_from_function(
-                lambda ctx, per_replica=per_replica: per_replica[ctx.replica_id_in_sync_group % local])
+                lambda ctx, per_replica=per_replica: per_replica[ctx.replica_id_in_sync_group % local]
+            )
             strategy.run(replica_step, args=(values, step + i))
         step.assign_add(len(batches))
         return staged, step.read_value()
@@ -316,9 +340,22 @@ def build_train_step(cfg: Config, strategy, model, optimizer, norm, step: tf.Var
 
 def draw(iterator, steps: int, local_replicas: int) -> list:
     """`steps` steps of per-local-replica batches from this worker's iterator (image and mask only)."""
-    return [[{k: b[k] for k in ("image", "mask")} for b in (next(iterator) for _ in range(local_replicas))]
-            for _ in range(steps)]
+    return [
+        [{k: b[k] for k in ("image", "mask")} for b in (next(iterator) for _ in range(local_replicas))]
+        for _ in range(steps)
+    ]
 
 
-__all__ = ["Accumulators", "apply_or_skip", "batch_norm_sync", "build_train_step", "confusion", "draw",
-           "input_context", "is_chief", "make_strategy", "precision", "whole_step_compiles"]
+__all__ = [
+    "Accumulators",
+    "apply_or_skip",
+    "batch_norm_sync",
+    "build_train_step",
+    "confusion",
+    "draw",
+    "input_context",
+    "is_chief",
+    "make_strategy",
+    "precision",
+    "whole_step_compiles",
+]

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, dicom_io, geometry, nifti_io, volumes
-from liverseg.outputs import atomic_path
-from liverseg import anatomy
+from liverseg import LiversegError, anatomy, dicom_io, geometry, nifti_io, volumes
 from liverseg.layouts import SYNTH_LAYOUTS as LAYOUTS
+from liverseg.outputs import atomic_path
 from liverseg.volumes import Source
 
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
@@ -43,8 +42,12 @@ class CaseSpec:
 # ------------------------------------------------------------------------- cases
 
 
-def render(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
-           liver: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    liver: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(CT int16 HU, mask uint8) in RAS order [x, y, z]: `anatomy.render`, its HU stored by
     the CT value rules (`volumes.hounsfield`: rounded, clipped to the record range)."""
     ct, mask = anatomy.render(rng, shape, spacing, liver)
@@ -82,8 +85,9 @@ def _write_case(spec: CaseSpec, out: Path, layout: str = "flat") -> str:
         patient = out / ircad_folder(spec.name)
         with atomic_path(patient) as tmp:
             dicom_io.write_series(tmp / "PATIENT_DICOM", ct, affine, "CT", spec.seed, patient=patient.name)
-            dicom_io.write_series(tmp / "MASKS_DICOM" / "liver", mask * np.uint8(255), affine, "OT", spec.seed,
-                                  patient=patient.name)
+            dicom_io.write_series(
+                tmp / "MASKS_DICOM" / "liver", mask * np.uint8(255), affine, "OT", spec.seed, patient=patient.name
+            )
         return spec.name
     nifti_io.write(out / f"{spec.name}_orig.nii.gz", ct, affine, np.int16, PHANTOM)
     nifti_io.write(out / f"{spec.name}_liver.nii.gz", mask, affine, np.uint8, PHANTOM)
@@ -103,8 +107,10 @@ def _is_phantom(path: Path) -> bool:
 
         first = next((f for f in sorted((path / "PATIENT_DICOM").glob("image_*")) if f.is_file()), None)
         try:
-            return first is not None and pydicom.dcmread(first, stop_before_pixels=True).get("Manufacturer") == \
-                dicom_io.WRITER
+            return (
+                first is not None
+                and pydicom.dcmread(first, stop_before_pixels=True).get("Manufacturer") == dicom_io.WRITER
+            )
         except Exception:  # noqa: BLE001 - pydicom raises several types for what is not DICOM
             return False
     return nifti_io.description_of(path) == PHANTOM
@@ -119,8 +125,10 @@ def _check_targets(specs: list[CaseSpec], folders: dict[str, Path], layout: str,
         check_output(folder, [masks] if masks is not None else [], flag="OUT")
     foreign = [t for s in specs for t in _targets(s, folders[s.name], layout) if t.exists() and not _is_phantom(t)]
     if foreign:
-        raise LiversegError(f"{foreign[0]}: exists and is not a liverseg phantom ({len(foreign)} such file(s) or "
-                            "folder(s)); synth replaces only its own phantoms: choose an empty or new folder")
+        raise LiversegError(
+            f"{foreign[0]}: exists and is not a liverseg phantom ({len(foreign)} such file(s) or "
+            "folder(s)); synth replaces only its own phantoms: choose an empty or new folder"
+        )
 
 
 def ircad_folder(name: str) -> str:
@@ -129,9 +137,17 @@ def ircad_folder(name: str) -> str:
     return f"3Dircadb1.{number}"
 
 
-def synthesize(out: str | Path, cases: int = 20, size: int = 512, slices: tuple[int, int] = (40, 200),
-               masks: str | Path | None = None, seed: int = 0, layout: str = "flat", workers: int = 1,
-               progress: bool = True) -> list[Path]:
+def synthesize(
+    out: str | Path,
+    cases: int = 20,
+    size: int = 512,
+    slices: tuple[int, int] = (40, 200),
+    masks: str | Path | None = None,
+    seed: int = 0,
+    layout: str = "flat",
+    workers: int = 1,
+    progress: bool = True,
+) -> list[Path]:
     """Write `<case>_orig.nii.gz` (int16 HU) + `<case>_liver.nii.gz` (uint8) pairs into `out`.
 
     layout "flat": all pairs in `out`; "seed": the tutorial's `train/` + `test/` folders
@@ -149,16 +165,23 @@ def synthesize(out: str | Path, cases: int = 20, size: int = 512, slices: tuple[
         mask_files = sorted(Path(masks).glob("*_liver.nii*"))
         if not mask_files:
             raise LiversegError(f"{masks}: no *_liver.nii[.gz] files to build phantoms around")
-        specs = [CaseSpec(re.sub(r"_liver\.nii(\.gz)?$", "", p.name), seed * 100003 + i, p) for i, p in enumerate(mask_files)]
+        specs = [
+            CaseSpec(re.sub(r"_liver\.nii(\.gz)?$", "", p.name), seed * 100003 + i, p) for i, p in enumerate(mask_files)
+        ]
     else:
         if cases < 1 or not (16 <= size <= 2048) or not (4 <= slices[0] <= slices[1] <= 2000):
-            raise LiversegError(f"synth: need cases >= 1, 16 <= size <= 2048 and 4 <= slices[0] <= slices[1] (got {cases}, {size}, {slices})")
+            raise LiversegError(
+                "synth: need cases >= 1, 16 <= size <= 2048 and 4 <= slices[0] <= slices[1] "
+                f"(got {cases}, {size}, {slices})"
+            )
         rng = np.random.default_rng(seed)
         counts = rng.integers(slices[0], slices[1] + 1, size=cases)
         specs = [CaseSpec(f"phantom_{i + 1:03d}", seed * 100003 + i, None, size, int(n)) for i, n in enumerate(counts)]
     n_test = max(1, round(len(specs) / 4)) if layout == "seed" else 0
-    folders = {s.name: out / ("test" if i >= len(specs) - n_test else "train") if layout == "seed" else out
-               for i, s in enumerate(specs)}
+    folders = {
+        s.name: out / ("test" if i >= len(specs) - n_test else "train") if layout == "seed" else out
+        for i, s in enumerate(specs)
+    }
     _check_targets(specs, folders, layout, Path(masks) if masks is not None else None)
     for f in set(folders.values()):
         f.mkdir(parents=True, exist_ok=True)

@@ -42,15 +42,27 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import tensorflow as tf
 
-from liverseg import (TERMINATE, LiversegError, checkpoints, config, data_service, folds,
-                      objective, pipeline, rundir, step, unet, validation)
-from liverseg.config import Config, derive_seed
+from liverseg import (
+    TERMINATE,
+    LiversegError,
+    checkpoints,
+    config,
+    data_service,
+    folds,
+    objective,
+    pipeline,
+    rundir,
+    step,
+    unet,
+    validation,
+)
 from liverseg import hooks as hooks_mod
+from liverseg.config import Config, derive_seed
 from liverseg.hooks import PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, stop_requested
 
 log = logging.getLogger(__name__)
@@ -98,8 +110,13 @@ class Trainer:
     the progress `bar`, `summary` (the last figures the hooks reported) and `paused_total`
     (seconds in validation and checkpoints)."""
 
-    def __init__(self, cfg: Config, run: str | Path, progress: bool = True,
-                 input_transform: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run: str | Path,
+        progress: bool = True,
+        input_transform: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
+    ):
         self.cfg, self.paths = cfg, rundir.RunDir(run)
         self.input_transform = input_transform
         self.strategy = step.make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
@@ -128,27 +145,60 @@ class Trainer:
 
         cfg, tc = self.cfg, self.cfg.train
         self._claim_run()
-        self.state = step.build_state(cfg, self.strategy, self.info.input.channels, self.planned,
-                                      self.replicas if cfg.data.batch_per_replica else 1)
+        self.state = step.build_state(
+            cfg,
+            self.strategy,
+            self.info.input.channels,
+            self.planned,
+            self.replicas if cfg.data.batch_per_replica else 1,
+        )
         manager = self._build_input_and_checkpoint()
-        self.run_steps = step.build_train_step(cfg, self.strategy, self.state.model, self.state.optimizer,
-                                               self.info.input.normalization, self.state.step, self.state.figures)
+        self.run_steps = step.build_train_step(
+            cfg,
+            self.strategy,
+            self.state.model,
+            self.state.optimizer,
+            self.info.input.normalization,
+            self.state.step,
+            self.state.figures,
+        )
         validating = "val" in self.manifest.splits and tc.eval_every > 0
         if not validating:
-            log.warning("no validation (%s): no %s", "train.eval_every=0" if tc.eval_every == 0
-                        else f"{self.manifest.root} has no val split", self.paths.best_weights.name)
-        validator = (validation.make_validator(self.state.model, cfg, objective.per_example_loss(tc),
-                                               self.manifest.num_cases) if validating and self.chief else None)
+            log.warning(
+                "no validation (%s): no %s",
+                "train.eval_every=0" if tc.eval_every == 0 else f"{self.manifest.root} has no val split",
+                self.paths.best_weights.name,
+            )
+        validator = (
+            validation.make_validator(self.state.model, cfg, objective.per_example_loss(tc), self.manifest.num_cases)
+            if validating and self.chief
+            else None
+        )
         preemption = None
         if tc.strategy == "multi_worker":  # TF's handler makes every worker save at the same step
             preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
-                self.strategy.cluster_resolver, manager,
-                termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=lambda: sys.exit(PREEMPTED_EXIT)))
-        self.hooks = Hooks(tc=tc, paths=self.paths, chief=self.chief, state=self.state, manager=manager,
-                           sync_bn=step.batch_norm_sync(self.strategy, self.state.model), validating=validating,
-                           validator=validator, writers=self._writers(), preemption=preemption, last_saved=self.at)
-        self.bar = tqdm(total=self.planned, initial=self.at, desc="train", unit="step",
-                        disable=not (progress and self.chief))
+                self.strategy.cluster_resolver,
+                manager,
+                termination_config=tf.distribute.experimental.TerminationConfig(
+                    exit_fn=lambda: sys.exit(PREEMPTED_EXIT)
+                ),
+            )
+        self.hooks = Hooks(
+            tc=tc,
+            paths=self.paths,
+            chief=self.chief,
+            state=self.state,
+            manager=manager,
+            sync_bn=step.batch_norm_sync(self.strategy, self.state.model),
+            validating=validating,
+            validator=validator,
+            writers=self._writers(),
+            preemption=preemption,
+            last_saved=self.at,
+        )
+        self.bar = tqdm(
+            total=self.planned, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief)
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -156,25 +206,37 @@ class Trainer:
         """Everything about the inputs that can be checked before anything is written."""
         cfg = self.cfg
         if self.global_batch % self.replicas:
-            raise LiversegError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {self.replicas} replicas")
+            raise LiversegError(
+                f"data.batch_size={cfg.data.batch_size} must be a multiple of the {self.replicas} replicas"
+            )
         manifest = pipeline.open_split(cfg, "train")
         h, w = manifest.split("train").slice_shape
         unet.check_input(cfg.model, h, w)
         crop = cfg.augment.crop
         if crop:
             if crop > min(h, w):
-                raise LiversegError(f"augment.crop={crop}: larger than the {h}x{w} slices of {manifest.root}; choose at "
-                                    f"most {min(h, w)}")
+                raise LiversegError(
+                    f"augment.crop={crop}: larger than the {h}x{w} slices of {manifest.root}; choose at "
+                    f"most {min(h, w)}"
+                )
             unet.check_input(cfg.model, crop, crop)
         pipeline.check_context(cfg, manifest)
         pipeline.source_keep(cfg, manifest)  # weights for the training cases' sources, before anything is written
         pipeline.check_memory(cfg, manifest, pipeline.available_memory(), self.replicas)
         if cfg.data.service:
             data_service.check_reachable(cfg.data.service)
-        spec = rundir.InputSpec(h, w, 2 * cfg.data.context + 1, cfg.data.context, manifest.size,
-                                pipeline.normalization(cfg, manifest), manifest.spacing)
-        return manifest, rundir.RunInfo(str(Path(cfg.data.records).resolve()), manifest.sha256, spec,
-                                        folds=folds.record(manifest, cfg.data))
+        spec = rundir.InputSpec(
+            h,
+            w,
+            2 * cfg.data.context + 1,
+            cfg.data.context,
+            manifest.size,
+            pipeline.normalization(cfg, manifest),
+            manifest.spacing,
+        )
+        return manifest, rundir.RunInfo(
+            str(Path(cfg.data.records).resolve()), manifest.sha256, spec, folds=folds.record(manifest, cfg.data)
+        )
 
     def _claim_run(self) -> None:
         """The chief locks the run directory, checks that a resumed run keeps its recipe and its
@@ -196,7 +258,9 @@ class Trainer:
         number of `restarts`: a fresh data order, the same for every trainer of the run."""
         cfg, job = self.cfg, "liverseg"
         if cfg.data.service:
-            cfg = config.replace(cfg, seed=derive_seed(cfg.seed, f"service-restart-{restarts}") if restarts else cfg.seed)
+            cfg = config.replace(
+                cfg, seed=derive_seed(cfg.seed, f"service-restart-{restarts}") if restarts else cfg.seed
+            )
             job = f"liverseg-{self.info.manifest_sha256[:12]}-{self.paths.root.name}-{restarts}"
         ds = pipeline.build_dataset(cfg, "train", step.input_context(self.strategy), service_job=job)
         return self.input_transform(ds) if self.input_transform else ds
@@ -212,8 +276,11 @@ class Trainer:
         tracked = {"model": st.model, "optimizer": st.optimizer, "step": st.step, "best": st.best}
         service = self.cfg.data.service
         if service:
-            log.warning("data.service %s: the service's position cannot be checkpointed, so a resumed run continues "
-                        "with a fresh, non-repeating data order, not the exact next batch", service)
+            log.warning(
+                "data.service %s: the service's position cannot be checkpointed, so a resumed run continues "
+                "with a fresh, non-repeating data order, not the exact next batch",
+                service,
+            )
             restarts = tf.Variable(0, dtype=tf.int64, trainable=False, name="input_restarts")
             tracked["input_restarts"] = restarts
         else:
@@ -247,8 +314,10 @@ class Trainer:
 
         writers = {k: tf.summary.create_file_writer(str(self.paths.board(k))) for k in ("train", "validation")}
         with writers["train"].as_default():
-            hp.hparams({k: (str(v) if isinstance(v, list) else v) for k, v in config.flatten(self.cfg).items()},
-                       trial_id=self.paths.root.name)
+            hp.hparams(
+                {k: (str(v) if isinstance(v, list) else v) for k, v in config.flatten(self.cfg).items()},
+                trial_id=self.paths.root.name,
+            )
         return writers
 
     @contextlib.contextmanager
@@ -282,8 +351,12 @@ class Trainer:
                 batches = staged or self._draw(k)
                 after = before + k
                 k_next = min(tc.steps_per_call, until - after)
-                ahead = (tc.device_prefetch and k_next > 0 and not stop_requested()
-                         and not every(before, after, tc.checkpoint_every))  # checkpoints see nothing drawn ahead
+                ahead = (
+                    tc.device_prefetch
+                    and k_next > 0
+                    and not stop_requested()
+                    and not every(before, after, tc.checkpoint_every)
+                )  # checkpoints see nothing drawn ahead
                 upcoming = self._draw(k_next) if ahead else []
                 self.hooks.profile(before)
                 # Once per log window (not the first call: it compiles) one call is timed on its own,
@@ -314,9 +387,12 @@ class Trainer:
         self.paused_total += report.paused
         if report.train is not None:
             means = report.train
-            self.bar.set_postfix(loss=f"{means['loss']:.4f}", dice=f"{means['dice']:.3f}",
-                                 img_s=f"{means['images_per_sec']:.1f}",
-                                 idle=f"{means.get('input_wait_fraction', 0):.0%}")
+            self.bar.set_postfix(
+                loss=f"{means['loss']:.4f}",
+                dice=f"{means['dice']:.3f}",
+                img_s=f"{means['images_per_sec']:.1f}",
+                idle=f"{means.get('input_wait_fraction', 0):.0%}",
+            )
             self.summary["train"] = means
             self.window = hooks_mod.LogWindow()
         else:
@@ -332,28 +408,47 @@ class Trainer:
         them (the chief writes it)."""
         if self.replicas > 1:
             values = self.strategy.experimental_distribute_values_from_function(
-                lambda ctx: tf.constant(float(steps), tf.float64))
+                lambda ctx: tf.constant(float(steps), tf.float64)
+            )
             steps = int(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None).numpy())
         tc = self.cfg.train
         self.planned = min(tc.steps, max(steps, at_least))
         self.state.schedule_steps.assign(float(self.planned))
-        self.info = dataclasses.replace(self.info, budget={
-            "minutes": tc.time_budget_min, "steps": self.planned, "at_step": self.at, "steps_per_s": round(rate, 3)})
+        self.info = dataclasses.replace(
+            self.info,
+            budget={
+                "minutes": tc.time_budget_min,
+                "steps": self.planned,
+                "at_step": self.at,
+                "steps_per_s": round(rate, 3),
+            },
+        )
         if self.chief:
             self.info.save(self.paths.root)
         self.bar.total = self.planned
         self.bar.refresh()
-        log.info("train.time_budget_min=%g: %d steps (%.2f steps/s measured to step %d)", tc.time_budget_min,
-                 self.planned, rate, self.at)
+        log.info(
+            "train.time_budget_min=%g: %d steps (%.2f steps/s measured to step %d)",
+            tc.time_budget_min,
+            self.planned,
+            rate,
+            self.at,
+        )
         return self.planned
 
     def _draw(self, k: int) -> list:
         t = time.perf_counter()
         if self.cfg.data.service:
-            batches = with_deadline(self.cfg.data.service_timeout_s, step.draw, self.iterator, k, self.local,
-                                    what=f"no batch from the tf.data service at {self.cfg.data.service} for "
-                                         f"{self.cfg.data.service_timeout_s:g} s (data.service_timeout_s): are its "
-                                         "workers running? (liverseg data-service worker --dispatcher ...)")
+            batches = with_deadline(
+                self.cfg.data.service_timeout_s,
+                step.draw,
+                self.iterator,
+                k,
+                self.local,
+                what=f"no batch from the tf.data service at {self.cfg.data.service} for "
+                f"{self.cfg.data.service_timeout_s:g} s (data.service_timeout_s): are its "
+                "workers running? (liverseg data-service worker --dispatcher ...)",
+            )
         else:
             batches = step.draw(self.iterator, k, self.local)
         self.window.input_wait += time.perf_counter() - t
@@ -370,8 +465,12 @@ class Trainer:
         self.hooks.sync_bn()
         best = float(self.state.best.numpy())
         summary = self.summary
-        summary.update(step=self.at, best_val_dice_3d=best if best >= 0 else None,
-                       weights_fingerprint=unet.weights_fingerprint(self.state.model), replicas=self.replicas)
+        summary.update(
+            step=self.at,
+            best_val_dice_3d=best if best >= 0 else None,
+            weights_fingerprint=unet.weights_fingerprint(self.state.model),
+            replicas=self.replicas,
+        )
         log.info("finished at step %d, weights %s", self.at, summary["weights_fingerprint"])
         if self.chief:
             unet.save_weights(self.state.model, self.paths.final_weights)
@@ -402,11 +501,17 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
             trainer.close()
 
 
-LOST_PEER = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-             tf.errors.CancelledError)
-_REASONS = re.compile(r"((?:Collective ops is )?aborted by: .+)|((?:recvmsg:)?Connection reset by peer|Socket closed|Connection refused|"
-                      r"failed to connect to all addresses|Deadline Exceeded|heartbeat timeout[^.]*|"
-                      r"leader task was preempted/died/restarted unexpectedly)")
+LOST_PEER = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+)
+_REASONS = re.compile(
+    r"((?:Collective ops is )?aborted by: .+)|((?:recvmsg:)?Connection reset by peer|Socket closed|Connection refused|"
+    r"failed to connect to all addresses|Deadline Exceeded|heartbeat timeout[^.]*|"
+    r"leader task was preempted/died/restarted unexpectedly)"
+)
 
 
 def lost_peer_reason(e: tf.errors.OpError) -> str:
@@ -487,9 +592,10 @@ def lost_workers_explained(multi_worker: bool, resume_point: Callable[[], str]):
     try:
         yield
     except LOST_PEER as e:  # the hook stays: the watchers may fail again while the process exits
-        raise LiversegError(f"lost contact with a worker of the cluster ({type(e).__name__}: {lost_peer_reason(e)}); "
-                            f"restart every worker with the same command: training resumes from {resume_point()}"
-                            ) from None
+        raise LiversegError(
+            f"lost contact with a worker of the cluster ({type(e).__name__}: {lost_peer_reason(e)}); "
+            f"restart every worker with the same command: training resumes from {resume_point()}"
+        ) from None
     except BaseException:
         threading.excepthook = default_hook
         raise

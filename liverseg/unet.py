@@ -72,7 +72,9 @@ def _attention_gate(skip, gate, policy: str):
     inter = max(1, skip.shape[-1] // 2)
     theta = layers.Conv2D(inter, 1, dtype=policy)(skip)
     phi = layers.Conv2D(inter, 1, dtype=policy)(gate)
-    psi = layers.Conv2D(1, 1, activation="sigmoid", dtype=policy)(layers.ReLU(dtype=policy)(layers.Add(dtype=policy)([theta, phi])))
+    psi = layers.Conv2D(1, 1, activation="sigmoid", dtype=policy)(
+        layers.ReLU(dtype=policy)(layers.Add(dtype=policy)([theta, phi]))
+    )
     return layers.Multiply(dtype=policy)([skip, psi])
 
 
@@ -146,15 +148,24 @@ def forward_tensor_bytes(model: keras.Model, height: int, width: int) -> float:
 
     spec = tf.TensorSpec([1, height, width, model.input_shape[-1]], tf.float32)
     graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(spec).graph
-    return float(sum(4 * math.prod(t.shape) for op in graph.get_operations() for t in op.outputs
-                     if t.dtype.is_floating and t.shape.rank == 4 and t.shape.is_fully_defined()))
+    return float(
+        sum(
+            4 * math.prod(t.shape)
+            for op in graph.get_operations()
+            for t in op.outputs
+            if t.dtype.is_floating and t.shape.rank == 4 and t.shape.is_fully_defined()
+        )
+    )
 
 
 def check_input(cfg: ModelConfig, height: int, width: int) -> None:
     d = divisor(cfg)
     if height % d or width % d:
-        raise LiversegError(f"slices of {height}x{width} cannot pass a {cfg.name} with depth "
-                            f"{cfg.depth}: height and width must be multiples of {d} (convert with --size)")
+        raise LiversegError(
+            f"slices of {height}x{width} cannot pass a {cfg.name} with depth "
+            f"{cfg.depth}: height and width must be multiples of {d} (convert with --size)"
+        )
+
 
 def weights_fingerprint(model: keras.Model) -> str:
     """sha256 of the weight values (16 hex digits): names one set of trained weights."""

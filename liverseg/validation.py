@@ -27,11 +27,18 @@ def make_validator(model, cfg: Config, loss_fn, num_cases: int):
     centre = cfg.data.context  # the slice being segmented, among the 2k+1 channels
 
     def start(n_img: int) -> dict:
-        return {"cases": tf.zeros([num_cases, 3], tf.float64), "seen": tf.zeros([num_cases], tf.float64),
-                "loss": tf.zeros([], tf.float64), "n": tf.zeros([], tf.float64),
-                "dice": tf.zeros([], tf.float64), "slices": tf.zeros([], tf.float64),
-                "liver": tf.fill([n_img], -1.0), "ct": tf.zeros([n_img, h, w]),
-                "truth": tf.zeros([n_img, h, w], tf.uint8), "pred": tf.zeros([n_img, h, w], tf.uint8)}
+        return {
+            "cases": tf.zeros([num_cases, 3], tf.float64),
+            "seen": tf.zeros([num_cases], tf.float64),
+            "loss": tf.zeros([], tf.float64),
+            "n": tf.zeros([], tf.float64),
+            "dice": tf.zeros([], tf.float64),
+            "slices": tf.zeros([], tf.float64),
+            "liver": tf.fill([n_img], -1.0),
+            "ct": tf.zeros([n_img, h, w]),
+            "truth": tf.zeros([n_img, h, w], tf.uint8),
+            "pred": tf.zeros([n_img, h, w], tf.uint8),
+        }
 
     @tf.function(jit_compile=cfg.train.jit_compile, reduce_retracing=True)
     def add(state, image, mask, case_index):
@@ -46,7 +53,9 @@ def make_validator(model, cfg: Config, loss_fn, num_cases: int):
         out["seen"] = tf.tensor_scatter_nd_add(state["seen"], where, tf.ones_like(tp))
         out["loss"] = state["loss"] + tf.reduce_sum(tf.cast(loss_fn(mask, logits), tf.float64))
         out["n"] = state["n"] + tf.cast(tf.shape(tp)[0], tf.float64)
-        out["dice"] = state["dice"] + tf.reduce_sum(tf.where(any_liver, 2 * tp / tf.maximum(2 * tp + fp + fn, 1.0), 0.0))
+        out["dice"] = state["dice"] + tf.reduce_sum(
+            tf.where(any_liver, 2 * tp / tf.maximum(2 * tp + fp + fn, 1.0), 0.0)
+        )
         out["slices"] = state["slices"] + tf.reduce_sum(tf.cast(any_liver, tf.float64))
         n_img = state["liver"].shape[0]
         if n_img:  # keep the n_img slices with the most true liver seen so far
@@ -65,9 +74,11 @@ def make_validator(model, cfg: Config, loss_fn, num_cases: int):
                 state = add(state, b["image"], b["mask"], b["case_index"])
         s = {k: v.numpy() for k, v in state.items()}  # the one read
         per_case = [metrics.dice_from_counts(*row) for row, seen in zip(s["cases"], s["seen"]) if seen > 0]
-        result = {"loss": float(s["loss"] / s["n"]) if s["n"] else float("nan"),
-                  "dice_slice": float(s["dice"] / s["slices"]) if s["slices"] else 1.0,
-                  "dice_3d": float(np.mean(per_case)) if per_case else float("nan")}
+        result = {
+            "loss": float(s["loss"] / s["n"]) if s["n"] else float("nan"),
+            "dice_slice": float(s["dice"] / s["slices"]) if s["slices"] else 1.0,
+            "dice_3d": float(np.mean(per_case)) if per_case else float("nan"),
+        }
         images = []
         for liver, ct, truth, pred in zip(s["liver"], s["ct"], s["truth"], s["pred"]):
             if liver >= 0:

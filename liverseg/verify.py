@@ -36,7 +36,10 @@ def _check_contents(examples: list[dict], shard_cases: tuple[str, ...], cases: d
         c = cases[cid]
         got = (ex["case_id"], ex["slice_index"], ex["num_slices"], ex["case_index"])
         if got != (cid, s, c.num_slices, c.index):
-            return f"record {k}: is {got[0]} slice {got[1]}/{got[2]} (index {got[3]}), expected {cid} slice {s}/{c.num_slices}"
+            return (
+                f"record {k}: is {got[0]} slice {got[1]}/{got[2]} (index {got[3]}), expected {cid} slice "
+                f"{s}/{c.num_slices}"
+            )
         if ex["liver_voxels"] != ex["mask_sum"] or ex["mask_max"] > 1:
             return f"record {k}: mask disagrees with its liver_voxels feature or is not binary"
         if tuple(ex["hw"]) != tuple(c.geometry.stored_shape[1:]):
@@ -50,10 +53,16 @@ def _summary(ex: dict) -> dict:
     image, mask = ex[records.IMAGE][0], np.frombuffer(ex[records.MASK][0], np.uint8)
     if len(image) != 2 * h * w or mask.size != h * w:
         raise ValueError(f"its image or mask bytes do not hold a {h}x{w} slice")
-    return {"case_id": ex[records.CASE_ID][0].decode(), "slice_index": ex[records.SLICE_INDEX][0],
-            "num_slices": ex[records.NUM_SLICES][0], "case_index": ex[records.CASE_INDEX][0],
-            "liver_voxels": ex[records.LIVER_VOXELS][0], "mask_sum": int(mask.sum(dtype=np.int64)),
-            "mask_max": int(mask.max(initial=0)), "hw": (h, w)}
+    return {
+        "case_id": ex[records.CASE_ID][0].decode(),
+        "slice_index": ex[records.SLICE_INDEX][0],
+        "num_slices": ex[records.NUM_SLICES][0],
+        "case_index": ex[records.CASE_INDEX][0],
+        "liver_voxels": ex[records.LIVER_VOXELS][0],
+        "mask_sum": int(mask.sum(dtype=np.int64)),
+        "mask_max": int(mask.max(initial=0)),
+        "hw": (h, w),
+    }
 
 
 def verify(root: str | Path) -> list[ShardReport]:
@@ -106,9 +115,17 @@ def inspect(root: str | Path, png_dir: str | Path | None = None, max_cases: int 
     rows = []
     for split in m.splits:
         s = m.split(split)
-        rows.append({"split": split, "cases": s.num_cases, "slices": s.num_examples, "liver_slices": s.liver_slices,
-                     "shards": len(s.shards), "MB": round(s.bytes / 2**20, 1),
-                     "slice_shape": "x".join(map(str, s.slice_shape)) if s.slice_shape else "mixed"})
+        rows.append(
+            {
+                "split": split,
+                "cases": s.num_cases,
+                "slices": s.num_examples,
+                "liver_slices": s.liver_slices,
+                "shards": len(s.shards),
+                "MB": round(s.bytes / 2**20, 1),
+                "slice_shape": "x".join(map(str, s.slice_shape)) if s.slice_shape else "mixed",
+            }
+        )
         if png_dir is None:
             continue
         Path(png_dir).mkdir(parents=True, exist_ok=True)

@@ -44,22 +44,22 @@ class Source:
     series: str | None = None
     members: tuple[str, ...] = ()
     label: str = ""
-    image: "Source | None" = None
+    image: Source | None = None
 
     @classmethod
-    def nifti(cls, path: str | Path, label: str = "") -> "Source":
+    def nifti(cls, path: str | Path, label: str = "") -> Source:
         return cls("nifti", Path(path), label=label)
 
     @classmethod
-    def nrrd(cls, path: str | Path, label: str = "") -> "Source":
+    def nrrd(cls, path: str | Path, label: str = "") -> Source:
         return cls("nrrd", Path(path), label=label)
 
     @classmethod
-    def dicom(cls, s) -> "Source":  # s: dicom_io.Series
+    def dicom(cls, s) -> Source:  # s: dicom_io.Series
         return cls("dicom", Path(s.container), s.uid, s.members)
 
     @classmethod
-    def seg(cls, path: str | Path, image: "Source", label: str = "") -> "Source":
+    def seg(cls, path: str | Path, image: Source, label: str = "") -> Source:
         return cls("seg", Path(path), label=label, image=image)
 
     @property
@@ -123,8 +123,9 @@ def read_header(src: Source, ct: bool = False) -> Header:
     if src.kind == "seg":
         from liverseg import dicom_seg
 
-        return dicom_seg.read_header(src.path, read_header(src.image, ct=True), src.image.series,
-                                     segment=src.label or dicom_seg.DEFAULT_SEGMENT)
+        return dicom_seg.read_header(
+            src.path, read_header(src.image, ct=True), src.image.series, segment=src.label or dicom_seg.DEFAULT_SEGMENT
+        )
     from liverseg import dicom_io
 
     return dicom_io.read_header(src.dicom_series(), ct)
@@ -146,8 +147,14 @@ def _read(src: Source, ct: bool) -> Volume:
     if src.kind == "seg":
         from liverseg import dicom_seg
 
-        return Volume(*dicom_seg.read_mask(src.path, read_header(src.image, ct=True), src.image.series,
-                                           segment=src.label or dicom_seg.DEFAULT_SEGMENT))
+        return Volume(
+            *dicom_seg.read_mask(
+                src.path,
+                read_header(src.image, ct=True),
+                src.image.series,
+                segment=src.label or dicom_seg.DEFAULT_SEGMENT,
+            )
+        )
     from liverseg import dicom_io
 
     return Volume(*dicom_io.read_series(src.dicom_series(), ct))
@@ -180,13 +187,17 @@ def selected_label(arr: np.ndarray, src: Source, vol: Volume) -> np.ndarray:
 
         value = nrrd_io.label_value(nrrd.read_header(str(src.path)), src.label, src.path)
     if value is None:
-        raise InputError(f"{src.path}: label {src.label!r} is not a label value (an integer such as 5) and the file "
-                         "names no segments; give the liver's value")
+        raise InputError(
+            f"{src.path}: label {src.label!r} is not a label value (an integer such as 5) and the file "
+            "names no segments; give the liver's value"
+        )
     out = (arr == value).astype(np.uint8)
     if not out.any():
         present = np.unique(arr)
-        raise InputError(f"{src.path}: no voxel has label {value} (labels present: {present[:12].tolist()}"
-                         f"{'...' if present.size > 12 else ''}); give the liver's label value")
+        raise InputError(
+            f"{src.path}: no voxel has label {value} (labels present: {present[:12].tolist()}"
+            f"{'...' if present.size > 12 else ''}); give the liver's label value"
+        )
     return out
 
 
@@ -218,12 +229,16 @@ def liver(arr: np.ndarray, path: Path, merge_tumour: bool = False) -> np.ndarray
         return (arr == 255).astype(np.uint8)
     if labels <= {0, 1, 2}:
         if not merge_tumour:
-            raise InputError(f"{path}: mask labels {sorted(labels)} look like LiTS (1 liver, 2 tumour); "
-                             "pass --merge-tumour to count tumour as liver")
+            raise InputError(
+                f"{path}: mask labels {sorted(labels)} look like LiTS (1 liver, 2 tumour); "
+                "pass --merge-tumour to count tumour as liver"
+            )
         return (arr > 0).astype(np.uint8)
     shown = sorted(labels)[:8]
-    raise InputError(f"{path}: mask labels {shown}{'...' if len(labels) > 8 else ''} are not a liver mask; "
-                     "expected {0,1}, {0,255} or LiTS {0,1,2} with --merge-tumour")
+    raise InputError(
+        f"{path}: mask labels {shown}{'...' if len(labels) > 8 else ''} are not a liver mask; "
+        "expected {0,1}, {0,255} or LiTS {0,1,2} with --merge-tumour"
+    )
 
 
 def _labels(path: Path, arr: np.ndarray) -> set[int]:
@@ -240,5 +255,17 @@ def _labels(path: Path, arr: np.ndarray) -> set[int]:
     return set(int(v) for v in values)
 
 
-__all__ = ["HU_MAX", "HU_MIN", "Source", "Volume", "dicom_series", "hounsfield", "is_dicom_seg", "liver", "load_image",
-           "load_mask", "member_parts", "read_header"]
+__all__ = [
+    "HU_MAX",
+    "HU_MIN",
+    "Source",
+    "Volume",
+    "dicom_series",
+    "hounsfield",
+    "is_dicom_seg",
+    "liver",
+    "load_image",
+    "load_mask",
+    "member_parts",
+    "read_header",
+]

@@ -21,7 +21,8 @@ import tensorflow as tf  # noqa: E402
 # Two logical CPU devices, so MirroredStrategy can be tested on a CPU-only machine. This
 # must happen before TensorFlow initialises its runtime, i.e. before any test runs an op.
 tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVERSEG_SHARED", REPO.parent / "shared"))
@@ -75,8 +76,14 @@ def load_mask(path, merge_tumour: bool = False):
 def liverseg_process(*args, env=None, **kw) -> subprocess.Popen:
     """`python -m liverseg ARGS` as a user runs it (stdout and stderr together, text)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "liverseg", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "liverseg", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 def tree(path: Path) -> list[str]:
@@ -125,7 +132,9 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     from liverseg import config, train
 
     run = tmp_path_factory.mktemp("run") / "smoke"
-    cfg = config.load(REPO / "configs" / "smoke.yaml", [f"data.records={dataset}", "train.steps=40", "data.context=1",
-                                                        "train.eval_every=20"])
+    cfg = config.load(
+        REPO / "configs" / "smoke.yaml",
+        [f"data.records={dataset}", "train.steps=40", "data.context=1", "train.eval_every=20"],
+    )
     train.train(cfg, run, progress=False)
     return run

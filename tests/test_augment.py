@@ -19,8 +19,8 @@ def _pattern(b=3, h=40, w=36):
     """An asymmetric mask (an L plus a dot, different per example) and its image in HU (plus a ramp)."""
     m = np.zeros((b, h, w, 1), np.uint8)
     for i in range(b):
-        m[i, 6 + i:30, 8:13] = 1
-        m[i, 25:30, 8:26 - i] = 1
+        m[i, 6 + i : 30, 8:13] = 1
+        m[i, 25:30, 8 : 26 - i] = 1
         m[i, 10:13, 24:27] = 1
     ramp = np.linspace(-150, 150, w)[None, None, :, None]  # grey levels for the intensity ops
     return tf.constant(np.where(m == 1, 200.0, -600.0) + ramp, tf.float32), tf.constant(m)
@@ -42,8 +42,9 @@ def test_eager_equals_dataset_map(op, dense):
     image, mask = _pattern()
     seed = tf.constant([5, 9], tf.int64)
     eager = _augment(image, mask, seed, cfg, _norm, dense)
-    mapped = next(iter(tf.data.Dataset.from_tensors((image, mask)).map(
-        lambda i, m: _augment(i, m, seed, cfg, _norm, dense))))
+    mapped = next(
+        iter(tf.data.Dataset.from_tensors((image, mask)).map(lambda i, m: _augment(i, m, seed, cfg, _norm, dense)))
+    )
     # the mask exactly; the image up to float rounding (graph mode may reorder arithmetic)
     np.testing.assert_array_equal(eager[1].numpy(), mapped[1].numpy())
     np.testing.assert_allclose(eager[0].numpy(), mapped[0].numpy(), rtol=1e-6, atol=1e-6)
@@ -157,15 +158,20 @@ def test_a_crop_without_transforms_is_an_exact_window_of_image_and_mask(dense):
     want = _norm(image).numpy()
     corners = []
     for i in range(6):
-        found = [(r, c) for r in range(40 - 24 + 1) for c in range(36 - 24 + 1)
-                 if np.allclose(want[i, r:r + 24, c:c + 24], out_image[i].numpy(), atol=1e-6)]
+        found = [
+            (r, c)
+            for r in range(40 - 24 + 1)
+            for c in range(36 - 24 + 1)
+            if np.allclose(want[i, r : r + 24, c : c + 24], out_image[i].numpy(), atol=1e-6)
+        ]
         assert len(found) >= 1, i
         r, c = found[0]
-        np.testing.assert_array_equal(out_mask[i].numpy(), mask.numpy()[i, r:r + 24, c:c + 24])
+        np.testing.assert_array_equal(out_mask[i].numpy(), mask.numpy()[i, r : r + 24, c : c + 24])
         corners.append(found[0])
     assert len(set(corners)) > 1
-    mapped = next(iter(tf.data.Dataset.from_tensors((image, mask)).map(lambda i, m: _augment(i, m, seed, cfg, _norm,
-                                                                                             dense))))
+    mapped = next(
+        iter(tf.data.Dataset.from_tensors((image, mask)).map(lambda i, m: _augment(i, m, seed, cfg, _norm, dense)))
+    )
     np.testing.assert_array_equal(mapped[1].numpy(), out_mask.numpy())
 
 
@@ -178,5 +184,7 @@ def test_a_crop_larger_than_the_slices_or_off_the_divisor_is_refused(dataset, tm
     with pytest.raises(LiversegError, match=r"slices of 30x30 cannot pass a unet with depth 2: .* multiples of 4"):
         train.Trainer(config.load("smoke", [*base, "augment.crop=30"]), tmp_path / "b", progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    with pytest.raises(config.ConfigError, match=r"augment.crop=16 is not valid: needs augment.placement host or device"):
+    with pytest.raises(
+        config.ConfigError, match=r"augment.crop=16 is not valid: needs augment.placement host or device"
+    ):
         config.load("smoke", [*base, "augment.crop=16", "augment.placement=none"])

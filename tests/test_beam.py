@@ -27,8 +27,9 @@ def _same_dataset(a, b, runner):
 def test_direct_runner_writes_what_the_local_converter_writes(phantoms, tmp_path):
     opts = ConvertOptions(val=0.17, test=0.17, shard_mb=0.04)
     convert(phantoms, tmp_path / "local", opts, progress=False)
-    m = convert_beam(phantoms, tmp_path / "beam", ConvertOptions(val=0.17, test=0.17, shard_mb=0.04, runner="direct",
-                                                                 workers=2))
+    m = convert_beam(
+        phantoms, tmp_path / "beam", ConvertOptions(val=0.17, test=0.17, shard_mb=0.04, runner="direct", workers=2)
+    )
     assert m.runner == "beam:DirectRunner" and len(m.shard_paths("train")) == 4
     _same_dataset(tmp_path / "local", tmp_path / "beam", "DirectRunner")
 
@@ -62,22 +63,33 @@ def test_a_case_failing_mid_pipeline_leaves_no_final_named_shard(phantoms, tmp_p
     shutil.copytree(phantoms, src)
     _poison(src, "phantom_004")
     out = tmp_path / "out"
-    with pytest.raises(InputError, match=r"^\S+phantom_004_orig\.nii\.gz: 1 voxels are NaN or Inf; fix the source volume$"):
+    with pytest.raises(
+        InputError, match=r"^\S+phantom_004_orig\.nii\.gz: 1 voxels are NaN or Inf; fix the source volume$"
+    ):
         convert_beam(src, out, ConvertOptions(shard_mb=0.04, runner="direct", workers=workers))
     assert not out.exists()  # no shard, no segment, no manifest, no folder
 
 
 def test_without_the_extra_the_runner_option_is_one_line(phantoms, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # what an environment without it gives
-    with pytest.raises(LiversegError, match=r"^--runner needs Apache Beam, an optional extra: pip install 'liverseg\[beam\]'$"):
+    with pytest.raises(
+        LiversegError, match=r"^--runner needs Apache Beam, an optional extra: pip install 'liverseg\[beam\]'$"
+    ):
         convert_beam(phantoms, tmp_path / "out", ConvertOptions(runner="direct"))
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("runner, args, message", [
-    ("NopeRunner", (), r"^--runner NopeRunner: Unexpected pipeline runner: NopeRunner\. Valid values are"),
-    ("direct", ("--direct_num_wrokers=2",), r"^Beam pipeline option\(s\) --direct_num_wrokers: not options of Beam"),
-])
+@pytest.mark.parametrize(
+    "runner, args, message",
+    [
+        ("NopeRunner", (), r"^--runner NopeRunner: Unexpected pipeline runner: NopeRunner\. Valid values are"),
+        (
+            "direct",
+            ("--direct_num_wrokers=2",),
+            r"^Beam pipeline option\(s\) --direct_num_wrokers: not options of Beam",
+        ),
+    ],
+)
 def test_an_unknown_runner_or_pipeline_option_is_one_line(phantoms, tmp_path, runner, args, message):
     with pytest.raises(LiversegError, match=message):
         convert_beam(phantoms, tmp_path / "out", ConvertOptions(runner=runner), args)

@@ -18,7 +18,7 @@ def _rows(out: str, names) -> dict:
     for line in out.splitlines()[2:]:
         name = next((n for n in names if line.startswith(n)), None)
         if name:
-            rows[name] = line[len(name):].split()
+            rows[name] = line[len(name) :].split()
     assert set(rows) == set(names), out
     return rows
 
@@ -34,12 +34,19 @@ def test_bench_convert(phantoms, tmp_path):
 
     synth.synthesize(tmp_path / "dicom", cases=6, size=32, slices=(8, 12), seed=7, layout="ircad", progress=False)
     out = run("bench", "convert", phantoms, "--workers", 2, "--dicom", tmp_path / "dicom", "--beam")
-    names = ["nibabel load (image+mask)", "convert --workers 1", "convert --workers 2", "beam direct --workers 1",
-             "beam direct --workers 2", "convert DICOM --workers 1", "convert DICOM --workers 2"]
+    names = [
+        "nibabel load (image+mask)",
+        "convert --workers 1",
+        "convert --workers 2",
+        "beam direct --workers 1",
+        "beam direct --workers 2",
+        "convert DICOM --workers 1",
+        "convert DICOM --workers 2",
+    ]
     rows = _rows(out, names)
     seconds = {name: float(cells[0]) for name, cells in rows.items()}
     load = seconds[names[0]]
-    for name, (secs, per_volume, slices_s, mb_s, x_load, *rest) in rows.items():
+    for name, (_secs, per_volume, _slices_s, _mb_s, x_load, *_rest) in rows.items():
         assert float(per_volume) == pytest.approx(seconds[name] / 6, abs=0.006), name  # 6 volumes
         # ratios between rows, from the printed seconds (rounded to 0.01 s)
         assert _ratio_of(x_load, seconds[name], load), name
@@ -57,11 +64,17 @@ def test_bench_convert(phantoms, tmp_path):
 
 def test_bench_pipeline_prints_all_rows(dataset, phantoms):
     out = run("bench", "pipeline", dataset, "--nifti", phantoms, "--batches", 3, "--batch", 4, "--tutorial-batches", 1)
-    names = ["1 raw TFRecord read", "2 pipeline, no augmentation", "2b pipeline, int16 + uint8 for device augmentation",
-             "3 pipeline, host augmentation", "4 tutorial loader (nib.load per slice)", "5 ImageProjectiveTransformV3 alone"]
+    names = [
+        "1 raw TFRecord read",
+        "2 pipeline, no augmentation",
+        "2b pipeline, int16 + uint8 for device augmentation",
+        "3 pipeline, host augmentation",
+        "4 tutorial loader (nib.load per slice)",
+        "5 ImageProjectiveTransformV3 alone",
+    ]
     rows = _rows(out, names)
     rate = {name: float(cells[0]) for name, cells in rows.items()}
-    for name, (slices_s, mb_s, vs1, vs4, vs5) in rows.items():  # each row against rows 1, 4 and 5, as printed
+    for name, (_slices_s, _mb_s, vs1, vs4, vs5) in rows.items():  # each row against rows 1, 4 and 5, as printed
         assert float(vs1.rstrip("%")) == pytest.approx(100 * rate[name] / rate[names[0]], abs=1.0), name
         assert float(vs4.rstrip("x")) == pytest.approx(rate[name] / rate[names[4]], rel=0.05, abs=1.0), name
         assert float(vs5.rstrip("%")) == pytest.approx(100 * rate[name] / rate[names[5]], abs=1.0), name
@@ -70,17 +83,33 @@ def test_bench_pipeline_prints_all_rows(dataset, phantoms):
 def test_bench_pipeline_measures_a_recipes_own_settings(dataset, tmp_path):
     """--config: the rows use the recipe's context and batch (here 5 channels from --set): row 2's
     bytes per slice are those of a float32 [32, 32, 5] image, its uint8 mask and two int64 indices."""
-    out = run("bench", "pipeline", dataset, "--config", "configs/smoke.yaml", "--set", "data.context=2",
-              "--batches", 3, "--aug", "none")
+    out = run(
+        "bench",
+        "pipeline",
+        dataset,
+        "--config",
+        "configs/smoke.yaml",
+        "--set",
+        "data.context=2",
+        "--batches",
+        3,
+        "--aug",
+        "none",
+    )
     slices_s, mb_s = (float(v) for v in _rows(out, ["2 pipeline, no augmentation"])["2 pipeline, no augmentation"][:2])
     assert mb_s * 2**20 / slices_s == pytest.approx(32 * 32 * 5 * 4 + 32 * 32 + 16, rel=0.02)
 
 
 def test_bench_pipeline_through_the_service(dataset):
     out = run("bench", "pipeline", dataset, "--batches", 2, "--batch", 2, "--aug", "none", "--service")
-    names = ["1 raw TFRecord read", "2 pipeline, no augmentation", "2b pipeline, int16 + uint8 for device augmentation",
-             "6 tf.data service, int16 + uint8, 1 worker", "6b tf.data service, int16 + uint8, 2 workers",
-             "5 ImageProjectiveTransformV3 alone"]
+    names = [
+        "1 raw TFRecord read",
+        "2 pipeline, no augmentation",
+        "2b pipeline, int16 + uint8 for device augmentation",
+        "6 tf.data service, int16 + uint8, 1 worker",
+        "6b tf.data service, int16 + uint8, 2 workers",
+        "5 ImageProjectiveTransformV3 alone",
+    ]
     rows = _rows(out, names)
     # through the service the same batches arrive: int16 [32, 32, 1] image, uint8 mask, two int64 indices per slice
     for name in names[2:5]:
@@ -89,13 +118,39 @@ def test_bench_pipeline_through_the_service(dataset):
 
 
 def test_bench_train_reports_every_ceiling(dataset):
-    out = run("bench", "train", dataset, "--config", "configs/smoke.yaml", "--set", "model.base_filters=2",
-              "--set", "model.depth=2", "--set", "data.batch_size=4", "--set", "train.steps_per_call=2",
-              "--steps", 2, "--loop-steps", 4, "--input-batches", 2, "--peak-tflops", 100)
+    out = run(
+        "bench",
+        "train",
+        dataset,
+        "--config",
+        "configs/smoke.yaml",
+        "--set",
+        "model.base_filters=2",
+        "--set",
+        "model.depth=2",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "train.steps_per_call=2",
+        "--steps",
+        2,
+        "--loop-steps",
+        4,
+        "--input-batches",
+        2,
+        "--peak-tflops",
+        100,
+    )
     rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()[2:]}
-    for name, unit in [("model", "img/s"), ("loop overhead", "ms/step"), ("loop overhead + device augmentation", "ms/step"),
-                       ("input ceiling", "slices/s"), ("end to end", "img/s"), ("FLOPs per image", "GFLOP"),
-                       ("40% MFU target", "img/s")]:
+    for name, unit in [
+        ("model", "img/s"),
+        ("loop overhead", "ms/step"),
+        ("loop overhead + device augmentation", "ms/step"),
+        ("input ceiling", "slices/s"),
+        ("end to end", "img/s"),
+        ("FLOPs per image", "GFLOP"),
+        ("40% MFU target", "img/s"),
+    ]:
         value = rows[name][len(name.split())]
         assert float(value) > 0 and rows[name][len(name.split()) + 1] == unit, (name, rows[name])
     # 40% of 100 TFLOPS over 3x the forward FLOPs, as printed
@@ -136,9 +191,26 @@ def test_bench_train_says_at_which_batch_it_measured_or_why_it_skipped(dataset, 
     cfg = config.load("configs/smoke.yaml", ["model.base_filters=2", "model.depth=2", "data.batch_size=4"])
     shard = max(s.bytes for s in Manifest.load(dataset).shards("train"))
     fixed, per_image = bench_train.training_memory(cfg, unet.build(cfg.model, 1), 32, 32, shard)
-    args = ["bench", "train", dataset, "--config", "configs/smoke.yaml", "--set", "model.base_filters=2", "--set",
-            "model.depth=2", "--set", "data.batch_size=4", "--rows", "model", "--steps", 1]
-    monkeypatch.setattr(bench_train, "available_memory", lambda: (fixed + 2.5 * per_image) / bench_train.MEMORY_HEADROOM)
+    args = [
+        "bench",
+        "train",
+        dataset,
+        "--config",
+        "configs/smoke.yaml",
+        "--set",
+        "model.base_filters=2",
+        "--set",
+        "model.depth=2",
+        "--set",
+        "data.batch_size=4",
+        "--rows",
+        "model",
+        "--steps",
+        1,
+    ]
+    monkeypatch.setattr(
+        bench_train, "available_memory", lambda: (fixed + 2.5 * per_image) / bench_train.MEMORY_HEADROOM
+    )
     out = run(*args)
     row = next(line for line in out.splitlines() if line.startswith("model "))
     assert "at batch 2: batch 4 needs ~" in row and " GB available" in row and float(row.split()[1]) > 0
@@ -153,15 +225,34 @@ def test_bench_predict_measures_each_engine_and_the_ensemble_on_the_same_volumes
     from liverseg.bench.predict import bench_predict
 
     rows = bench_predict([trained_run, trained_run], phantoms, cases=1, engine_rows=("tensorflow", "onnxruntime"))
-    assert [(r["engine"], r["models"]) for r in rows] == [("tensorflow", "1 run"), ("onnxruntime", "1 run"),
-                                                         ("tensorflow", "ensemble of 2"), ("onnxruntime", "ensemble of 2")]
+    assert [(r["engine"], r["models"]) for r in rows] == [
+        ("tensorflow", "1 run"),
+        ("onnxruntime", "1 run"),
+        ("tensorflow", "ensemble of 2"),
+        ("onnxruntime", "ensemble of 2"),
+    ]
     for r in rows:
-        assert r["note"] == "" and r["s/volume"] >= 0 and r["slices/s"] > 0 and r["peak RSS MB"] > 100  # no speed asserted
+        assert (
+            r["note"] == "" and r["s/volume"] >= 0 and r["slices/s"] > 0 and r["peak RSS MB"] > 100
+        )  # no speed asserted
     assert [r["same mask"] for r in rows] == ["(reference)", "100.000%", "(reference)", "100.000%"]
 
 
 def test_bench_predict_of_an_untrained_recipe_at_a_size(phantoms):
-    out = run("bench", "predict", phantoms, "--config", "configs/smoke.yaml", "--size", "32", "--cases", "1",
-              "--engine", "tensorflow", "--engine", "openvino")
+    out = run(
+        "bench",
+        "predict",
+        phantoms,
+        "--config",
+        "configs/smoke.yaml",
+        "--size",
+        "32",
+        "--cases",
+        "1",
+        "--engine",
+        "tensorflow",
+        "--engine",
+        "openvino",
+    )
     rows = _rows(out, ["tensorflow", "openvino"])
     assert rows["tensorflow"][:2] == ["1", "run"] and rows["openvino"][-1].endswith("%")

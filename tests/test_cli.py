@@ -6,7 +6,7 @@ import sys
 
 from click.testing import CliRunner
 
-from conftest import REPO, WITHOUT_TENSORFLOW
+from conftest import WITHOUT_TENSORFLOW
 from liverseg.cli import cli
 
 
@@ -48,19 +48,39 @@ def test_verify_names_the_bad_shard(dataset, tmp_path):
 
 def test_without_tensorflow_the_package_imports_and_a_tensorflow_command_is_one_clear_line(tmp_path):
     main = "from liverseg.cli import main; main()"
-    ok = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW + "import liverseg, liverseg.manifest, liverseg.convert\n"
-                         "assert 'tensorflow' not in sys.modules"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_TENSORFLOW + "import liverseg, liverseg.manifest, liverseg.convert\n"
+            "assert 'tensorflow' not in sys.modules",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
-    p = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW + main, "train", "--run", str(tmp_path / "r")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW + main, "train", "--run", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and not (tmp_path / "r").exists()
-    assert p.stderr.strip() == ("Error: liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
-                                "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)")
+    assert p.stderr.strip() == (
+        "Error: liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
+        "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)"
+    )
     # synth, convert and verify need no TensorFlow (verify parses the records in plain Python)
-    for args in (["synth", tmp_path / "src", "--cases", "2", "--size", "24", "--slices", "4..5"],
-                 ["convert", tmp_path / "src", tmp_path / "rec"], ["verify", tmp_path / "rec"]):
-        p = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW + main, *map(str, args)], capture_output=True,
-                           text=True, timeout=300)
+    for args in (
+        ["synth", tmp_path / "src", "--cases", "2", "--size", "24", "--slices", "4..5"],
+        ["convert", tmp_path / "src", tmp_path / "rec"],
+        ["verify", tmp_path / "rec"],
+    ):
+        p = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TENSORFLOW + main, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert "all 1 shard(s) ok" in p.stdout
 
@@ -69,9 +89,28 @@ def test_a_tensorflow_command_prints_no_tensorflow_noise(dataset):
     """The real CLI process (TensorFlow imported, a pipeline run): stderr holds no import notices
     (oneDNN, absl preamble, CPU features) and no C++ INFO/WARNING/ERROR lines."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    p = subprocess.run([sys.executable, "-m", "liverseg", "bench", "pipeline", str(dataset), "--batches", "2",
-                        "--batch", "2", "--aug", "none", "--context", "1"], capture_output=True, text=True, env=env,
-                       timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liverseg",
+            "bench",
+            "pipeline",
+            str(dataset),
+            "--batches",
+            "2",
+            "--batch",
+            "2",
+            "--aug",
+            "none",
+            "--context",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "raw TFRecord read" in p.stdout
     noise = [line for line in p.stderr.splitlines() if line.strip()]

@@ -27,8 +27,14 @@ def test_the_real_cpu_recipe_names_the_convert_flags_its_records_need():
 
 def test_seed_preset_is_the_tutorials_recipe():
     cfg = config.load(REPO / "configs" / "seed.yaml")
-    assert (cfg.model.name, cfg.train.loss, cfg.train.optimizer, cfg.train.lr, cfg.data.batch_size, cfg.augment.placement) == (
-        "seed_unet", "bce", "adam", 0.001, 1, "none")
+    assert (
+        cfg.model.name,
+        cfg.train.loss,
+        cfg.train.optimizer,
+        cfg.train.lr,
+        cfg.data.batch_size,
+        cfg.augment.placement,
+    ) == ("seed_unet", "bce", "adam", 0.001, 1, "none")
 
 
 def test_dotted_overrides_are_parsed_and_typed():
@@ -37,25 +43,32 @@ def test_dotted_overrides_are_parsed_and_typed():
     assert cfg.augment.placement == "device"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.nope=1", r"unknown config key train.nope \(valid keys at train: steps, time_budget_min, strategy"),
-    ("nope.x=1", r"unknown config key nope \(valid keys at top level: seed"),
-    ("train.steps=ten", r"train.steps='ten' must be an integer"),
-    ("train.loss=mse", r"train.loss='mse' is not valid; choose one of: bce, dice, bce_dice, focal, tversky"),
-    ("data.hu_window=[300, 100]", r"data.hu_window=\(300.0, 100.0\) is not valid: needs -1024 <= low < high"),
-    ("augment.gamma_p=1.5", r"augment.gamma_p=1.5 is not valid: a probability"),
-    ("deterministic=1", r"deterministic=1 must be true or false"),
-    ("train", r"override 'train' must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.nope=1", r"unknown config key train.nope \(valid keys at train: steps, time_budget_min, strategy"),
+        ("nope.x=1", r"unknown config key nope \(valid keys at top level: seed"),
+        ("train.steps=ten", r"train.steps='ten' must be an integer"),
+        ("train.loss=mse", r"train.loss='mse' is not valid; choose one of: bce, dice, bce_dice, focal, tversky"),
+        ("data.hu_window=[300, 100]", r"data.hu_window=\(300.0, 100.0\) is not valid: needs -1024 <= low < high"),
+        ("augment.gamma_p=1.5", r"augment.gamma_p=1.5 is not valid: a probability"),
+        ("deterministic=1", r"deterministic=1 must be true or false"),
+        ("train", r"override 'train' must look like section.key=value"),
+    ],
+)
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         config.load(None, [override])
 
 
 def test_deterministic_runs_refuse_xla():
-    with pytest.raises(ConfigError, match=r"deterministic=True is not valid: cannot be combined with train.jit_compile"):
+    with pytest.raises(
+        ConfigError, match=r"deterministic=True is not valid: cannot be combined with train.jit_compile"
+    ):
         config.load(REPO / "configs" / "default.yaml", ["deterministic=true"])
-    assert config.load(REPO / "configs" / "default.yaml", ["deterministic=true", "train.jit_compile=false"]).deterministic
+    assert config.load(
+        REPO / "configs" / "default.yaml", ["deterministic=true", "train.jit_compile=false"]
+    ).deterministic
 
 
 def test_bad_files(tmp_path):
@@ -66,18 +79,27 @@ def test_bad_files(tmp_path):
         config.load(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("augment.rotation_deg=.nan", "augment.rotation_deg=nan must be a finite number"),
-    ("train.lr=.inf", "train.lr=inf must be a finite number"),
-    ("data.hu_window=[-1e308, 1e308]", "data.hu_window=(-1e+308, 1e+308) is not valid: needs -1024 <= low < high <= 3071"),
-    ("seed=-1", "seed=-1 is not valid: must be in [0, 2**31)"),
-    ("seed=4294967296", "seed=4294967296 is not valid"),
-    ("augment.elastic_sigma=0", "augment.elastic_sigma=0.0 is not valid: must be in [1, 1000] pixels"),
-    ("train.num_images=-1", "train.num_images=-1 is not valid: must be in [0, 64]"),
-    ("model.base_filters=100000", "model.base_filters=100000 is not valid: must be in [1, 512]"),
-    ("data.shuffle_buffer=1000000000000", "data.shuffle_buffer=1000000000000 is not valid: must be in [1, 1048576]"),
-    ("data.batch_size=1000000000", "data.batch_size=1000000000 is not valid: must be in [1, 65536]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("augment.rotation_deg=.nan", "augment.rotation_deg=nan must be a finite number"),
+        ("train.lr=.inf", "train.lr=inf must be a finite number"),
+        (
+            "data.hu_window=[-1e308, 1e308]",
+            "data.hu_window=(-1e+308, 1e+308) is not valid: needs -1024 <= low < high <= 3071",
+        ),
+        ("seed=-1", "seed=-1 is not valid: must be in [0, 2**31)"),
+        ("seed=4294967296", "seed=4294967296 is not valid"),
+        ("augment.elastic_sigma=0", "augment.elastic_sigma=0.0 is not valid: must be in [1, 1000] pixels"),
+        ("train.num_images=-1", "train.num_images=-1 is not valid: must be in [0, 64]"),
+        ("model.base_filters=100000", "model.base_filters=100000 is not valid: must be in [1, 512]"),
+        (
+            "data.shuffle_buffer=1000000000000",
+            "data.shuffle_buffer=1000000000000 is not valid: must be in [1, 1048576]",
+        ),
+        ("data.batch_size=1000000000", "data.batch_size=1000000000 is not valid: must be in [1, 65536]"),
+    ],
+)
 def test_absurd_and_non_finite_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         config.load(None, [override])

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import load_image, load_mask, tree, write_nifti
-from liverseg import LiversegError, geometry, nifti_io, records, synth, verify
+from liverseg import LiversegError, geometry, records, synth, verify
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
 
@@ -146,8 +146,11 @@ def test_killed_conversion_leaves_no_partial_and_no_manifest(tmp_path):
     synth.synthesize(src, cases=6, size=96, slices=(30, 40), seed=2, progress=False)
     for delay in (0.0, 0.05, 0.15, 0.3):
         out = tmp_path / f"out{delay}"
-        proc = subprocess.Popen([sys.executable, "-m", "liverseg", "convert", str(src), str(out), "--num-shards", "6"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "liverseg", "convert", str(src), str(out), "--num-shards", "6"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         t0 = time.time()
         while not list(out.glob(".tmp-*")) and proc.poll() is None and time.time() - t0 < 30:
             time.sleep(0.002)
@@ -192,14 +195,17 @@ def test_unpaired_files_are_listed(good_src, tmp_path):
     _fails(good_src, tmp_path / "out", r"2 file\(s\) without a partner .*b_orig\.nii\.gz.*z_liver\.nii\.gz")
 
 
-@pytest.mark.parametrize("defect, match", [
-    ("shape", r"b_liver\.nii\.gz: mask shape \(16, 16, 5\) differs"),
-    ("affine", r"b_liver\.nii\.gz: affine differs from image \S*b_orig\.nii\.gz by 3 mm"),
-    ("spacing", r"b_liver\.nii\.gz: voxel sizes .* differ"),
-    ("2d", r"b_orig\.nii\.gz: image is 2D"),
-    ("channels", r"b_orig\.nii\.gz: image has shape \(16, 16, 4, 3\)"),
-    ("pixdim", r"b_orig\.nii\.gz: voxel sizes \(pixdim\)"),
-])
+@pytest.mark.parametrize(
+    "defect, match",
+    [
+        ("shape", r"b_liver\.nii\.gz: mask shape \(16, 16, 5\) differs"),
+        ("affine", r"b_liver\.nii\.gz: affine differs from image \S*b_orig\.nii\.gz by 3 mm"),
+        ("spacing", r"b_liver\.nii\.gz: voxel sizes .* differ"),
+        ("2d", r"b_orig\.nii\.gz: image is 2D"),
+        ("channels", r"b_orig\.nii\.gz: image has shape \(16, 16, 4, 3\)"),
+        ("pixdim", r"b_orig\.nii\.gz: voxel sizes \(pixdim\)"),
+    ],
+)
 def test_bad_headers_fail_before_anything_is_written(good_src, tmp_path, defect, match):
     img, mask = good_src / "b_orig.nii.gz", good_src / "b_liver.nii.gz"
     if defect == "shape":
@@ -221,12 +227,15 @@ def test_bad_headers_fail_before_anything_is_written(good_src, tmp_path, defect,
     _fails(good_src, tmp_path / "out", match)
 
 
-@pytest.mark.parametrize("defect, match", [
-    ("nan", r"b_orig\.nii\.gz: 1 voxels are NaN or Inf"),
-    ("truncated", r"b_orig\.nii\.gz: truncated or corrupt gzip"),
-    ("labels", r"b_liver\.nii\.gz: mask labels \[0, 1, 7\]"),
-    ("lits", r"b_liver\.nii\.gz: .*look like LiTS.*--merge-tumour"),
-])
+@pytest.mark.parametrize(
+    "defect, match",
+    [
+        ("nan", r"b_orig\.nii\.gz: 1 voxels are NaN or Inf"),
+        ("truncated", r"b_orig\.nii\.gz: truncated or corrupt gzip"),
+        ("labels", r"b_liver\.nii\.gz: mask labels \[0, 1, 7\]"),
+        ("lits", r"b_liver\.nii\.gz: .*look like LiTS.*--merge-tumour"),
+    ],
+)
 def test_bad_voxels_fail_the_run_before_any_shard_is_final(good_src, tmp_path, defect, match):
     img, mask = good_src / "b_orig.nii.gz", good_src / "b_liver.nii.gz"
     if defect == "nan":
@@ -244,7 +253,10 @@ def test_bad_voxels_fail_the_run_before_any_shard_is_final(good_src, tmp_path, d
     m = convert(good_src, tmp_path / "skip", ConvertOptions(num_shards=3, skip_bad=True), progress=False)
     assert [c.case_id for c in m.cases] == ["a", "c"]
     assert [s.case_id for s in m.skipped] == ["b"] and "b_" in m.skipped[0].error
-    assert [s.file for s in m.splits["train"].shards] == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+    assert [s.file for s in m.splits["train"].shards] == [
+        "train-00000-of-00002.tfrecord",
+        "train-00001-of-00002.tfrecord",
+    ]
     assert all(r.ok for r in verify.verify(tmp_path / "skip"))
 
 
@@ -274,7 +286,9 @@ def test_out_holding_another_dataset_is_not_overwritten(good_src, phantoms, tmp_
         convert(good_src, out, progress=False)
     assert {p: (out / p).read_bytes() for p in tree(out)} == before
     m = convert(phantoms, out, ConvertOptions(overwrite=True), progress=False)
-    assert sorted(tree(out)) == sorted(["cases.jsonl", "dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
+    assert sorted(tree(out)) == sorted(
+        ["cases.jsonl", "dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards]
+    )
 
 
 def test_out_with_foreign_files_is_refused(good_src, tmp_path):
@@ -298,21 +312,28 @@ def test_two_conversions_into_one_out_the_second_fails_naming_the_first(tmp_path
     out = tmp_path / "out"
     with locked(out, src):
         assert (out / LOCK).read_text().startswith(f"pid {os.getpid()} on ")
-        with pytest.raises(LiversegError, match=rf"{out} is in use by a conversion \(pid {os.getpid()} .*choose another OUT"):
+        with pytest.raises(
+            LiversegError, match=rf"{out} is in use by a conversion \(pid {os.getpid()} .*choose another OUT"
+        ):
             convert(src, out, ConvertOptions(), progress=False)
         assert tree(out) == [LOCK]  # the second wrote nothing
     assert not out.exists()  # made by the lock, left empty: removed
     (out).mkdir()
     (out / LOCK).write_text("pid 99999 on gone since 2026-01-01")  # a killed conversion's lock: taken over
     m = convert(src, out, ConvertOptions(), progress=False)
-    assert sorted(tree(out)) == sorted(["cases.jsonl", "dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
+    assert sorted(tree(out)) == sorted(
+        ["cases.jsonl", "dataset.json"] + [s.file for sp in m.splits.values() for s in sp.shards]
+    )
 
 
-@pytest.mark.parametrize("opts, message", [
-    (dict(affine_tol=float("nan")), r"--affine-tol nan: choose a tolerance in mm between 0 and 10"),
-    (dict(shard_mb=float("nan")), r"--shard-mb nan, .*--shard-mb must be in \(0, 1048576\]"),
-    (dict(val=float("nan")), r"--val nan / --test 0.0: fractions in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (dict(affine_tol=float("nan")), r"--affine-tol nan: choose a tolerance in mm between 0 and 10"),
+        (dict(shard_mb=float("nan")), r"--shard-mb nan, .*--shard-mb must be in \(0, 1048576\]"),
+        (dict(val=float("nan")), r"--val nan / --test 0.0: fractions in \[0, 1\)"),
+    ],
+)
 def test_non_finite_convert_options_are_refused(tmp_path, opts, message):
     from liverseg import LiversegError
 
@@ -323,10 +344,13 @@ def test_non_finite_convert_options_are_refused(tmp_path, opts, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"train": [1, 2]}, r"'train' must be a list of case ids as strings"),
-    ({"train": "phantom_001"}, r"'train' must be a list of case ids as strings .*got \"phantom_001\""),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"train": [1, 2]}, r"'train' must be a list of case ids as strings"),
+        ({"train": "phantom_001"}, r"'train' must be a list of case ids as strings .*got \"phantom_001\""),
+    ],
+)
 def test_a_split_file_of_numbers_or_a_string_is_refused(tmp_path, spec, message):
     import json
 

@@ -37,8 +37,15 @@ def _write_pair(root: Path, case: str, ct, mask, orientation="LPS", *, dicom: bo
         write_nifti(root / f"{case}_liver.nii.gz", arr_mask, affine, np.uint8)
         return
     dicom_io.write_series(root / case / "PATIENT_DICOM", arr_ct, affine, "CT", seed, shuffle=shuffle, patient=case)
-    dicom_io.write_series(root / case / "MASKS_DICOM" / "liver", arr_mask * np.uint8(255), affine, "OT", seed,
-                          shuffle=shuffle, patient=case)
+    dicom_io.write_series(
+        root / case / "MASKS_DICOM" / "liver",
+        arr_mask * np.uint8(255),
+        affine,
+        "OT",
+        seed,
+        shuffle=shuffle,
+        patient=case,
+    )
 
 
 def _shards(root: Path) -> list[bytes]:
@@ -82,9 +89,15 @@ def test_the_ircad_tree_zipped_and_unzipped_converts_with_the_preset_split(tmp_p
         with zipfile.ZipFile(zipped / f"{patient.name}.zip", "w") as z:
             for folder, path in inner.items():
                 z.write(path, f"{patient.name}/{folder}.zip")
-    m = convert(tmp_path / "plain", tmp_path / "a", ConvertOptions(layout="ircad", split_preset="ircad"), progress=False)
+    m = convert(
+        tmp_path / "plain", tmp_path / "a", ConvertOptions(layout="ircad", split_preset="ircad"), progress=False
+    )
     z = convert(zipped, tmp_path / "b", ConvertOptions(layout="ircad", split_preset="ircad"), progress=False)
-    assert {c.case_id: c.split for c in m.cases} == {"3Dircadb1.1": "train", "3Dircadb1.11": "val", "3Dircadb1.16": "test"}
+    assert {c.case_id: c.split for c in m.cases} == {
+        "3Dircadb1.1": "train",
+        "3Dircadb1.11": "val",
+        "3Dircadb1.16": "test",
+    }
     assert _shards(tmp_path / "a") == _shards(tmp_path / "b") and len(_shards(tmp_path / "a")) == 3
     assert [c.liver_voxels for c in z.cases] == [int(mask.sum())] * 3  # the 0/255 masks read as liver = 1
     assert z.cases[0].image.path.endswith("3Dircadb1.1.zip")
@@ -103,9 +116,16 @@ def test_msd_and_lits_layouts_merge_tumour_into_liver(tmp_path):
         write_nifti(msd / "labelsTr" / f"liver_{i}.nii.gz", labels, aff, np.uint8)
         write_nifti(lits / f"Training Batch {1 + i // 2}" / f"volume-{i}.nii", ct, aff, np.int16)
         write_nifti(lits / f"Training Batch {1 + i // 2}" / f"segmentation-{i}.nii", labels, aff, np.uint8)
-    (msd / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # the MSD tarball has these
-    (msd / "dataset.json").write_text(json.dumps({"name": "Liver", "labels": {"0": "background", "1": "liver", "2": "cancer"}}))
-    for src, layout, ids in ((msd, "msd", ["liver_0", "liver_1", "liver_2"]), (lits, "lits", ["lits_000", "lits_001", "lits_002"])):
+    (msd / "imagesTr" / "._liver_0.nii.gz").write_bytes(
+        b"\x00\x05\x16\x07 macOS resource fork"
+    )  # the MSD tarball has these
+    (msd / "dataset.json").write_text(
+        json.dumps({"name": "Liver", "labels": {"0": "background", "1": "liver", "2": "cancer"}})
+    )
+    for src, layout, ids in (
+        (msd, "msd", ["liver_0", "liver_1", "liver_2"]),
+        (lits, "lits", ["lits_000", "lits_001", "lits_002"]),
+    ):
         m = convert(src, tmp_path / f"{layout}-rec", ConvertOptions(layout=layout, val=0.34), progress=False)
         assert sorted(c.case_id for c in m.cases) == ids
         assert m.options.merge_tumour and [c.liver_voxels for c in m.cases] == [int((labels > 0).sum())] * 3
@@ -129,8 +149,11 @@ def test_predict_on_a_dicom_series_writes_a_nifti_at_the_dicom_positions(trained
     assert out.shape == (32, 32, 6) and out.get_data_dtype() == np.uint8  # columns, rows, slices
     for f in sorted(series.iterdir())[:3]:
         ds = pydicom.dcmread(f)
-        ipp, iop, (dr, dc) = (np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
-                              [float(v) for v in ds.PixelSpacing])
+        ipp, iop, (dr, dc) = (
+            np.array(ds.ImagePositionPatient, float),
+            np.array(ds.ImageOrientationPatient, float),
+            [float(v) for v in ds.PixelSpacing],
+        )
         ijk = np.linalg.inv(out.affine) @ [-ipp[0], -ipp[1], ipp[2], 1.0]  # where this file's first pixel is
         k = int(round(ijk[2]))
         np.testing.assert_allclose(ijk[:3], [0, 0, k], atol=1e-4)
@@ -178,8 +201,14 @@ def test_spacing_normalised_records_train_predict_and_score_on_the_source_grid(t
     assert m.split("train").slice_shape == (32, 32) and all(c.geometry.window is not None for c in m.cases)
     assert all(abs(c.geometry.stored_spacing[1] - 9.0) < 0.5 for c in m.cases)
     run = tmp_path / "run"
-    train.train(config.load(REPO / "configs" / "smoke.yaml", [f"data.records={tmp_path / 'rec'}", "train.steps=2",
-                                                               "train.eval_every=100"]), run, progress=False)
+    train.train(
+        config.load(
+            REPO / "configs" / "smoke.yaml",
+            [f"data.records={tmp_path / 'rec'}", "train.steps=2", "train.eval_every=100"],
+        ),
+        run,
+        progress=False,
+    )
     r = predict.load_run(run)
     assert (r.spec.size, r.spec.spacing) == (32, 9.0)
     val = m.cases_in("val")[0]
@@ -187,11 +216,14 @@ def test_spacing_normalised_records_train_predict_and_score_on_the_source_grid(t
     assert mask.shape == prob.shape == nib.load(val.image.path).shape and geom.window is not None
     rows, _, _ = evaluate.evaluate(r, split="val", out=tmp_path / "eval", pngs=False)
     ref = nib.load(val.mask.path)
-    expected = predict.postprocess(prob, r.cfg.eval.threshold, r.cfg.eval.largest_component,
-                                   r.cfg.eval.min_component_fraction)
+    expected = predict.postprocess(
+        prob, r.cfg.eval.threshold, r.cfg.eval.largest_component, r.cfg.eval.min_component_fraction
+    )
     from liverseg import metrics
 
-    assert rows[0]["dice"] == pytest.approx(metrics.case_metrics(expected, np.asanyarray(ref.dataobj), geom.spacing)["dice"])
+    assert rows[0]["dice"] == pytest.approx(
+        metrics.case_metrics(expected, np.asanyarray(ref.dataobj), geom.spacing)["dice"]
+    )
 
 
 def test_spacing_needs_size(tmp_path, phantoms):
@@ -234,8 +266,14 @@ DEFECTS = {
     "missing slice": (_defect_missing, r"uneven slice spacing: 45\.000 mm between .*about 1 slice\(s\) missing"),
     "duplicate position": (_defect_duplicate, r"duplicate slice position"),
     "uneven spacing": (_defect_uneven, r"uneven slice spacing"),
-    "mixed orientation": (lambda f: _rewrite(f[1], ImageOrientationPatient=[1, 0, 0, 0, 0.8, 0.6]), r"mixed orientations"),
-    "mixed size": (lambda f: _rewrite(f[1], Rows=16, PixelData=b"\0" * 16 * 32 * 2), r"mixed slice sizes \(image_\d+ is 16x32"),
+    "mixed orientation": (
+        lambda f: _rewrite(f[1], ImageOrientationPatient=[1, 0, 0, 0, 0.8, 0.6]),
+        r"mixed orientations",
+    ),
+    "mixed size": (
+        lambda f: _rewrite(f[1], Rows=16, PixelData=b"\0" * 16 * 32 * 2),
+        r"mixed slice sizes \(image_\d+ is 16x32",
+    ),
     "multi-frame": (lambda f: _rewrite(f[0], NumberOfFrames=2), r"multi-frame DICOM \(2 frames"),
     "not CT": (lambda f: [_rewrite(p, Modality="MR") for p in f], r"PATIENT_DICOM: a MR series, not CT"),
     "mask off the image's positions": (lambda f: None, r"liver: affine differs from image"),
@@ -250,7 +288,9 @@ def test_a_bad_series_is_named_and_nothing_is_written(tmp_path, defect):
     if defect.startswith("mask"):  # a mask series one slice further up than its CT
         arr, affine = geometry.from_canonical_ras(mask, SPACING, "LPS", origin=(-150.0, -200.0, 62.5))
         shutil.rmtree(tmp_path / "src" / "3Dircadb1.1" / "MASKS_DICOM")
-        dicom_io.write_series(tmp_path / "src" / "3Dircadb1.1" / "MASKS_DICOM" / "liver", arr * np.uint8(255), affine, "OT")
+        dicom_io.write_series(
+            tmp_path / "src" / "3Dircadb1.1" / "MASKS_DICOM" / "liver", arr * np.uint8(255), affine, "OT"
+        )
     else:
         apply(_series_files(tmp_path / "src"))
     with pytest.raises(InputError, match=match):
@@ -288,7 +328,9 @@ def test_series_in_one_folder_are_told_apart_by_their_uid(trained_run, tmp_path)
             shutil.copy(f, mixed / f"s{n}_{f.name}")
     found = dicom_io.find_series(mixed)
     assert len(found) == 2 and [sorted(Path(m).name[:2] for m in s.members) for s in found] in (
-        [["s1"] * 7, ["s2"] * 7], [["s2"] * 7, ["s1"] * 7])
+        [["s1"] * 7, ["s2"] * 7],
+        [["s2"] * 7, ["s1"] * 7],
+    )
     written, failures = predict.predict(predict.load_run(trained_run), [mixed], tmp_path / "out")
     assert not failures and len(written) == 2 and len({p.name for p in written}) == 2
     # in the ircad layout, PATIENT_DICOM must hold one series
@@ -314,14 +356,25 @@ def test_ircads_distributed_form_converts_predicts_and_evaluates_like_its_folder
     ct, mask = _anatomy()
     for n in (1, 2):
         _write_pair(tmp_path / "plain", f"3Dircadb1.{n}", ct, mask, dicom=True, seed=n)
-        arr, affine = geometry.from_canonical_ras(np.roll(mask, 3, axis=0), SPACING, "LPS", origin=(-150.0, -200.0, 40.0))
-        dicom_io.write_series(tmp_path / "plain" / f"3Dircadb1.{n}" / "MASKS_DICOM" / "bone", arr * np.uint8(255), affine,
-                              "OT", n + 50, patient=f"3Dircadb1.{n}")
+        arr, affine = geometry.from_canonical_ras(
+            np.roll(mask, 3, axis=0), SPACING, "LPS", origin=(-150.0, -200.0, 40.0)
+        )
+        dicom_io.write_series(
+            tmp_path / "plain" / f"3Dircadb1.{n}" / "MASKS_DICOM" / "bone",
+            arr * np.uint8(255),
+            affine,
+            "OT",
+            n + 50,
+            patient=f"3Dircadb1.{n}",
+        )
     shutil.copytree(tmp_path / "plain", tmp_path / "shipped")
     for patient in sorted((tmp_path / "shipped").iterdir()):
         for folder in ("PATIENT_DICOM", "MASKS_DICOM"):
             _zip_as_ircad(patient / folder)
-    assert sorted(p.name for p in (tmp_path / "shipped" / "3Dircadb1.1").iterdir()) == ["MASKS_DICOM.zip", "PATIENT_DICOM.zip"]
+    assert sorted(p.name for p in (tmp_path / "shipped" / "3Dircadb1.1").iterdir()) == [
+        "MASKS_DICOM.zip",
+        "PATIENT_DICOM.zip",
+    ]
     opts = ConvertOptions(layout="ircad")
     a = convert(tmp_path / "plain", tmp_path / "a", opts, progress=False)
     b = convert(tmp_path / "shipped", tmp_path / "b", opts, progress=False)
@@ -332,7 +385,9 @@ def test_ircads_distributed_form_converts_predicts_and_evaluates_like_its_folder
     written, failures = predict.predict(run, patients, tmp_path / "out")  # the CT series only, named by patient
     assert not failures and sorted(p.name for p in written) == ["3Dircadb1.1_liver.nii.gz", "3Dircadb1.2_liver.nii.gz"]
     rows, _, _ = evaluate.evaluate(run, data=tmp_path / "shipped", layout="ircad", out=tmp_path / "eval", pngs=False)
-    plain_rows, _, _ = evaluate.evaluate(run, data=tmp_path / "plain", layout="ircad", out=tmp_path / "eval2", pngs=False)
+    plain_rows, _, _ = evaluate.evaluate(
+        run, data=tmp_path / "plain", layout="ircad", out=tmp_path / "eval2", pngs=False
+    )
     assert rows == plain_rows and [r["case"] for r in rows] == ["3Dircadb1.1", "3Dircadb1.2"]
 
 
@@ -341,17 +396,24 @@ def test_predict_names_outputs_so_they_cannot_collide_and_refuses_a_scan_given_t
     for folder in ("a", "b"):  # the same file name in two folders
         _write_pair(tmp_path / folder, "x", ct, mask, dicom=False)
     run = predict.load_run(trained_run)
-    written, failures = predict.predict(run, [tmp_path / "a" / "x_orig.nii.gz", tmp_path / "b" / "x_orig.nii.gz",
-                                              tmp_path / "a" / "x_orig.nii.gz"], tmp_path / "out")
+    written, failures = predict.predict(
+        run,
+        [tmp_path / "a" / "x_orig.nii.gz", tmp_path / "b" / "x_orig.nii.gz", tmp_path / "a" / "x_orig.nii.gz"],
+        tmp_path / "out",
+    )
     assert sorted(p.name for p in written) == ["a_x_liver.nii.gz", "b_x_liver.nii.gz"]
-    assert failures == [f"{tmp_path / 'a' / 'x_orig.nii.gz'}: given twice (also as {tmp_path / 'a' / 'x_orig.nii.gz'}); "
-                        "predict it once"]
+    assert failures == [
+        f"{tmp_path / 'a' / 'x_orig.nii.gz'}: given twice (also as {tmp_path / 'a' / 'x_orig.nii.gz'}); predict it once"
+    ]
 
 
-@pytest.mark.parametrize("defect, match", [
-    ("truncated", r"PATIENT_DICOM/image_3: a CT Image Storage file without SeriesInstanceUID or Rows: .*truncated"),
-    ("slope 0", r"image_\d+: RescaleSlope .*0.* cannot map stored values to HU"),
-])
+@pytest.mark.parametrize(
+    "defect, match",
+    [
+        ("truncated", r"PATIENT_DICOM/image_3: a CT Image Storage file without SeriesInstanceUID or Rows: .*truncated"),
+        ("slope 0", r"image_\d+: RescaleSlope .*0.* cannot map stored values to HU"),
+    ],
+)
 def test_a_damaged_slice_is_named_not_blamed_on_the_spacing(tmp_path, defect, match):
     ct, mask = _anatomy()
     _write_pair(tmp_path / "src", "3Dircadb1.1", ct, mask, dicom=True, shuffle=False)

@@ -42,8 +42,8 @@ def _real_slices(run, n=3, size=64):
         ct = synth.render(np.random.default_rng(0), (80, 80, 12), (3.0, 3.0, 3.0))[0].transpose(2, 1, 0)
     z0, y0, x0 = ct.shape[0] // 2, (ct.shape[1] - size) // 2, (ct.shape[2] - size) // 2
     k = run.contract.spec.context
-    rows = predict.context_rows(ct.shape[0], k)[z0:z0 + n]
-    stack = ct[rows][:, :, y0:y0 + size, x0:x0 + size].transpose(0, 2, 3, 1)
+    rows = predict.context_rows(ct.shape[0], k)[z0 : z0 + n]
+    stack = ct[rows][:, :, y0 : y0 + size, x0 : x0 + size].transpose(0, 2, 3, 1)
     return predict.normalize(stack, run.contract.spec.normalization)
 
 
@@ -65,7 +65,10 @@ def test_openvino_also_runs_the_onnx_export(run, exports):
     np.testing.assert_allclose(a, predict.load_export(exports["onnx"]).logits(x), atol=1e-4)
     bf16 = engines.sigmoid(predict.load_export(exports["openvino"], "openvino-bf16").logits(x))
     assert np.abs(bf16 - engines.sigmoid(a)).max() < 0.05  # bfloat16 (float32 where the CPU lacks it)
-    with pytest.raises(LiversegError, match=r"engine litert cannot run a onnx export \(it runs onnxruntime, openvino or openvino-bf16\)"):
+    with pytest.raises(
+        LiversegError,
+        match=r"engine litert cannot run a onnx export \(it runs onnxruntime, openvino or openvino-bf16\)",
+    ):
         predict.load_export(exports["onnx"], "litert")
 
 
@@ -109,14 +112,45 @@ def _without_tensorflow(tmp_path) -> dict:
 def test_predict_model_runs_where_tensorflow_is_not_installed(run, exports, volume, tmp_path):
     predict.predict(predict.load_export(exports["onnx"]), [volume], tmp_path / "here")
     env = _without_tensorflow(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "liverseg", "predict", "--model", str(exports["onnx"]), str(volume),
-                        "--out", str(tmp_path / "there")], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liverseg",
+            "predict",
+            "--model",
+            str(exports["onnx"]),
+            str(volume),
+            "--out",
+            str(tmp_path / "there"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0 and all(" INFO liverseg.predict: " in line for line in r.stderr.splitlines()), r.stderr
-    np.testing.assert_array_equal(_nii(tmp_path / "there" / "vol_liver.nii.gz")[0],
-                                  _nii(tmp_path / "here" / "vol_liver.nii.gz")[0])
+    np.testing.assert_array_equal(
+        _nii(tmp_path / "there" / "vol_liver.nii.gz")[0], _nii(tmp_path / "here" / "vol_liver.nii.gz")[0]
+    )
     # what needs TensorFlow says so in one line
-    r = subprocess.run([sys.executable, "-m", "liverseg", "predict", "--run", str(run.root), str(volume),
-                        "--out", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liverseg",
+            "predict",
+            "--run",
+            str(run.root),
+            str(volume),
+            "--out",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "TensorFlow" in r.stderr, r.stderr
     assert not (tmp_path / "nope").exists()
 
@@ -130,8 +164,9 @@ class Thresholder:
 
     def __init__(self, threshold=0.55, weights="0123456789abcdef"):
         norm = rundir.Normalization(-200.0, 250.0, -200.0, 450.0)
-        self.contract = predict.Contract(rundir.InputSpec(0, 0, 1, 0, None, norm), 1, 0.5, False, True, 0.1, 4,
-                                         weights=weights)
+        self.contract = predict.Contract(
+            rundir.InputSpec(0, 0, 1, 0, None, norm), 1, 0.5, False, True, 0.1, 4, weights=weights
+        )
         self.threshold = threshold
 
     name = "thresholder"
@@ -195,10 +230,17 @@ def test_our_seg_has_the_structure_of_a_reference_seg(series, tmp_path, real_ct)
     ref = pydicom.dcmread(real_ct / "dcmqi-ct-3slice" / "liver.dcm")
     for keyword in ("SOPClassUID", "Modality", "SegmentationType", "BitsAllocated", "SamplesPerPixel"):
         assert ours[keyword].value == ref[keyword].value, keyword
-    codes = [(s.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
-              s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning.lower()) for s in (ours.SegmentSequence[0],
-                                                                                    ref.SegmentSequence[0])]
-    assert codes[0] == ("SCT", "liver") and codes[1] in {("SCT", "liver"), ("SRT", "liver")}  # SRT: SNOMED's old designator
+    codes = [
+        (
+            s.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
+            s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning.lower(),
+        )
+        for s in (ours.SegmentSequence[0], ref.SegmentSequence[0])
+    ]
+    assert codes[0] == ("SCT", "liver") and codes[1] in {
+        ("SCT", "liver"),
+        ("SRT", "liver"),
+    }  # SRT: SNOMED's old designator
     for ds in (ours, ref):
         frame = ds.PerFrameFunctionalGroupsSequence[0]
         assert "PlanePositionSequence" in frame and "DerivationImageSequence" in frame
@@ -206,8 +248,11 @@ def test_our_seg_has_the_structure_of_a_reference_seg(series, tmp_path, real_ct)
 
 
 def test_dicom_seg_refusals_write_nothing(series, volume, tmp_path):
-    with pytest.raises(LiversegError, match=r"--format dicom-seg needs DICOM series as inputs .*vol_orig\.nii\.gz is "
-                                            r"not DICOM; use --format nifti"):
+    with pytest.raises(
+        LiversegError,
+        match=r"--format dicom-seg needs DICOM series as inputs .*vol_orig\.nii\.gz is "
+        r"not DICOM; use --format nifti",
+    ):
         predict.predict(Thresholder(), [volume], tmp_path / "out", fmt="dicom-seg")
     assert not (tmp_path / "out").exists()
     written, failures = predict.predict(Thresholder(threshold=5.0), [series], tmp_path / "empty", fmt="dicom-seg")
@@ -242,13 +287,23 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
     shutil.copytree(exports["onnx"], old)
     contract = json.loads((old / predict.CONTRACT_FILE).read_text())
     (old / predict.CONTRACT_FILE).write_text(json.dumps({**contract, "version": 0}))
-    with pytest.raises(LiversegError, match=r"export format version 0, this liverseg .* reads versions 1, 2; export the run again"):
+    with pytest.raises(
+        LiversegError, match=r"export format version 0, this liverseg .* reads versions 1, 2; export the run again"
+    ):
         predict.load_export(old)
     # a contract edited to another input: the slice size (this export takes any), the context
-    for edit, said in (({"size": 64, "height": 64, "width": 64}, r"64x64x3: .* does not match the network in model\.onnx "
-                                                                 r"\(anyxanyx3\)"),
-                       ({"context": 2, "channels": 5}, r"anyxanyx5: .* does not match the network in model\.onnx "
-                                                      r"\(anyxanyx3\)")):
+    for edit, said in (
+        (
+            {"size": 64, "height": 64, "width": 64},
+            r"64x64x3: .* does not match the network in model\.onnx "
+            r"\(anyxanyx3\)",
+        ),
+        (
+            {"context": 2, "channels": 5},
+            r"anyxanyx5: .* does not match the network in model\.onnx "
+            r"\(anyxanyx3\)",
+        ),
+    ):
         edited = {**contract, "input": {**contract["input"], **edit}}
         (old / predict.CONTRACT_FILE).write_text(json.dumps(edited))
         with pytest.raises(LiversegError, match=rf"liverseg-model\.json: its input \({said}; the contract was edited"):
@@ -261,8 +316,11 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    with pytest.raises(LiversegError, match=r"engine onnxruntime: its runtime \(onnxruntime\) is not installed; pip install "
-                                            r"'liverseg\[onnx\]'"):
+    with pytest.raises(
+        LiversegError,
+        match=r"engine onnxruntime: its runtime \(onnxruntime\) is not installed; pip install "
+        r"'liverseg\[onnx\]'",
+    ):
         predict.load_export(exports["onnx"])
 
 
@@ -271,20 +329,43 @@ def test_export_of_a_run_without_weights_writes_nothing(trained_run, tmp_path):
 
     bare = tmp_path / "bare"
     shutil.copytree(trained_run, bare, ignore=shutil.ignore_patterns("*.weights.h5"))
-    r = subprocess.run([sys.executable, "-m", "liverseg", "export", "--run", str(bare), str(tmp_path / "out"), "--format",
-                        "onnx"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "liverseg", "export", "--run", str(bare), str(tmp_path / "out"), "--format", "onnx"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "no best.weights.h5 or final.weights.h5 yet" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_the_export_cli_is_quiet_and_says_its_parity(trained_run, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "liverseg", "export", "--run", str(trained_run), str(tmp_path / "out"),
-                        "--format", "onnx"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liverseg",
+            "export",
+            "--run",
+            str(trained_run),
+            str(tmp_path / "out"),
+            "--format",
+            "onnx",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "", r.stderr
     assert "exported onnx to" in r.stdout and "probabilities within" in r.stdout
-    assert sorted(p.name for p in Path(tmp_path / "out").iterdir()) == ["best.weights.h5", "config.yaml",
-                                                                        "liverseg-model.json", "model.onnx", "run.json"]
+    assert sorted(p.name for p in Path(tmp_path / "out").iterdir()) == [
+        "best.weights.h5",
+        "config.yaml",
+        "liverseg-model.json",
+        "model.onnx",
+        "run.json",
+    ]
 
 
 def test_an_exported_ensemble_predicts_as_its_runs_do(run, volume, tmp_path):
@@ -310,22 +391,44 @@ def test_a_seg_of_the_real_ircad_series_without_frame_of_reference(real_ct, tmp_
     assert failures == [] and [p.name for p in written] == ["ircad-01_liver.dcm"]
     assert caplog.text.count("derived from the series UID") == 1
     seg = pydicom.dcmread(written[0])
-    slices = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.iterdir())}
+    slices = {
+        str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in series.iterdir())
+    }
     assert seg.FrameOfReferenceUID and not any("FrameOfReferenceUID" in ds for ds in slices.values())
     for frame in seg.PerFrameFunctionalGroupsSequence:
         ref = slices[str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
-        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
-                                   [float(v) for v in ref.ImagePositionPatient], atol=1e-3)
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in ref.ImagePositionPatient],
+            atol=1e-3,
+        )
 
 
 def test_predict_to_dicom_seg_prints_only_liversegs_lines(exports, real_ct, tmp_path):
     series = real_ct / "ircad-01" / "PATIENT_DICOM"
-    r = subprocess.run([sys.executable, "-m", "liverseg", "predict", "--model", str(exports["onnx"]), str(series),
-                        "--out", str(tmp_path / "out"), "--format", "dicom-seg"], capture_output=True, text=True,
-                       timeout=600, env=_without_tensorflow(tmp_path))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "liverseg",
+            "predict",
+            "--model",
+            str(exports["onnx"]),
+            str(series),
+            "--out",
+            str(tmp_path / "out"),
+            "--format",
+            "dicom-seg",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_without_tensorflow(tmp_path),
+    )
     assert r.returncode in (0, 1), r.stderr  # 1: the smoke model finding no liver on real CT, reported by name
-    assert all(" liverseg." in line or line.startswith("Error: 1 input(s) failed") for line in r.stderr.splitlines()), \
+    assert all(" liverseg." in line or line.startswith("Error: 1 input(s) failed") for line in r.stderr.splitlines()), (
         r.stderr
+    )
 
 
 @pytest.mark.parametrize("z, k", [(1, 0), (5, 2), (3, 4)])
@@ -339,5 +442,6 @@ def test_the_numpy_stacks_and_normalisation_are_the_pipelines(z, k):
     np.testing.assert_array_equal(predict.context_rows(z, k), pipeline.context_rows(s, np.int64(z), s, k).numpy())
     hu = np.random.default_rng(k).integers(-1024, 3071, (2, 7, 5, 3)).astype(np.int16)
     for norm in (rundir.Normalization(-200.0, 250.0, -200.0, 450.0), rundir.Normalization(-35.5, 210.25, 96.3, 41.7)):
-        np.testing.assert_array_equal(predict.normalize(hu, norm),
-                                      pipeline.normalize(tf.constant(hu, tf.float32), norm).numpy())
+        np.testing.assert_array_equal(
+            predict.normalize(hu, norm), pipeline.normalize(tf.constant(hu, tf.float32), norm).numpy()
+        )

@@ -83,7 +83,8 @@ def test_damaged_checkpoint_resumes_from_the_newest_readable_and_keeps_the_older
         assert (tmp_path / "damaged").is_dir() and not list(tmp_path.glob("ckpt-6.*"))
     # TF's own bookkeeping now lists what is on disk, so rotation deletes nothing newer than it should
     assert tf.train.CheckpointManager(ckpt, str(tmp_path), 3).checkpoints == [
-        str(tmp_path / f"ckpt-{n}") for n in ((2, 4) if expected == 4 else (2, 4, 6))]
+        str(tmp_path / f"ckpt-{n}") for n in ((2, 4) if expected == 4 else (2, 4, 6))
+    ]
 
 
 def test_no_readable_checkpoint_stops_naming_the_files(tmp_path):
@@ -93,7 +94,8 @@ def test_no_readable_checkpoint_stops_naming_the_files(tmp_path):
     with pytest.raises(LiversegError, match=r"no checkpoint restores \(ckpt-6: .*ckpt-4: .*ckpt-2: .*move .* aside"):
         checkpoints.restore_newest(ckpt, tmp_path, repair=True)
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == sorted(  # nothing moved or deleted
-        f"ckpt-{n}.{k}" for n in (2, 4, 6) for k in ("index", "data-00000-of-00001"))
+        f"ckpt-{n}.{k}" for n in (2, 4, 6) for k in ("index", "data-00000-of-00001")
+    )
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
     with pytest.raises(LiversegError, match=r"lists checkpoints but no ckpt-\* files"):
@@ -104,10 +106,16 @@ def test_training_resumes_past_a_truncated_newest_checkpoint(trained_run, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)  # 40 steps, checkpoints 20, 30, 40 kept
     _truncate(run / "checkpoints" / "ckpt-40.data-00000-of-00001")
-    cfg = config.replace(rundir.load_config(run), **{"train.steps": 35, "train.checkpoint_every": 5, "train.eval_every": 1000})
+    cfg = config.replace(
+        rundir.load_config(run), **{"train.steps": 35, "train.checkpoint_every": 5, "train.eval_every": 1000}
+    )
     result = train.train(cfg, run, progress=False)
     assert result["step"] == 35  # resumed at 30, not 0
-    assert sorted(int(p.name.split("-")[1].split(".")[0]) for p in (run / "checkpoints").glob("ckpt-*.index")) == [20, 30, 35]
+    assert sorted(int(p.name.split("-")[1].split(".")[0]) for p in (run / "checkpoints").glob("ckpt-*.index")) == [
+        20,
+        30,
+        35,
+    ]
     assert (run / "checkpoints" / "damaged" / "ckpt-40.index").is_file()
 
 
@@ -143,8 +151,11 @@ def test_complex_ct_is_refused_in_convert_and_predict(trained_run, tmp_path):
 
 def test_context_reaching_past_the_shortest_case_is_refused(dataset, tmp_path):
     shortest = min(c.num_slices for c in Manifest.load(dataset).cases_in("train"))
-    with pytest.raises(LiversegError, match=rf"data.context={shortest} stacks {2 * shortest + 1} slices, but training "
-                                            rf"case \S+ has {shortest}: .*data.context <= {(shortest - 1) // 2}"):
+    with pytest.raises(
+        LiversegError,
+        match=rf"data.context={shortest} stacks {2 * shortest + 1} slices, but training "
+        rf"case \S+ has {shortest}: .*data.context <= {(shortest - 1) // 2}",
+    ):
         train.train(smoke(dataset, f"data.context={shortest}"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -195,8 +206,10 @@ def _beam_workers_of(pid: int) -> list[int]:
     found = []
     for d in Path("/proc").glob("[0-9]*"):
         try:
-            if b"liverseg.convert.beam_worker" in (d / "cmdline").read_bytes() and \
-                    f"LIVERSEG_CONVERTER_PID={pid}".encode() in (d / "environ").read_bytes():
+            if (
+                b"liverseg.convert.beam_worker" in (d / "cmdline").read_bytes()
+                and f"LIVERSEG_CONVERTER_PID={pid}".encode() in (d / "environ").read_bytes()
+            ):
                 found.append(int(d.name))
         except OSError:
             continue
@@ -240,8 +253,11 @@ def test_tensorboard_says_where_it_serves_in_few_lines_and_frees_its_port_on_sig
         before.append(line)
     assert len(before) <= 2 and f"http://127.0.0.1:{port}/" in line, before + [line]
     deadline = time.monotonic() + 300  # a bound against hanging: its first load cycle may still be running
-    while not (tags := json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags",
-                                                         timeout=60).read())).get("validation"):
+    while not (
+        tags := json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=60).read()
+        )
+    ).get("validation"):
         assert time.monotonic() < deadline, tags
         time.sleep(0.2)
     assert {"loss", "dice"} <= set(tags["train"]) and "dice_3d" in tags["validation"]  # the run's logs are served
@@ -341,13 +357,17 @@ def test_unreadable_inputs_say_why(tmp_path):
     with pytest.raises(nifti_io.InputError, match=r"a_liver\.nii\.gz: symbolic link loop"):
         nifti_io.read_header(tmp_path / "a_liver.nii.gz")
     (tmp_path / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
-    with pytest.raises(nifti_io.InputError, match=r"gone\.nii\.gz: symbolic link to .*nowhere\.nii\.gz, which does not"):
+    with pytest.raises(
+        nifti_io.InputError, match=r"gone\.nii\.gz: symbolic link to .*nowhere\.nii\.gz, which does not"
+    ):
         nifti_io.read_file(tmp_path / "gone.nii.gz")
     plain = write_nifti(tmp_path / "plain.nii", np.zeros((8, 8, 3), np.int16))
     named = tmp_path / "plain_orig.nii.gz"
     shutil.copy(plain, named)
     for fn in (nifti_io.read_header, load_image):
-        with pytest.raises(nifti_io.InputError, match=r"plain_orig\.nii\.gz: named \.gz but not gzip-compressed.*rename it to \.nii"):
+        with pytest.raises(
+            nifti_io.InputError, match=r"plain_orig\.nii\.gz: named \.gz but not gzip-compressed.*rename it to \.nii"
+        ):
             fn(named)
     (tmp_path / "empty_orig.nii.gz").write_bytes(b"")
     for fn in (nifti_io.read_header, load_image):
@@ -380,7 +400,9 @@ def _catches(pid: int, signum: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to see a process's signal handlers")
 def test_sigterm_while_train_starts_up_exits_42(dataset, tmp_path):
     """SIGTERM as soon as the CLI's handler is in place, long before TensorFlow has loaded."""
-    proc = _cli("train", "--config", SMOKE, "--records", dataset, "--run", tmp_path / "run", "--set", "train.steps=1000")
+    proc = _cli(
+        "train", "--config", SMOKE, "--records", dataset, "--run", tmp_path / "run", "--set", "train.steps=1000"
+    )
     deadline = time.monotonic() + 120  # a bound against hanging, not a speed
     while not _catches(proc.pid, signal.SIGTERM):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
@@ -394,8 +416,11 @@ def test_sigterm_while_train_starts_up_exits_42(dataset, tmp_path):
 
 def test_a_lost_worker_is_one_line():
     where = lambda: "step 40 in run/checkpoints"  # noqa: E731
-    with pytest.raises(LiversegError, match=r"^lost contact with a worker of the cluster \(UnavailableError: Collective "
-                                            r"ops is aborted by: peer down\); restart every worker .*resumes from step 40 in run/checkpoints$"):
+    with pytest.raises(
+        LiversegError,
+        match=r"^lost contact with a worker of the cluster \(UnavailableError: Collective "
+        r"ops is aborted by: peer down\); restart every worker .*resumes from step 40 in run/checkpoints$",
+    ):
         with train.lost_workers_explained(True, where):
             raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: peer down\nAdditional GRPC ...")
     with pytest.raises(tf.errors.UnavailableError):  # one process: not ours to explain
@@ -423,9 +448,13 @@ def test_a_second_trainer_on_a_locked_run_fails_and_a_stale_lock_is_taken_over(d
 
 
 def test_verify_reports_a_missing_manifest_without_importing_tensorflow(tmp_path):
-    code = ("import atexit, sys; atexit.register(lambda: print('tensorflow' in sys.modules)); "
-            f"sys.argv = ['liverseg', 'verify', {str(tmp_path / 'nope')!r}]; from liverseg.cli import main; main()")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "LIVERSEG_MALLOC": "system"})
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('tensorflow' in sys.modules)); "
+        f"sys.argv = ['liverseg', 'verify', {str(tmp_path / 'nope')!r}]; from liverseg.cli import main; main()"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "LIVERSEG_MALLOC": "system"}
+    )
     assert p.returncode == 2 and "no dataset.json manifest" in p.stderr
     assert p.stdout.strip() == "False" and p.stderr.count("\n") == 1, p.stderr
 
@@ -459,5 +488,7 @@ def test_a_mask_in_another_axis_order_of_the_same_grid_is_accepted(tmp_path, ima
     # a genuinely different grid (shifted by one voxel) is still refused
     shifted, aff = geometry.from_canonical_ras(mask, (14.0, 14.0, 15.0), mask_axes, origin=(-86, 50, 7))
     write_nifti(tmp_path / "mixed" / "c1_liver.nii.gz", shifted, aff, np.uint8)
-    with pytest.raises(LiversegError, match=r"c1_liver\.nii\.gz: affine differs from image \S*c1_orig\.nii\.gz by 14 mm"):
+    with pytest.raises(
+        LiversegError, match=r"c1_liver\.nii\.gz: affine differs from image \S*c1_orig\.nii\.gz by 14 mm"
+    ):
         convert(tmp_path / "mixed", tmp_path / "bad-rec", ConvertOptions(), progress=False)

@@ -27,16 +27,26 @@ def test_a_folds_manifest_and_pipelines_hold_exactly_its_patients(dataset):
     assert len(pool) == 5 and not set(pool) & {c.case_id for c in m.cases_in("test")}
     seen = []
     for k in range(3):
-        cfg = config.load(SMOKE, [f"data.records={dataset}", "data.folds=3", f"data.fold={k}", "data.batch_size=1",
-                                  "data.foreground_fraction=0", "augment.placement=none"])
+        cfg = config.load(
+            SMOKE,
+            [
+                f"data.records={dataset}",
+                "data.folds=3",
+                f"data.fold={k}",
+                "data.batch_size=1",
+                "data.foreground_fraction=0",
+                "augment.placement=none",
+            ],
+        )
         view = pipeline.open_split(cfg, "train")
         val = {c.case_id for c in view.cases_in("val")}
         trained = {c.case_id for c in view.cases_in("train")}
         assert val | trained == set(pool) and not val & trained
         assert [c.case_id for c in view.cases_in("test")] == [c.case_id for c in m.cases_in("test")]
         index = {c.index: c.case_id for c in m.cases}
-        got_val = collections.Counter(index[int(i)] for b in pipeline.build_dataset(cfg, "val")
-                                      for i in b["case_index"].numpy())
+        got_val = collections.Counter(
+            index[int(i)] for b in pipeline.build_dataset(cfg, "val") for i in b["case_index"].numpy()
+        )
         assert got_val == {c: m.case(c).num_slices for c in val}
         got_train = {index[int(b["case_index"][0])] for b in pipeline.build_dataset(cfg, "train", epochs=1)}
         assert got_train == trained
@@ -48,8 +58,10 @@ def test_a_folds_manifest_and_pipelines_hold_exactly_its_patients(dataset):
 
 
 def _fold_run(dataset, root, k, n=2, *extra):
-    cfg = config.load(SMOKE, [f"data.records={dataset}", f"data.folds={n}", f"data.fold={k}", "train.steps=2",
-                              "train.eval_every=2", *extra])
+    cfg = config.load(
+        SMOKE,
+        [f"data.records={dataset}", f"data.folds={n}", f"data.fold={k}", "train.steps=2", "train.eval_every=2", *extra],
+    )
     train.train(cfg, root, progress=False)
     return root
 
@@ -70,8 +82,11 @@ def test_run_json_records_the_fold_and_resume_keeps_it(dataset, fold_runs, tmp_p
         _fold_run(dataset, copy, 0, 3)
     with pytest.raises(LiversegError, match=r"data\.fold=2 is not valid: must be in \[0, 1\] \(data\.folds=2\)"):
         config.load(SMOKE, ["data.folds=2", "data.fold=2"])
-    with pytest.raises(LiversegError, match=r"data\.folds=9 folds need at least 9 training patients, but its train and "
-                                            r"val splits hold 5"):
+    with pytest.raises(
+        LiversegError,
+        match=r"data\.folds=9 folds need at least 9 training patients, but its train and "
+        r"val splits hold 5",
+    ):
         _fold_run(dataset, tmp_path / "nine", 0, 9)
     assert not (tmp_path / "nine").exists()
 
@@ -117,7 +132,8 @@ def test_an_ensemble_evaluates_the_mean_of_its_members(fold_runs, tmp_path):
     [(case_id, pred, *_)] = list(evaluate.record_cases(models, None, "test"))
     assert case_id == case.case_id
     c = models[0].contract
-    np.testing.assert_array_equal(pred, predict.postprocess(want, c.threshold, c.largest_component,
-                                                            c.min_component_fraction))
+    np.testing.assert_array_equal(
+        pred, predict.postprocess(want, c.threshold, c.largest_component, c.min_component_fraction)
+    )
     rows, _, _ = evaluate.evaluate(models, split="test", out=tmp_path / "ens", pngs=False)
     assert [r["case"] for r in rows] == [case.case_id]

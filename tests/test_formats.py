@@ -1,4 +1,5 @@
-"""The owners of dataset.json and run.json (round trips, versions), and what conversion measures: HU statistics against numpy, scl_inter applied."""
+"""The owners of dataset.json and run.json (round trips, versions), the serialiser, and what
+conversion measures: HU statistics against numpy, scl_inter applied."""
 
 import json
 import shutil
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import load_image, write_nifti
-from liverseg import LiversegError, nifti_io, records, rundir
+from liverseg import LiversegError, records, rundir
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import MANIFEST, Manifest
 
@@ -75,7 +76,9 @@ def test_uint16_ct_with_intercept_minus_1024_is_stored_as_hu(tmp_path):
     img.header.set_slope_inter(1.0, -1024.0)
     (tmp_path / "src").mkdir()
     nib.save(img, str(tmp_path / "src" / "c0_orig.nii.gz"))
-    write_nifti(tmp_path / "src" / "c0_liver.nii.gz", (hu > 200).astype(np.uint8), np.diag([0.8, 0.8, 2.5, 1.0]), np.uint8)
+    write_nifti(
+        tmp_path / "src" / "c0_liver.nii.gz", (hu > 200).astype(np.uint8), np.diag([0.8, 0.8, 2.5, 1.0]), np.uint8
+    )
     loaded, _ = load_image(tmp_path / "src" / "c0_orig.nii.gz")
     assert loaded.dtype == np.int16 and int(loaded.min()) >= -1024
     np.testing.assert_array_equal(np.sort(loaded.ravel()), np.sort(hu.ravel()))  # the same values, HU
@@ -139,8 +142,11 @@ def test_a_truncated_manifest_or_cases_file_is_named_not_half_read(dataset, tmp_
     (copy / "cases.jsonl").write_bytes(cases[: len(cases) // 2])
     m = Manifest.load(copy)  # the summary loads; the cases are read when asked for
     assert m.num_cases == len(Manifest.load(dataset).cases)
-    with pytest.raises(records.RecordsError, match=r"cases.jsonl: its sha256 is not the one .*dataset.json records "
-                                                   r"\(truncated or replaced\); re-run liverseg convert"):
+    with pytest.raises(
+        records.RecordsError,
+        match=r"cases.jsonl: its sha256 is not the one .*dataset.json records "
+        r"\(truncated or replaced\); re-run liverseg convert",
+    ):
         m.case(Manifest.load(dataset).cases[0].case_id)
     text = (dataset / MANIFEST).read_text()
     (copy / MANIFEST).write_text(text[: len(text) // 2])
@@ -171,8 +177,12 @@ def test_the_serialiser_writes_and_reads_every_field_spelling():
 
     o = Outer(Inner((1.0, 2.5), (3, 4)), 0.5, True, "x", "here", {"a": Inner((0.0,))})
     d = serial.to_json(o)
-    assert d == {"nested": {"values": [1.0, 2.5], "pair": [3, 4]}, "post": {"limit": 0.5, "on": True}, "tag": "x",
-                 "parts": {"a": {"values": [0.0]}}}
+    assert d == {
+        "nested": {"values": [1.0, 2.5], "pair": [3, 4]},
+        "post": {"limit": 0.5, "on": True},
+        "tag": "x",
+        "parts": {"a": {"values": [0.0]}},
+    }
     back = serial.from_json(Outer, json.loads(json.dumps(d)))
     assert back == dataclasses.replace(o, where="set by the loader")
     plain = serial.to_json(Outer(Inner((1.0,)), 2.0))

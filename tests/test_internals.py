@@ -35,8 +35,9 @@ def test_tf_internal_strategy_supports_no_merge_call():
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     assert not bool(one.run(lambda: tf.constant(fn())).numpy())
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert not any(bool(v.numpy()) for v in mirrored.experimental_local_results(
-        mirrored.run(lambda: tf.constant(fn()))))
+    assert not any(
+        bool(v.numpy()) for v in mirrored.experimental_local_results(mirrored.run(lambda: tf.constant(fn())))
+    )
 
 
 def test_keras_tf_optimizer_all_reduce_sum_gradients():
@@ -84,8 +85,9 @@ def test_tf_data_service_worker_server_address():
 
     dispatcher, address = data_service.dispatcher(0, block=False)
     try:
-        worker = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
-            dispatcher_address=address.removeprefix("grpc://"), port=0))
+        worker = tf.data.experimental.service.WorkerServer(
+            tf.data.experimental.service.WorkerConfig(dispatcher_address=address.removeprefix("grpc://"), port=0)
+        )
         try:
             host, port = worker._address.rsplit(":", 1)
             assert int(port) > 0
@@ -132,7 +134,9 @@ def test_beam_subprocess_environment_and_sdk_worker_main():
     assert env.command_string == "python -m liverseg.convert.beam_worker 123"
     assert importlib.util.find_spec("apache_beam.runners.worker.sdk_worker_main") is not None
     assert len(inspect.signature(sdk_worker_main.main).parameters) == 1  # main(argv)
-    assert "if __name__ == '__main__':\n  main(sys.argv)" in inspect.getsource(sdk_worker_main)  # runpy's __main__ runs it
+    assert "if __name__ == '__main__':\n  main(sys.argv)" in inspect.getsource(
+        sdk_worker_main
+    )  # runpy's __main__ runs it
 
 
 def test_tf_checkpoint_writes_into_a_prefix_temp_folder(tmp_path):
@@ -154,8 +158,10 @@ def test_checkpoint_state_file_written_by_hand_is_read_by_tf(tmp_path):
     state = tf.train.get_checkpoint_state(str(tmp_path))
     assert state.model_checkpoint_path.endswith("ckpt-4")
     assert [p.rsplit("/", 1)[-1] for p in state.all_model_checkpoint_paths] == ["ckpt-2", "ckpt-4"]
-    assert [p.rsplit("/", 1)[-1] for p in tf.train.CheckpointManager(ckpt, str(tmp_path), 5).checkpoints] == \
-        ["ckpt-2", "ckpt-4"]
+    assert [p.rsplit("/", 1)[-1] for p in tf.train.CheckpointManager(ckpt, str(tmp_path), 5).checkpoints] == [
+        "ckpt-2",
+        "ckpt-4",
+    ]
 
 
 def test_tensorboard_data_server_binary_lookup():

@@ -12,7 +12,7 @@ from liverseg import metrics
 
 def _cube(shape=(20, 20, 20), lo=(4, 4, 4), side=10):
     m = np.zeros(shape, bool)
-    m[lo[0]:lo[0] + side, lo[1]:lo[1] + side, lo[2]:lo[2] + side] = True
+    m[lo[0] : lo[0] + side, lo[1] : lo[1] + side, lo[2] : lo[2] + side] = True
     return m
 
 
@@ -75,7 +75,15 @@ def test_matches_brute_force_on_irregular_shapes_and_is_symmetric():
 def test_empty_mask_rules():
     empty, cube = np.zeros((10, 10, 10), bool), _cube((10, 10, 10), (2, 2, 2), 4)
     both = metrics.case_metrics(empty, empty, (1, 1, 1))
-    assert (both["dice"], both["iou"], both["voe"], both["rvd"], both["hd95"], both["assd"], both["msd"]) == (1, 1, 0, 0, 0, 0, 0)
+    assert (both["dice"], both["iou"], both["voe"], both["rvd"], both["hd95"], both["assd"], both["msd"]) == (
+        1,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     missed = metrics.case_metrics(empty, cube, (1, 1, 1))
     assert missed["dice"] == 0 and missed["rvd"] == -1 and all(math.isinf(missed[k]) for k in metrics.DISTANCES)
     spurious = metrics.case_metrics(cube, empty, (1, 1, 1))

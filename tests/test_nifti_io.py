@@ -6,8 +6,8 @@ import pytest
 
 from conftest import load_image, load_mask, write_nifti
 from liverseg import geometry, nifti_io
-from liverseg.outputs import atomic_path
 from liverseg.nifti_io import InputError
+from liverseg.outputs import atomic_path
 
 ORIENTATIONS = ["LAS", "RAS", "LPS", "PIR", "SAL"]
 
@@ -62,7 +62,7 @@ def test_resize_round_trip_and_spacing(tmp_path):
     assert abs(small.astype(float).mean() - vol.astype(float).mean()) < 25
     # a liver-like blob survives the round trip source -> 16x16 stored -> source grid
     x, y = np.meshgrid(np.arange(30), np.arange(40), indexing="ij")
-    blob = ((x - 14) ** 2 / 81 + (y - 22) ** 2 / 144 < 1)
+    blob = (x - 14) ** 2 / 81 + (y - 22) ** 2 / 144 < 1
     mask = np.repeat(blob[:, :, None], 4, axis=2).astype(np.uint8)  # RAS [x, y, z]
     small_mask = geometry.to_stored(mask, g, "mask")
     assert set(np.unique(small_mask)) == {0, 1}

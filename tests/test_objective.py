@@ -43,11 +43,14 @@ def test_tversky_weighs_false_positives_by_alpha_and_false_negatives_by_beta():
     assert loss("tversky", "train.tversky_alpha=0.7", "train.tversky_beta=0.3") != pytest.approx(expected, rel=1e-3)
 
 
-@pytest.mark.parametrize("kind, values", [
-    ("constant", {0: 0.1, 4: 0.5, 9: 1.0, 60: 1.0, 110: 1.0}),
-    ("cosine", {0: 0.1, 4: 0.5, 9: 1.0, 35: 0.5 * (1 + math.cos(math.pi * 0.25)), 60: 0.5, 110: 0.0, 500: 0.0}),
-    ("poly", {0: 0.1, 9: 1.0, 60: 0.5 ** 0.9, 110: 0.0}),
-])
+@pytest.mark.parametrize(
+    "kind, values",
+    [
+        ("constant", {0: 0.1, 4: 0.5, 9: 1.0, 60: 1.0, 110: 1.0}),
+        ("cosine", {0: 0.1, 4: 0.5, 9: 1.0, 35: 0.5 * (1 + math.cos(math.pi * 0.25)), 60: 0.5, 110: 0.0, 500: 0.0}),
+        ("poly", {0: 0.1, 9: 1.0, 60: 0.5**0.9, 110: 0.0}),
+    ],
+)
 def test_warmup_then_schedule_values(kind, values):
     schedule = objective.WarmupSchedule(2.0, steps=110, warmup=10, kind=kind)  # warmup: (step + 1) / 10
     for step, factor in values.items():
@@ -55,9 +58,20 @@ def test_warmup_then_schedule_values(kind, values):
 
 
 def _sgd(*overrides):
-    return objective.optimizer(config.load(None, ["train.optimizer=sgd", "train.lr=1.0", "train.momentum=0",
-                                                   "train.schedule=constant", "train.warmup_steps=0", *overrides]).train,
-                               mixed_float16=False)
+    return objective.optimizer(
+        config.load(
+            None,
+            [
+                "train.optimizer=sgd",
+                "train.lr=1.0",
+                "train.momentum=0",
+                "train.schedule=constant",
+                "train.warmup_steps=0",
+                *overrides,
+            ],
+        ).train,
+        mixed_float16=False,
+    )
 
 
 def test_clip_norm_bounds_the_global_gradient():

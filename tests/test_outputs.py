@@ -116,8 +116,10 @@ def test_predict_force_replaces_only_earlier_predictions(work):
     r = run("predict", "--run", r1, scan, "--out", out, "--force")  # a failed input: logged, then the summary line
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     last = r.output.strip().splitlines()[-1]
-    assert last.startswith("Error: 1 input(s) failed") and f"{label} exists and was not written by liverseg predict" \
-        in last, r.output
+    assert (
+        last.startswith("Error: 1 input(s) failed")
+        and f"{label} exists and was not written by liverseg predict" in last
+    ), r.output
     assert label.read_bytes() == before
     unchanged()
 
@@ -127,15 +129,19 @@ def test_synth_replaces_only_its_own_phantoms(tmp_path, shared_masks, real_ct):
     for _ in range(2):  # a re-run replaces its own phantoms
         assert run("synth", out, "--cases", 2, "--size", 24, "--slices", "6..6").exit_code == 0
     shutil.copy(shared_masks / "ircad_e02_liver.nii.gz", out / "phantom_002_liver.nii.gz")  # a real label of that name
-    _refused(run("synth", out, "--cases", 2, "--size", 24, "--slices", "6..6"),
-             "phantom_002_liver.nii.gz: exists and is not a liverseg phantom")
+    _refused(
+        run("synth", out, "--cases", 2, "--size", 24, "--slices", "6..6"),
+        "phantom_002_liver.nii.gz: exists and is not a liverseg phantom",
+    )
     _refused(run("synth", shared_masks.parent, "--masks", shared_masks), "holds", "an input of this command")
     # 3D-IRCADb-01's tree holding the real patient 1: synth --layout ircad does not replace it
     tree_root = tmp_path / "ircad"
     shutil.copytree(real_ct / "ircad-01" / "PATIENT_DICOM", tree_root / "3Dircadb1.1" / "PATIENT_DICOM")
     before = tree(tree_root)
-    _refused(run("synth", tree_root, "--cases", 1, "--size", 24, "--slices", "6..6", "--layout", "ircad"),
-             "3Dircadb1.1: exists and is not a liverseg phantom")
+    _refused(
+        run("synth", tree_root, "--cases", 1, "--size", 24, "--slices", "6..6", "--layout", "ircad"),
+        "3Dircadb1.1: exists and is not a liverseg phantom",
+    )
     assert tree(tree_root) == before
 
 
@@ -153,8 +159,10 @@ def read_only():
             folder.chmod(0o555)
             done.append(lambda: folder.chmod(0o755))
         else:
-            if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
-                                                                 capture_output=True).returncode:
+            if (
+                shutil.which("chattr") is None
+                or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode
+            ):
                 pytest.skip("running as root without chattr +i: cannot make a folder unwritable")
             done.append(lambda: subprocess.run(["chattr", "-i", str(folder)], check=True))
         try:

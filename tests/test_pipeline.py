@@ -30,13 +30,17 @@ def test_context_channels_are_neighbours_clamped_to_the_case(dataset, k):
     seen = []
     for split in ("train", "val"):
         for b in pipeline.build_dataset(cfg_for(dataset, f"data.context={k}"), split, training=False):
-            for img, msk, ci, si in zip(b["image"].numpy(), b["mask"].numpy(), b["case_index"].numpy(), b["slice_index"].numpy()):
+            for img, msk, ci, si in zip(
+                b["image"].numpy(), b["mask"].numpy(), b["case_index"].numpy(), b["slice_index"].numpy()
+            ):
                 image, mask = vols[ci]
                 z = image.shape[0]
                 assert img.shape[-1] == 2 * k + 1
                 for c, off in enumerate(range(-k, k + 1)):
                     src = int(np.clip(si + off, 0, z - 1))
-                    np.testing.assert_allclose(img[..., c], pipeline.normalize(tf.constant(image[src], tf.float32), norm).numpy(), atol=1e-6)
+                    np.testing.assert_allclose(
+                        img[..., c], pipeline.normalize(tf.constant(image[src], tf.float32), norm).numpy(), atol=1e-6
+                    )
                 np.testing.assert_array_equal(msk[..., 0], mask[si])
                 seen.append((ci, si))
     assert len(seen) == len(set(seen)) == m.split("train").num_examples + m.split("val").num_examples
@@ -57,8 +61,13 @@ def test_training_batches_are_static_and_foreground_share_matches(dataset, memor
     m = Manifest.load(dataset)
     f = m.split("train").liver_fraction
     for p in (0.0, 0.6):
-        cfg = cfg_for(dataset, f"data.foreground_fraction={p}", "augment.placement=none", "data.batch_size=16",
-                      f"data.in_memory={memory}")
+        cfg = cfg_for(
+            dataset,
+            f"data.foreground_fraction={p}",
+            "augment.placement=none",
+            "data.batch_size=16",
+            f"data.in_memory={memory}",
+        )
         ds = pipeline.build_dataset(cfg, "train")
         assert ds.element_spec["image"].shape == (16, 32, 32, 1)
         liver = total = 0
@@ -87,10 +96,13 @@ def test_in_memory_passes_are_permutations_of_the_training_slices(dataset):
     """Held in memory, each pass (no thinning) yields every training slice once, each pass in
     another order, the same order for the same seed; "auto" holds a split that fits."""
     m = Manifest.load(dataset)
-    cfg = cfg_for(dataset, "data.foreground_fraction=0", "augment.placement=none", "data.batch_size=1",
-                  "data.in_memory=always")
+    cfg = cfg_for(
+        dataset, "data.foreground_fraction=0", "augment.placement=none", "data.batch_size=1", "data.in_memory=always"
+    )
     n = m.split("train").num_examples
-    drawn = [(int(b["case_index"][0]), int(b["slice_index"][0])) for b in pipeline.build_dataset(cfg, "train").take(2 * n)]
+    drawn = [
+        (int(b["case_index"][0]), int(b["slice_index"][0])) for b in pipeline.build_dataset(cfg, "train").take(2 * n)
+    ]
     every = sorted((c.index, s) for c in m.cases_in("train") for s in range(c.num_slices))
     assert sorted(drawn[:n]) == every and sorted(drawn[n:]) == every and drawn[:n] != drawn[n:]
     again = [(int(b["case_index"][0]), int(b["slice_index"][0])) for b in pipeline.build_dataset(cfg, "train").take(n)]
@@ -146,8 +158,14 @@ def test_resumed_three_times_reads_exactly_like_one_pass(dataset, tmp_path, plac
     yields the uninterrupted sequence: a run can be resumed any number of times, shards held in
     memory or streamed. (TF 2.21's `enumerate`, a zip over a shuffle, failed the second
     restore: "Expected 4 components but got 0".)"""
-    cfg = cfg_for(dataset, "deterministic=true", f"augment.placement={placement}", "data.shuffle_buffer=64",
-                  "data.cycle_length=2", f"data.in_memory={memory}")
+    cfg = cfg_for(
+        dataset,
+        "deterministic=true",
+        f"augment.placement={placement}",
+        "data.shuffle_buffer=64",
+        "data.cycle_length=2",
+        f"data.in_memory={memory}",
+    )
     ref = iter(pipeline.build_dataset(cfg, "train"))
     expected = [next(ref) for _ in range(16)]  # several passes over the 4 training shards
     it, got, path = iter(pipeline.build_dataset(cfg, "train")), [], None
@@ -220,14 +238,19 @@ def test_zscore_on_constant_liver_hu_and_buffers_past_the_memory_are_refused(dat
 
     m = Manifest.load(dataset)
     split = m.split("train")
-    flat = dataclasses.replace(split, hu=dataclasses.replace(split.hu, liver=dataclasses.replace(split.hu.liver, std=0.0)))
+    flat = dataclasses.replace(
+        split, hu=dataclasses.replace(split.hu, liver=dataclasses.replace(split.hu.liver, std=0.0))
+    )
     constant = dataclasses.replace(m, splits={**m.splits, "train": flat})
     with pytest.raises(RecordsError, match=r"standard deviation of 0 \(nearly constant\).*use data.normalize=window"):
         pipeline.normalization(cfg_for(dataset, "data.normalize=zscore"), constant)
     cfg = cfg_for(dataset, "data.shuffle_buffer=100000")  # 100000 x 32x32 x 3 bytes: 307 MB
     pipeline.check_memory(cfg, m, 1e9)
-    with pytest.raises(RecordsError, match=r"data.shuffle_buffer=100000: .* more than half of the 0.5 GB available; "
-                                           r"choose at most 81380"):
+    with pytest.raises(
+        RecordsError,
+        match=r"data.shuffle_buffer=100000: .* more than half of the 0.5 GB available; "
+        r"choose at most 81380",
+    ):
         pipeline.check_memory(cfg, m, 0.5e9)
 
 
@@ -238,8 +261,10 @@ def mixed(phantoms, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("mixed")
     cases = sorted(p.name.removesuffix("_orig.nii.gz") for p in phantoms.glob("*_orig.nii.gz"))
-    rows = [f"{c},{phantoms / f'{c}_orig.nii.gz'},{phantoms / f'{c}_liver.nii.gz'},train,{'real' if i < 2 else 'phantom'}"
-            for i, c in enumerate(cases)]
+    rows = [
+        f"{c},{phantoms / f'{c}_orig.nii.gz'},{phantoms / f'{c}_liver.nii.gz'},train,{'real' if i < 2 else 'phantom'}"
+        for i, c in enumerate(cases)
+    ]
     (root / "cases.csv").write_text("case,image,mask,split,source\n" + "\n".join(rows) + "\n")
     convert(root / "cases.csv", root / "ds", ConvertOptions(layout="list", shard_mb=0.04), progress=False)
     return root / "ds"
@@ -251,13 +276,19 @@ def _real_share(cfg, batches=150):
     it = iter(pipeline.build_dataset(cfg, "train"))
     drawn = np.concatenate([next(it)["case_index"].numpy() for _ in range(batches)])
     return np.isin(drawn, list(real)).mean(), sum(c.num_slices for c in m.cases if c.index in real) / sum(
-        c.num_slices for c in m.cases)
+        c.num_slices for c in m.cases
+    )
 
 
 @pytest.mark.parametrize("memory", ["always", "never"])
 def test_source_weights_set_each_sources_share_whatever_its_slices(mixed, memory):
-    base = [f"data.records={mixed}", "data.batch_size=4", "augment.placement=none", "data.foreground_fraction=0",
-            f"data.in_memory={memory}"]
+    base = [
+        f"data.records={mixed}",
+        "data.batch_size=4",
+        "augment.placement=none",
+        "data.foreground_fraction=0",
+        f"data.in_memory={memory}",
+    ]
     plain, by_slices = _real_share(config.load(None, base))
     assert plain == pytest.approx(by_slices, abs=0.1)  # without weights: as the slices come (~1/3 real)
     for w in (0.5, 0.8):
@@ -266,8 +297,16 @@ def test_source_weights_set_each_sources_share_whatever_its_slices(mixed, memory
 
 
 def test_source_weights_keep_exact_resume(mixed, tmp_path):
-    cfg = config.load(None, [f"data.records={mixed}", "data.batch_size=4", "deterministic=true",
-                             "data.source_weights={real: 0.7, phantom: 0.3}", "data.shuffle_buffer=64"])
+    cfg = config.load(
+        None,
+        [
+            f"data.records={mixed}",
+            "data.batch_size=4",
+            "deterministic=true",
+            "data.source_weights={real: 0.7, phantom: 0.3}",
+            "data.shuffle_buffer=64",
+        ],
+    )
     expected = [next(it)["image"].numpy() for it in [iter(pipeline.build_dataset(cfg, "train"))] for _ in range(12)]
     it, got, path = iter(pipeline.build_dataset(cfg, "train")), [], None
     for visit in range(3):
@@ -281,7 +320,11 @@ def test_source_weights_keep_exact_resume(mixed, tmp_path):
 
 
 def test_weights_for_a_source_no_case_has_are_refused(mixed):
-    with pytest.raises(RecordsError, match=r"data.source_weights: no train case has source ct; train cases of source "
-                                           r"phantom have no weight \(the train split's sources: phantom, real"):
-        pipeline.build_dataset(config.load(None, [f"data.records={mixed}", "data.source_weights={real: 1, ct: 1}"]),
-                               "train")
+    with pytest.raises(
+        RecordsError,
+        match=r"data.source_weights: no train case has source ct; train cases of source "
+        r"phantom have no weight \(the train split's sources: phantom, real",
+    ):
+        pipeline.build_dataset(
+            config.load(None, [f"data.records={mixed}", "data.source_weights={real: 1, ct: 1}"]), "train"
+        )

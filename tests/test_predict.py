@@ -48,8 +48,14 @@ def test_resized_training_restores_native_geometry(dataset, tmp_path):
     synth.synthesize(src, cases=3, size=48, slices=(6, 6), seed=2, progress=False)
     convert(src, tmp_path / "rec", ConvertOptions(size=32, val=0.34), progress=False)
     run = tmp_path / "run"
-    train.train(config.load(REPO / "configs" / "smoke.yaml", [f"data.records={tmp_path / 'rec'}", "train.steps=2",
-                                                               "train.eval_every=100"]), run, progress=False)
+    train.train(
+        config.load(
+            REPO / "configs" / "smoke.yaml",
+            [f"data.records={tmp_path / 'rec'}", "train.steps=2", "train.eval_every=100"],
+        ),
+        run,
+        progress=False,
+    )
     r = predict.load_run(run)
     assert r.spec.size == 32
     image = sorted(src.glob("*_orig.nii.gz"))[0]
@@ -65,8 +71,11 @@ def test_resized_training_restores_native_geometry(dataset, tmp_path):
     contract = json.loads((out / predict.CONTRACT_FILE).read_text())
     contract["input"].update(size=48, height=48, width=48)
     (out / predict.CONTRACT_FILE).write_text(json.dumps(contract))
-    with pytest.raises(LiversegError, match=r"its input \(48x48x1: .* size 48\) does not match the network in "
-                                            r"model\.onnx \(32x32x1\)"):
+    with pytest.raises(
+        LiversegError,
+        match=r"its input \(48x48x1: .* size 48\) does not match the network in "
+        r"model\.onnx \(32x32x1\)",
+    ):
         predict.load_export(out)
 
 
@@ -98,12 +107,16 @@ def test_predict_refuses_to_overwrite_and_reports_a_corrupt_input(trained_run, t
     r = CliRunner().invoke(cli, ["predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and "exists; pass --force" in r.output
     assert (tmp_path / "out" / "good_liver.nii.gz").read_bytes() == before
-    r = CliRunner().invoke(cli, ["predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out"), "--force"])
+    r = CliRunner().invoke(
+        cli, ["predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out"), "--force"]
+    )
     assert r.exit_code == 0, r.output
     (tmp_path / "notes.txt").write_text("not a scan")  # a path that is no scan does not stop the others
     written, failures = predict.predict(run, [tmp_path / "notes.txt", good], tmp_path / "out2")
     assert [p.name for p in written] == ["good_liver.nii.gz"]
-    assert failures == [f"{tmp_path / 'notes.txt'}: not a NIfTI file (.nii, .nii.gz), a folder or a zip of DICOM series"]
+    assert failures == [
+        f"{tmp_path / 'notes.txt'}: not a NIfTI file (.nii, .nii.gz), a folder or a zip of DICOM series"
+    ]
 
 
 def test_evaluate_scores_exactly_what_predict_writes(trained_run, phantoms, tmp_path):
@@ -145,13 +158,22 @@ def test_export_reloads_with_the_same_probabilities(trained_run, tmp_path):
 
     run = predict.load_run(trained_run)
     out, diff = export.export(run, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["best.weights.h5", "config.yaml", "liverseg-model.json", "run.json",
-                                                     "saved_model"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.weights.h5",
+        "config.yaml",
+        "liverseg-model.json",
+        "run.json",
+        "saved_model",
+    ]
     assert diff <= export.PARITY_TOL
     serving = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
     x = np.random.default_rng(0).integers(-1000, 1000, (2, 30, 28, 3)).astype(np.int16)  # odd size: padded inside
     got = serving(slices_hu=tf.constant(x))["liver_probability"].numpy()
-    padded = tf.pad(pipeline.normalize(tf.constant(x, tf.float32), run.contract.spec.normalization), [[0, 0], [0, 2], [0, 0], [0, 0]], mode="REFLECT")
+    padded = tf.pad(
+        pipeline.normalize(tf.constant(x, tf.float32), run.contract.spec.normalization),
+        [[0, 0], [0, 2], [0, 0], [0, 0]],
+        mode="REFLECT",
+    )
     ref = tf.sigmoid(run.model(padded, training=False)).numpy()[:, :30, :28]
     np.testing.assert_allclose(got, ref, atol=1e-5)
     with pytest.raises(LiversegError, match="holds an earlier export; pass --force"):
@@ -168,6 +190,7 @@ def test_only_weight_files_are_loaded(trained_run, tmp_path):
 
 def test_demo_flow_at_toy_size(tmp_path):
     """synth -> convert -> verify -> train -> evaluate -> predict -> export through the CLI."""
+
     def ok(*args):
         r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
         assert r.exit_code == 0, r.output
@@ -176,8 +199,17 @@ def test_demo_flow_at_toy_size(tmp_path):
     ok("synth", tmp_path / "nifti", "--cases", 4, "--size", 32, "--slices", "8..10")
     ok("convert", tmp_path / "nifti", tmp_path / "rec", "--val", 0.25, "--test", 0.25)
     ok("verify", tmp_path / "rec")
-    ok("train", "--config", REPO / "configs" / "smoke.yaml", "--records", tmp_path / "rec", "--run", tmp_path / "run",
-       "--set", "train.steps=6")
+    ok(
+        "train",
+        "--config",
+        REPO / "configs" / "smoke.yaml",
+        "--records",
+        tmp_path / "rec",
+        "--run",
+        tmp_path / "run",
+        "--set",
+        "train.steps=6",
+    )
     out = ok("evaluate", "--run", tmp_path / "run")
     assert "hd95" in out and "dice" in out
     ok("predict", "--run", tmp_path / "run", tmp_path / "nifti", "--out", tmp_path / "pred")

@@ -27,8 +27,19 @@ def _liver_hu(out, case_id):
 
 def test_real_ircad_patient_1_as_dicom_with_its_nifti_mask(real_ct, tmp_path):
     """IRCAD's DICOM series (LPS) and its manual mask as NIfTI (LAS): one in-plane axis flipped."""
-    cases = _list(tmp_path / "cases.csv", [("ircad_e01", real_ct / "ircad-01" / "PATIENT_DICOM",
-                                            SHARED_MASKS / "ircad_e01_liver.nii.gz", "train", "real", "")])
+    cases = _list(
+        tmp_path / "cases.csv",
+        [
+            (
+                "ircad_e01",
+                real_ct / "ircad-01" / "PATIENT_DICOM",
+                SHARED_MASKS / "ircad_e01_liver.nii.gz",
+                "train",
+                "real",
+                "",
+            )
+        ],
+    )
     convert(cases, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
     hu, case = _liver_hu(tmp_path / "out", "ircad_e01")
     assert 100 < hu < 120, hu  # about 49 when the mask lands on flipped rows
@@ -37,8 +48,10 @@ def test_real_ircad_patient_1_as_dicom_with_its_nifti_mask(real_ct, tmp_path):
 
 def test_real_dicom_seg_and_nrrd_of_the_same_label_give_the_same_records(real_ct, tmp_path):
     ct = real_ct / "dcmqi-ct-3slice"
-    cases = _list(tmp_path / "cases.csv", [("seg", ct, ct / "liver.dcm", "train", "", ""),
-                                           ("nrrd", ct, ct / "liver_seg.nrrd", "train", "", "")])
+    cases = _list(
+        tmp_path / "cases.csv",
+        [("seg", ct, ct / "liver.dcm", "train", "", ""), ("nrrd", ct, ct / "liver_seg.nrrd", "train", "", "")],
+    )
     convert(cases, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
     from liverseg.manifest import Manifest
 
@@ -60,11 +73,16 @@ def test_a_truncated_real_seg_is_named_with_its_list_row_and_nothing_is_written(
     phase 1 (before any shard) naming the file and the row; the same for its voxels."""
     ct = real_ct / "dcmqi-ct-3slice"
     whole = (ct / "liver.dcm").read_bytes()
-    (tmp_path / "cut.dcm").write_bytes(whole[:len(whole) - 2000])
-    cases = _list(tmp_path / "cases.csv", [("good", ct, ct / "liver.dcm", "train", "", ""),
-                                           ("cut", ct, tmp_path / "cut.dcm", "train", "", "")])
-    with pytest.raises(LiversegError, match=r"cut\.dcm: truncated or damaged DICOM SEG: its pixel data holds 96,304 of "
-                                            r"the 98,304 bytes .* \(case cut, .*cases\.csv row 3\)"):
+    (tmp_path / "cut.dcm").write_bytes(whole[: len(whole) - 2000])
+    cases = _list(
+        tmp_path / "cases.csv",
+        [("good", ct, ct / "liver.dcm", "train", "", ""), ("cut", ct, tmp_path / "cut.dcm", "train", "", "")],
+    )
+    with pytest.raises(
+        LiversegError,
+        match=r"cut\.dcm: truncated or damaged DICOM SEG: its pixel data holds 96,304 of "
+        r"the 98,304 bytes .* \(case cut, .*cases\.csv row 3\)",
+    ):
         convert(cases, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
     assert not (tmp_path / "out").exists()
     image = volumes.read_header(Source.dicom(next(s for s in dicom_io.find_series(ct) if s.modality == "CT")))
@@ -78,8 +96,10 @@ def test_real_jpeg2000_series_with_its_multilabel_nifti(real_ct, tmp_path):
     """20 JPEG 2000 lossless slices (InstanceNumber rising while z falls) with TotalSegmentator's
     labels as NIfTI (LAS, label 5 = liver)."""
     ts = real_ct / "totalsegmentator"
-    cases = _list(tmp_path / "cases.csv", [("ts", ts / "example_ct_dicom", ts / "example_ct_dicom_seg.nii.gz", "train",
-                                            "real", 5)])
+    cases = _list(
+        tmp_path / "cases.csv",
+        [("ts", ts / "example_ct_dicom", ts / "example_ct_dicom_seg.nii.gz", "train", "real", 5)],
+    )
     convert(cases, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
     hu, case = _liver_hu(tmp_path / "out", "ts")
     assert 80 < hu < 100, hu  # about -75 with a flipped axis
@@ -91,10 +111,24 @@ def test_a_seg_listed_over_a_series_it_was_not_drawn_on_is_refused(real_ct, tmp_
     only the frames' positions can tell): refused, naming both."""
     from liverseg import InputError
 
-    cases = _list(tmp_path / "cases.csv", [("x", real_ct / "totalsegmentator" / "example_ct_dicom",
-                                            real_ct / "dcmqi-ct-3slice" / "liver.dcm", "", "", "")])
-    with pytest.raises(InputError, match=r"liver\.dcm: frame 1 of segment 'liver' does not lie on the image "
-                                         r".*example_ct_dicom: its pixels lie .* off the image's voxel centres"):
+    cases = _list(
+        tmp_path / "cases.csv",
+        [
+            (
+                "x",
+                real_ct / "totalsegmentator" / "example_ct_dicom",
+                real_ct / "dcmqi-ct-3slice" / "liver.dcm",
+                "",
+                "",
+                "",
+            )
+        ],
+    )
+    with pytest.raises(
+        InputError,
+        match=r"liver\.dcm: frame 1 of segment 'liver' does not lie on the image "
+        r".*example_ct_dicom: its pixels lie .* off the image's voxel centres",
+    ):
         convert(cases, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -107,15 +141,22 @@ def test_a_compressed_series_without_its_decoder_is_refused_naming_the_slice_and
     import sys
 
     ts = real_ct / "totalsegmentator"
-    cases = _list(tmp_path / "cases.csv", [("ts", ts / "example_ct_dicom", ts / "example_ct_dicom_seg.nii.gz", "train",
-                                            "real", 5)])
+    cases = _list(
+        tmp_path / "cases.csv",
+        [("ts", ts / "example_ct_dicom", ts / "example_ct_dicom_seg.nii.gz", "train", "real", 5)],
+    )
     broken = tmp_path / "broken"  # modules that shadow the decoders in every process the converter starts
     broken.mkdir()
     for name in ("pylibjpeg", "openjpeg", "libjpeg", "gdcm", "PIL"):  # Pillow decodes JPEG 2000 too
         (broken / f"{name}.py").write_text("raise ImportError('not installed')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    r = subprocess.run([sys.executable, "-m", "liverseg", "convert", str(cases), str(tmp_path / "out"), "--layout",
-                        "list"], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "liverseg", "convert", str(cases), str(tmp_path / "out"), "--layout", "list"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr

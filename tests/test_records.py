@@ -19,8 +19,16 @@ def _slice(h=5, w=7, seed=0):
 
 
 def _encode(img, mask, **kw):
-    args = dict(height=img.shape[0], width=img.shape[1], case_id="case_é1", case_index=3, slice_index=2,
-                num_slices=40, liver_voxels=int(mask.sum()), spacing=(2.5, 0.7, 0.71))
+    args = dict(
+        height=img.shape[0],
+        width=img.shape[1],
+        case_id="case_é1",
+        case_index=3,
+        slice_index=2,
+        num_slices=40,
+        liver_voxels=int(mask.sum()),
+        spacing=(2.5, 0.7, 0.71),
+    )
     args.update(kw)
     return records.encode_example(img.tobytes(), mask.tobytes(), **args)
 
@@ -28,18 +36,22 @@ def _encode(img, mask, **kw):
 def test_hand_encoding_matches_tensorflow_protobuf():
     img, mask = _slice()
     ours = _encode(img, mask, case_index=300, liver_voxels=2**40)
-    ref = tf.train.Example(features=tf.train.Features(feature={
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[img.tobytes()])),
-        "mask": tf.train.Feature(bytes_list=tf.train.BytesList(value=[mask.tobytes()])),
-        "height": tf.train.Feature(int64_list=tf.train.Int64List(value=[5])),
-        "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[7])),
-        "case_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=["case_é1".encode()])),
-        "case_index": tf.train.Feature(int64_list=tf.train.Int64List(value=[300])),
-        "slice_index": tf.train.Feature(int64_list=tf.train.Int64List(value=[2])),
-        "num_slices": tf.train.Feature(int64_list=tf.train.Int64List(value=[40])),
-        "liver_voxels": tf.train.Feature(int64_list=tf.train.Int64List(value=[2**40])),
-        "spacing": tf.train.Feature(float_list=tf.train.FloatList(value=[2.5, 0.7, 0.71])),
-    }))
+    ref = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[img.tobytes()])),
+                "mask": tf.train.Feature(bytes_list=tf.train.BytesList(value=[mask.tobytes()])),
+                "height": tf.train.Feature(int64_list=tf.train.Int64List(value=[5])),
+                "width": tf.train.Feature(int64_list=tf.train.Int64List(value=[7])),
+                "case_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=["case_é1".encode()])),
+                "case_index": tf.train.Feature(int64_list=tf.train.Int64List(value=[300])),
+                "slice_index": tf.train.Feature(int64_list=tf.train.Int64List(value=[2])),
+                "num_slices": tf.train.Feature(int64_list=tf.train.Int64List(value=[40])),
+                "liver_voxels": tf.train.Feature(int64_list=tf.train.Int64List(value=[2**40])),
+                "spacing": tf.train.Feature(float_list=tf.train.FloatList(value=[2.5, 0.7, 0.71])),
+            }
+        )
+    )
     assert tf.train.Example.FromString(ours) == ref
     assert _encode(img, mask, case_index=300, liver_voxels=2**40) == ours  # deterministic bytes
 
@@ -52,7 +64,12 @@ def test_the_tf_free_parser_reads_ours_and_tensorflows_serialisation_alike():
     for raw, case_index in ((ours, [300]), (theirs.SerializeToString(), [-3, 300])):
         ex = records.parse_example(raw)
         assert ex["image"] == [img.tobytes()] and ex["mask"] == [mask.tobytes()]
-        assert (ex["height"], ex["width"], ex["case_id"], ex["case_index"]) == ([5], [7], ["case_é1".encode()], case_index)
+        assert (ex["height"], ex["width"], ex["case_id"], ex["case_index"]) == (
+            [5],
+            [7],
+            ["case_é1".encode()],
+            case_index,
+        )
         assert ex["liver_voxels"] == [2**40] and np.allclose(ex["spacing"], [2.5, 0.7, 0.71])
     with pytest.raises(ValueError, match="runs past the end"):
         records.parse_example(ours[:-3])
@@ -68,7 +85,9 @@ def test_decode_round_trip_batch_and_inside_dataset_map():
     slices = [_slice(seed=i) for i in range(4)]
     serialized = [_encode(im, m, slice_index=i) for i, (im, m) in enumerate(slices)]
     eager = records.decode_example(tf.constant(serialized), 5, 7)
-    mapped = next(iter(tf.data.Dataset.from_tensor_slices(serialized).batch(4).map(lambda s: records.decode_example(s, 5, 7))))
+    mapped = next(
+        iter(tf.data.Dataset.from_tensor_slices(serialized).batch(4).map(lambda s: records.decode_example(s, 5, 7)))
+    )
     for ex in (eager, mapped):
         assert ex["image"].dtype == tf.int16 and ex["image"].shape == (4, 5, 7)
         for i, (im, m) in enumerate(slices):

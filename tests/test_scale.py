@@ -26,6 +26,7 @@ class _Counted(tuple):
 def test_training_start_up_and_first_step_read_no_case(dataset, tmp_path, monkeypatch):
     """The plain recipe (no folds, no source weights) starts from the manifest's summary: with
     the cases file unreadable, set-up, a step, validation and the end still run."""
+
     def no_cases(self):
         raise AssertionError("the cases file was read")
 
@@ -65,16 +66,57 @@ def test_a_splits_cases_are_read_in_one_pass_per_shard(dataset, monkeypatch):
 @pytest.mark.slow
 def test_bench_scale_prints_every_figure_with_slopes_from_its_totals(tmp_path):
     out = tmp_path / "scale.json"
-    r = CliRunner().invoke(cli, ["bench", "scale", "--cases", "10,30", "--no-beam", "--size", "16", "--slices", "6",
-                                 "--work", str(tmp_path), "--json", str(out)], catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "scale",
+            "--cases",
+            "10,30",
+            "--no-beam",
+            "--size",
+            "16",
+            "--slices",
+            "6",
+            "--work",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     got = json.loads(out.read_text())
     rows, totals = {row["figure"]: row for row in got["rows"]}, got["totals"]
-    assert set(rows) >= {"convert (local, 2 workers)", "manifest load", "verify", "inspect", "train start-up to first step",
-                         "train peak RSS", "pipeline slices/s", "evaluate per test case", "cv bookkeeping"}
+    assert set(rows) >= {
+        "convert (local, 2 workers)",
+        "manifest load",
+        "verify",
+        "inspect",
+        "train start-up to first step",
+        "train peak RSS",
+        "pipeline slices/s",
+        "evaluate per test case",
+        "cv bookkeeping",
+    }
     for figure, row in rows.items():
         want = math.log(totals["30"][figure] / totals["10"][figure]) / math.log(3)
         assert float(row["slope"]) == pytest.approx(want, abs=0.006), figure
     assert totals["30"]["records bytes"] == pytest.approx(3 * totals["10"]["records bytes"], rel=0.01)
     assert "train start-up at 30 cases" in got["notes"][-1]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("liverseg-scale-")]  # its data removed
+
+
+def test_a_10000_row_case_list_with_one_broken_row_is_refused_naming_it(phantoms, tmp_path):
+    """Row 9,731 of 10,000 (line 9,732 of the file: the header is line 1) names a missing mask:
+    refused naming the list and the row, nothing written."""
+    from liverseg import LiversegError
+    from liverseg.convert import ConvertOptions, convert
+
+    image, mask = sorted(phantoms.glob("*_orig.nii.gz"))[0], sorted(phantoms.glob("*_liver.nii.gz"))[0]
+    rows = [f"c{i:05d},{image},{tmp_path / 'gone.nii.gz' if i == 9730 else mask}" for i in range(10_000)]
+    listed = tmp_path / "cases.csv"
+    listed.write_text("case,image,mask\n" + "\n".join(rows) + "\n")
+    with pytest.raises(LiversegError, match=r"cases\.csv row 9732: mask .*gone\.nii\.gz does not exist"):
+        convert(listed, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
+    assert not (tmp_path / "out").exists()

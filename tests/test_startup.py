@@ -10,21 +10,25 @@ import textwrap
 import pytest
 
 from liverseg import LiversegError
-from liverseg.cli import cli as _registered, group, startup  # noqa: F401 - the group with its commands
+from liverseg.cli import cli as _registered  # noqa: F401 - the group with its commands
+from liverseg.cli import group, startup
 
 
-@pytest.mark.parametrize("argv, env, installed, expected", [
-    (["train", "--run", "r"], {}, True, "tcmalloc"),
-    (["train", "--run", "r"], {}, False, "glibc"),  # no tcmalloc: glibc told to keep freed memory
-    (["bench", "train", "x"], {}, True, "tcmalloc"),
-    (["convert", "a", "b"], {}, True, ""),  # no TensorFlow: measured slower under tcmalloc
-    (["synth", "out"], {}, False, ""),
-    (["train"], {"LIVERSEG_MALLOC": "system"}, True, ""),
-    (["train"], {"LIVERSEG_MALLOC": "glibc"}, True, "glibc"),
-    (["train"], {"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, True, ""),  # already loaded
-    (["--help"], {}, True, ""),
-    (["nope"], {}, True, ""),
-])
+@pytest.mark.parametrize(
+    "argv, env, installed, expected",
+    [
+        (["train", "--run", "r"], {}, True, "tcmalloc"),
+        (["train", "--run", "r"], {}, False, "glibc"),  # no tcmalloc: glibc told to keep freed memory
+        (["bench", "train", "x"], {}, True, "tcmalloc"),
+        (["convert", "a", "b"], {}, True, ""),  # no TensorFlow: measured slower under tcmalloc
+        (["synth", "out"], {}, False, ""),
+        (["train"], {"LIVERSEG_MALLOC": "system"}, True, ""),
+        (["train"], {"LIVERSEG_MALLOC": "glibc"}, True, "glibc"),
+        (["train"], {"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, True, ""),  # already loaded
+        (["--help"], {}, True, ""),
+        (["nope"], {}, True, ""),
+    ],
+)
 def test_allocator_choice(argv, env, installed, expected):
     assert startup.allocator(group.runs_tensorflow_command(argv), env, installed) == expected
 
@@ -82,7 +86,6 @@ def test_the_filter_passes_each_write_on_as_it_comes():
     """Write by write, each one sent only once the filter has passed the last one on (an event,
     not a sleep): a progress bar's partial line at once, a notice logged while the bar is drawn
     dropped with its newline, the bar's next update kept."""
-    import os
     import select
     import threading
 
@@ -102,8 +105,11 @@ def test_the_filter_passes_each_write_on_as_it_comes():
     send(b"I0000 12 port.cc:153] oneDNN custom operations are on.\nkept: own line\n", b"kept: own line\n")
     send(b"train:  50%|#####     | 1/2\r", b"train:  50%|#####     | 1/2\r")  # no newline: shown at once
     send(b"\rtrain:   0%|          | 0/3", b"\rtrain:   0%|          | 0/3")
-    os.write(src_w, b"E0000 12 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512. Falling back to "
-                    b"the default Eigen-based implementation if present.\n")
+    os.write(
+        src_w,
+        b"E0000 12 util.cc:131] oneDNN supports DT_HALF only on platforms with AVX-512. Falling back to "
+        b"the default Eigen-based implementation if present.\n",
+    )
     send(b"\rtrain: 100%|##########| 2/2\n", b"\rtrain: 100%|##########| 2/2\n")  # nothing of the notice before it
     os.close(src_w)
 
@@ -121,13 +127,16 @@ def test_what_a_crashing_process_printed_last_still_reaches_the_console():
 
 
 def test_the_filter_survives_ctrl_c_of_the_process_group_and_ends_with_the_command():
-    proc = _python("""
+    proc = _python(
+        """
         import os, signal, sys, time
         from liverseg.cli import startup
         startup.quiet_stderr()
         os.killpg(0, signal.SIGINT)  # as a Ctrl-C in a terminal: every process of the group
         signal.pause()  # the KeyboardInterrupt arrives
-    """, start_new_session=True)
+    """,
+        start_new_session=True,
+    )
     assert proc.returncode == -signal.SIGINT and b"KeyboardInterrupt" in proc.stderr  # its traceback got through
 
 

@@ -20,8 +20,14 @@ def smoke(dataset, *overrides):
 
 def test_device_prefetch_changes_no_weight(dataset, tmp_path):
     """Staging the next call's batches (and not staging before a checkpoint) is invisible to the result."""
-    base = ["deterministic=true", "train.steps=9", "train.steps_per_call=2", "train.checkpoint_every=4",
-            "train.log_every=3", "train.eval_every=1000"]
+    base = [
+        "deterministic=true",
+        "train.steps=9",
+        "train.steps_per_call=2",
+        "train.checkpoint_every=4",
+        "train.log_every=3",
+        "train.eval_every=1000",
+    ]
     on = train.train(smoke(dataset, *base, "train.device_prefetch=true"), tmp_path / "on", progress=False)
     off = train.train(smoke(dataset, *base, "train.device_prefetch=false"), tmp_path / "off", progress=False)
     assert on["step"] == off["step"] == 9
@@ -40,8 +46,18 @@ def test_the_host_reads_device_values_only_in_hooks(dataset, tmp_path, monkeypat
         return lambda batches, upcoming: calls.append(len(batches)) or run_steps(batches, upcoming)
 
     monkeypatch.setattr(step, "build_train_step", counting_build)
-    train.train(smoke(dataset, "train.steps=12", "train.steps_per_call=2", "train.log_every=4",
-                      "train.checkpoint_every=6", "train.eval_every=1000"), tmp_path / "run", progress=False)
+    train.train(
+        smoke(
+            dataset,
+            "train.steps=12",
+            "train.steps_per_call=2",
+            "train.log_every=4",
+            "train.checkpoint_every=6",
+            "train.eval_every=1000",
+        ),
+        tmp_path / "run",
+        progress=False,
+    )
     assert calls == [2] * 6
     assert sorted(reads) == [False, False, True, True, True]  # checkpoints (6, 12) do not reset; logs (4, 8, 12) do
 
@@ -55,8 +71,14 @@ def _graph_op_types(concrete) -> set:
 
 
 def test_the_call_has_no_host_ops_and_the_step_is_one_xla_computation(dataset, tmp_path):
-    cfg = smoke(dataset, "train.jit_compile=true", "augment.placement=device", "train.steps=2", "train.steps_per_call=2",
-                "train.optimizer=adamw")
+    cfg = smoke(
+        dataset,
+        "train.jit_compile=true",
+        "augment.placement=device",
+        "train.steps=2",
+        "train.steps_per_call=2",
+        "train.optimizer=adamw",
+    )
     trainer = train.Trainer(cfg, tmp_path / "run", progress=False)
     batches = step.draw(trainer.iterator, 2, 1)
     ops = _graph_op_types(trainer.run_steps.get_concrete_function(batches, batches))
@@ -64,16 +86,23 @@ def test_the_call_has_no_host_ops_and_the_step_is_one_xla_computation(dataset, t
     # The replica step (augmentation, forward, backward, all-reduce, skip, AdamW update) lowers to one HLO module;
     # anything XLA cannot compile would raise here.
     hlo = []
-    trainer.strategy.run(lambda: hlo.append(trainer.run_steps.replica_step.experimental_get_compiler_ir(
-        batches[0][0], tf.constant(0, tf.int64))(stage="hlo")))
+    trainer.strategy.run(
+        lambda: hlo.append(
+            trainer.run_steps.replica_step.experimental_get_compiler_ir(batches[0][0], tf.constant(0, tf.int64))(
+                stage="hlo"
+            )
+        )
+    )
     found = set(re.findall(r"\b(rng-bit-generator|gather|convolution|conditional|sqrt)\b", hlo[0]))
     assert found == {"rng-bit-generator", "gather", "convolution", "conditional", "sqrt"}
     assert hlo[0].count("HloModule") == 1
     trainer.close()
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "mixed_bfloat16"), ((8, 0), "mixed_bfloat16"),
-                                                  ((7, 5), "mixed_float16"), (None, "mixed_float16")])
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((9, 0), "mixed_bfloat16"), ((8, 0), "mixed_bfloat16"), ((7, 5), "mixed_float16"), (None, "mixed_float16")],
+)
 def test_precision_auto_picks_bfloat16_on_gpus_that_have_it(monkeypatch, capability, expected):
     cfg = config.load(None, ["train.precision=auto"])
     details = {"compute_capability": capability} if capability else {}
@@ -90,10 +119,20 @@ def test_apply_or_skip_one_rule_for_every_precision_and_strategy(mixed16, device
     scale); an applied one updates every replica the same."""
     import keras
 
-    strategy = (tf.distribute.OneDeviceStrategy(devices[0]) if len(devices) == 1
-                else tf.distribute.MirroredStrategy(devices))
-    cfg = config.load(None, ["train.optimizer=sgd", "train.lr=1.0", "train.momentum=0", "train.schedule=constant",
-                             "train.warmup_steps=0", "train.clip_norm=0"]).train
+    strategy = (
+        tf.distribute.OneDeviceStrategy(devices[0]) if len(devices) == 1 else tf.distribute.MirroredStrategy(devices)
+    )
+    cfg = config.load(
+        None,
+        [
+            "train.optimizer=sgd",
+            "train.lr=1.0",
+            "train.momentum=0",
+            "train.schedule=constant",
+            "train.warmup_steps=0",
+            "train.clip_norm=0",
+        ],
+    ).train
     with strategy.scope():
         w = tf.Variable([1.0, 2.0])
         opt = objective.optimizer(cfg, mixed16)

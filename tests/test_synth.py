@@ -11,7 +11,12 @@ def test_deterministic_for_a_seed(tmp_path):
     b = synth.synthesize(tmp_path / "b", cases=2, size=32, slices=(8, 10), seed=3, progress=False)[0]
     c = synth.synthesize(tmp_path / "c", cases=2, size=32, slices=(8, 10), seed=4, progress=False)[0]
     names = sorted(p.name for p in a.iterdir())
-    assert names == ["phantom_001_liver.nii.gz", "phantom_001_orig.nii.gz", "phantom_002_liver.nii.gz", "phantom_002_orig.nii.gz"]
+    assert names == [
+        "phantom_001_liver.nii.gz",
+        "phantom_001_orig.nii.gz",
+        "phantom_002_liver.nii.gz",
+        "phantom_002_orig.nii.gz",
+    ]
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     assert (a / names[1]).read_bytes() != (c / names[1]).read_bytes()
 

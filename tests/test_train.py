@@ -37,8 +37,16 @@ def _train_dice(cfg, weights: Path) -> float:
 
 
 def test_overfits_tiny_slices(dataset, tmp_path):
-    cfg = smoke(dataset, "train.steps=250", "augment.placement=none", "data.foreground_fraction=1.0", "model.norm=instance",
-                "data.batch_size=8", "train.eval_every=1000", "train.checkpoint_every=1000")
+    cfg = smoke(
+        dataset,
+        "train.steps=250",
+        "augment.placement=none",
+        "data.foreground_fraction=1.0",
+        "model.norm=instance",
+        "data.batch_size=8",
+        "train.eval_every=1000",
+        "train.checkpoint_every=1000",
+    )
     train.train(cfg, tmp_path / "run", progress=False)
     assert _train_dice(cfg, tmp_path / "run" / "final.weights.h5") > 0.9
 
@@ -46,9 +54,17 @@ def test_overfits_tiny_slices(dataset, tmp_path):
 def test_mirrored_on_two_devices_matches_one_device(dataset, tmp_path):
     # SGD, not Adam: Adam's m/sqrt(v) turns rounding differences in near-zero gradients into
     # full-size updates, so only an optimiser linear in the gradients can show equivalence.
-    base = ["train.steps=6", "augment.placement=none", "deterministic=true", "train.clip_norm=0",
-            "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.9",
-            "model.norm=instance", "train.eval_every=1000"]
+    base = [
+        "train.steps=6",
+        "augment.placement=none",
+        "deterministic=true",
+        "train.clip_norm=0",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+        "train.momentum=0.9",
+        "model.norm=instance",
+        "train.eval_every=1000",
+    ]
     # Batch-independent normalisation: per-replica BN differs by design, and Keras's synchronised
     # BN takes the variance in one pass (E[x^2] - E[x]^2 over the replicas), whose cancellation
     # on these tiny slices made the two runs drift apart by 1e-2 in 6 steps for some data orders.
@@ -75,19 +91,51 @@ def test_two_process_multi_worker_run(dataset, tmp_path):
     """Two MultiWorkerMirroredStrategy workers on localhost, started by tools/launch_local_workers.py."""
     run = tmp_path / "run"
     launcher = REPO / "tools" / "launch_local_workers.py"
-    proc = subprocess.run([sys.executable, str(launcher), "2", "--", sys.executable, "-m", "liverseg", "train",
-                           "--config", str(SMOKE), "--records", str(dataset), "--run", str(run),
-                           "--set", "train.strategy=multi_worker", "--set", "train.steps=8"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(launcher),
+            "2",
+            "--",
+            sys.executable,
+            "-m",
+            "liverseg",
+            "train",
+            "--config",
+            str(SMOKE),
+            "--records",
+            str(dataset),
+            "--run",
+            str(run),
+            "--set",
+            "train.strategy=multi_worker",
+            "--set",
+            "train.steps=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert proc.returncode == 0 and "exit codes: [0, 0]" in proc.stdout, proc.stdout + proc.stderr
-    outs = ["\n".join(line.split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith(f"[worker {i}] "))
-            for i in range(2)]
+    outs = [
+        "\n".join(line.split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith(f"[worker {i}] "))
+        for i in range(2)
+    ]
     assert _fingerprint(outs[0]) == _fingerprint(outs[1])  # identical weights on both workers
     assert "not the chief: nothing is written" in outs[1]
     # only the chief wrote: one event file per writer, its checkpoints, no worker folders
     assert len(list((run / "train").glob("events.*"))) == 1 and len(list((run / "validation").glob("events.*"))) == 1
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.weights.h5", "checkpoints", "config.yaml",
-                                                     "final.weights.h5", "run.json", "train", "validation"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lock",
+        "best.weights.h5",
+        "checkpoints",
+        "config.yaml",
+        "final.weights.h5",
+        "run.json",
+        "train",
+        "validation",
+    ]
     assert (run / ".lock").read_text() == ""  # the chief's run lock, released
     assert json.loads((run / "run.json").read_text())["result"]["replicas"] == 2
 
@@ -107,10 +155,27 @@ def test_the_survivor_of_a_killed_chief_says_so_in_one_line(dataset, tmp_path):
             ports.append(s.getsockname()[1])
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     run = tmp_path / "run"
-    procs = [_cli("train", "--config", SMOKE, "--records", dataset, "--run", run, "--set", "train.strategy=multi_worker",
-                  "--set", "train.steps=100000", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=0",
-                  env={"TF_CONFIG": json_mod.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
-             for i in range(2)]
+    procs = [
+        _cli(
+            "train",
+            "--config",
+            SMOKE,
+            "--records",
+            dataset,
+            "--run",
+            run,
+            "--set",
+            "train.strategy=multi_worker",
+            "--set",
+            "train.steps=100000",
+            "--set",
+            "train.checkpoint_every=10",
+            "--set",
+            "train.eval_every=0",
+            env={"TF_CONFIG": json_mod.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+        )
+        for i in range(2)
+    ]
     try:
         _wait_for(run / "checkpoints" / "ckpt-10.index", procs[0], timeout=240)
         procs[0].kill()
@@ -136,8 +201,14 @@ def _wait_for(path: Path, proc, timeout=120):
 
 
 # Augmentation off: its seeds are iterator state, restored exactly (test_pipeline's three-resume test)
-INTERRUPTED = ["deterministic=true", "train.steps_per_call=2", "train.checkpoint_every=4", "train.eval_every=1000",
-               "data.context=1", "augment.placement=none"]
+INTERRUPTED = [
+    "deterministic=true",
+    "train.steps_per_call=2",
+    "train.checkpoint_every=4",
+    "train.eval_every=1000",
+    "data.context=1",
+    "augment.placement=none",
+]
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +242,9 @@ def _sigterm_after(monkeypatch, terminate, steps: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prefetch", ["true", "false"])
-def test_four_interruptions_end_exactly_like_an_uninterrupted_run(dataset, tmp_path, uninterrupted, monkeypatch,
-                                                                  terminate, prefetch):
+def test_four_interruptions_end_exactly_like_an_uninterrupted_run(
+    dataset, tmp_path, uninterrupted, monkeypatch, terminate, prefetch
+):
     """Finished then extended, SIGTERM between checkpoints, SIGTERM at a checkpoint, SIGKILL
     with batches drawn: the same weights, bit for bit, as 20 steps in one go (every resume
     restores an iterator that a resumed run saved)."""
@@ -186,7 +258,11 @@ def test_four_interruptions_end_exactly_like_an_uninterrupted_run(dataset, tmp_p
         assert stop.value.step == stopped_at and (run / "checkpoints" / f"ckpt-{stopped_at}.index").is_file()
         terminate.clear()
     # SIGKILL of the CLI's train with a call's batches drawn, after the checkpoint of step 16
-    killed = subprocess.run([sys.executable, "-c", f"""
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import os, signal
 from liverseg import config, step, train
 real, drawn = step.draw, [0]
@@ -197,25 +273,66 @@ def draw(iterator, k, local):
     return real(iterator, k, local)
 step.draw = draw
 train.train(config.load({str(SMOKE)!r}, {[f"data.records={dataset}", *args, "train.steps=20"]!r}), {str(run)!r})
-"""], capture_output=True, text=True, timeout=300)
+""",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-16")
-    resumed = _cli("train", "--config", SMOKE, "--records", dataset, "--run", run,
-                   *[a for kv in args for a in ("--set", kv)], "--set", "train.steps=20",
-                   env={"TF_CPP_MIN_LOG_LEVEL": ""})  # the CLI's own default log level
+    resumed = _cli(
+        "train",
+        "--config",
+        SMOKE,
+        "--records",
+        dataset,
+        "--run",
+        run,
+        *[a for kv in args for a in ("--set", kv)],
+        "--set",
+        "train.steps=20",
+        env={"TF_CPP_MIN_LOG_LEVEL": ""},
+    )  # the CLI's own default log level
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and "resumed from" in out and "at step 16" in out, out
     assert _fingerprint(out) == uninterrupted
     # what a user sees: no stateful-dataset warning per shard visit, no oneDNN or absl banner, no NodeDef error
-    assert not [line for line in out.splitlines()
-                if any(n in line for n in ("FAILED_PRECONDITION", "oneDNN", "absl::InitializeLog", "cpu_feature_guard",
-                                           "NodeDef", "E0000", "W0000"))], out
+    assert not [
+        line
+        for line in out.splitlines()
+        if any(
+            n in line
+            for n in (
+                "FAILED_PRECONDITION",
+                "oneDNN",
+                "absl::InitializeLog",
+                "cpu_feature_guard",
+                "NodeDef",
+                "E0000",
+                "W0000",
+            )
+        )
+    ], out
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(dataset, tmp_path):
-    proc = _cli("train", "--config", SMOKE, "--records", dataset, "--run", tmp_path / "run", "--set", "train.steps=100000",
-                "--set", "train.checkpoint_every=5", "--set", "train.eval_every=100000")
+    proc = _cli(
+        "train",
+        "--config",
+        SMOKE,
+        "--records",
+        dataset,
+        "--run",
+        tmp_path / "run",
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "train.eval_every=100000",
+    )
     _wait_for(tmp_path / "run" / "checkpoints" / "checkpoint", proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
@@ -227,9 +344,15 @@ def test_sigterm_checkpoints_and_exits_cleanly(dataset, tmp_path):
 
 def test_persistent_nan_stops_with_the_step_range_and_keeps_the_checkpoint(dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train.train(smoke(dataset, "train.steps=4", "train.checkpoint_every=2", "train.eval_every=1000"), run, progress=False)
-    monkeypatch.setitem(objective.LOSSES, "bce_dice", lambda mask, logits, cfg: tf.reduce_mean(logits, [1, 2, 3]) * np.nan)
-    cfg = smoke(dataset, "train.steps=40", "train.checkpoint_every=2", "train.eval_every=1000", "train.max_nonfinite_steps=6")
+    train.train(
+        smoke(dataset, "train.steps=4", "train.checkpoint_every=2", "train.eval_every=1000"), run, progress=False
+    )
+    monkeypatch.setitem(
+        objective.LOSSES, "bce_dice", lambda mask, logits, cfg: tf.reduce_mean(logits, [1, 2, 3]) * np.nan
+    )
+    cfg = smoke(
+        dataset, "train.steps=40", "train.checkpoint_every=2", "train.eval_every=1000", "train.max_nonfinite_steps=6"
+    )
     with pytest.raises(train.NonFiniteLoss, match=r"non-finite for steps 5-10 \(6 in a row\).*last checkpoint: step 4"):
         train.train(cfg, run, progress=False)
     assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-4")
@@ -242,8 +365,14 @@ def test_persistent_nan_stops_with_the_step_range_and_keeps_the_checkpoint(datas
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_with_float32_logits(dataset, tmp_path, precision):
-    cfg = smoke(dataset, f"train.precision={precision}", "train.steps=4", "train.log_every=2", "augment.placement=device",
-                "train.eval_every=1000")
+    cfg = smoke(
+        dataset,
+        f"train.precision={precision}",
+        "train.steps=4",
+        "train.log_every=2",
+        "augment.placement=device",
+        "train.eval_every=1000",
+    )
     model = unet.build(cfg.model, 1, precision)
     half = tf.float16 if precision == "mixed_float16" else tf.bfloat16
     assert model.layers[1].compute_dtype == half.name  # the convolutions run in half precision...
@@ -266,15 +395,19 @@ def test_mixed_float16_logits_and_loss_on_an_all_liver_512_slice():
         value = objective.LOSSES[name](mask, logits, cfg.train)
         assert value.dtype == tf.float32 and float(value[0]) == pytest.approx(0.0, abs=2e-5), name
         # the same value as from float32 logits: the loss casts before it sums
-        assert float(value[0]) == pytest.approx(float(objective.LOSSES[name](mask, tf.cast(logits, tf.float32),
-                                                                             cfg.train)[0]), abs=1e-7), name
+        assert float(value[0]) == pytest.approx(
+            float(objective.LOSSES[name](mask, tf.cast(logits, tf.float32), cfg.train)[0]), abs=1e-7
+        ), name
 
 
 def test_tensorboard_event_files_have_the_expected_tags(dataset, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = train.train(smoke(dataset, "train.steps=10", "train.eval_every=5", "train.log_every=5",
-                               "train.profile_steps=[2, 4]"), tmp_path / "run", progress=False)
+    result = train.train(
+        smoke(dataset, "train.steps=10", "train.eval_every=5", "train.log_every=5", "train.profile_steps=[2, 4]"),
+        tmp_path / "run",
+        progress=False,
+    )
     acc = EventAccumulator(str(tmp_path / "run" / "train"), size_guidance={"tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["tensors"])
@@ -282,7 +415,9 @@ def test_tensorboard_event_files_have_the_expected_tags(dataset, tmp_path):
     assert "_hparams_/session_start_info" in tags
     for tag in ("loss", "dice", "input_wait_fraction", "images_per_sec"):  # the figures of the last window, as logged
         logged = acc.Tensors(tag)[-1]
-        assert logged.step == 10 and float(tf.make_ndarray(logged.tensor_proto)) == pytest.approx(result["train"][tag]), tag
+        assert logged.step == 10 and float(tf.make_ndarray(logged.tensor_proto)) == pytest.approx(
+            result["train"][tag]
+        ), tag
     val = EventAccumulator(str(tmp_path / "run" / "validation"), size_guidance={"tensors": 0})
     val.Reload()
     vtags = set(val.Tags()["tensors"])
@@ -309,8 +444,9 @@ def test_a_time_budget_fixes_the_steps_once_and_a_resumed_run_keeps_them(dataset
 
     ticks = itertools.count(1)
     monkeypatch.setattr(train, "StepBudget", functools.partial(train.StepBudget, clock=lambda: float(next(ticks))))
-    cfg = smoke(dataset, "train.steps=100000", "train.time_budget_min=0.05", "train.eval_every=0",
-                "train.checkpoint_every=50")
+    cfg = smoke(
+        dataset, "train.steps=100000", "train.time_budget_min=0.05", "train.eval_every=0", "train.checkpoint_every=50"
+    )
     real_draw = step.draw
     _sigterm_after(monkeypatch, terminate, 90)
     with pytest.raises(train.Preempted):
@@ -333,8 +469,20 @@ def test_the_schedule_spans_the_steps_a_budget_fixes():
 
 
 def test_cli_rejects_unknown_set_key(dataset, tmp_path):
-    r = CliRunner().invoke(cli, ["train", "--config", str(SMOKE), "--records", str(dataset), "--run", str(tmp_path / "r"),
-                                 "--set", "train.nope=1"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            "--records",
+            str(dataset),
+            "--run",
+            str(tmp_path / "r"),
+            "--set",
+            "train.nope=1",
+        ],
+    )
     assert r.exit_code == 2 and "unknown config key train.nope" in r.output and "valid keys at train: steps" in r.output
     assert not (tmp_path / "r").exists()
 
@@ -350,15 +498,27 @@ def test_several_steps_per_call_equal_one_step_per_call(dataset, tmp_path):
 
 def test_xla_with_device_augmentation_and_steps_per_call(dataset, tmp_path):
     """The default recipe's GPU path (jit_compile, device augmentation, several steps per call) on CPU."""
-    result = train.train(smoke(dataset, "train.jit_compile=true", "train.steps_per_call=2", "train.steps=5",
-                               "augment.placement=device", "train.eval_every=5"), tmp_path / "run", progress=False)
+    result = train.train(
+        smoke(
+            dataset,
+            "train.jit_compile=true",
+            "train.steps_per_call=2",
+            "train.steps=5",
+            "augment.placement=device",
+            "train.eval_every=5",
+        ),
+        tmp_path / "run",
+        progress=False,
+    )
     assert result["step"] == 5 and np.isfinite(result["train"]["loss"]) and result["train"]["skipped_steps"] == 0
     assert result["best_step"] == 5 and set(result["validation"]) >= {"loss", "dice_3d", "dice_slice"}
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train.train(smoke(dataset, "train.steps=4", "train.checkpoint_every=4", "train.eval_every=1000"), run, progress=False)
+    train.train(
+        smoke(dataset, "train.steps=4", "train.checkpoint_every=4", "train.eval_every=1000"), run, progress=False
+    )
     real = tf.train.CheckpointManager.save
 
     def full(self, checkpoint_number=None, **kw):
@@ -366,11 +526,19 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_check
         raise tf.errors.ResourceExhaustedError(None, None, f"{self.directory}/ckpt_temp; No space left on device")
 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
-    with pytest.raises(LiversegError, match=r"checkpoints: no space left on device writing the checkpoint of step 8; "
-                                            r"the last checkpoint is step 4: free space"):
-        train.train(smoke(dataset, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=1000"), run,
-                    progress=False)
+    with pytest.raises(
+        LiversegError,
+        match=r"checkpoints: no space left on device writing the checkpoint of step 8; "
+        r"the last checkpoint is step 4: free space",
+    ):
+        train.train(
+            smoke(dataset, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=1000"), run, progress=False
+        )
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if "temp" in p.name) == []
     monkeypatch.setattr(tf.train.CheckpointManager, "save", real)
-    assert train.train(smoke(dataset, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=1000"), run,
-                       progress=False)["step"] == 8  # resumed from step 4 once there is space
+    assert (
+        train.train(
+            smoke(dataset, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=1000"), run, progress=False
+        )["step"]
+        == 8
+    )  # resumed from step 4 once there is space

@@ -20,8 +20,17 @@ def test_seed_unet_is_the_tutorials_architecture():
     assert m(tf.zeros([1, 32, 32, 1])).shape == (1, 32, 32, 1)
 
 
-@pytest.mark.parametrize("extra", [{}, {"model.residual": True}, {"model.attention": True},
-                                   {"model.norm": "group"}, {"model.norm": "instance"}, {"model.dropout": 0.2}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"model.residual": True},
+        {"model.attention": True},
+        {"model.norm": "group"},
+        {"model.norm": "instance"},
+        {"model.dropout": 0.2},
+    ],
+)
 def test_unet_variants_build_and_keep_float32_logits(extra):
     cfg = config.replace(config.load(None), **{"model.base_filters": 4, "model.depth": 3, **extra})
     m = unet.build(cfg.model, 5, "mixed_float16")

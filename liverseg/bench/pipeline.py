@@ -32,9 +32,19 @@ class TutorialLoader:
         return np.stack(xs), np.stack(ys)
 
 
-def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, batches: int = 40, aug: str = "host",
-                   context: int | None = None, batch: int | None = None, tutorial_batches: int = 2, split: str = "train",
-                   service: bool = False, config_path: str | Path | None = None, overrides=()) -> list[dict]:
+def bench_pipeline(
+    records_dir: str | Path,
+    nifti: str | Path | None = None,
+    batches: int = 40,
+    aug: str = "host",
+    context: int | None = None,
+    batch: int | None = None,
+    tutorial_batches: int = 2,
+    split: str = "train",
+    service: bool = False,
+    config_path: str | Path | None = None,
+    overrides=(),
+) -> list[dict]:
     """Slices/s and MB/s of: raw TFRecord read, the pipeline without augmentation (float32 out,
     and int16 out as shipped for device augmentation) and with host augmentation, the tutorial's
     loader (with nifti), TF's batched bilinear transform alone (the floor), and with `service`
@@ -51,9 +61,15 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
     paths = m.shard_paths(split)
     warm(paths)
     h, w = m.split(split).slice_shape
-    base = config.load(config_path, [*overrides, f"data.records={records_dir}",
-                                     *([f"data.context={context}"] if context is not None else []),
-                                     *([f"data.batch_size={batch}"] if batch is not None else [])])
+    base = config.load(
+        config_path,
+        [
+            *overrides,
+            f"data.records={records_dir}",
+            *([f"data.context={context}"] if context is not None else []),
+            *([f"data.batch_size={batch}"] if batch is not None else []),
+        ],
+    )
     base = config.replace(base, **{"augment.placement": "host"})  # row 3 is host augmentation
     context, batch = base.data.context, base.data.batch_size
     rows = []
@@ -62,16 +78,41 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
         rows.append({"row": name, "slices/s": rate[0], "MB/s": rate[1] / MB})
 
     per_slice = m.split(split).bytes / m.split(split).num_examples
-    raw = tf.data.TFRecordDataset([str(p) for p in paths], m.compression, pipeline.READ_BUFFER,
-                                  num_parallel_reads=base.data.cycle_length).repeat().batch(batch).prefetch(2)
-    add("1 raw TFRecord read", throughput(iter(raw), batches, 5, lambda b: (int(b.shape[0]), int(b.shape[0] * per_slice))))
-    add("2 pipeline, no augmentation", throughput(iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "none"}), split)),
-                                             batches, 5, batch_count))
-    add("2b pipeline, int16 + uint8 for device augmentation",
-        throughput(iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "device"}), split)),
-              batches, 5, batch_count))
+    raw = (
+        tf.data.TFRecordDataset(
+            [str(p) for p in paths], m.compression, pipeline.READ_BUFFER, num_parallel_reads=base.data.cycle_length
+        )
+        .repeat()
+        .batch(batch)
+        .prefetch(2)
+    )
+    add(
+        "1 raw TFRecord read",
+        throughput(iter(raw), batches, 5, lambda b: (int(b.shape[0]), int(b.shape[0] * per_slice))),
+    )
+    add(
+        "2 pipeline, no augmentation",
+        throughput(
+            iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "none"}), split)),
+            batches,
+            5,
+            batch_count,
+        ),
+    )
+    add(
+        "2b pipeline, int16 + uint8 for device augmentation",
+        throughput(
+            iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "device"}), split)),
+            batches,
+            5,
+            batch_count,
+        ),
+    )
     if aug == "host":
-        add("3 pipeline, host augmentation", throughput(iter(pipeline.build_dataset(base, split)), batches, 5, batch_count))
+        add(
+            "3 pipeline, host augmentation",
+            throughput(iter(pipeline.build_dataset(base, split)), batches, 5, batch_count),
+        )
     if nifti is not None:
         from liverseg import layouts
 
@@ -79,22 +120,42 @@ def bench_pipeline(records_dir: str | Path, nifti: str | Path | None = None, bat
         pairs = [(found[c.case_id][0].path, found[c.case_id][1].path) for c in m.cases_in(split) if c.case_id in found]
         loader = TutorialLoader(pairs or [(image.path, mask.path) for image, mask, *_ in found.values()], batch)
         it = (loader[i] for i in range(10**9))
-        add("4 tutorial loader (nib.load per slice)",
-            throughput(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)))
+        add(
+            "4 tutorial loader (nib.load per slice)",
+            throughput(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)),
+        )
     if service:
-        for name, cfg in [("6 tf.data service, int16 + uint8", config.replace(base, **{"augment.placement": "device"}))] + (
-                [("7 tf.data service, host augmentation", base)] if aug == "host" else []):
+        for name, cfg in [
+            ("6 tf.data service, int16 + uint8", config.replace(base, **{"augment.placement": "device"}))
+        ] + ([("7 tf.data service, host augmentation", base)] if aug == "host" else []):
             for n, rate in _through_service(cfg, split, batches):
                 number, what = name.split(" ", 1)
                 add(f"{number}{'b' if n > 1 else ''} {what}, {n} worker{'s' if n > 1 else ''}", rate)
     x = tf.random.uniform([batch, h, w, 2 * context + 1], -1000, 1000)
     theta = np.deg2rad(7.0)
-    t = tf.constant([[np.cos(theta), -np.sin(theta), 3.0, np.sin(theta), np.cos(theta), -2.0, 0.0, 0.0]] * batch, tf.float32)
-    floor = tf.data.Dataset.from_tensors(x).repeat().map(
-        lambda im: tf.raw_ops.ImageProjectiveTransformV3(images=im, transforms=t, output_shape=[h, w], fill_value=0.0,
-                                                         interpolation="BILINEAR", fill_mode="CONSTANT"),
-        num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-    add("5 ImageProjectiveTransformV3 alone", throughput(iter(floor), batches, 5, lambda b: (int(b.shape[0]), int(b.numpy().nbytes))))
+    t = tf.constant(
+        [[np.cos(theta), -np.sin(theta), 3.0, np.sin(theta), np.cos(theta), -2.0, 0.0, 0.0]] * batch, tf.float32
+    )
+    floor = (
+        tf.data.Dataset.from_tensors(x)
+        .repeat()
+        .map(
+            lambda im: tf.raw_ops.ImageProjectiveTransformV3(
+                images=im,
+                transforms=t,
+                output_shape=[h, w],
+                fill_value=0.0,
+                interpolation="BILINEAR",
+                fill_mode="CONSTANT",
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        .prefetch(2)
+    )
+    add(
+        "5 ImageProjectiveTransformV3 alone",
+        throughput(iter(floor), batches, 5, lambda b: (int(b.shape[0]), int(b.numpy().nbytes))),
+    )
     ref = {r["row"][0]: r["slices/s"] for r in rows}
     for r in rows:
         r["vs 1"] = f"{100 * r['slices/s'] / ref['1']:.0f}%"
@@ -120,5 +181,3 @@ def _through_service(cfg, split: str, batches: int) -> list[tuple[int, tuple[flo
             for server in (*workers, dispatcher):
                 data_service.stop_within(server)
     return out
-
-

@@ -10,7 +10,6 @@ import numpy as np
 
 from liverseg.bench.measure import warm
 
-
 ENGINE_ROWS = ("tensorflow", "tensorflow-xla", "onnxruntime", "openvino", "openvino-bf16")  # litert: --engine litert
 
 
@@ -58,14 +57,19 @@ def _measure(engine: str, models: list[Path], images: list[Path], masks_out: Pat
     import subprocess
     import sys
 
-    job = {"engine": engine, "models": [str(m) for m in models], "images": [str(i) for i in images],
-           "masks": str(masks_out)}
+    job = {
+        "engine": engine,
+        "models": [str(m) for m in models],
+        "images": [str(i) for i in images],
+        "masks": str(masks_out),
+    }
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL") or "2"}
-    r = subprocess.run([sys.executable, "-m", "liverseg.bench.predict", json.dumps(job)], capture_output=True, text=True,
-                       env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "liverseg.bench.predict", json.dumps(job)], capture_output=True, text=True, env=env
+    )
     if r.returncode != 0:
         lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-        return {"error": (lines or ["exit status %d" % r.returncode])[-1][:200]}
+        return {"error": (lines or [f"exit status {r.returncode}"])[-1][:200]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -99,17 +103,29 @@ def _worker(job: dict) -> dict:
         slices += geom.stored_shape[0]
         masks[f"m{i}"] = mask
     np.savez_compressed(job["masks"], **masks)
-    return {"seconds": seconds, "slices": slices, "volumes": len(loaded),
-            "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": seconds, "slices": slices, "volumes": len(loaded), "peak_rss_mb": _peak_rss_mb()}
 
 
 def _unmeasured(engine: str, models: str, why: str) -> dict:
-    return {"engine": engine, "models": models, "s/volume": "", "slices/s": "", "peak RSS MB": "", "same mask": "",
-            "note": why}
+    return {
+        "engine": engine,
+        "models": models,
+        "s/volume": "",
+        "slices/s": "",
+        "peak RSS MB": "",
+        "same mask": "",
+        "note": why,
+    }
 
 
-def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, config_file=None, size: int | None = None,
-                  engine_rows=ENGINE_ROWS) -> list[dict]:
+def bench_predict(
+    run_dirs=(),
+    data: str | Path | None = None,
+    cases: int = 3,
+    config_file=None,
+    size: int | None = None,
+    engine_rows=ENGINE_ROWS,
+) -> list[dict]:
     """Whole-volume prediction (orientation, 2.5D stacks, network, TTA, back to the source
     grid, post-processing; reading excluded), one row per engine on the same volumes, each
     engine in its own process: seconds per volume, slices/s, peak RSS, and the share of
@@ -139,7 +155,7 @@ def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, c
         for label, members in groups:
             reference = None
             for engine in available:
-                models = exported[engine][:len(members)] if engine in exported else members
+                models = exported[engine][: len(members)] if engine in exported else members
                 r = _measure(engine, models, images, tmp / f"{engine}-{len(members)}.npz")
                 if "error" in r:
                     rows.append(_unmeasured(engine, label, r["error"]))
@@ -151,9 +167,17 @@ def bench_predict(run_dirs=(), data: str | Path | None = None, cases: int = 3, c
                 else:
                     equal = sum(int((masks[k] == reference[k]).sum()) for k in masks.files)
                     same = f"{100 * equal / sum(masks[k].size for k in masks.files):.3f}%"
-                rows.append({"engine": engine, "models": label, "s/volume": round(r["seconds"] / r["volumes"], 2),
-                             "slices/s": round(r["slices"] / r["seconds"], 1), "peak RSS MB": round(r["peak_rss_mb"]),
-                             "same mask": same or "(reference)", "note": ""})
+                rows.append(
+                    {
+                        "engine": engine,
+                        "models": label,
+                        "s/volume": round(r["seconds"] / r["volumes"], 2),
+                        "slices/s": round(r["slices"] / r["seconds"], 1),
+                        "peak RSS MB": round(r["peak_rss_mb"]),
+                        "same mask": same or "(reference)",
+                        "note": "",
+                    }
+                )
     return rows
 
 
@@ -171,9 +195,16 @@ def bench_metrics(masks: str | Path, shift: int = 2) -> list[dict]:
         pred = ndimage.binary_erosion(np.roll(ref, shift, axis=(0, 1, 2)))
         t0 = time.perf_counter()
         m = metrics.case_metrics(pred, ref, img.header.get_zooms()[:3])
-        rows.append({"case": p.name.split("_liver")[0], "shape": "x".join(map(str, ref.shape)),
-                     "seconds": round(time.perf_counter() - t0, 2), "dice": round(m["dice"], 3),
-                     "hd95 mm": round(m["hd95"], 2), "assd mm": round(m["assd"], 2)})
+        rows.append(
+            {
+                "case": p.name.split("_liver")[0],
+                "shape": "x".join(map(str, ref.shape)),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "dice": round(m["dice"], 3),
+                "hd95 mm": round(m["hd95"], 2),
+                "assd mm": round(m["assd"], 2),
+            }
+        )
     return rows
 
 

@@ -31,11 +31,23 @@ import numpy as np
 # figure -> the slope its total must keep (None: a rate, which must stay flat). "manifest" is
 # dataset.json, the summary every command loads; "cases file" is cases.jsonl, read when a
 # command needs the cases themselves.
-GOALS = {"synthesise": 1.1, "convert (local, 2 workers)": 1.1, "convert (Beam direct, 2 workers)": 1.1,
-         "records bytes": 1.1, "manifest bytes": 1.1, "cases file bytes": 1.1, "manifest load": 0.3,
-         "cases file read": 1.1, "verify": 1.1, "inspect": 1.1,
-         "train start-up to first step": 0.3, "train peak RSS": 0.3, "pipeline slices/s": None,
-         "evaluate per test case": 1.1, "cv bookkeeping": 1.1}
+GOALS = {
+    "synthesise": 1.1,
+    "convert (local, 2 workers)": 1.1,
+    "convert (Beam direct, 2 workers)": 1.1,
+    "records bytes": 1.1,
+    "manifest bytes": 1.1,
+    "cases file bytes": 1.1,
+    "manifest load": 0.3,
+    "cases file read": 1.1,
+    "verify": 1.1,
+    "inspect": 1.1,
+    "train start-up to first step": 0.3,
+    "train peak RSS": 0.3,
+    "pipeline slices/s": None,
+    "evaluate per test case": 1.1,
+    "cv bookkeeping": 1.1,
+}
 STARTUP_GOAL_S = 15.0  # train reaches its first step within this at the largest N
 
 
@@ -43,8 +55,9 @@ def tiny_case(rng: np.random.Generator, size: int, slices: int) -> tuple[np.ndar
     """(CT int16, liver mask uint8, affine) of a small synthetic case: an elliptic body of soft
     tissue in air, an ellipsoid liver (brighter) on the patient's right, Gaussian noise;
     random sizes and positions. About a millisecond at 32x32x8."""
-    zz, yy, xx = np.meshgrid(np.linspace(-1, 1, slices), np.linspace(-1, 1, size), np.linspace(-1, 1, size),
-                             indexing="ij")
+    zz, yy, xx = np.meshgrid(
+        np.linspace(-1, 1, slices), np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij"
+    )
     body = (xx / rng.uniform(0.75, 0.95)) ** 2 + (yy / rng.uniform(0.6, 0.8)) ** 2 <= 1
     cx, cy, cz = rng.uniform(-0.5, -0.2), rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3)
     rx, ry, rz = rng.uniform(0.25, 0.4), rng.uniform(0.25, 0.4), rng.uniform(0.4, 0.8)
@@ -96,8 +109,13 @@ def _startup(records: Path, run: Path) -> tuple[float, float]:
     """(seconds from the process's start to its first step's end, the process's peak RSS in
     bytes) for one step of the smoke recipe, in a process of its own."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _TRAIN_ONE_STEP, str(records), str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TRAIN_ONE_STEP, str(records), str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     seconds, lines = None, []
     for line in proc.stdout:
         lines.append(line)
@@ -152,8 +170,9 @@ def measure(n: int, work: Path, size: int, slices: int, beam: bool = True) -> di
     if beam:
         from liverseg.convert.beam import convert_beam
 
-        got["convert (Beam direct, 2 workers)"], _ = _timed(convert_beam, src, work / "records-beam",
-                                                            ConvertOptions(val=0.1, test=0.02, workers=2, runner="direct"))
+        got["convert (Beam direct, 2 workers)"], _ = _timed(
+            convert_beam, src, work / "records-beam", ConvertOptions(val=0.1, test=0.02, workers=2, runner="direct")
+        )
         shutil.rmtree(work / "records-beam")
     got["records bytes"] = float(sum(p.stat().st_size for p in rec.glob("*.tfrecord")))
     got["manifest bytes"] = float((rec / MANIFEST).stat().st_size)
@@ -180,8 +199,13 @@ def slope(n0: int, v0: float, n1: int, v1: float) -> float:
     return math.log(v1 / v0) / math.log(n1 / n0)
 
 
-def bench_scale(cases: tuple[int, ...] = (100, 1000, 10000), size: int = 32, slices: int = 8, beam: bool = True,
-                work: str | Path | None = None) -> tuple[list[dict], list[str], dict]:
+def bench_scale(
+    cases: tuple[int, ...] = (100, 1000, 10000),
+    size: int = 32,
+    slices: int = 8,
+    beam: bool = True,
+    work: str | Path | None = None,
+) -> tuple[list[dict], list[str], dict]:
     """The table (a row per figure: per-case values at each N, the slope, the goal, whether it
     holds), the notes (wall time per N, the start-up goal) and the raw totals {N: {figure: value}}."""
     cases = tuple(sorted(cases))
@@ -203,21 +227,31 @@ def bench_scale(cases: tuple[int, ...] = (100, 1000, 10000), size: int = 32, sli
         row = {"figure": figure}
         for n in cases:
             v = results[n][figure]
-            row[f"N={n:,}"] = _shown(figure, v if figure in ("pipeline slices/s", "train start-up to first step",
-                                                                "train peak RSS") else v / n)
+            row[f"N={n:,}"] = _shown(
+                figure,
+                v if figure in ("pipeline slices/s", "train start-up to first step", "train peak RSS") else v / n,
+            )
         s = slope(lo, results[lo][figure], hi, results[hi][figure]) if len(cases) > 1 else float("nan")
         row["slope"] = f"{s:.2f}"
         row["goal"] = f"<= {goal}" if goal is not None else "flat"
         row["holds"] = ("yes" if s <= goal else "NO") if goal is not None else ("yes" if s >= -0.3 else "NO")
         rows.append(row)
     start = results[hi]["train start-up to first step"]
-    notes.append(f"train start-up at {hi:,} cases: {start:.1f} s (goal {STARTUP_GOAL_S:g} s: "
-                 f"{'holds' if start <= STARTUP_GOAL_S else 'MISSED'})")
+    notes.append(
+        f"train start-up at {hi:,} cases: {start:.1f} s (goal {STARTUP_GOAL_S:g} s: "
+        f"{'holds' if start <= STARTUP_GOAL_S else 'MISSED'})"
+    )
     return rows, notes, results
 
 
-UNITS = {"records bytes": "B/case", "manifest bytes": "B/case", "cases file bytes": "B/case", "train peak RSS": "MB", "pipeline slices/s": "slices/s",
-         "train start-up to first step": "s"}
+UNITS = {
+    "records bytes": "B/case",
+    "manifest bytes": "B/case",
+    "cases file bytes": "B/case",
+    "train peak RSS": "MB",
+    "pipeline slices/s": "slices/s",
+    "train start-up to first step": "s",
+}
 
 
 def _shown(figure: str, v: float) -> str:
@@ -228,8 +262,11 @@ def _shown(figure: str, v: float) -> str:
         return f"{v / 2**20:,.0f} MB"
     if unit == "s":
         return f"{v:.1f} s"
-    return f"{v:,.1f} {unit.split('/')[0] if unit != 'slices/s' else 'slices/s'}" if v < 100 else \
-        f"{v:,.0f} {unit.split('/')[0] if unit != 'slices/s' else 'slices/s'}"
+    return (
+        f"{v:,.1f} {unit.split('/')[0] if unit != 'slices/s' else 'slices/s'}"
+        if v < 100
+        else f"{v:,.0f} {unit.split('/')[0] if unit != 'slices/s' else 'slices/s'}"
+    )
 
 
 def as_json(rows: list[dict], notes: list[str], totals: dict) -> str:

@@ -37,8 +37,16 @@ def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tup
 
     k = cfg.train.steps_per_call
     warmup, steps = max(2, warmup) * k, -(-steps // k) * k
-    cfg = config.replace(cfg, **{"train.steps": warmup + steps, "train.log_every": 10**9, "train.eval_every": 0,
-                                 "train.checkpoint_every": 10**9, "train.keep_checkpoints": 1})
+    cfg = config.replace(
+        cfg,
+        **{
+            "train.steps": warmup + steps,
+            "train.log_every": 10**9,
+            "train.eval_every": 0,
+            "train.checkpoint_every": 10**9,
+            "train.keep_checkpoints": 1,
+        },
+    )
     quiet = _Without("no validation")  # train.eval_every=0 is intended here
     logging.getLogger("liverseg.train").addFilter(quiet)
     try:
@@ -106,9 +114,17 @@ def fitting_batch(batch: int, fixed: float, per_image: float, available: float |
     return max(0, min(batch, fit - fit % replicas))
 
 
-def bench_train(records: str | Path, config_file: str | Path | None = None, overrides=(), steps: int = 8,
-                warmup: int = 2, loop_steps: int = 400, input_batches: int = 20, peak_tflops: float | None = None,
-                rows: tuple = ROWS) -> list[dict]:
+def bench_train(
+    records: str | Path,
+    config_file: str | Path | None = None,
+    overrides=(),
+    steps: int = 8,
+    warmup: int = 2,
+    loop_steps: int = 400,
+    input_batches: int = 20,
+    peak_tflops: float | None = None,
+    rows: tuple = ROWS,
+) -> list[dict]:
     """Ceilings of training throughput for one config, measured in one run (`rows` picks):
 
     model          the real loop and compiled step, one batch held on the device (compute only)
@@ -127,8 +143,10 @@ def bench_train(records: str | Path, config_file: str | Path | None = None, over
     h, w = Manifest.load(records).split("train").slice_shape
     batch, channels = cfg.data.batch_size, 2 * cfg.data.context + 1
     devices = [d.name for d in tf.config.list_logical_devices("GPU")] or ["CPU"]
-    recipe = (f"{batch} x {h}x{w}x{channels}, {step.precision(cfg)}, xla {cfg.train.jit_compile}, "
-              f"{cfg.train.steps_per_call} steps/call, {cfg.augment.placement} augmentation, {', '.join(devices)}")
+    recipe = (
+        f"{batch} x {h}x{w}x{channels}, {step.precision(cfg)}, xla {cfg.train.jit_compile}, "
+        f"{cfg.train.steps_per_call} steps/call, {cfg.augment.placement} augmentation, {', '.join(devices)}"
+    )
     table = []
 
     def add(name, value, unit, detail=""):
@@ -154,29 +172,48 @@ def bench_train(records: str | Path, config_file: str | Path | None = None, over
         if "loop" in rows:
             probe = config.replace(cfg, **{"model.name": "pointwise", "data.records": str(_tiny_records(tmp))})
             for placement in ("none", "device"):
-                per_step, _ = _timed_training(config.replace(probe, **{"augment.placement": placement}),
-                                              tmp / f"loop-{placement}", warmup, loop_steps, fixed=True)
-                add("loop overhead" + (" + device augmentation" if placement == "device" else ""),
-                    round(1000 * per_step, 2), "ms/step",
-                    f"pointwise model, {batch} x 64x64x{channels}: drives up to {batch / per_step:,.0f} img/s")
+                per_step, _ = _timed_training(
+                    config.replace(probe, **{"augment.placement": placement}),
+                    tmp / f"loop-{placement}",
+                    warmup,
+                    loop_steps,
+                    fixed=True,
+                )
+                add(
+                    "loop overhead" + (" + device augmentation" if placement == "device" else ""),
+                    round(1000 * per_step, 2),
+                    "ms/step",
+                    f"pointwise model, {batch} x 64x64x{channels}: drives up to {batch / per_step:,.0f} img/s",
+                )
         if "input" in rows:
             fill = -(-cfg.data.shuffle_buffer // batch) + 2  # warm-up fills the shuffle buffer first
             rate, _ = throughput(iter(pipeline.build_dataset(cfg, "train")), input_batches, fill, batch_count)
-            add("input ceiling", round(rate, 1), "slices/s",
-                f"{rate / cores():.1f} per core ({cores()} cores); {cfg.augment.placement} augmentation path")
+            add(
+                "input ceiling",
+                round(rate, 1),
+                "slices/s",
+                f"{rate / cores():.1f} per core ({cores()} cores); {cfg.augment.placement} augmentation path",
+            )
         if "end-to-end" in rows:
+
             def waits(fig):
                 idle = fig.get("input_wait_fraction")
-                return (f"input wait (device idle) {'n/a' if idle is None else f'{100 * idle:.0f}%'}, "
-                        f"host blocked on input {100 * fig['host_input_wait_fraction']:.0f}%")
+                return (
+                    f"input wait (device idle) {'n/a' if idle is None else f'{100 * idle:.0f}%'}, "
+                    f"host blocked on input {100 * fig['host_input_wait_fraction']:.0f}%"
+                )
 
             measured("end to end", "img/s", False, waits)
 
     fwd = unet.flops_per_image(unet.build(cfg.model, channels), h, w)
     add("FLOPs per image", f"{3 * fwd / 1e9:.4g}", "GFLOP", f"training ~3x forward ({fwd / 1e9:.4g} GFLOP)")
     if peak_tflops:
-        add("40% MFU target", f"{0.4 * peak_tflops * 1e12 / (3 * fwd):.4g}", "img/s",
-            f"at {peak_tflops:g} TFLOPS peak: the loop and input ceilings must clear it")
+        add(
+            "40% MFU target",
+            f"{0.4 * peak_tflops * 1e12 / (3 * fwd):.4g}",
+            "img/s",
+            f"at {peak_tflops:g} TFLOPS peak: the loop and input ceilings must clear it",
+        )
     return table
 
 
@@ -198,5 +235,3 @@ def _sized_for_memory(cfg, h: int, w: int, shard_bytes: float, on_gpus: bool):
     if fit == 0:
         return None, f"{need}: not even batch 1 fits (~{(fixed + per_image) / 1e9:.1f} GB)"
     return config.replace(cfg, **{"data.batch_size": fit}), f"at batch {fit}: {need}"
-
-

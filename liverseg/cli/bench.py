@@ -18,9 +18,14 @@ def bench():
 
 @bench.command("convert")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--dicom", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The same volumes as 3D-IRCADb-01 DICOM trees (liverseg synth --layout ircad): adds DICOM rows.")
-@click.option("--beam", is_flag=True, help="Add the same conversions on Apache Beam's DirectRunner (needs liverseg[beam]).")
+@click.option(
+    "--dicom",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The same volumes as 3D-IRCADb-01 DICOM trees (liverseg synth --layout ircad): adds DICOM rows.",
+)
+@click.option(
+    "--beam", is_flag=True, help="Add the same conversions on Apache Beam's DirectRunner (needs liverseg[beam])."
+)
 @convert_options
 def bench_convert(src, dicom, beam, **kw):
     """Time a plain nibabel load of SRC against `convert` with 1 and --workers processes."""
@@ -33,24 +38,44 @@ def bench_convert(src, dicom, beam, **kw):
 @runs_tensorflow
 @bench.command("pipeline")
 @click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--nifti", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Source NIfTI folder: adds the tutorial's per-slice nib.load loader.")
+@click.option(
+    "--nifti",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Source NIfTI folder: adds the tutorial's per-slice nib.load loader.",
+)
 @click.option("--batches", default=40, show_default=True, help="Batches timed per row (after 5 warm-up batches).")
 @click.option("--aug", type=click.Choice(["none", "host"]), default="host", show_default=True)
 @click.option("--context", type=int, help="2.5D context k (2k+1 channels)  [default: the recipe's, else 0]")
 @click.option("--batch", type=int, help="Batch size  [default: the recipe's, else 8]")
 @click.option("--tutorial-batches", default=2, show_default=True, help="Batches timed for the (slow) tutorial loader.")
 @click.option("--service", is_flag=True, help="Add the pipeline through a tf.data service of 1 and 2 loopback workers.")
-@click.option("--config", "config_path",
-              help="A recipe (YAML file or preset name) whose data and augment settings the rows use (--context and "
-                   "--batch then default to the recipe's).")
+@click.option(
+    "--config",
+    "config_path",
+    help="A recipe (YAML file or preset name) whose data and augment settings the rows use (--context and "
+    "--batch then default to the recipe's).",
+)
 @set_option
 def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches, service, config_path, overrides):
     """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
     from liverseg import bench as bench_mod
 
-    click.echo(table(bench_mod.bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches,
-                                               service=service, config_path=config_path, overrides=overrides)))
+    click.echo(
+        table(
+            bench_mod.bench_pipeline(
+                records,
+                nifti,
+                batches,
+                aug,
+                context,
+                batch,
+                tutorial_batches,
+                service=service,
+                config_path=config_path,
+                overrides=overrides,
+            )
+        )
+    )
 
 
 def _bench_rows(ctx, param, value: str) -> tuple:
@@ -70,22 +95,46 @@ def _choices(value: str, valid: tuple, flag: str) -> tuple:
 @runs_tensorflow
 @bench.command("train")
 @click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--config", "config_path", default="default", show_default=True,
-              help="The recipe measured: a YAML file or a preset name (default, real-cpu, smoke, ...).")
+@click.option(
+    "--config",
+    "config_path",
+    default="default",
+    show_default=True,
+    help="The recipe measured: a YAML file or a preset name (default, real-cpu, smoke, ...).",
+)
 @set_option
-@click.option("--steps", default=8, show_default=True, help="Timed steps of the model and end-to-end rows (after --warmup).")
-@click.option("--warmup", default=2, show_default=True, help="Untimed calls of train.steps_per_call steps first (compilation; 2 at least).")
+@click.option(
+    "--steps", default=8, show_default=True, help="Timed steps of the model and end-to-end rows (after --warmup)."
+)
+@click.option(
+    "--warmup",
+    default=2,
+    show_default=True,
+    help="Untimed calls of train.steps_per_call steps first (compilation; 2 at least).",
+)
 @click.option("--loop-steps", default=400, show_default=True, help="Timed steps of the loop-overhead rows.")
 @click.option("--input-batches", default=20, show_default=True, help="Batches timed for the input-ceiling row.")
-@click.option("--peak-tflops", type=float, help="Accelerator peak (e.g. 989 for an H100 SXM in bf16): adds the 40% MFU target.")
-@click.option("--rows", default="model,loop,input,end-to-end", show_default=True, callback=_bench_rows,
-              help="Which measured rows (FLOPs always).")
+@click.option(
+    "--peak-tflops", type=float, help="Accelerator peak (e.g. 989 for an H100 SXM in bf16): adds the 40% MFU target."
+)
+@click.option(
+    "--rows",
+    default="model,loop,input,end-to-end",
+    show_default=True,
+    callback=_bench_rows,
+    help="Which measured rows (FLOPs always).",
+)
 def bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches, peak_tflops, rows):
     """Training ceilings in one run: model, loop overhead, input, end to end, FLOPs per image."""
     from liverseg import bench as bench_mod
 
-    click.echo(table(bench_mod.bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches,
-                                            peak_tflops, rows)))
+    click.echo(
+        table(
+            bench_mod.bench_train(
+                records, config_path, overrides, steps, warmup, loop_steps, input_batches, peak_tflops, rows
+            )
+        )
+    )
 
 
 @runs_tensorflow
@@ -93,11 +142,19 @@ def bench_train(records, config_path, overrides, steps, warmup, loop_steps, inpu
 @runs_option
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--cases", default=3, show_default=True, help="Volumes of DATA (image/mask pairs) to predict.")
-@click.option("--config", "config_path",
-              help="Without --run: an untrained network of this recipe (a YAML file or a preset name; speed only).")
+@click.option(
+    "--config",
+    "config_path",
+    help="Without --run: an untrained network of this recipe (a YAML file or a preset name; speed only).",
+)
 @click.option("--size", type=int, help="With --config: the network's input size (slices resized to SIZE x SIZE).")
-@click.option("--engine", "engine_rows", multiple=True, type=click.Choice(ENGINES),
-              help="Engines to measure (default: tensorflow, tensorflow-xla, onnxruntime, openvino).")
+@click.option(
+    "--engine",
+    "engine_rows",
+    multiple=True,
+    type=click.Choice(ENGINES),
+    help="Engines to measure (default: tensorflow, tensorflow-xla, onnxruntime, openvino).",
+)
 def bench_predict(run_dirs, data, cases, config_path, size, engine_rows):
     """Whole-volume prediction per engine (s/volume, slices/s, peak RSS, masks against the
     first engine's), and for several --run their ensemble, on the same volumes of DATA."""
@@ -126,9 +183,14 @@ def bench_metrics(masks):
 @click.option("--size", default=32, show_default=True, help="In-plane size of the synthetic cases.")
 @click.option("--slices", default=8, show_default=True, help="Slices per case.")
 @click.option("--no-beam", is_flag=True, help="Skip the conversion on Beam's DirectRunner.")
-@click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Folder for the temporary data (default: the "
-              "system's temporary folder).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as JSON here.")
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the temporary data (default: the system's temporary folder).",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as JSON here."
+)
 def bench_scale(cases, size, slices, no_beam, work, json_out):
     """Every stage from N=100 to 10,000 cases: per-case cost and its growth exponent, against the goals."""
     from liverseg.bench import scale
@@ -136,9 +198,13 @@ def bench_scale(cases, size, slices, no_beam, work, json_out):
     try:
         counts = tuple(int(c) for c in cases.split(","))
     except ValueError:
-        raise click.BadParameter(f"{cases!r}: comma-separated case counts, e.g. 100,1000,10000", param_hint="--cases")
+        raise click.BadParameter(
+            f"{cases!r}: comma-separated case counts, e.g. 100,1000,10000", param_hint="--cases"
+        ) from None
     if min(counts) < 10:
-        raise click.BadParameter(f"{cases!r}: at least 10 cases per row (val and test take a few)", param_hint="--cases")
+        raise click.BadParameter(
+            f"{cases!r}: at least 10 cases per row (val and test take a few)", param_hint="--cases"
+        )
     rows, notes, totals = scale.bench_scale(counts, size, slices, beam=not no_beam, work=work)
     click.echo(table(rows))
     for note in notes:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import click
-
-import dataclasses
-import typing
 
 from liverseg import LiversegError
 from liverseg.cli.group import cli, runs_tensorflow, table
@@ -19,11 +18,19 @@ from liverseg.layouts import LAYOUTS, SYNTH_LAYOUTS
 @click.option("--cases", default=20, show_default=True, help="Number of procedural phantoms.")
 @click.option("--size", default=512, show_default=True, help="In-plane matrix size.")
 @click.option("--slices", default="40..200", show_default=True, help="Slice count range LO..HI.")
-@click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Build one phantom around each real *_liver.nii[.gz] here, at its real geometry.")
+@click.option(
+    "--masks",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Build one phantom around each real *_liver.nii[.gz] here, at its real geometry.",
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--layout", type=click.Choice(SYNTH_LAYOUTS), default="flat", show_default=True,
-              help="seed: the tutorial's train/ + test/ folders; ircad: 3D-IRCADb-01's DICOM tree.")
+@click.option(
+    "--layout",
+    type=click.Choice(SYNTH_LAYOUTS),
+    default="flat",
+    show_default=True,
+    help="seed: the tutorial's train/ + test/ folders; ircad: 3D-IRCADb-01's DICOM tree.",
+)
 @click.option("--workers", default=1, show_default=True, help="Parallel processes.")
 def synth(out, cases, size, slices, masks, seed, layout, workers):
     """Write synthetic CT phantoms (<case>_orig.nii.gz, <case>_liver.nii.gz) to OUT."""
@@ -65,7 +72,9 @@ def dataclass_options(cls, skip: tuple[str, ...] = (), choices: dict[str, tuple]
                 kw.update(type=click.Choice(list(choices_of(f))), default=shown.get(f.default))
             else:
                 base = next(a for a in (typing.get_args(tp) or (tp,)) if a is not type(None))
-                kw.update(type=click.Path(exists=True, dir_okay=False) if meta.get("exists") else base, default=f.default)
+                kw.update(
+                    type=click.Path(exists=True, dir_okay=False) if meta.get("exists") else base, default=f.default
+                )
             fn = click.option(flag, **kw)(fn)
         return fn
 
@@ -96,7 +105,8 @@ convert_options, build_convert_options = _convert_cli()
 @convert_options
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM PIPELINE OPTIONS]")
 def convert(src, out, beam_args, **kw):
-    """Convert the CT volume/mask pairs of SRC (a folder, or with --layout list a case list) to sharded TFRecords + manifest in OUT."""
+    """Convert the CT volume/mask pairs of SRC (a folder, or with --layout list a case list) to
+    sharded TFRecords + manifest in OUT."""
     from liverseg import convert as convert_mod
 
     opts = build_convert_options(**kw)
@@ -122,17 +132,23 @@ def verify(root):
     from liverseg import verify as verify_mod
 
     reports = verify_mod.verify(root)
-    click.echo(table([{"shard": r.file, "examples": r.num_examples, "bytes": r.bytes, "status": r.status} for r in reports]))
+    click.echo(
+        table([{"shard": r.file, "examples": r.num_examples, "bytes": r.bytes, "status": r.status} for r in reports])
+    )
     bad = [r for r in reports if not r.ok]
     if bad:
-        raise LiversegError(f"{len(bad)} of {len(reports)} shard(s) failed: " + "; ".join(f"{root / r.file}: {r.status}" for r in bad))
+        raise LiversegError(
+            f"{len(bad)} of {len(reports)} shard(s) failed: " + "; ".join(f"{root / r.file}: {r.status}" for r in bad)
+        )
     click.echo(f"all {len(reports)} shard(s) ok")
 
 
 @runs_tensorflow
 @cli.command()
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option("--png", type=click.Path(file_okay=False, path_type=Path), help="Write overlay PNGs of sample cases here.")
+@click.option(
+    "--png", type=click.Path(file_okay=False, path_type=Path), help="Write overlay PNGs of sample cases here."
+)
 @click.option("--max-cases", default=3, show_default=True, help="Cases per split drawn with --png.")
 def inspect(root, png, max_cases):
     """Summarise a converted dataset per split; optionally draw overlays."""
@@ -151,9 +167,15 @@ def data_service_group():
 @runs_tensorflow
 @data_service_group.command("dispatcher")
 @click.option("--port", default=5050, show_default=True, help="Port (0: any free one).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address given out to trainers and workers (TF's servers listen on every interface).")
-@click.option("--work-dir", type=click.Path(file_okay=False), help="Journal folder: a restarted dispatcher resumes its jobs.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address given out to trainers and workers (TF's servers listen on every interface).",
+)
+@click.option(
+    "--work-dir", type=click.Path(file_okay=False), help="Journal folder: a restarted dispatcher resumes its jobs."
+)
 def data_service_dispatcher(port, host, work_dir):
     """Run a tf.data service dispatcher until SIGTERM or Ctrl-C."""
     from liverseg import data_service
@@ -163,10 +185,16 @@ def data_service_dispatcher(port, host, work_dir):
 
 @runs_tensorflow
 @data_service_group.command("worker")
-@click.option("--dispatcher", "dispatcher_address", required=True, help="The dispatcher, grpc://HOST:PORT or HOST:PORT.")
+@click.option(
+    "--dispatcher", "dispatcher_address", required=True, help="The dispatcher, grpc://HOST:PORT or HOST:PORT."
+)
 @click.option("--port", default=0, show_default=True, help="Port (0: any free one).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address this worker gives the dispatcher for trainers to fetch from.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address this worker gives the dispatcher for trainers to fetch from.",
+)
 def data_service_worker(dispatcher_address, port, host):
     """Run a tf.data service worker until SIGTERM or Ctrl-C."""
     from liverseg import data_service

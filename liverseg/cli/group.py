@@ -15,7 +15,6 @@ import click
 
 from liverseg import LiversegError
 
-
 # What a file system refuses for reasons outside liverseg: permissions, immutable files,
 # read-only mounts, a full disk or quota.
 FILE_SYSTEM_REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
@@ -41,8 +40,9 @@ class Group(click.Group):
             if e.errno not in FILE_SYSTEM_REFUSALS:
                 raise
             where = e.filename or "a file"
-            raise UserError(f"{where}: {e.strerror or e}; fix its permissions or free "
-                            "space, or choose another folder") from None
+            raise UserError(
+                f"{where}: {e.strerror or e}; fix its permissions or free space, or choose another folder"
+            ) from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,6 +67,7 @@ def runs_tensorflow(cmd: click.Command) -> click.Command:
 def runs_tensorflow_without(option: str):
     """Mark a command that runs TensorFlow unless `option` is given and --run is not
     (`predict --model EXPORT` runs exported models without TensorFlow)."""
+
     def mark(cmd: click.Command) -> click.Command:
         cmd.runs_tensorflow = lambda argv: not (option in argv and "--run" not in argv)
         return cmd
@@ -103,12 +104,25 @@ def table(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------- shared options
 
-run_option = click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-                          help="A training run directory.")
-runs_option = click.option("--run", "run_dirs", multiple=True,
-                           type=click.Path(exists=True, file_okay=False, path_type=Path),
-                           help="A training run directory; several: their ensemble (probabilities averaged).")
-weights_option = click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                              help="A *.weights.h5 file of this run (default: best, else final).")
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="Override a config key, e.g. train.lr=3e-4.")
+run_option = click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A training run directory.",
+)
+runs_option = click.option(
+    "--run",
+    "run_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A training run directory; several: their ensemble (probabilities averaged).",
+)
+weights_option = click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A *.weights.h5 file of this run (default: best, else final).",
+)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=3e-4."
+)

@@ -7,8 +7,15 @@ from pathlib import Path
 import click
 
 from liverseg import LiversegError
-from liverseg.cli.group import (cli, run_option, runs_option, runs_tensorflow, runs_tensorflow_without, set_option, table,
-                                weights_option)
+from liverseg.cli.group import (
+    cli,
+    runs_option,
+    runs_tensorflow,
+    runs_tensorflow_without,
+    set_option,
+    table,
+    weights_option,
+)
 from liverseg.engines import ENGINES
 from liverseg.export import FORMATS as EXPORT_FORMATS
 from liverseg.layouts import LAYOUTS
@@ -26,11 +33,21 @@ def _config(config_path, records, overrides):
 
 @runs_tensorflow
 @cli.command()
-@click.option("--config", "config_path",
-              help="A YAML file or a shipped preset's name: default, demo, real-cpu, seed, smoke (configs/*.yaml).")
-@click.option("--records", type=click.Path(file_okay=False, path_type=Path), help="Converted dataset (sets data.records).")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory; re-running on it resumes.")
+@click.option(
+    "--config",
+    "config_path",
+    help="A YAML file or a shipped preset's name: default, demo, real-cpu, seed, smoke (configs/*.yaml).",
+)
+@click.option(
+    "--records", type=click.Path(file_okay=False, path_type=Path), help="Converted dataset (sets data.records)."
+)
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory; re-running on it resumes.",
+)
 @set_option
 def train(config_path, records, run_dir, overrides):
     """Train (or resume) a U-Net; TensorBoard logs go to RUN/train and RUN/validation."""
@@ -42,15 +59,19 @@ def train(config_path, records, run_dir, overrides):
     except train_mod.Preempted as e:
         click.echo(str(e), err=True)
         raise SystemExit(train_mod.PREEMPTED_EXIT) from None
-    click.echo(f"finished at step {result['step']}; best val Dice (3D): {result['best_val_dice_3d']}; "
-               f"weights {result['weights_fingerprint']}")
+    click.echo(
+        f"finished at step {result['step']}; best val Dice (3D): {result['best_val_dice_3d']}; "
+        f"weights {result['weights_fingerprint']}"
+    )
     click.echo(f"TensorBoard: liverseg tensorboard {run_dir}   (or: tensorboard --logdir {run_dir})")
 
 
 @runs_tensorflow
 @cli.command()
 @click.argument("logdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it to the network).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it to the network)."
+)
 @click.option("--port", default=6006, show_default=True)
 def tensorboard(logdir, host, port):
     """Serve TensorBoard for a run (or a folder of runs), on localhost by default."""
@@ -63,22 +84,37 @@ def tensorboard(logdir, host, port):
 @cli.command()
 @runs_option
 @weights_option
-@click.option("--records", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Converted dataset (default: the one the run trained on).")
+@click.option(
+    "--records",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Converted dataset (default: the one the run trained on).",
+)
 @click.option("--split", default="test", show_default=True, help="Records split to evaluate.")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of image/mask pairs in a convert --layout, scored on each case's own grid instead.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="pattern", show_default=True,
-              help="Layout of --data (as for convert).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval/<split>).")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of image/mask pairs in a convert --layout, scored on each case's own grid instead.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    default="pattern",
+    show_default=True,
+    help="Layout of --data (as for convert).",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval/<split>)."
+)
 def evaluate(run_dirs, weights, records, split, data, layout, out):
-    """Per-case Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm): CSV, JSON, overlays, TensorBoard (several --run: their ensemble)."""
+    """Per-case Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm): CSV, JSON, overlays, TensorBoard
+    (several --run: their ensemble)."""
     from liverseg import evaluate as evaluate_mod
 
     if not run_dirs:
         raise click.UsageError("give --run RUN (several: their ensemble)")
-    rows, summary, out = evaluate_mod.evaluate(load_models(run_dirs, weights, ()), records, split, data, out,
-                                               layout=layout)
+    rows, summary, out = evaluate_mod.evaluate(
+        load_models(run_dirs, weights, ()), records, split, data, out, layout=layout
+    )
     click.echo(table([{k: _fmt(v) for k, v in r.items()} for r in rows]))
     click.echo()
     click.echo(_summary_table(summary))
@@ -88,7 +124,9 @@ def evaluate(run_dirs, weights, records, split, data, layout, out):
 @runs_tensorflow
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: cv/ beside the first run).")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: cv/ beside the first run)."
+)
 def cv(runs, out):
     """Cross-validation: the out-of-fold scores of RUNS (one run per fold of one dataset), per patient and per fold."""
     from liverseg import evaluate as evaluate_mod
@@ -106,8 +144,19 @@ def _fmt(v):
 
 
 def _summary_table(summary: dict) -> str:
-    return table([{"metric": k, "mean": _fmt(v["mean"]), "sd": _fmt(v["sd"]), "median": _fmt(v["median"]),
-                   "cases": v["n"], "infinite": v["n_inf"]} for k, v in summary.items()])
+    return table(
+        [
+            {
+                "metric": k,
+                "mean": _fmt(v["mean"]),
+                "sd": _fmt(v["sd"]),
+                "median": _fmt(v["median"]),
+                "cases": v["n"],
+                "infinite": v["n_inf"],
+            }
+            for k, v in summary.items()
+        ]
+    )
 
 
 def load_models(run_dirs, weights, model_dirs, engine=None) -> list:
@@ -124,32 +173,47 @@ def load_models(run_dirs, weights, model_dirs, engine=None) -> list:
     return runs + [member for m in model_dirs for member in predict_mod.load_exports(m, engine)]
 
 
-engine_option = click.option("--engine", type=click.Choice(ENGINES),
-                             help="Who runs the network: a run's tensorflow (default) or tensorflow-xla; an export's "
-                                  "own runtime (default), or openvino / openvino-bf16 (bfloat16) for an ONNX or "
-                                  "OpenVINO export.")
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    help="Who runs the network: a run's tensorflow (default) or tensorflow-xla; an export's "
+    "own runtime (default), or openvino / openvino-bf16 (bfloat16) for an ONNX or "
+    "OpenVINO export.",
+)
 
 
 @runs_tensorflow_without("--model")
 @cli.command()
 @runs_option
 @weights_option
-@click.option("--model", "model_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="An exported folder (liverseg export): runs without TensorFlow for onnx/openvino exports.")
+@click.option(
+    "--model",
+    "model_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An exported folder (liverseg export): runs without TensorFlow for onnx/openvino exports.",
+)
 @engine_option
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="nifti", show_default=True,
-              help="nifti: <case>_liver.nii.gz on each input's grid; dicom-seg: <case>_liver.dcm, a DICOM "
-                   "Segmentation over each input DICOM series.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="nifti",
+    show_default=True,
+    help="nifti: <case>_liver.nii.gz on each input's grid; dicom-seg: <case>_liver.dcm, a DICOM "
+    "Segmentation over each input DICOM series.",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--prob", is_flag=True, help="Also write <case>_liver_prob.nii.gz probability maps (an ensemble's mean).")
 def predict(run_dirs, weights, model_dirs, engine, inputs, out, fmt, force, prob):
     """Liver masks for NIfTI files and DICOM series (folders or zips), on each input's own grid."""
     from liverseg import predict as predict_mod
 
-    written, failures = predict_mod.predict(load_models(run_dirs, weights, model_dirs, engine), inputs, out, force, prob,
-                                            fmt)
+    written, failures = predict_mod.predict(
+        load_models(run_dirs, weights, model_dirs, engine), inputs, out, force, prob, fmt
+    )
     click.echo(f"wrote {len(written)} file(s) to {out}")
     if failures:
         raise LiversegError(f"{len(failures)} input(s) failed: " + "; ".join(failures))
@@ -160,11 +224,18 @@ def predict(run_dirs, weights, model_dirs, engine, inputs, out, fmt, force, prob
 @runs_option
 @weights_option
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="savedmodel", show_default=True,
-              help="savedmodel (TensorFlow), onnx (ONNX Runtime), openvino (OpenVINO IR), litert (.tflite).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(EXPORT_FORMATS),
+    default="savedmodel",
+    show_default=True,
+    help="savedmodel (TensorFlow), onnx (ONNX Runtime), openvino (OpenVINO IR), litert (.tflite).",
+)
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 def export(run_dirs, weights, out, fmt, force):
-    """The run's network in FORMAT with its input contract (several --run: an ensemble); liverseg predict --model OUT runs it."""
+    """The run's network in FORMAT with its input contract (several --run: an ensemble);
+    liverseg predict --model OUT runs it."""
     from liverseg import export as export_mod
 
     if not run_dirs:

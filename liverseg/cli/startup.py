@@ -36,11 +36,18 @@ _TERMINATED = "LIVERSEG_SIGTERM_BEFORE_EXEC"  # set across the re-exec when SIGT
 # transpose on CPUs without AVX512-FP16).
 # A multi-worker peer that died: every collective in flight logs its abort and the gRPC
 # detail, in C++, before the Python error that `train.lost_workers_explained` says in one line.
-NOTICES = (b"WARNING: All log messages before absl::InitializeLog()", b"oneDNN custom operations are on",
-           b"cpu_feature_guard.cc", b"To enable the following instructions:", b"rebuild TensorFlow with the",
-           b"Falling back to the default Eigen-based implementation",
-           b"BaseCollectiveExecutor::StartAbort", b"] Aborting Ring", b"Additional GRPC error information from remote target",
-           b":UNKNOWN:Error received from peer")
+NOTICES = (
+    b"WARNING: All log messages before absl::InitializeLog()",
+    b"oneDNN custom operations are on",
+    b"cpu_feature_guard.cc",
+    b"To enable the following instructions:",
+    b"rebuild TensorFlow with the",
+    b"Falling back to the default Eigen-based implementation",
+    b"BaseCollectiveExecutor::StartAbort",
+    b"] Aborting Ring",
+    b"Additional GRPC error information from remote target",
+    b":UNKNOWN:Error received from peer",
+)
 
 
 def catch_sigterm(argv: list[str]) -> None:
@@ -52,6 +59,7 @@ def catch_sigterm(argv: list[str]) -> None:
         if os.environ.pop(_TERMINATED, None):
             TERMINATE.set()
     else:
+
         def unwind(signum, frame):
             raise SystemExit(128 + signum)
 
@@ -176,7 +184,7 @@ def _filter(src: int, dst: int, notices: tuple[bytes, ...]) -> None:
         data = b"".join(out)
         try:
             while data:
-                data = data[os.write(dst, data):]
+                data = data[os.write(dst, data) :]
         except OSError:  # the console is gone: keep draining, so writers never block
             pass
 
@@ -221,6 +229,5 @@ def require_tensorflow() -> None:
         found = False
     if not found:
         raise ImportError(
-            "liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) "
-            "or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)"
+            "liverseg needs TensorFlow: pip install 'liverseg[cpu]' (CPU) or 'liverseg[gpu]' (NVIDIA GPU, CUDA wheels)"
         )

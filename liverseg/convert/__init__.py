@@ -32,9 +32,9 @@ from pathlib import Path
 
 from liverseg import InputError, LiversegError, records
 from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
-from liverseg.layouts import MERGES_TUMOUR
 from liverseg.convert.output import assemble, check_out, check_same_sources, commit, locked
 from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, estimated_bytes, plan_shards, write_shard
+from liverseg.layouts import MERGES_TUMOUR
 from liverseg.manifest import ConvertOptions, Manifest
 
 
@@ -45,12 +45,19 @@ def resolve(opts: ConvertOptions) -> ConvertOptions:
     if opts.size is not None and not 16 <= opts.size <= 4096:
         raise LiversegError(f"--size {opts.size}: choose a slice size between 16 and 4096")
     if opts.spacing is not None and (opts.size is None or not 0.05 <= opts.spacing <= 20):
-        raise LiversegError(f"--spacing {opts.spacing}: needs --size (the window slices are cropped or padded to) "
-                            "and a pixel size between 0.05 and 20 mm")
-    if not (0 < opts.shard_mb <= 2**20) or not 1 <= opts.workers <= 1024 or (opts.num_shards is not None
-                                                                          and not 1 <= opts.num_shards <= 100_000):
-        raise LiversegError(f"--shard-mb {opts.shard_mb:g}, --workers {opts.workers}, --num-shards {opts.num_shards}: "
-                            "--shard-mb must be in (0, 1048576], --workers in [1, 1024], --num-shards in [1, 100000]")
+        raise LiversegError(
+            f"--spacing {opts.spacing}: needs --size (the window slices are cropped or padded to) "
+            "and a pixel size between 0.05 and 20 mm"
+        )
+    if (
+        not (0 < opts.shard_mb <= 2**20)
+        or not 1 <= opts.workers <= 1024
+        or (opts.num_shards is not None and not 1 <= opts.num_shards <= 100_000)
+    ):
+        raise LiversegError(
+            f"--shard-mb {opts.shard_mb:g}, --workers {opts.workers}, --num-shards {opts.num_shards}: "
+            "--shard-mb must be in (0, 1048576], --workers in [1, 1024], --num-shards in [1, 100000]"
+        )
     if not 0 <= opts.affine_tol <= 10:  # also refuses nan: a nan tolerance would accept any grid
         raise LiversegError(f"--affine-tol {opts.affine_tol}: choose a tolerance in mm between 0 and 10")
     if not (0 <= opts.val < 1 and 0 <= opts.test < 1):  # nan included
@@ -69,8 +76,10 @@ def prepare(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[Case], lis
     check_headers(cases, opts)
     bad = [c for c in cases if c.error]
     if bad and not opts.skip_bad:
-        raise InputError(f"{len(bad)} case(s) failed header checks, nothing written (--skip-bad converts the rest):\n  "
-                         + "\n  ".join(c.error for c in bad))
+        raise InputError(
+            f"{len(bad)} case(s) failed header checks, nothing written (--skip-bad converts the rest):\n  "
+            + "\n  ".join(c.error for c in bad)
+        )
     jobs = plan_shards(cases, opts, out)
     _check_space(out, jobs, opts)
     return cases, jobs, old
@@ -85,11 +94,15 @@ def _check_space(out: Path, jobs: list[ShardJob], opts: ConvertOptions) -> None:
     where = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
-        raise LiversegError(f"{out}: the dataset needs about {need / 2**20:,.0f} MB but {where} has "
-                            f"{free / 2**20:,.0f} MB free; free space or choose another output folder")
+        raise LiversegError(
+            f"{out}: the dataset needs about {need / 2**20:,.0f} MB but {where} has "
+            f"{free / 2**20:,.0f} MB free; free space or choose another output folder"
+        )
 
 
-def convert(src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True) -> Manifest:
+def convert(
+    src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True
+) -> Manifest:
     """Convert SRC to a sharded dataset in OUT. Returns the manifest (also written to OUT/dataset.json)."""
     with locked(Path(out), Path(src)):
         return _convert(Path(src), Path(out), resolve(opts), progress)
@@ -99,8 +112,12 @@ def _convert(src: Path, out: Path, opts: ConvertOptions, progress: bool) -> Mani
     from tqdm import tqdm
 
     cases, jobs, old = prepare(src, out, opts)
-    bar = tqdm(total=sum(c.geometry.stored_shape[0] for j in jobs for c in j.cases), desc="convert", unit="slice",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(c.geometry.stored_shape[0] for j in jobs for c in j.cases),
+        desc="convert",
+        unit="slice",
+        disable=not progress,
+    )
     try:
         results = _write_all(jobs, opts, lambda job: bar.update(sum(c.geometry.stored_shape[0] for c in job.cases)))
         manifest = assemble(src, opts, cases, results)
@@ -109,8 +126,10 @@ def _convert(src: Path, out: Path, opts: ConvertOptions, progress: bool) -> Mani
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise LiversegError(f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
-                            "(or choose another output folder) and re-run") from None
+        raise LiversegError(
+            f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
+            "(or choose another output folder) and re-run"
+        ) from None
     finally:
         bar.close()
         for j in jobs:
@@ -128,7 +147,9 @@ def _write_all(jobs: list[ShardJob], opts: ConvertOptions, done) -> list[ShardRe
         return results
     by_name = {(j.split, j.ordinal): j for j in jobs}
     # spawn: never fork a process that may hold TensorFlow's threads.
-    pool = get_context("spawn").Pool(min(opts.workers, len(jobs)), initializer=_die_with_parent, initargs=(os.getpid(),))
+    pool = get_context("spawn").Pool(
+        min(opts.workers, len(jobs)), initializer=_die_with_parent, initargs=(os.getpid(),)
+    )
     try:
         results = []
         for r in pool.imap_unordered(_write_shard_args, [(j, opts) for j in jobs]):
@@ -167,5 +188,16 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-__all__ = ["ConvertOptions", "SPLIT_PRESETS", "TMP_PREFIX", "assemble", "commit", "convert", "discover", "plan_shards",
-           "prepare", "resolve", "write_shard"]
+__all__ = [
+    "ConvertOptions",
+    "SPLIT_PRESETS",
+    "TMP_PREFIX",
+    "assemble",
+    "commit",
+    "convert",
+    "discover",
+    "plan_shards",
+    "prepare",
+    "resolve",
+    "write_shard",
+]

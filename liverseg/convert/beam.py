@@ -68,8 +68,10 @@ def _full_disk_named(out):
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise LiversegError(f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
-                            "(or choose another output folder) and re-run") from None
+        raise LiversegError(
+            f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
+            "(or choose another output folder) and re-run"
+        ) from None
 
 
 def _encode(task: tuple[tuple[str, int], int, Case], out: str, opts: ConvertOptions):
@@ -99,9 +101,16 @@ def _write(keyed, jobs: dict, opts: ConvertOptions) -> ShardResult:
     for s in segments:
         if s.path is not None:
             Path(s.path).unlink()
-    return ShardResult(job.split, job.ordinal, job.tmp, n, nbytes, sha,
-                       [s.outcome for s in segments if isinstance(s.outcome, CaseInfo)],
-                       [s.outcome for s in segments if isinstance(s.outcome, SkippedCase)])
+    return ShardResult(
+        job.split,
+        job.ordinal,
+        job.tmp,
+        n,
+        nbytes,
+        sha,
+        [s.outcome for s in segments if isinstance(s.outcome, CaseInfo)],
+        [s.outcome for s in segments if isinstance(s.outcome, SkippedCase)],
+    )
 
 
 def _commit(results: list[ShardResult], src: Path, out: Path, opts: ConvertOptions, cases, old, runner: str) -> None:
@@ -117,13 +126,16 @@ def pipeline(runner: str, workers: int, args: tuple[str, ...], worker_log: Path)
     beam = import_beam()
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    options = PipelineOptions([f"--runner={runner}", *args] if runner.lower() not in RUNNERS
-                              else [f"--direct_num_workers={workers}", *args])
+    options = PipelineOptions(
+        [f"--runner={runner}", *args] if runner.lower() not in RUNNERS else [f"--direct_num_workers={workers}", *args]
+    )
     unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
     if unknown:  # Beam would only log "Discarding unparseable args" and run without them
-        raise LiversegError(f"Beam pipeline option(s) {', '.join('--' + u for u in unknown)}: not options of Beam or "
-                            "of its runners; check their spelling (`python -m apache_beam.examples.wordcount --help` "
-                            "lists them)")
+        raise LiversegError(
+            f"Beam pipeline option(s) {', '.join('--' + u for u in unknown)}: not options of Beam or "
+            "of its runners; check their spelling (`python -m apache_beam.examples.wordcount --help` "
+            "lists them)"
+        )
     if runner.lower() not in RUNNERS:
         try:
             return runner, beam.Pipeline(options=options)
@@ -136,7 +148,8 @@ def pipeline(runner: str, workers: int, args: tuple[str, ...], worker_log: Path)
     if workers > 1:  # what --direct_running_mode=multi_processing starts, with its stderr in a log file
         environment = environments.SubprocessSDKEnvironment.from_command_string(
             f"LIVERSEG_CONVERTER_PID={os.getpid()} {shlex.quote(sys.executable)} -m liverseg.convert.beam_worker "
-            f"2>>{shlex.quote(str(worker_log))}")  # Beam's worker main, ended with this process (beam_worker)
+            f"2>>{shlex.quote(str(worker_log))}"
+        )  # Beam's worker main, ended with this process (beam_worker)
     return RUNNERS[runner.lower()], beam.Pipeline(runner=FnApiRunner(default_environment=environment), options=options)
 
 
@@ -165,13 +178,15 @@ def _convert_beam(src: Path, out: Path, opts: ConvertOptions, beam_args: tuple[s
     keep_log = False
     try:
         with p:
-            _ = (p
-                 | "cases" >> beam.Create(tasks, reshuffle=True)
-                 | "read, check, encode" >> beam.Map(_encode, str(out), opts)
-                 | "by shard" >> beam.GroupByKey()
-                 | "write shard" >> beam.Map(_write, by_key, opts)
-                 | "every shard" >> beam.combiners.ToList()
-                 | "manifest" >> beam.Map(_commit, src, out, opts, cases, old, runner))
+            _ = (
+                p
+                | "cases" >> beam.Create(tasks, reshuffle=True)
+                | "read, check, encode" >> beam.Map(_encode, str(out), opts)
+                | "by shard" >> beam.GroupByKey()
+                | "write shard" >> beam.Map(_write, by_key, opts)
+                | "every shard" >> beam.combiners.ToList()
+                | "manifest" >> beam.Map(_commit, src, out, opts, cases, old, runner)
+            )
         return Manifest.load(out)
     except Exception as e:
         error = _explained(e, worker_log)
@@ -189,8 +204,9 @@ def _explained(e: Exception, worker_log: Path) -> Exception:
     (Beam re-raises it with the step's name appended), else the first line and the worker log."""
     if isinstance(e, LiversegError):  # raised in this process (one worker): Beam appended the step
         return type(e)(str(e).split(" [while running")[0].strip())
-    ours = re.search(r"\b(?:liverseg\.)?(?:\w+\.)*(InputError|RecordsError|LiversegError): (.+?)(?: \[while running|\n|$)",
-                     str(e))
+    ours = re.search(
+        r"\b(?:liverseg\.)?(?:\w+\.)*(InputError|RecordsError|LiversegError): (.+?)(?: \[while running|\n|$)", str(e)
+    )
     if ours:  # raised in a worker process: Beam passes on its traceback as text
         return (InputError if ours.group(1) == "InputError" else LiversegError)(ours.group(2).strip())
     where = f" (worker output: {worker_log})" if worker_log.exists() else ""

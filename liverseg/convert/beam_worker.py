@@ -17,6 +17,7 @@ import time
 
 def watch(pid: int, every: float = 1.0) -> None:
     """End this process (in a daemon thread) once process `pid` no longer exists."""
+
     def loop() -> None:
         while True:
             try:

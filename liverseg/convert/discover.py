@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from liverseg import InputError, LiversegError, geometry, layouts, volumes
-from liverseg.manifest import SPLITS, ConvertOptions
+from liverseg.manifest import ConvertOptions
+from liverseg.records import SPLITS
 from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,20 @@ class Case:
 
 
 def discover(src: Path, opts: ConvertOptions) -> list[Case]:
-    """Pair images with masks by the layout; the split comes from subfolders, a split file, a preset or seeded fractions."""
+    """Pair images with masks by the layout; the split comes from subfolders, a split file, a
+    preset or seeded fractions."""
     if opts.layout == "list" and not src.is_file():
         raise LiversegError(f"{src}: --layout list needs the case list file (CSV or JSON)")
     if opts.layout != "list" and not src.is_dir():
         raise LiversegError(f"{src}: source folder does not exist")
-    found, from_folders = layouts.find(src.resolve(), opts.layout, opts.image_pattern, opts.mask_pattern,
-                                       opts.mask_segment)  # absolute: the manifest names the sources
+    found, from_folders = layouts.find(
+        src.resolve(), opts.layout, opts.image_pattern, opts.mask_pattern, opts.mask_segment
+    )  # absolute: the manifest names the sources
     found = _without_ircad_twins(found, opts.exclude_ircad_overlap)
-    cases = [Case(c, pair.split, pair.image, pair.mask, source=pair.source, origin=pair.origin) for c, pair in sorted(found.items())]
+    cases = [
+        Case(c, pair.split, pair.image, pair.mask, source=pair.source, origin=pair.origin)
+        for c, pair in sorted(found.items())
+    ]
     _assign_splits(cases, opts, from_folders)
     order = {s: i for i, s in enumerate(SPLITS)}
     cases.sort(key=lambda c: (order[c.split], c.source, c.case_id))  # the order shards hold them in
@@ -72,16 +78,22 @@ def _without_ircad_twins(found: layouts.Found, exclude: bool) -> layouts.Found:
     if exclude:
         twins = sorted(c for c, pair in found.items() if layouts.public_origin(c, pair.image.name) == "lits-ircad")
         if twins:
-            log.warning("--exclude-ircad-overlap: dropped %d LiTS/Decathlon case(s) that are 3D-IRCADb-01 patients: %s",
-                        len(twins), ", ".join(twins))
+            log.warning(
+                "--exclude-ircad-overlap: dropped %d LiTS/Decathlon case(s) that are 3D-IRCADb-01 patients: %s",
+                len(twins),
+                ", ".join(twins),
+            )
             found = {c: pair for c, pair in found.items() if c not in twins}
             if not found:
                 raise LiversegError("--exclude-ircad-overlap dropped every case; nothing to convert")
         return found
     why = layouts.ircad_overlap({c: pair.image.name for c, pair in found.items()})
     if why:
-        log.warning("these cases overlap: %s; a patient in two splits inflates every score (--exclude-ircad-overlap "
-                    "drops the LiTS/Decathlon copies)", why)
+        log.warning(
+            "these cases overlap: %s; a patient in two splits inflates every score (--exclude-ircad-overlap "
+            "drops the LiTS/Decathlon copies)",
+            why,
+        )
     return found
 
 
@@ -90,7 +102,9 @@ def _assign_splits(cases: list[Case], opts: ConvertOptions, from_folders: bool) 
     if len(chosen) > 1:
         raise LiversegError("choose one of --split-file, --split-preset or --val/--test")
     if from_folders and chosen:
-        raise LiversegError("the source already has train/val/test subfolders; drop --split-file/--split-preset/--val/--test")
+        raise LiversegError(
+            "the source already has train/val/test subfolders; drop --split-file/--split-preset/--val/--test"
+        )
     ids = [c.case_id for c in cases]
     if opts.split_file:
         path = Path(opts.split_file)
@@ -103,8 +117,10 @@ def _assign_splits(cases: list[Case], opts: ConvertOptions, from_folders: bool) 
         where: dict[str, str] = {}
         for split, members in spec.items():
             if not isinstance(members, list) or not all(isinstance(c, str) for c in members):
-                raise LiversegError(f"{path}: {split!r} must be a list of case ids as strings (e.g. [\"case_01\"]), "
-                                    f"got {json.dumps(members)[:80]}")
+                raise LiversegError(
+                    f'{path}: {split!r} must be a list of case ids as strings (e.g. ["case_01"]), '
+                    f"got {json.dumps(members)[:80]}"
+                )
             for c in members:
                 if c in where:
                     raise LiversegError(f"{path}: case {c!r} is in both {where[c]} and {split}")
@@ -137,7 +153,7 @@ def _assign_splits(cases: list[Case], opts: ConvertOptions, from_folders: bool) 
         n_val = max(1, round(opts.val * n)) if opts.val else 0
         if n_test + n_val >= n:
             raise LiversegError(f"{n} cases cannot give {n_val} val + {n_test} test cases and keep one for training")
-        split_of = {c: "test" for c in order[:n_test]} | {c: "val" for c in order[n_test:n_test + n_val]}
+        split_of = {c: "test" for c in order[:n_test]} | {c: "val" for c in order[n_test : n_test + n_val]}
         for c in cases:
             c.split = split_of.get(c.case_id, "train")
 

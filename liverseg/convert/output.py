@@ -16,12 +16,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from liverseg import LiversegError, records
-from liverseg.outputs import check_output, folder_lock
 from liverseg.convert.discover import Case
 from liverseg.convert.shards import TMP_PREFIX, ShardResult
-from liverseg.manifest import (CASES, MANIFEST, SPLITS, CaseInfo, ConvertOptions, Manifest, RegionHU, ShardInfo, SkippedCase,
-                               SplitInfo, cases_lines, pooled_hu)
-
+from liverseg.manifest import (
+    CASES,
+    MANIFEST,
+    CaseInfo,
+    ConvertOptions,
+    Manifest,
+    RegionHU,
+    ShardInfo,
+    SkippedCase,
+    SplitInfo,
+    cases_lines,
+    pooled_hu,
+)
+from liverseg.outputs import check_output, folder_lock
+from liverseg.records import SPLITS
 
 LOCK = ".lock"  # held by the conversion writing into OUT
 
@@ -32,8 +43,9 @@ def locked(out: Path, src: Path):
     Checked first: OUT is not SRC, does not hold it, is not a run or an export, and can be
     written (`outputs.check_output`)."""
     check_output(out, [src], may_be="a converted dataset")
-    return folder_lock(out, LOCK, "a conversion", "wait for it to finish or stop it, or choose another OUT",
-                       remove=True)
+    return folder_lock(
+        out, LOCK, "a conversion", "wait for it to finish or stop it, or choose another OUT", remove=True
+    )
 
 
 def check_out(out: Path, opts: ConvertOptions, src: Path, cases: list[Case] = ()) -> Manifest | None:
@@ -46,12 +58,15 @@ def check_out(out: Path, opts: ConvertOptions, src: Path, cases: list[Case] = ()
         raise LiversegError(f"{out}: exists and is not a folder")
     for p in out.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run
         p.unlink()
-    ours = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^(" + "|".join(map(re.escape, (MANIFEST, CASES, LOCK)))
-                      + ")$")
+    ours = re.compile(
+        r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^(" + "|".join(map(re.escape, (MANIFEST, CASES, LOCK))) + ")$"
+    )
     foreign = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
     if foreign and not opts.overwrite:
-        raise LiversegError(f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}); "
-                            "choose an empty or new folder")
+        raise LiversegError(
+            f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}); "
+            "choose an empty or new folder"
+        )
     if not (out / MANIFEST).is_file():
         return None
     try:
@@ -60,13 +75,16 @@ def check_out(out: Path, opts: ConvertOptions, src: Path, cases: list[Case] = ()
         old = None
     same = old is not None and old.options.creation() == opts.creation() and old.source == str(src.resolve())
     if not same and not opts.overwrite:
-        raise LiversegError(f"{out}: already holds a different dataset (see {out / MANIFEST}); "
-                            "pass --overwrite to replace it or choose another folder")
+        raise LiversegError(
+            f"{out}: already holds a different dataset (see {out / MANIFEST}); "
+            "pass --overwrite to replace it or choose another folder"
+        )
     return old
 
 
-def assemble(src: Path, opts: ConvertOptions, cases: list[Case], results: list[ShardResult],
-             runner: str = "local") -> Manifest:
+def assemble(
+    src: Path, opts: ConvertOptions, cases: list[Case], results: list[ShardResult], runner: str = "local"
+) -> Manifest:
     """The manifest of a conversion from its written shards (any order) and the header-failed cases."""
     results = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
     skipped = [SkippedCase(c.case_id, c.split, c.error) for c in cases if c.error]
@@ -82,15 +100,24 @@ def assemble(src: Path, opts: ConvertOptions, cases: list[Case], results: list[S
         members = [replace(i, shard=name) for name, r in named for i in r.cases]
         shapes = {tuple(i.geometry.stored_shape[1:]) for i in members}
         splits[split] = SplitInfo(
-            num_examples=sum(r.num_examples for r in shards), num_cases=len(members),
-            liver_slices=sum(i.liver_slices for i in members), bytes=sum(r.bytes for r in shards),
+            num_examples=sum(r.num_examples for r in shards),
+            num_cases=len(members),
+            liver_slices=sum(i.liver_slices for i in members),
+            bytes=sum(r.bytes for r in shards),
             slice_shape=shapes.pop() if len(shapes) == 1 else None,
             hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")),
             shards=tuple(ShardInfo(name, r.num_examples, r.bytes, r.sha256) for name, r in named),
-            min_slices=min(i.num_slices for i in members))
+            min_slices=min(i.num_slices for i in members),
+        )
         infos += members
-    return Manifest(source=str(src.resolve()), options=ConvertOptions.from_creation(opts.creation()), splits=splits,
-                    cases=tuple(sorted(infos, key=lambda i: i.index)), skipped=tuple(skipped), runner=runner)
+    return Manifest(
+        source=str(src.resolve()),
+        options=ConvertOptions.from_creation(opts.creation()),
+        splits=splits,
+        cases=tuple(sorted(infos, key=lambda i: i.index)),
+        skipped=tuple(skipped),
+        runner=runner,
+    )
 
 
 def check_same_sources(out: Path, old: Manifest | None, new: Manifest, opts: ConvertOptions) -> None:
@@ -99,8 +126,10 @@ def check_same_sources(out: Path, old: Manifest | None, new: Manifest, opts: Con
         return
     before = {c.case_id: (c.image.sha256, c.mask.sha256) for c in old.cases}
     if before != {c.case_id: (c.image.sha256, c.mask.sha256) for c in new.cases}:
-        raise LiversegError(f"{out}: already holds a dataset converted from different source files; "
-                            "pass --overwrite to replace it or choose another folder")
+        raise LiversegError(
+            f"{out}: already holds a dataset converted from different source files; "
+            "pass --overwrite to replace it or choose another folder"
+        )
 
 
 def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifest:

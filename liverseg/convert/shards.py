@@ -15,7 +15,8 @@ import numpy as np
 
 from liverseg import InputError, geometry, records, volumes
 from liverseg.convert.discover import Case
-from liverseg.manifest import SPLITS, CaseInfo, ConvertOptions, HUStats, RegionHU, SkippedCase, SourceFile
+from liverseg.manifest import CaseInfo, ConvertOptions, HUStats, RegionHU, SkippedCase, SourceFile
+from liverseg.records import SPLITS
 
 TMP_PREFIX = ".tmp-"
 PERCENTILES = (0.5, 5, 25, 50, 75, 95, 99.5)
@@ -56,7 +57,9 @@ def plan_shards(cases: list[Case], opts: ConvertOptions, out: Path) -> list[Shar
     count (num_shards, per split and source)."""
     jobs: list[ShardJob] = []
     ordinals: dict[str, int] = {}  # shards planned so far per split
-    groups_of = [(split, source) for split in SPLITS for source in sorted({c.source for c in cases if c.split == split})]
+    groups_of = [
+        (split, source) for split in SPLITS for source in sorted({c.source for c in cases if c.split == split})
+    ]
     by_group: dict[tuple[str, str], list[Case]] = {}
     for c in cases:
         if c.error is None:
@@ -89,7 +92,9 @@ def plan_shards(cases: list[Case], opts: ConvertOptions, out: Path) -> list[Shar
         for g in groups:
             ordinal = ordinals.get(split, 0)
             ordinals[split] = ordinal + 1
-            jobs.append(ShardJob(split, ordinal, out / f"{TMP_PREFIX}{split}-{ordinal:05d}.tfrecord", [members[i] for i in g]))
+            jobs.append(
+                ShardJob(split, ordinal, out / f"{TMP_PREFIX}{split}-{ordinal:05d}.tfrecord", [members[i] for i in g])
+            )
     return jobs
 
 
@@ -106,8 +111,12 @@ def _hu_stats(sample: np.ndarray, count: int) -> HUStats:
         return HUStats(int(count))
     sample = sample.astype(np.float32)
     pct = np.percentile(sample, PERCENTILES, method="linear")
-    return HUStats(int(count), round(float(sample.mean()), 3), round(float(sample.std()), 3),
-                   {str(p): round(float(v), 3) for p, v in zip(PERCENTILES, pct)})
+    return HUStats(
+        int(count),
+        round(float(sample.mean()), 3),
+        round(float(sample.std()), 3),
+        {str(p): round(float(v), 3) for p, v in zip(PERCENTILES, pct)},
+    )
 
 
 def _case_stats(image: np.ndarray, mask: np.ndarray, liver_voxels: int) -> RegionHU:
@@ -131,21 +140,34 @@ def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, C
     geometry.check_pair(h_img, h_mask, opts.affine_tol)  # the data-time headers must agree too
     image, geom = geometry.to_stored_image(img.voxels, h_img, opts.size, opts.spacing)
     if geom.stored_shape != c.geometry.stored_shape:
-        raise InputError(f"{c.image.name}: its voxels ({geom.stored_shape}) disagree with its header "
-                         f"({c.geometry.stored_shape}); the file changed during conversion")
+        raise InputError(
+            f"{c.image.name}: its voxels ({geom.stored_shape}) disagree with its header "
+            f"({c.geometry.stored_shape}); the file changed during conversion"
+        )
     mask = geometry.to_stored(geometry.onto_grid(msk.voxels, h_mask, h_img), geom, "mask")
     per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1, dtype=np.int64)
     liver = int(per_slice.sum())
-    info = CaseInfo(c.case_id, c.index, c.split, source_file(c.image, img.sha256, img.nbytes),
-                    source_file(c.mask, msk.sha256, msk.nbytes), geom, int(mask.shape[0]), liver,
-                    int(np.count_nonzero(per_slice)), _case_stats(image, mask, liver), source=c.source)
+    info = CaseInfo(
+        c.case_id,
+        c.index,
+        c.split,
+        source_file(c.image, img.sha256, img.nbytes),
+        source_file(c.mask, msk.sha256, msk.nbytes),
+        geom,
+        int(mask.shape[0]),
+        liver,
+        int(np.count_nonzero(per_slice)),
+        _case_stats(image, mask, liver),
+        source=c.source,
+    )
     return image, mask, info, per_slice
 
 
 def source_file(src, sha256: str, nbytes: int) -> SourceFile:
     """How the manifest records a Source."""
-    return SourceFile(str(src.path), sha256, nbytes, src.series, src.kind if src.kind in ("nrrd", "seg") else None,
-                      src.label or None)
+    return SourceFile(
+        str(src.path), sha256, nbytes, src.series, src.kind if src.kind in ("nrrd", "seg") else None, src.label or None
+    )
 
 
 def write_case(writer: records.ShardWriter, c: Case, opts: ConvertOptions) -> CaseInfo | SkippedCase:
@@ -161,7 +183,9 @@ def write_case(writer: records.ShardWriter, c: Case, opts: ConvertOptions) -> Ca
     spacing = c.geometry.stored_spacing
     image = image.astype("<i2", copy=False)  # little-endian on any host; stored arrays are C-contiguous
     for s in range(z):
-        writer.write(records.encode_parts(image[s], mask[s], h, w, c.case_id, c.index, s, z, int(per_slice[s]), spacing))
+        writer.write(
+            records.encode_parts(image[s], mask[s], h, w, c.case_id, c.index, s, z, int(per_slice[s]), spacing)
+        )
     return info
 
 
@@ -183,6 +207,16 @@ def writing(path: Path, compression: str, fill) -> tuple[int, int, str]:
 def write_shard(job: ShardJob, opts: ConvertOptions) -> ShardResult:
     """Write one shard (temp name), its cases in order. Returns counts, bytes, sha256, case infos and skipped cases."""
     done: list[CaseInfo | SkippedCase] = []
-    n, nbytes, sha = writing(job.tmp, opts.compression, lambda w: done.extend(write_case(w, c, opts) for c in job.cases))
-    return ShardResult(job.split, job.ordinal, job.tmp, n, nbytes, sha, [d for d in done if isinstance(d, CaseInfo)],
-                       [d for d in done if isinstance(d, SkippedCase)])
+    n, nbytes, sha = writing(
+        job.tmp, opts.compression, lambda w: done.extend(write_case(w, c, opts) for c in job.cases)
+    )
+    return ShardResult(
+        job.split,
+        job.ordinal,
+        job.tmp,
+        n,
+        nbytes,
+        sha,
+        [d for d in done if isinstance(d, CaseInfo)],
+        [d for d in done if isinstance(d, SkippedCase)],
+    )

@@ -55,8 +55,13 @@ class Pair(NamedTuple):
 Found = dict[str, Pair]
 
 
-def find(src: Path, layout: str = "pattern", image_pattern: str = "{case}_orig",
-         mask_pattern: str = "{case}_liver", mask_segment: str = "liver") -> tuple[Found, bool]:
+def find(
+    src: Path,
+    layout: str = "pattern",
+    image_pattern: str = "{case}_orig",
+    mask_pattern: str = "{case}_liver",
+    mask_segment: str = "liver",
+) -> tuple[Found, bool]:
     """The cases of `src` in `layout`, and whether splits came from its folders (the patterns
     name the files of the pattern layout; mask_segment a case list's segment where a row
     names none)."""
@@ -108,7 +113,9 @@ def _pattern(src: Path, image_pattern: str, mask_pattern: str) -> tuple[Found, b
                 images[m_img["case"]] = p
             elif m_mask:
                 masks[m_mask["case"]] = p
-        lone += [images[c] for c in sorted(set(images) - set(masks))] + [masks[c] for c in sorted(set(masks) - set(images))]
+        lone += [images[c] for c in sorted(set(images) - set(masks))] + [
+            masks[c] for c in sorted(set(masks) - set(images))
+        ]
         for c in sorted(set(images) & set(masks)):
             if c in found:
                 raise LiversegError(f"case {c!r} appears in two split folders: {found[c][0].path} and {images[c]}")
@@ -138,8 +145,10 @@ def _ircad(src: Path) -> Found:
         for role in ("image", "mask"):
             if role not in series:
                 where = "PATIENT_DICOM/" if role == "image" else "MASKS_DICOM/liver/"
-                raise InputError(f"{p}: no {where} series (3D-IRCADb-01 keeps the CT in PATIENT_DICOM/ and the "
-                                 "liver mask in MASKS_DICOM/liver/)")
+                raise InputError(
+                    f"{p}: no {where} series (3D-IRCADb-01 keeps the CT in PATIENT_DICOM/ and the "
+                    "liver mask in MASKS_DICOM/liver/)"
+                )
         found[case] = Pair(Source.dicom(series["image"]), Source.dicom(series["mask"]))
     if not found:
         _none_found(src, "--layout ircad expects 3Dircadb1.N folders or zips")
@@ -148,6 +157,7 @@ def _ircad(src: Path) -> Found:
 
 def _ircad_series(patient: Path) -> dict:
     """The CT series (PATIENT_DICOM) and the liver mask series (MASKS_DICOM/liver) of a patient."""
+
     def role(member: str) -> str | None:
         parts = volumes.member_parts(member)
         if "PATIENT_DICOM" in parts[:-1]:
@@ -160,8 +170,10 @@ def _ircad_series(patient: Path) -> dict:
     for r in ("image", "mask"):  # one search per folder: a derived mask series may reuse the CT's UID
         found = volumes.dicom_series(patient, select=lambda m, r=r: role(m) == r)
         if len(found) > 1:
-            raise InputError(f"{patient}: {len(found)} series in {'PATIENT_DICOM' if r == 'image' else 'MASKS_DICOM/liver'}"
-                             "; expected one")
+            raise InputError(
+                f"{patient}: {len(found)} series in {'PATIENT_DICOM' if r == 'image' else 'MASKS_DICOM/liver'}"
+                "; expected one"
+            )
         if found:
             out[r] = found[0]
     return out
@@ -198,12 +210,18 @@ def _msd(src: Path) -> Found:
         raise LiversegError(f"{src}: --layout msd expects imagesTr/ and labelsTr/ (the Decathlon's Task03_Liver)")
 
     def volumes(folder: Path) -> dict[str, Path]:  # "._liver_0.nii.gz" files are macOS metadata in the MSD tarball
-        return {_nifti_name(p): p for p in sorted(folder.iterdir())
-                if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")}
+        return {
+            _nifti_name(p): p
+            for p in sorted(folder.iterdir())
+            if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
+        }
 
     images, labels = volumes(images_dir), volumes(labels_dir)
-    _unpaired(src, "imagesTr <-> labelsTr", [images[c] for c in sorted(set(images) - set(labels))]
-              + [labels[c] for c in sorted(set(labels) - set(images))])
+    _unpaired(
+        src,
+        "imagesTr <-> labelsTr",
+        [images[c] for c in sorted(set(images) - set(labels))] + [labels[c] for c in sorted(set(labels) - set(images))],
+    )
     found = {c: Pair(Source.nifti(images[c]), Source.nifti(labels[c])) for c in sorted(set(images) & set(labels))}
     if not found:
         _none_found(src, "imagesTr/ and labelsTr/ hold no NIfTI pairs")
@@ -223,8 +241,11 @@ def _lits(src: Path) -> Found:
                 raise LiversegError(f"{src}: {kind}-{n} appears twice ({files[kind][n]} and {p})")
             files[kind][n] = p
     vol, seg = files["volume"], files["segmentation"]
-    _unpaired(src, "volume-N <-> segmentation-N", [vol[n] for n in sorted(set(vol) - set(seg))]
-              + [seg[n] for n in sorted(set(seg) - set(vol))])
+    _unpaired(
+        src,
+        "volume-N <-> segmentation-N",
+        [vol[n] for n in sorted(set(vol) - set(seg))] + [seg[n] for n in sorted(set(seg) - set(vol))],
+    )
     found = {f"lits_{n:03d}": Pair(Source.nifti(vol[n]), Source.nifti(seg[n])) for n in sorted(set(vol) & set(seg))}
     if not found:
         _none_found(src, "--layout lits expects volume-N.nii / segmentation-N.nii files")
@@ -234,5 +255,15 @@ def _lits(src: Path) -> Found:
 from liverseg.layouts.case_list import LIST_COLUMNS, list_cases  # noqa: E402 - after Pair, which they use
 from liverseg.layouts.overlap import LITS_FROM_IRCAD, ircad_overlap, public_origin  # noqa: E402
 
-__all__ = ["LAYOUTS", "LIST_COLUMNS", "MERGES_TUMOUR", "LITS_FROM_IRCAD", "Pair", "SYNTH_LAYOUTS", "find", "ircad_overlap",
-           "list_cases", "public_origin"]
+__all__ = [
+    "LAYOUTS",
+    "LIST_COLUMNS",
+    "MERGES_TUMOUR",
+    "LITS_FROM_IRCAD",
+    "Pair",
+    "SYNTH_LAYOUTS",
+    "find",
+    "ircad_overlap",
+    "list_cases",
+    "public_origin",
+]

@@ -15,7 +15,6 @@ from liverseg.layouts import Found, Pair
 from liverseg.records import SPLITS
 from liverseg.volumes import Source
 
-
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also a file name: overlays, outputs
 _SOURCE = re.compile(r"^[A-Za-z0-9_-]+$")
 LIST_COLUMNS = ("case", "image", "mask", "split", "source", "mask_label")
@@ -42,8 +41,9 @@ def list_cases(path: Path, mask_segment: str = "liver") -> tuple[Found, bool]:
         if not _CASE_ID.match(case or ""):
             raise LiversegError(f"{where}: case id {case!r}: use letters, digits, '_', '.' and '-' (it names files)")
         if case in found:
-            raise LiversegError(f"{where}: case {case!r} is named twice (also at {where_of[case]}); give every case its "
-                                "own id")
+            raise LiversegError(
+                f"{where}: case {case!r} is named twice (also at {where_of[case]}); give every case its own id"
+            )
         split, source = (row.get("split") or "").strip(), (row.get("source") or "").strip()
         if split and split not in SPLITS:
             raise LiversegError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
@@ -51,14 +51,21 @@ def list_cases(path: Path, mask_segment: str = "liver") -> tuple[Found, bool]:
             raise LiversegError(f"{where}: source {source!r}: use letters, digits, '_' and '-' (e.g. real, phantom)")
         splits.add(bool(split))
         image = _image_source(path.parent, row.get("image", ""), where)
-        found[case] = Pair(image, _mask_source(path.parent, row.get("mask", ""), image, row.get("mask_label") or "",
-                                               where, mask_segment), split, source, where)
+        found[case] = Pair(
+            image,
+            _mask_source(path.parent, row.get("mask", ""), image, row.get("mask_label") or "", where, mask_segment),
+            split,
+            source,
+            where,
+        )
         where_of[case] = where
     if not found:
         raise LiversegError(f"{path}: the case list holds no cases")
     if splits == {True, False}:
-        raise LiversegError(f"{path}: some rows give a split and others do not; give every row one, or none (then "
-                            "--val/--test or --split-file split them)")
+        raise LiversegError(
+            f"{path}: some rows give a split and others do not; give every row one, or none (then "
+            "--val/--test or --split-file split them)"
+        )
     return found, splits == {True}
 
 
@@ -67,16 +74,24 @@ def _csv_rows(path: Path) -> list[tuple[str, dict]]:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [(f"{path} row {i + 2}", {k.strip(): (v or "").strip() for k, v in r.items() if k}) for i, r in
-                    enumerate(reader) if any((v or "").strip() for v in r.values())]
+            rows = [
+                (f"{path} row {i + 2}", {k.strip(): (v or "").strip() for k, v in r.items() if k})
+                for i, r in enumerate(reader)
+                if any((v or "").strip() for v in r.values())
+            ]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise LiversegError(f"{path}: cannot read the case list ({e})") from None
     missing = [c for c in ("case", "image", "mask") if c not in columns]
     unknown = [c for c in columns if c not in LIST_COLUMNS]
     if missing or unknown:
-        raise LiversegError(f"{path}: the header row must name case,image,mask (and optionally split, source, "
-                            f"mask_label): " + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
-                                                         + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
+        raise LiversegError(
+            f"{path}: the header row must name case,image,mask (and optionally split, source, "
+            f"mask_label): "
+            + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else [])
+                + ([f"unknown {', '.join(unknown)}"] if unknown else [])
+            )
+        )
     return rows
 
 
@@ -87,8 +102,9 @@ def _json_rows(path: Path) -> list[tuple[str, dict]]:
         raise LiversegError(f"{path}: cannot read the case list ({e})") from None
     entries = data.get("training") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise LiversegError(f'{path}: expected {{"training": [{{"image": ..., "label": ...}}, ...]}} (or a list of such '
-                            "entries)")
+        raise LiversegError(
+            f'{path}: expected {{"training": [{{"image": ..., "label": ...}}, ...]}} (or a list of such entries)'
+        )
     rows = []
     for i, e in enumerate(entries):
         row = {k: str(v) for k, v in e.items() if v is not None}
@@ -96,8 +112,10 @@ def _json_rows(path: Path) -> list[tuple[str, dict]]:
             row["mask"] = row.pop("label")
         unknown = sorted(set(row) - set(LIST_COLUMNS))
         if unknown:
-            raise LiversegError(f"{path} entry {i + 1}: unknown key(s) {', '.join(unknown)} (known: image, label or "
-                                f"mask, {', '.join(c for c in LIST_COLUMNS if c not in ('image', 'mask'))})")
+            raise LiversegError(
+                f"{path} entry {i + 1}: unknown key(s) {', '.join(unknown)} (known: image, label or "
+                f"mask, {', '.join(c for c in LIST_COLUMNS if c not in ('image', 'mask'))})"
+            )
         rows.append((f"{path} entry {i + 1}", row))
     return rows
 
@@ -114,7 +132,9 @@ def _resolve(base: Path, value: str, what: str, where: str) -> Path:
         raise LiversegError(f"{where}: no {what} given")
     p = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
     if not p.exists():
-        raise LiversegError(f"{where}: {what} {value} does not exist ({p}); fix the path (relative to the list's folder)")
+        raise LiversegError(
+            f"{where}: {what} {value} does not exist ({p}); fix the path (relative to the list's folder)"
+        )
     return p
 
 
@@ -135,8 +155,10 @@ def _image_source(base: Path, value: str, where: str) -> Source:
     except InputError as e:
         raise LiversegError(f"{where}: image {value}: {e}") from None
     if len(ct) != 1:
-        raise LiversegError(f"{where}: image {value} holds {len(ct)} CT series; point the image at one (a NIfTI or NRRD "
-                            "file, or a DICOM series' folder or zip)")
+        raise LiversegError(
+            f"{where}: image {value} holds {len(ct)} CT series; point the image at one (a NIfTI or NRRD "
+            "file, or a DICOM series' folder or zip)"
+        )
     return Source.dicom(ct[0])
 
 
