@@ -81,8 +81,10 @@ def test_bench_pipeline_prints_all_rows(dataset, phantoms):
 
 
 def test_bench_pipeline_measures_a_recipes_own_settings(dataset, tmp_path):
-    """--config: the rows use the recipe's context and batch (here 5 channels from --set): row 2's
-    bytes per slice are those of a float32 [32, 32, 5] image, its uint8 mask and two int64 indices."""
+    """--config: the rows use the recipe's context, batch and crop (here 5 channels and a 16x16
+    window from --set, as real-cpu crops): row 2 (no augmentation) ships whole slices, a
+    float32 [32, 32, 5] image, its uint8 mask and two int64 indices per slice; row 3 the
+    recipe's 16x16 windows."""
     out = run(
         "bench",
         "pipeline",
@@ -91,13 +93,15 @@ def test_bench_pipeline_measures_a_recipes_own_settings(dataset, tmp_path):
         "configs/smoke.yaml",
         "--set",
         "data.context=2",
+        "--set",
+        "augment.crop=16",
         "--batches",
         3,
-        "--aug",
-        "none",
     )
-    slices_s, mb_s = (float(v) for v in _rows(out, ["2 pipeline, no augmentation"])["2 pipeline, no augmentation"][:2])
-    assert mb_s * 2**20 / slices_s == pytest.approx(32 * 32 * 5 * 4 + 32 * 32 + 16, rel=0.02)
+    rows = _rows(out, ["2 pipeline, no augmentation", "3 pipeline, host augmentation"])
+    per_slice = {name: float(r[1]) * 2**20 / float(r[0]) for name, r in rows.items()}
+    assert per_slice["2 pipeline, no augmentation"] == pytest.approx(32 * 32 * 5 * 4 + 32 * 32 + 16, rel=0.02)
+    assert per_slice["3 pipeline, host augmentation"] == pytest.approx(16 * 16 * 5 * 4 + 16 * 16 + 16, rel=0.02)
 
 
 def test_bench_pipeline_through_the_service(dataset):

@@ -93,7 +93,7 @@ def bench_pipeline(
     add(
         "2 pipeline, no augmentation",
         throughput(
-            iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "none"}), split)),
+            iter(pipeline.build_dataset(config.replace(base, **{"augment.placement": "none", "augment.crop": 0}), split)),
             batches,
             5,
             batch_count,
