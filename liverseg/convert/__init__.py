@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import errno
 import os
 import shutil
 import signal
@@ -33,7 +32,15 @@ from pathlib import Path
 from liverseg import InputError, LiversegError, records
 from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
 from liverseg.convert.output import assemble, check_out, check_same_sources, commit, locked
-from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, estimated_bytes, plan_shards, write_shard
+from liverseg.convert.shards import (
+    TMP_PREFIX,
+    ShardJob,
+    ShardResult,
+    estimated_bytes,
+    full_disk_named,
+    plan_shards,
+    write_shard,
+)
 from liverseg.layouts import MERGES_TUMOUR
 from liverseg.manifest import ConvertOptions, Manifest
 
@@ -119,17 +126,11 @@ def _convert(src: Path, out: Path, opts: ConvertOptions, progress: bool) -> Mani
         disable=not progress,
     )
     try:
-        results = _write_all(jobs, opts, lambda job: bar.update(sum(c.geometry.stored_shape[0] for c in job.cases)))
-        manifest = assemble(src, opts, cases, results)
-        check_same_sources(out, old, manifest, opts)
-        return commit(out, manifest, results)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise LiversegError(
-            f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
-            "(or choose another output folder) and re-run"
-        ) from None
+        with full_disk_named(out):
+            results = _write_all(jobs, opts, lambda job: bar.update(sum(c.geometry.stored_shape[0] for c in job.cases)))
+            manifest = assemble(src, opts, cases, results)
+            check_same_sources(out, old, manifest, opts)
+            return commit(out, manifest, results)
     finally:
         bar.close()
         for j in jobs:

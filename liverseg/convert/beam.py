@@ -18,8 +18,6 @@ the driver removes the temporary files.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import re
@@ -32,7 +30,7 @@ from pathlib import Path
 from liverseg import InputError, LiversegError
 from liverseg.convert.discover import Case
 from liverseg.convert.output import assemble, check_same_sources, commit
-from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, write_case, writing
+from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, full_disk_named, write_case, writing
 from liverseg.manifest import CaseInfo, ConvertOptions, Manifest, SkippedCase
 
 RUNNERS = {"direct": "DirectRunner"}  # short names; any other Beam runner name is passed on as it is
@@ -60,25 +58,11 @@ def import_beam():
     return apache_beam
 
 
-@contextlib.contextmanager
-def _full_disk_named(out):
-    """A full disk in a worker as one LiversegError naming OUT (Beam passes its text on)."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise LiversegError(
-            f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
-            "(or choose another output folder) and re-run"
-        ) from None
-
-
 def _encode(task: tuple[tuple[str, int], int, Case], out: str, opts: ConvertOptions):
     key, position, case = task
     path = Path(out) / f"{TMP_PREFIX}case-{case.index:06d}.records"
     result: list = []
-    with _full_disk_named(out):
+    with full_disk_named(out):
         count, _, _ = writing(path, "", lambda w: result.append(write_case(w, case, opts)))
     if isinstance(result[0], SkippedCase):
         path.unlink(missing_ok=True)
@@ -96,21 +80,12 @@ def _write(keyed, jobs: dict, opts: ConvertOptions) -> ShardResult:
             if s.path is not None:
                 writer.append_framed(Path(s.path).read_bytes(), s.count)
 
-    with _full_disk_named(job.tmp.parent):
-        n, nbytes, sha = writing(job.tmp, opts.compression, fill)
+    with full_disk_named(job.tmp.parent):
+        written = writing(job.tmp, opts.compression, fill)
     for s in segments:
         if s.path is not None:
             Path(s.path).unlink()
-    return ShardResult(
-        job.split,
-        job.ordinal,
-        job.tmp,
-        n,
-        nbytes,
-        sha,
-        [s.outcome for s in segments if isinstance(s.outcome, CaseInfo)],
-        [s.outcome for s in segments if isinstance(s.outcome, SkippedCase)],
-    )
+    return ShardResult.of(job, written, [s.outcome for s in segments])
 
 
 def _commit(results: list[ShardResult], src: Path, out: Path, opts: ConvertOptions, cases, old, runner: str) -> None:

@@ -7,13 +7,14 @@ slices in order under the shard's temporary name. It never imports TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from liverseg import InputError, geometry, records, volumes
+from liverseg import InputError, LiversegError, geometry, records, volumes
 from liverseg.convert.discover import Case
 from liverseg.manifest import CaseInfo, ConvertOptions, HUStats, RegionHU, SkippedCase, SourceFile
 from liverseg.records import SPLITS
@@ -44,6 +45,37 @@ class ShardResult:
     sha256: str
     cases: list[CaseInfo]
     skipped: list[SkippedCase]
+
+    @classmethod
+    def of(cls, job: ShardJob, written: tuple[int, int, str], outcomes) -> ShardResult:
+        """The result of `job` from what `writing` returned (examples, bytes, sha256) and its
+        cases' outcomes in order (CaseInfo, or SkippedCase under --skip-bad)."""
+        n, nbytes, sha = written
+        return cls(
+            job.split,
+            job.ordinal,
+            job.tmp,
+            n,
+            nbytes,
+            sha,
+            [o for o in outcomes if isinstance(o, CaseInfo)],
+            [o for o in outcomes if isinstance(o, SkippedCase)],
+        )
+
+
+@contextlib.contextmanager
+def full_disk_named(out):
+    """A full disk while writing as one LiversegError naming the file (else OUT): nothing was
+    made final. Beam passes its text on from a worker."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise LiversegError(
+            f"{Path(e.filename or out)}: no space left on device; nothing was made final; free space "
+            "(or choose another output folder) and re-run"
+        ) from None
 
 
 def estimated_bytes(c: Case) -> int:
@@ -207,16 +239,5 @@ def writing(path: Path, compression: str, fill) -> tuple[int, int, str]:
 def write_shard(job: ShardJob, opts: ConvertOptions) -> ShardResult:
     """Write one shard (temp name), its cases in order. Returns counts, bytes, sha256, case infos and skipped cases."""
     done: list[CaseInfo | SkippedCase] = []
-    n, nbytes, sha = writing(
-        job.tmp, opts.compression, lambda w: done.extend(write_case(w, c, opts) for c in job.cases)
-    )
-    return ShardResult(
-        job.split,
-        job.ordinal,
-        job.tmp,
-        n,
-        nbytes,
-        sha,
-        [d for d in done if isinstance(d, CaseInfo)],
-        [d for d in done if isinstance(d, SkippedCase)],
-    )
+    written = writing(job.tmp, opts.compression, lambda w: done.extend(write_case(w, c, opts) for c in job.cases))
+    return ShardResult.of(job, written, done)
