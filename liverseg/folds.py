@@ -18,7 +18,7 @@ import dataclasses
 import random
 
 from liverseg.config import derive_seed
-from liverseg.manifest import Manifest, RegionHU, SplitInfo, pooled_hu
+from liverseg.manifest import Manifest, SplitInfo
 from liverseg.records import RecordsError
 
 POOL = ("train", "val")  # the splits whose cases the folds deal
@@ -56,17 +56,7 @@ def refold(m: Manifest, k: int, fold: int, seed: int) -> Manifest:
         members = [c for c in cases if c.split == split]
         names = {c.case_id for c in members}
         shards = tuple(s for s in pool_shards if names & set(m.cases_of(s)))
-        shapes = {tuple(c.geometry.stored_shape[1:]) for c in members}
-        splits[split] = SplitInfo(
-            num_examples=sum(c.num_slices for c in members),
-            num_cases=len(members),
-            liver_slices=sum(c.liver_slices for c in members),
-            bytes=sum(s.bytes for s in shards),
-            slice_shape=shapes.pop() if len(shapes) == 1 else None,
-            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")),
-            shards=shards,
-            min_slices=min((c.num_slices for c in members), default=None),
-        )
+        splits[split] = SplitInfo.of(members, shards)
     ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
     return dataclasses.replace(m, splits=ordered, cases=cases)
 

@@ -241,6 +241,21 @@ class SplitInfo:
     to_json = serial.to_json
     from_json = classmethod(serial.from_json)
 
+    @classmethod
+    def of(cls, members, shards) -> SplitInfo:
+        """A split's summary from its cases (CaseInfo) and the shards (ShardInfo) that hold them."""
+        shapes = {tuple(c.geometry.stored_shape[1:]) for c in members}
+        return cls(
+            num_examples=sum(c.num_slices for c in members),
+            num_cases=len(members),
+            liver_slices=sum(c.liver_slices for c in members),
+            bytes=sum(s.bytes for s in shards),
+            slice_shape=shapes.pop() if len(shapes) == 1 else None,
+            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")),
+            shards=tuple(shards),
+            min_slices=min((c.num_slices for c in members), default=None),
+        )
+
     @property
     def liver_fraction(self) -> float:
         return self.liver_slices / max(1, self.num_examples)

@@ -24,12 +24,10 @@ from liverseg.manifest import (
     CaseInfo,
     ConvertOptions,
     Manifest,
-    RegionHU,
     ShardInfo,
     SkippedCase,
     SplitInfo,
     cases_lines,
-    pooled_hu,
 )
 from liverseg.outputs import check_output, folder_lock
 from liverseg.records import SPLITS
@@ -98,17 +96,7 @@ def assemble(
             continue
         named = [(records.shard_name(split, k, len(shards)), r) for k, r in enumerate(shards)]
         members = [replace(i, shard=name) for name, r in named for i in r.cases]
-        shapes = {tuple(i.geometry.stored_shape[1:]) for i in members}
-        splits[split] = SplitInfo(
-            num_examples=sum(r.num_examples for r in shards),
-            num_cases=len(members),
-            liver_slices=sum(i.liver_slices for i in members),
-            bytes=sum(r.bytes for r in shards),
-            slice_shape=shapes.pop() if len(shapes) == 1 else None,
-            hu=RegionHU(pooled_hu(members, "liver"), pooled_hu(members, "body")),
-            shards=tuple(ShardInfo(name, r.num_examples, r.bytes, r.sha256) for name, r in named),
-            min_slices=min(i.num_slices for i in members),
-        )
+        splits[split] = SplitInfo.of(members, [ShardInfo(name, r.num_examples, r.bytes, r.sha256) for name, r in named])
         infos += members
     return Manifest(
         source=str(src.resolve()),
