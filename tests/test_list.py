@@ -31,6 +31,11 @@ def _write_list(path, rows, header="case,image,mask,split,source,mask_label"):
     return path
 
 
+def _convert_list(root, rows):
+    """Convert a case list of `rows` written as root/cases.csv into root/out."""
+    return convert(_write_list(root / "cases.csv", rows), root / "out", ConvertOptions(layout="list"), progress=False)
+
+
 def _records(out, case):
     m = Manifest.load(out)
     return records.read_case(m.records_of(case))
@@ -150,12 +155,7 @@ def test_a_label_one_slice_off_the_image_grid_is_refused_naming_both_and_the_off
         match=r"shifted\.nii\.gz: affine differs from image .*a_orig\.nii\.gz by 22\.5 mm "
         r"\(its first voxel is 22\.5 mm from the image's",
     ):
-        convert(
-            _write_list(root / "cases.csv", [("a", "a_orig.nii.gz", "shifted.nii.gz", "", "", "")]),
-            root / "out",
-            ConvertOptions(layout="list"),
-            progress=False,
-        )
+        _convert_list(root, [("a", "a_orig.nii.gz", "shifted.nii.gz", "", "", "")])
     assert not (root / "out").exists()
 
 
@@ -178,19 +178,9 @@ def test_a_seg_over_another_series_and_a_seg_without_liver_are_refused(tmp_path,
         match=r"seg\.dcm: this SEG segments series \S+, but the image .*other is series \S+; "
         r"pair it with the series it was drawn on",
     ):
-        convert(
-            _write_list(tmp_path / "cases.csv", [("a", "other", "seg.dcm", "", "", "")]),
-            tmp_path / "out",
-            ConvertOptions(layout="list"),
-            progress=False,
-        )
+        _convert_list(tmp_path, [("a", "other", "seg.dcm", "", "", "")])
     with pytest.raises(InputError, match=r"seg\.dcm: no segment labelled 'spleen' \(segments: 1 'Liver'\)"):
-        convert(
-            _write_list(tmp_path / "cases.csv", [("a", "drawn_on", "seg.dcm", "", "", "spleen")]),
-            tmp_path / "out",
-            ConvertOptions(layout="list"),
-            progress=False,
-        )
+        _convert_list(tmp_path, [("a", "drawn_on", "seg.dcm", "", "", "spleen")])
     assert not (tmp_path / "out").exists()
 
 
@@ -210,12 +200,7 @@ def test_a_nrrd_without_a_space_or_with_a_sheared_grid_is_refused(pair, header, 
     root, _, arr_mask, _ = pair
     nrrd.write(str(root / "m.nrrd"), arr_mask.astype(np.uint8), {"space origin": [0, 0, 0], **header}, index_order="F")
     with pytest.raises(InputError, match=message):
-        convert(
-            _write_list(root / "cases.csv", [("a", "a_orig.nii.gz", "m.nrrd", "", "", "")]),
-            root / "out",
-            ConvertOptions(layout="list"),
-            progress=False,
-        )
+        _convert_list(root, [("a", "a_orig.nii.gz", "m.nrrd", "", "", "")])
     assert not (root / "out").exists()
 
 
@@ -223,25 +208,10 @@ def test_a_multilabel_mask_needs_its_liver_label(pair):
     root, _, arr_mask, affine = pair
     write_nifti(root / "labels.nii.gz", arr_mask * 5 + (arr_mask == 0) * 2, affine, np.uint8)  # liver 5, other 2
     with pytest.raises(InputError, match=r"labels\.nii\.gz: mask labels \[2, 5\] are not a liver mask"):
-        convert(
-            _write_list(root / "cases.csv", [("a", "a_orig.nii.gz", "labels.nii.gz", "", "", "")]),
-            root / "out",
-            ConvertOptions(layout="list"),
-            progress=False,
-        )
+        _convert_list(root, [("a", "a_orig.nii.gz", "labels.nii.gz", "", "", "")])
     with pytest.raises(InputError, match=r"labels\.nii\.gz: no voxel has label 7 \(labels present: \[2, 5\]\)"):
-        convert(
-            _write_list(root / "cases.csv", [("a", "a_orig.nii.gz", "labels.nii.gz", "", "", "7")]),
-            root / "out",
-            ConvertOptions(layout="list"),
-            progress=False,
-        )
-    convert(
-        _write_list(root / "cases.csv", [("a", "a_orig.nii.gz", "labels.nii.gz", "", "", "5")]),
-        root / "out",
-        ConvertOptions(layout="list"),
-        progress=False,
-    )
+        _convert_list(root, [("a", "a_orig.nii.gz", "labels.nii.gz", "", "", "7")])
+    _convert_list(root, [("a", "a_orig.nii.gz", "labels.nii.gz", "", "", "5")])
     assert _records(root / "out", "a")[1].sum() == arr_mask.sum()
 
 
