@@ -63,27 +63,62 @@ def _draw_anatomy(rng: np.random.Generator, fov_x: float, fov_y: float, coverage
         ),
         "deform": [(_unit(rng) * 2 * math.pi / rng.uniform(60, 140), rng.uniform(0, 2 * math.pi)) for _ in range(6)],
         "deform_amp": rng.uniform(0.08, 0.18),
-        "hu": {
-            "air": -1000.0,
-            "fat": rng.uniform(-110, -80),
-            "muscle": rng.uniform(40, 60),
-            "bg": rng.uniform(-40, 10),
-            "liver": liver,
-            "spleen": liver + rng.uniform(-5, 15),
-            "kidney": liver + rng.uniform(60, 120),
-            "medulla": liver + rng.uniform(20, 50),
-            "aorta": liver + rng.uniform(40, 120),
-            "ivc": liver + rng.uniform(20, 60),
-            "vessel": liver + rng.uniform(25, 60),
-            "lesion": liver - rng.uniform(25, 55),
-            "bone": rng.uniform(220, 350),
-            "cortex": rng.uniform(600, 1000),
-            "disc": rng.uniform(70, 100),
-            "fluid": rng.uniform(0, 20),
-            "gall": rng.uniform(0, 20),
-            "csf": rng.uniform(5, 15),
-            "table": rng.uniform(100, 300),
-        },
+        "hu": _draw_hu(rng, liver),
+        **_draw_organs(rng, a, b, lz, height),
+        "vert_r": rng.uniform(16, 22),
+        "disc_period": rng.uniform(28, 34),
+        "disc_phase": rng.uniform(0, 30),
+        "ribs": [
+            (ang, rng.uniform(4.5, 7.0), rng.uniform(-0.006, 0.006))
+            for ang in np.deg2rad(
+                np.concatenate([rng.uniform(-35, 35, 1) + d for d in (-150, -120, -90, -60, -30, 30, 60, 90, 120, 150)])
+            )
+        ],
+        "rib_low": lz - rng.uniform(0.2, 0.45) * height,
+        "vessels": [_draw_vessel(rng, a, b, lz, height) for _ in range(rng.integers(5, 9))],
+        "lesions": [(rng.uniform(0, 1, 3), rng.uniform(5, 22)) for _ in range(rng.integers(0, 5))],
+        "gas": [
+            (
+                rng.uniform(-0.6, 0.3) * a,
+                rng.uniform(-0.2, 0.6) * b,
+                lz - height * rng.uniform(0.45, 1.2),
+                rng.uniform(6, 18),
+            )
+            for _ in range(rng.integers(6, 14))
+        ],
+        "tex": [(_unit(rng) * 2 * math.pi / rng.uniform(8, 40), rng.uniform(0, 2 * math.pi)) for _ in range(10)],
+    }
+
+
+def _draw_hu(rng: np.random.Generator, liver: float) -> dict:
+    """Each tissue's HU, drawn per case: the organs that enhance relative to the liver's."""
+    return {
+        "air": -1000.0,
+        "fat": rng.uniform(-110, -80),
+        "muscle": rng.uniform(40, 60),
+        "bg": rng.uniform(-40, 10),
+        "liver": liver,
+        "spleen": liver + rng.uniform(-5, 15),
+        "kidney": liver + rng.uniform(60, 120),
+        "medulla": liver + rng.uniform(20, 50),
+        "aorta": liver + rng.uniform(40, 120),
+        "ivc": liver + rng.uniform(20, 60),
+        "vessel": liver + rng.uniform(25, 60),
+        "lesion": liver - rng.uniform(25, 55),
+        "bone": rng.uniform(220, 350),
+        "cortex": rng.uniform(600, 1000),
+        "disc": rng.uniform(70, 100),
+        "fluid": rng.uniform(0, 20),
+        "gall": rng.uniform(0, 20),
+        "csf": rng.uniform(5, 15),
+        "table": rng.uniform(100, 300),
+    }
+
+
+def _draw_organs(rng: np.random.Generator, a: float, b: float, lz: float, height: float) -> dict:
+    """Spleen, kidneys, stomach and gallbladder: (centre xyz, semi-axes xyz) in mm, about the body
+    (semi-axes a, b) and the liver (centre height lz, extent height)."""
+    return {
         "spleen": (
             -a * rng.uniform(0.55, 0.65),
             -b * rng.uniform(0.15, 0.35),
@@ -119,28 +154,6 @@ def _draw_anatomy(rng: np.random.Generator, fov_x: float, fov_y: float, coverage
             rng.uniform(15, 22),
             rng.uniform(25, 40),
         ),
-        "vert_r": rng.uniform(16, 22),
-        "disc_period": rng.uniform(28, 34),
-        "disc_phase": rng.uniform(0, 30),
-        "ribs": [
-            (ang, rng.uniform(4.5, 7.0), rng.uniform(-0.006, 0.006))
-            for ang in np.deg2rad(
-                np.concatenate([rng.uniform(-35, 35, 1) + d for d in (-150, -120, -90, -60, -30, 30, 60, 90, 120, 150)])
-            )
-        ],
-        "rib_low": lz - rng.uniform(0.2, 0.45) * height,
-        "vessels": [_draw_vessel(rng, a, b, lz, height) for _ in range(rng.integers(5, 9))],
-        "lesions": [(rng.uniform(0, 1, 3), rng.uniform(5, 22)) for _ in range(rng.integers(0, 5))],
-        "gas": [
-            (
-                rng.uniform(-0.6, 0.3) * a,
-                rng.uniform(-0.2, 0.6) * b,
-                lz - height * rng.uniform(0.45, 1.2),
-                rng.uniform(6, 18),
-            )
-            for _ in range(rng.integers(6, 14))
-        ],
-        "tex": [(_unit(rng) * 2 * math.pi / rng.uniform(8, 40), rng.uniform(0, 2 * math.pi)) for _ in range(10)],
     }
 
 

@@ -427,98 +427,122 @@ def _check_ranges(cfg: Any, prefix: str) -> None:
         if not ok:
             raise ConfigError(f"{prefix}{key}={getattr(cfg, key)!r} is not valid: {what}")
 
-    if isinstance(cfg, Config):
-        need(0 <= cfg.seed < 2**31, "seed", "must be in [0, 2**31)")
-        need(
-            not (cfg.deterministic and cfg.train.jit_compile),
-            "deterministic",
-            "cannot be combined with train.jit_compile=true: XLA has no deterministic max-pool "
-            "gradient; set train.jit_compile=false for deterministic runs",
-        )
-    elif isinstance(cfg, DataConfig):
-        need(0 <= cfg.context <= 16, "context", "must be in [0, 16] (2 is usual)")
-        need(1 <= cfg.batch_size <= 65536, "batch_size", "must be in [1, 65536]")
-        need(
-            -1024 <= cfg.hu_window[0] < cfg.hu_window[1] <= 3071,
-            "hu_window",
-            "needs -1024 <= low < high <= 3071 (the HU range records hold)",
-        )
-        need(0.0 <= cfg.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]")
-        need(1 <= cfg.shuffle_buffer <= 2**20, "shuffle_buffer", "must be in [1, 1048576] slices")
-        need(1 <= cfg.cycle_length <= 256, "cycle_length", "must be in [1, 256]")
-        need(not cfg.service or cfg.service.startswith("grpc://"), "service", "must be empty or grpc://HOST:PORT")
-        need(not (cfg.service and cfg.cache), "service", "cannot be combined with data.cache (the workers read)")
-        need(
-            not (cfg.service and cfg.in_memory == "always"),
-            "service",
-            "cannot be combined with data.in_memory=always (the workers read the shards)",
-        )
-        need(cfg.service_timeout_s > 0, "service_timeout_s", "must be > 0")
-        need(
-            all(w >= 0 for w in cfg.source_weights.values())
-            and (not cfg.source_weights or sum(cfg.source_weights.values()) > 0),
-            "source_weights",
-            "weights must be >= 0 and not all 0",
-        )
-        need(0 <= cfg.fold_seed < 2**31, "fold_seed", "must be in [0, 2**31)")
-        need(cfg.folds == 0 or 2 <= cfg.folds <= 1000, "folds", "must be 0 (no folds) or in [2, 1000]")
-        need(
-            0 <= cfg.fold < max(cfg.folds, 1),
-            "fold",
-            f"must be in [0, {max(cfg.folds, 1) - 1}] (data.folds={cfg.folds})",
-        )
-        need(
-            not (cfg.folds and cfg.normalize == "zscore"),
-            "normalize",
-            "zscore takes the train split's liver HU percentiles from the manifest, which a fold's cases do not "
-            "have: use window with data.folds",
-        )
-    elif isinstance(cfg, AugmentConfig):
-        for f in dataclasses.fields(cfg):
-            if f.name.endswith("_p"):
-                need(0.0 <= getattr(cfg, f.name) <= 1.0, f.name, "a probability in [0, 1]")
-        for name in ("scale", "contrast", "gamma", "blur_sigma"):
-            lo, hi = getattr(cfg, name)
-            need(0.0 < lo <= hi <= 10.0, name, "needs 0 < low <= high <= 10")
-        need(0.0 <= cfg.rotation_deg <= 180.0, "rotation_deg", "must be in [0, 180] degrees")
-        need(0 <= cfg.crop <= 4096, "crop", "must be in [0, 4096] pixels (0: whole slices)")
-        need(
-            not (cfg.crop and cfg.placement == "none"),
-            "crop",
-            "needs augment.placement host or device (the spatial transform samples the window)",
-        )
-        need(0.0 <= cfg.translate < 1.0, "translate", "must be in [0, 1) (a fraction of the image size)")
-        need(0.0 <= cfg.shear_deg < 90.0, "shear_deg", "must be in [0, 90) degrees")
-        need(0.0 <= cfg.elastic_alpha <= 100.0, "elastic_alpha", "must be in [0, 100] pixels")
-        need(1.0 <= cfg.elastic_sigma <= 1000.0, "elastic_sigma", "must be in [1, 1000] pixels")
-        need(0.0 <= cfg.brightness <= 10.0, "brightness", "must be in [0, 10] (normalised units)")
-        need(0.0 <= cfg.noise_std <= 10.0, "noise_std", "must be in [0, 10] (normalised units)")
-    elif isinstance(cfg, ModelConfig):
-        need(1 <= cfg.base_filters <= 512, "base_filters", "must be in [1, 512]")
-        need(1 <= cfg.depth <= 7, "depth", "must be in [1, 7]")
-        need(0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
-        need(0.0 <= cfg.bn_momentum < 1.0, "bn_momentum", "must be in [0, 1)")
-    elif isinstance(cfg, TrainConfig):
-        need(1 <= cfg.steps <= 10**9, "steps", "must be in [1, 10**9]")
-        need(0 <= cfg.time_budget_min <= 60 * 24 * 30, "time_budget_min", "must be in [0, 43200] minutes (0: off)")
-        need(1 <= cfg.steps_per_call <= 1000, "steps_per_call", "must be in [1, 1000]")
-        need(0 < cfg.lr <= 10, "lr", "must be in (0, 10]")
-        need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        need(cfg.clip_norm >= 0, "clip_norm", "must be >= 0 (0 disables)")
-        need(0 <= cfg.weight_decay <= 1, "weight_decay", "must be in [0, 1]")
-        need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
-        need(cfg.focal_gamma >= 0, "focal_gamma", "must be >= 0")
-        need(0 <= cfg.tversky_alpha <= 1 and 0 <= cfg.tversky_beta <= 1, "tversky_alpha", "alpha and beta in [0, 1]")
-        need(0 <= cfg.num_images <= 64, "num_images", "must be in [0, 64]")
-        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-            need(getattr(cfg, name) >= 1, name, "must be >= 1")
-        need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: never validate)")
-        need(len(cfg.profile_steps) in (0, 2), "profile_steps", "must be [] or [start, stop]")
-    elif isinstance(cfg, EvalConfig):
-        need(1 <= cfg.batch_size <= 4096, "batch_size", "must be in [1, 4096]")
-        need(0.0 < cfg.threshold < 1.0, "threshold", "must be in (0, 1)")
-        need(0.0 <= cfg.min_component_fraction <= 1.0, "min_component_fraction", "must be in [0, 1]")
+    checks = _RANGE_CHECKS.get(type(cfg))
+    if checks is not None:
+        checks(cfg, need)
 
+
+def _ranges_config(cfg: Config, need) -> None:
+    need(0 <= cfg.seed < 2**31, "seed", "must be in [0, 2**31)")
+    need(
+        not (cfg.deterministic and cfg.train.jit_compile),
+        "deterministic",
+        "cannot be combined with train.jit_compile=true: XLA has no deterministic max-pool "
+        "gradient; set train.jit_compile=false for deterministic runs",
+    )
+
+
+def _ranges_data(cfg: DataConfig, need) -> None:
+    need(0 <= cfg.context <= 16, "context", "must be in [0, 16] (2 is usual)")
+    need(1 <= cfg.batch_size <= 65536, "batch_size", "must be in [1, 65536]")
+    need(
+        -1024 <= cfg.hu_window[0] < cfg.hu_window[1] <= 3071,
+        "hu_window",
+        "needs -1024 <= low < high <= 3071 (the HU range records hold)",
+    )
+    need(0.0 <= cfg.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]")
+    need(1 <= cfg.shuffle_buffer <= 2**20, "shuffle_buffer", "must be in [1, 1048576] slices")
+    need(1 <= cfg.cycle_length <= 256, "cycle_length", "must be in [1, 256]")
+    need(not cfg.service or cfg.service.startswith("grpc://"), "service", "must be empty or grpc://HOST:PORT")
+    need(not (cfg.service and cfg.cache), "service", "cannot be combined with data.cache (the workers read)")
+    need(
+        not (cfg.service and cfg.in_memory == "always"),
+        "service",
+        "cannot be combined with data.in_memory=always (the workers read the shards)",
+    )
+    need(cfg.service_timeout_s > 0, "service_timeout_s", "must be > 0")
+    need(
+        all(w >= 0 for w in cfg.source_weights.values())
+        and (not cfg.source_weights or sum(cfg.source_weights.values()) > 0),
+        "source_weights",
+        "weights must be >= 0 and not all 0",
+    )
+    need(0 <= cfg.fold_seed < 2**31, "fold_seed", "must be in [0, 2**31)")
+    need(cfg.folds == 0 or 2 <= cfg.folds <= 1000, "folds", "must be 0 (no folds) or in [2, 1000]")
+    need(
+        0 <= cfg.fold < max(cfg.folds, 1),
+        "fold",
+        f"must be in [0, {max(cfg.folds, 1) - 1}] (data.folds={cfg.folds})",
+    )
+    need(
+        not (cfg.folds and cfg.normalize == "zscore"),
+        "normalize",
+        "zscore takes the train split's liver HU percentiles from the manifest, which a fold's cases do not "
+        "have: use window with data.folds",
+    )
+
+
+def _ranges_augment(cfg: AugmentConfig, need) -> None:
+    for f in dataclasses.fields(cfg):
+        if f.name.endswith("_p"):
+            need(0.0 <= getattr(cfg, f.name) <= 1.0, f.name, "a probability in [0, 1]")
+    for name in ("scale", "contrast", "gamma", "blur_sigma"):
+        lo, hi = getattr(cfg, name)
+        need(0.0 < lo <= hi <= 10.0, name, "needs 0 < low <= high <= 10")
+    need(0.0 <= cfg.rotation_deg <= 180.0, "rotation_deg", "must be in [0, 180] degrees")
+    need(0 <= cfg.crop <= 4096, "crop", "must be in [0, 4096] pixels (0: whole slices)")
+    need(
+        not (cfg.crop and cfg.placement == "none"),
+        "crop",
+        "needs augment.placement host or device (the spatial transform samples the window)",
+    )
+    need(0.0 <= cfg.translate < 1.0, "translate", "must be in [0, 1) (a fraction of the image size)")
+    need(0.0 <= cfg.shear_deg < 90.0, "shear_deg", "must be in [0, 90) degrees")
+    need(0.0 <= cfg.elastic_alpha <= 100.0, "elastic_alpha", "must be in [0, 100] pixels")
+    need(1.0 <= cfg.elastic_sigma <= 1000.0, "elastic_sigma", "must be in [1, 1000] pixels")
+    need(0.0 <= cfg.brightness <= 10.0, "brightness", "must be in [0, 10] (normalised units)")
+    need(0.0 <= cfg.noise_std <= 10.0, "noise_std", "must be in [0, 10] (normalised units)")
+
+
+def _ranges_model(cfg: ModelConfig, need) -> None:
+    need(1 <= cfg.base_filters <= 512, "base_filters", "must be in [1, 512]")
+    need(1 <= cfg.depth <= 7, "depth", "must be in [1, 7]")
+    need(0.0 <= cfg.dropout < 1.0, "dropout", "must be in [0, 1)")
+    need(0.0 <= cfg.bn_momentum < 1.0, "bn_momentum", "must be in [0, 1)")
+
+
+def _ranges_train(cfg: TrainConfig, need) -> None:
+    need(1 <= cfg.steps <= 10**9, "steps", "must be in [1, 10**9]")
+    need(0 <= cfg.time_budget_min <= 60 * 24 * 30, "time_budget_min", "must be in [0, 43200] minutes (0: off)")
+    need(1 <= cfg.steps_per_call <= 1000, "steps_per_call", "must be in [1, 1000]")
+    need(0 < cfg.lr <= 10, "lr", "must be in (0, 10]")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(cfg.clip_norm >= 0, "clip_norm", "must be >= 0 (0 disables)")
+    need(0 <= cfg.weight_decay <= 1, "weight_decay", "must be in [0, 1]")
+    need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(cfg.focal_gamma >= 0, "focal_gamma", "must be >= 0")
+    need(0 <= cfg.tversky_alpha <= 1 and 0 <= cfg.tversky_beta <= 1, "tversky_alpha", "alpha and beta in [0, 1]")
+    need(0 <= cfg.num_images <= 64, "num_images", "must be in [0, 64]")
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+        need(getattr(cfg, name) >= 1, name, "must be >= 1")
+    need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0: never validate)")
+    need(len(cfg.profile_steps) in (0, 2), "profile_steps", "must be [] or [start, stop]")
+
+
+def _ranges_eval(cfg: EvalConfig, need) -> None:
+    need(1 <= cfg.batch_size <= 4096, "batch_size", "must be in [1, 4096]")
+    need(0.0 < cfg.threshold < 1.0, "threshold", "must be in (0, 1)")
+    need(0.0 <= cfg.min_component_fraction <= 1.0, "min_component_fraction", "must be in [0, 1]")
+
+
+_RANGE_CHECKS = {
+    Config: _ranges_config,
+    DataConfig: _ranges_data,
+    AugmentConfig: _ranges_augment,
+    ModelConfig: _ranges_model,
+    TrainConfig: _ranges_train,
+    EvalConfig: _ranges_eval,
+}
 
 __all__ = [
     "AugmentConfig",

@@ -134,19 +134,9 @@ def record_cases(run, records: str | Path | None, split: str, m: Manifest | None
     return cases()
 
 
-def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict], dict, Path]:
-    """Out-of-fold scores of the runs of one dataset's K folds (one run per fold): each run
-    predicts its own validation patients, scored in mm on the source grid as `evaluate`
-    does. Writes OUT/cases.csv (a row per patient, with its fold) and OUT/metrics.json (mean,
-    sd, median per metric, overall and per fold); default OUT: cv/ beside the first run.
-    Refused, naming them: runs without folds, of different datasets or fold settings, two
-    runs of one fold, a fold missing."""
-    from liverseg.predict import load_run
-
-    roots = [Path(r) for r in run_dirs]
-    out = Path(out) if out else roots[0].parent / "cv"
-    check_output(out, roots, replaces="report", flag="--out")
-    infos = [rundir.RunInfo.load(r) for r in roots]
+def _one_run_per_fold(roots: list[Path], infos: list) -> dict[int, Path]:
+    """{fold: run} of runs that are the K folds of one dataset and fold setting, each fold once,
+    their validation patients disjoint; else the refusal naming the runs."""
     plain = [str(r) for r, i in zip(roots, infos) if not i.folds]
     if plain:
         raise LiversegError(
@@ -190,6 +180,22 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
                     f"{case} is validated by folds {seen[case]} and {i.folds['fold']}: these runs' folds overlap"
                 )
             seen[case] = i.folds["fold"]
+    return by_fold
+
+
+def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict], dict, Path]:
+    """Out-of-fold scores of the runs of one dataset's K folds (one run per fold): each run
+    predicts its own validation patients, scored in mm on the source grid as `evaluate`
+    does. Writes OUT/cases.csv (a row per patient, with its fold) and OUT/metrics.json (mean,
+    sd, median per metric, overall and per fold); default OUT: cv/ beside the first run.
+    Refused, naming them: runs without folds, of different datasets or fold settings, two
+    runs of one fold, a fold missing."""
+    from liverseg.predict import load_run
+
+    roots = [Path(r) for r in run_dirs]
+    out = Path(out) if out else roots[0].parent / "cv"
+    check_output(out, roots, replaces="report", flag="--out")
+    by_fold = _one_run_per_fold(roots, [rundir.RunInfo.load(r) for r in roots])
     rows = []
     for fold, root in sorted(by_fold.items()):
         run = load_run(root)

@@ -99,9 +99,11 @@ def test_bench_pipeline_measures_a_recipes_own_settings(dataset, tmp_path):
         3,
     )
     rows = _rows(out, ["2 pipeline, no augmentation", "3 pipeline, host augmentation"])
-    per_slice = {name: float(r[1]) * 2**20 / float(r[0]) for name, r in rows.items()}
-    assert per_slice["2 pipeline, no augmentation"] == pytest.approx(32 * 32 * 5 * 4 + 32 * 32 + 16, rel=0.02)
-    assert per_slice["3 pipeline, host augmentation"] == pytest.approx(16 * 16 * 5 * 4 + 16 * 16 + 16, rel=0.02)
+    for name, expected in [
+        ("2 pipeline, no augmentation", 32 * 32 * 5 * 4 + 32 * 32 + 16),
+        ("3 pipeline, host augmentation", 16 * 16 * 5 * 4 + 16 * 16 + 16),
+    ]:
+        _holds_bytes_per_slice(rows[name], expected, name)
 
 
 def test_bench_pipeline_through_the_service(dataset):
@@ -117,8 +119,16 @@ def test_bench_pipeline_through_the_service(dataset):
     rows = _rows(out, names)
     # through the service the same batches arrive: int16 [32, 32, 1] image, uint8 mask, two int64 indices per slice
     for name in names[2:5]:
-        slices_s, mb_s = float(rows[name][0]), float(rows[name][1])
-        assert mb_s * 2**20 / slices_s == pytest.approx(32 * 32 * 2 + 32 * 32 + 16, rel=0.02), name
+        _holds_bytes_per_slice(rows[name], 32 * 32 * 2 + 32 * 32 + 16, name)
+
+
+def _holds_bytes_per_slice(row, expected: int, name: str) -> None:
+    """The table prints slices/s and MB/s to 0.1: their ratio is checked within what that
+    rounding allows (a slow machine prints small MB/s), plus 1 %."""
+    slices_s, mb_s = float(row[0]), float(row[1])
+    low = (mb_s - 0.05) * 2**20 / (slices_s + 0.05)
+    high = (mb_s + 0.05) * 2**20 / max(slices_s - 0.05, 1e-9)
+    assert 0.99 * low <= expected <= 1.01 * high, (name, slices_s, mb_s, expected)
 
 
 def test_bench_train_reports_every_ceiling(dataset):

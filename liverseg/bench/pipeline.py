@@ -54,7 +54,6 @@ def bench_pipeline(
     (uncompressed: data.service_compression none). The pipeline rows use the data and augment
     settings of `config_path` (+ `overrides`; default: the built-in defaults), with `context`
     and `batch` when given."""
-    import tensorflow as tf
 
     from liverseg import config, pipeline
     from liverseg.manifest import Manifest
@@ -79,19 +78,7 @@ def bench_pipeline(
     def add(name, rate):
         rows.append({"row": name, "slices/s": rate[0], "MB/s": rate[1] / MB})
 
-    per_slice = m.split(split).bytes / m.split(split).num_examples
-    raw = (
-        tf.data.TFRecordDataset(
-            [str(p) for p in paths], m.compression, pipeline.READ_BUFFER, num_parallel_reads=base.data.cycle_length
-        )
-        .repeat()
-        .batch(batch)
-        .prefetch(2)
-    )
-    add(
-        "1 raw TFRecord read",
-        throughput(iter(raw), batches, 5, lambda b: (int(b.shape[0]), int(b.shape[0] * per_slice))),
-    )
+    add("1 raw TFRecord read", _raw_rate(m, split, base.data.cycle_length, batch, batches))
     add(
         "2 pipeline, no augmentation",
         throughput(
@@ -116,16 +103,7 @@ def bench_pipeline(
             throughput(iter(pipeline.build_dataset(base, split)), batches, 5, batch_count),
         )
     if nifti is not None:
-        from liverseg import layouts
-
-        found, _ = layouts.find(Path(nifti))
-        pairs = [(found[c.case_id][0].path, found[c.case_id][1].path) for c in m.cases_in(split) if c.case_id in found]
-        loader = TutorialLoader(pairs or [(image.path, mask.path) for image, mask, *_ in found.values()], batch)
-        it = (loader[i] for i in range(10**9))
-        add(
-            "4 tutorial loader (nib.load per slice)",
-            throughput(it, tutorial_batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes)),
-        )
+        add("4 tutorial loader (nib.load per slice)", _tutorial_rate(Path(nifti), m, split, batch, tutorial_batches))
     if service:
         for name, cfg in [
             ("6 tf.data service, int16 + uint8", config.replace(base, **{"augment.placement": "device"}))
@@ -133,7 +111,47 @@ def bench_pipeline(
             for n, rate in _through_service(cfg, split, batches):
                 number, what = name.split(" ", 1)
                 add(f"{number}{'b' if n > 1 else ''} {what}, {n} worker{'s' if n > 1 else ''}", rate)
-    x = tf.random.uniform([batch, h, w, 2 * context + 1], -1000, 1000)
+    add("5 ImageProjectiveTransformV3 alone", _floor_rate(batch, h, w, 2 * context + 1, batches))
+    return _relative(rows)
+
+
+def _raw_rate(m, split: str, cycle_length: int, batch: int, batches: int) -> tuple[float, float]:
+    """The split's shards read as serialized records only (the pipeline's interleave width): the
+    ceiling of any pipeline on them."""
+    import tensorflow as tf
+
+    from liverseg import pipeline
+
+    per_slice = m.split(split).bytes / m.split(split).num_examples
+    raw = (
+        tf.data.TFRecordDataset(
+            [str(p) for p in m.shard_paths(split)], m.compression, pipeline.READ_BUFFER, num_parallel_reads=cycle_length
+        )
+        .repeat()
+        .batch(batch)
+        .prefetch(2)
+    )
+    return throughput(iter(raw), batches, 5, lambda b: (int(b.shape[0]), int(b.shape[0] * per_slice)))
+
+
+def _tutorial_rate(nifti: Path, m, split: str, batch: int, batches: int) -> tuple[float, float]:
+    """The tutorial's loader (a whole NIfTI read per random slice) over the split's cases found
+    in `nifti` (else every case there)."""
+    from liverseg import layouts
+
+    found, _ = layouts.find(nifti)
+    pairs = [(found[c.case_id][0].path, found[c.case_id][1].path) for c in m.cases_in(split) if c.case_id in found]
+    loader = TutorialLoader(pairs or [(image.path, mask.path) for image, mask, *_ in found.values()], batch)
+    it = (loader[i] for i in range(10**9))
+    return throughput(it, batches, 1, lambda b: (b[0].shape[0], b[0].nbytes + b[1].nbytes))
+
+
+def _floor_rate(batch: int, h: int, w: int, channels: int, batches: int) -> tuple[float, float]:
+    """TF's batched bilinear ImageProjectiveTransformV3 alone on batches of the pipeline's shape:
+    the resampling floor of any spatial augmentation."""
+    import tensorflow as tf
+
+    x = tf.random.uniform([batch, h, w, channels], -1000, 1000)
     theta = np.deg2rad(7.0)
     t = tf.constant(
         [[np.cos(theta), -np.sin(theta), 3.0, np.sin(theta), np.cos(theta), -2.0, 0.0, 0.0]] * batch, tf.float32
@@ -154,10 +172,11 @@ def bench_pipeline(
         )
         .prefetch(2)
     )
-    add(
-        "5 ImageProjectiveTransformV3 alone",
-        throughput(iter(floor), batches, 5, lambda b: (int(b.shape[0]), int(b.numpy().nbytes))),
-    )
+    return throughput(iter(floor), batches, 5, lambda b: (int(b.shape[0]), int(b.numpy().nbytes)))
+
+
+def _relative(rows: list[dict]) -> list[dict]:
+    """Each row against the raw read (1), the tutorial (4, when measured) and the floor (5), rounded."""
     ref = {r["row"][0]: r["slices/s"] for r in rows}
     for r in rows:
         r["vs 1"] = f"{100 * r['slices/s'] / ref['1']:.0f}%"

@@ -136,7 +136,7 @@ def bench_train(
     """
     import tensorflow as tf
 
-    from liverseg import config, pipeline, step, unet
+    from liverseg import config, step
     from liverseg.manifest import Manifest
 
     cfg = config.load(config_file, [*overrides, f"data.records={records}"])
@@ -170,30 +170,9 @@ def bench_train(
         if "model" in rows:
             measured("model", "img/s", True, lambda fig: f"{cfg.model.name}: {recipe}")
         if "loop" in rows:
-            probe = config.replace(cfg, **{"model.name": "pointwise", "data.records": str(_tiny_records(tmp))})
-            for placement in ("none", "device"):
-                per_step, _ = _timed_training(
-                    config.replace(probe, **{"augment.placement": placement}),
-                    tmp / f"loop-{placement}",
-                    warmup,
-                    loop_steps,
-                    fixed=True,
-                )
-                add(
-                    "loop overhead" + (" + device augmentation" if placement == "device" else ""),
-                    round(1000 * per_step, 2),
-                    "ms/step",
-                    f"pointwise model, {batch} x 64x64x{channels}: drives up to {batch / per_step:,.0f} img/s",
-                )
+            _loop_rows(cfg, tmp, warmup, loop_steps, add)
         if "input" in rows:
-            fill = -(-cfg.data.shuffle_buffer // batch) + 2  # warm-up fills the shuffle buffer first
-            rate, _ = throughput(iter(pipeline.build_dataset(cfg, "train")), input_batches, fill, batch_count)
-            add(
-                "input ceiling",
-                round(rate, 1),
-                "slices/s",
-                f"{rate / cores():.1f} per core ({cores()} cores); {cfg.augment.placement} augmentation path",
-            )
+            _input_row(cfg, input_batches, add)
         if "end-to-end" in rows:
 
             def waits(fig):
@@ -205,6 +184,51 @@ def bench_train(
 
             measured("end to end", "img/s", False, waits)
 
+    _flops_rows(cfg, channels, h, w, peak_tflops, add)
+    return table
+
+
+def _loop_rows(cfg, tmp: Path, warmup: int, loop_steps: int, add) -> None:
+    """The loop's host cost per step: the real loop with a one-1x1-conv model on 64x64 slices
+    of the recipe's depth and batch, without and with device augmentation."""
+    from liverseg import config
+
+    batch, channels = cfg.data.batch_size, 2 * cfg.data.context + 1
+    probe = config.replace(cfg, **{"model.name": "pointwise", "data.records": str(_tiny_records(tmp))})
+    for placement in ("none", "device"):
+        per_step, _ = _timed_training(
+            config.replace(probe, **{"augment.placement": placement}),
+            tmp / f"loop-{placement}",
+            warmup,
+            loop_steps,
+            fixed=True,
+        )
+        add(
+            "loop overhead" + (" + device augmentation" if placement == "device" else ""),
+            round(1000 * per_step, 2),
+            "ms/step",
+            f"pointwise model, {batch} x 64x64x{channels}: drives up to {batch / per_step:,.0f} img/s",
+        )
+
+
+def _input_row(cfg, input_batches: int, add) -> None:
+    """The recipe's training pipeline alone, after its shuffle buffer has filled."""
+    from liverseg import pipeline
+
+    fill = -(-cfg.data.shuffle_buffer // cfg.data.batch_size) + 2  # warm-up fills the shuffle buffer first
+    rate, _ = throughput(iter(pipeline.build_dataset(cfg, "train")), input_batches, fill, batch_count)
+    add(
+        "input ceiling",
+        round(rate, 1),
+        "slices/s",
+        f"{rate / cores():.1f} per core ({cores()} cores); {cfg.augment.placement} augmentation path",
+    )
+
+
+def _flops_rows(cfg, channels: int, h: int, w: int, peak_tflops: float | None, add) -> None:
+    """FLOPs per image of a training step (~3x the forward pass), and the img/s of 40% MFU."""
+    from liverseg import unet
+
     fwd = unet.flops_per_image(unet.build(cfg.model, channels), h, w)
     add("FLOPs per image", f"{3 * fwd / 1e9:.4g}", "GFLOP", f"training ~3x forward ({fwd / 1e9:.4g} GFLOP)")
     if peak_tflops:
@@ -214,7 +238,6 @@ def bench_train(
             "img/s",
             f"at {peak_tflops:g} TFLOPS peak: the loop and input ceilings must clear it",
         )
-    return table
 
 
 def _sized_for_memory(cfg, h: int, w: int, shard_bytes: float, on_gpus: bool):
