@@ -5,6 +5,10 @@ from click.testing import CliRunner
 
 from liverseg.cli import cli
 
+# bench train's rows on a U-Net small enough for 2 CPU cores: the smoke recipe, 2 filters, depth 2, batch 4
+TINY_UNET = ("--config", "configs/smoke.yaml", "--set", "model.base_filters=2", "--set", "model.depth=2")
+TINY_UNET += ("--set", "data.batch_size=4")
+
 
 def run(*args):
     r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
@@ -136,14 +140,7 @@ def test_bench_train_reports_every_ceiling(dataset):
         "bench",
         "train",
         dataset,
-        "--config",
-        "configs/smoke.yaml",
-        "--set",
-        "model.base_filters=2",
-        "--set",
-        "model.depth=2",
-        "--set",
-        "data.batch_size=4",
+        *TINY_UNET,
         "--set",
         "train.steps_per_call=2",
         "--steps",
@@ -209,14 +206,7 @@ def test_bench_train_says_at_which_batch_it_measured_or_why_it_skipped(dataset, 
         "bench",
         "train",
         dataset,
-        "--config",
-        "configs/smoke.yaml",
-        "--set",
-        "model.base_filters=2",
-        "--set",
-        "model.depth=2",
-        "--set",
-        "data.batch_size=4",
+        *TINY_UNET,
         "--rows",
         "model",
         "--steps",
