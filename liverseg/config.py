@@ -261,6 +261,8 @@ def resolve(path: str | Path):
     p = Path(path)
     if p.is_file():
         return p
+    if p.exists():
+        raise ConfigError(f"config file {path} is not a regular file (a folder or a device); give a YAML file")
     name = p.name.removesuffix(".yaml")
     if name in PRESETS and (len(p.parts) == 1 or p.parent.name == "configs"):
         return preset(name)
@@ -274,9 +276,16 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     if path is not None:
         path = resolve(path)
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read ({e}); give a YAML file") from None
+        if tree is None:  # an empty file would silently train the library's defaults
+            raise ConfigError(
+                f"config file {path} holds no settings; give a recipe (a preset such as smoke or real-cpu is a "
+                "start), or leave --config out for the defaults"
+            )
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
     for item in overrides:

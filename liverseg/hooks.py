@@ -102,6 +102,7 @@ class Hooks:
     writers: dict  # TensorBoard writers "train" and "validation" (no-op writers off the chief)
     preemption: object | None  # TF's PreemptionCheckpointHandler under multi-worker
     last_saved: int  # step of the last checkpoint written (or restored)
+    saved: Callable[[int], None] = lambda at: None  # told of each checkpoint written (run.json's time budget)
     profiling: bool = False
 
     def after_call(self, before: int, after: int, staged: bool, last: bool, window: LogWindow) -> Report:
@@ -200,6 +201,7 @@ class Hooks:
             self.sync_bn()
             self._save(at)
             self.last_saved = at
+            self.saved(at)
 
     def _save(self, at: int) -> None:
         """manager.save, a full disk said in one line with TF's half-written `ckpt-N_temp` removed."""

@@ -433,6 +433,16 @@ class Manifest:
                         )
         return m
 
+    @classmethod
+    def shards_listed(cls, path: Path) -> set[str] | None:
+        """The shard file names the manifest file `path` lists (any name: a pending or retired
+        one too), or None when it is not a readable liverseg manifest. Its cases are not read."""
+        try:
+            m = cls.from_json(json.loads(Path(path).read_bytes()), path)
+        except (OSError, ValueError, RecordsError):
+            return None
+        return {s.file for split in m.splits.values() for s in split.shards}
+
     # -- reading it
 
     @functools.cached_property

@@ -154,6 +154,11 @@ def check_output(
     written (`check_writable`).
     """
     out = Path(out)
+    if replaces is not None and out.is_symlink():  # it would be swapped as a whole: a link cannot be
+        raise LiversegError(
+            f"{flag} {out} is a symbolic link (to {os.readlink(out)}); give the folder it points to, or a new "
+            "one (nothing was written)"
+        )
     where = out.resolve()
     for inp in inputs:
         inp_path = Path(inp).resolve()
@@ -198,10 +203,10 @@ def check_writable(out: str | Path) -> None:
     when it is replaced). Probed by creating and removing an entry, so immutable folders and
     read-only file systems are found as well as permissions."""
     out = Path(out).absolute()
-    places = [next(p for p in out.parents if p.exists())]
-    if out.is_dir():
+    places = [next((p for p in out.parents if p.exists()), out)]  # "/" has no parents
+    if out.is_dir() and out not in places:
         places.append(out)
-    elif out.exists():
+    elif not out.is_dir() and out.exists():
         raise LiversegError(f"{out}: exists and is not a folder; choose a folder")
     for place in places:
         probe = place / f"{PARTIAL}probe-{os.getpid()}"

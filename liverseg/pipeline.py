@@ -48,14 +48,27 @@ READ_BUFFER = 8 * 2**20
 
 
 def available_memory() -> float | None:
-    """MemAvailable (bytes) from /proc/meminfo, or None where there is none."""
+    """Bytes this process may still take: MemAvailable from /proc/meminfo, or less where a
+    cgroup (a container's or a job's memory limit) leaves less; None where nothing says."""
+    found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
+                found.append(float(line.split()[1]) * 1024)
     except OSError:
         pass
-    return None
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+        except OSError:
+            continue
+        if cap.isdigit() and int(cap) < 2**60:  # "max", or v1's "no limit" (a page-rounded 2**63)
+            found.append(max(0.0, float(cap) - float(used)))
+        break
+    return min(found) if found else None
 
 
 def normalization(cfg: Config, manifest: Manifest) -> Normalization:
@@ -332,19 +345,32 @@ def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bo
 
 
 IN_MEMORY_SHARE = 0.25  # data.in_memory "auto": the shards may take this share of the available memory
+IN_MEMORY_LIMIT = 0.75  # "always" (or a run that decided so): refused above this share
 
 
 def in_memory(cfg: Config, shards, h: int, w: int, on_service: bool = False) -> bool:
     """Whether training holds these shards (of h x w slices) in memory (data.in_memory;
     "auto": they take at most IN_MEMORY_SHARE of the available memory, and not on the
-    tf.data service)."""
-    if cfg.data.in_memory != "auto":
-        return cfg.data.in_memory == "always"
-    if on_service:
+    tf.data service). "always" is refused, naming the sizes, where they would take more
+    than IN_MEMORY_LIMIT of it."""
+    if cfg.data.in_memory == "never" or (cfg.data.in_memory == "auto" and on_service):
         return False
     need = sum(s.num_examples for s in shards) * (3 * h * w + 64)  # int16 image + uint8 mask + scalars
     available = available_memory()
-    return available is not None and need <= IN_MEMORY_SHARE * available
+    if cfg.data.in_memory == "auto":
+        return available is not None and need <= IN_MEMORY_SHARE * available
+    if available is not None and need > IN_MEMORY_LIMIT * available:
+        raise RecordsError(
+            f"data.in_memory=always: the training shards take {need / 1e9:.2f} GB in memory, more than "
+            f"{IN_MEMORY_LIMIT:.0%} of the {available / 1e9:.2f} GB available; use data.in_memory=never (the "
+            "shards are streamed) or free memory"
+        )
+    return True
+
+
+def holds_in_memory(cfg: Config, input_context=None) -> bool:
+    """Whether this training pipeline holds its shards in memory (`in_memory` on its shards)."""
+    return _plan(cfg, "train", input_context, True, bool(cfg.data.service)).in_memory
 
 
 def _files(plan: _Plan, shards) -> tf.data.Dataset:
@@ -376,8 +402,14 @@ def _in_memory_slices(cfg: Config, plan: _Plan, shards, epochs: int | None) -> t
     random permutation of its own, so no shuffle buffer is needed. The iterator's state is
     the pass and the position in it: exact resume, however often."""
     read, gather_at = _stages(cfg, plan)
-    parts = [read(tf.constant(str(plan.manifest.path(s))), tf.constant(s.num_examples, tf.int64)) for s in shards]
-    held = {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]}  # whole cases in order: contexts stay in case
+    try:
+        parts = [read(tf.constant(str(plan.manifest.path(s))), tf.constant(s.num_examples, tf.int64)) for s in shards]
+        held = {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]}  # whole cases in order: contexts stay in case
+    except (tf.errors.ResourceExhaustedError, MemoryError) as e:  # a limit the estimate did not see (ulimit -v)
+        raise RecordsError(
+            f"data.in_memory: out of memory reading the training shards of {plan.manifest.root} into memory "
+            f"({type(e).__name__}); use data.in_memory=never (the shards are streamed) or raise the memory limit"
+        ) from None
     keep_bg, seed = liver_keep_probability(cfg, plan.manifest, plan.split), cfg.seed
     sampling = tf.constant(derive_seed(seed, "foreground-sampling"), tf.int64)
     order = tf.constant(derive_seed(seed, f"in-memory-order-{plan.pipe}"), tf.int64)

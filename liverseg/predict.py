@@ -41,7 +41,7 @@ from liverseg import (
     serial,
     volumes,
 )
-from liverseg.outputs import check_output
+from liverseg.outputs import check_output, folder_lock
 from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ CONTRACT_FILE = "liverseg-model.json"  # an exported folder's contract
 CONTRACT_VERSION = 2  # 2: the artifact's input is fixed in H, W where the run's slice size is
 CONTRACT_VERSIONS = (1, 2)  # read
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
+LOCK = ".liverseg-predict.lock"  # held in --out while a prediction writes there
 PREDICTION = "liverseg prediction"  # the descrip of the NIfTI files predict writes (what --force may replace)
 
 
@@ -71,6 +72,51 @@ class Contract:
 
     to_json = serial.to_json
     from_json = classmethod(serial.from_json)
+
+    def check(self, where) -> Contract:
+        """This contract, or LiversegError naming the first value inference cannot use (an edited
+        or damaged contract: ONNX Runtime would fail with a dump, or masks come out empty)."""
+        spec, norm = self.spec, self.spec.normalization
+        finite = all(math.isfinite(v) for v in (norm.lo, norm.hi, norm.shift, norm.scale))
+        for ok, key, value, what in (
+            (self.divisor >= 1 and self.divisor & (self.divisor - 1) == 0, "divisor", self.divisor, "a power of 2"),
+            (1 <= self.batch_size <= 4096, "batch_size", self.batch_size, "in [1, 4096]"),
+            (0 < self.threshold < 1, "postprocess.threshold", self.threshold, "in (0, 1)"),
+            (
+                0 <= self.min_component_fraction <= 1,
+                "postprocess.min_component_fraction",
+                self.min_component_fraction,
+                "in [0, 1]",
+            ),
+            (
+                0 <= spec.context <= 16 and spec.channels == 2 * spec.context + 1,
+                "input.channels",
+                spec.channels,
+                f"2 x context + 1 = {2 * spec.context + 1}",
+            ),
+            (
+                1 <= spec.height <= 4096 and 1 <= spec.width <= 4096,
+                "input.height/width",
+                (spec.height, spec.width),
+                "in [1, 4096]",
+            ),
+            (
+                spec.size is None or spec.height == spec.width == spec.size,
+                "input.size",
+                spec.size,
+                f"the slice size, equal to input.height and input.width ({spec.height}x{spec.width})",
+            ),
+            (
+                finite and norm.lo < norm.hi and norm.scale > 0,
+                "input.intensity",
+                (norm.lo, norm.hi, norm.scale),
+                "finite, lo < hi and scale > 0",
+            ),
+            (self.labels in ("liver", "liver+tumour"), "labels", self.labels, "liver or liver+tumour"),
+        ):
+            if not ok:
+                raise LiversegError(f"{where}: {key}={value!r} is not valid ({what}); export the run again")
+        return self
 
 
 @dataclass
@@ -224,7 +270,7 @@ class ExportInfo:
             return cls(
                 d["format"],
                 d["artifact"],
-                Contract.from_json(d),
+                Contract.from_json(d).check(where),
                 (),
                 d.get("parity"),
                 tuple(d.get("runs", ())),
@@ -527,7 +573,14 @@ def predict(
     check_output(out, [*paths, *sources], flag="--out")  # never over an input: a mask, a scan, a model
     for msg in failures:
         log.error("%s", msg)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, LOCK, "a prediction", "wait for it to finish, or choose another --out", remove=True):
+        written += _predict_all(models, scans, out, force, probabilities, fmt, failures)
+    return written, failures
+
+
+def _predict_all(models, scans, out: Path, force: bool, probabilities: bool, fmt: str, failures: list) -> list[Path]:
+    """Predict every scan into `out` (held by this process), a failure reported and appended."""
+    written = []
     suffix = "_liver.dcm" if fmt == "dicom-seg" else "_liver.nii.gz"
     for src, stem in scans:
         target, prob_target = out / f"{stem}{suffix}", out / f"{stem}_liver_prob.nii.gz"
@@ -548,7 +601,7 @@ def predict(
             msg = str(err) if str(src.name) in str(err) else f"{src.name}: {err}"
             failures.append(msg)
             log.error("%s", msg)
-    return written, failures
+    return written
 
 
 def _check_replaceable(target: Path, force: bool) -> None:

@@ -504,4 +504,11 @@ def _decode_case(where: CaseRecords, raw: list[bytes]) -> tuple[np.ndarray, np.n
             f"{where.shard}: records {first}-{last - 1} are not all {where.case_id}; "
             f"run liverseg verify {where.dataset}"
         )
+    held = ex[NUM_SLICES].numpy()
+    if not (np.all(held == where.count) and np.array_equal(ex[SLICE_INDEX].numpy(), np.arange(where.count))):
+        raise RecordsError(
+            f"{where.shard}: case {where.case_id} has {int(held[0])} slices in its records, but the manifest's "
+            f"cases file says {where.count}; the cases file was edited or belongs to another dataset: run "
+            f"liverseg verify {where.dataset}"
+        )
     return ex[IMAGE].numpy(), ex[MASK].numpy()

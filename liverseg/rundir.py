@@ -27,7 +27,7 @@ import yaml
 
 from liverseg import LiversegError, __version__, config, serial
 from liverseg.config import Config
-from liverseg.outputs import atomic_path, folder_lock
+from liverseg.outputs import PARTIAL, REPLACED, atomic_path, check_output, folder_lock, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,10 @@ class RunInfo:
     liverseg_version: str = __version__  # the liverseg that wrote it ("?": a file that does not say)
     version: int = RUN_INFO_VERSION
     folds: dict | None = serial.key(omit=True, default=None)  # data.folds K, data.fold k, fold_seed, the patients
-    budget: dict | None = serial.key(omit=True, default=None)  # time_budget_min: minutes, steps fixed, at_step, steps/s
+    budget: dict | None = serial.key(omit=True, default=None)  # time_budget_min: minutes, steps, spent_s, steps/s, ...
+    # whether training holds its data in memory (data.in_memory, decided at the run's first
+    # start): the saved input position is of that kind, so every resume reads the same way
+    in_memory: bool | None = serial.key(omit=True, default=None)
 
     def to_json(self) -> dict:
         return serial.to_json(self)
@@ -216,6 +219,44 @@ def check_dataset(run: Path, info: RunInfo) -> None:
         raise LiversegError(f"{run}: the input contract changed ({old.input} -> {info.input}); start a new --run")
 
 
+# What a run folder may hold (RunDir's names): a run is trained only into a new or empty
+# folder or a run of its own.
+RUN_ENTRIES = frozenset(
+    {
+        "config.yaml",
+        "run.json",
+        "checkpoints",
+        ".lock",
+        "train",
+        "validation",
+        "evaluation",
+        "eval",
+        "best.weights.h5",
+        "final.weights.h5",
+    }
+)
+
+
+def check_run_folder(run: Path, records: str | Path) -> None:
+    """Refuse, before anything is written, a --run that is or holds the dataset it reads, lies
+    inside it, is an export or a dataset, or holds files a run does not (scans, a checkout)."""
+    check_output(run, [records], flag="--run", may_be="a training run")
+    for folder in run.resolve().parents:
+        what = kind_of(folder)
+        if what in ("a converted dataset", "an export"):
+            raise LiversegError(f"--run {run}: lies inside {folder}, which is {what}; choose a folder outside it")
+    if run.is_dir():
+        foreign = sorted(
+            p.name for p in run.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith((PARTIAL, REPLACED))
+        )
+        if foreign:
+            raise LiversegError(
+                f"--run {run}: holds files that are not a training run's ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); train into a new or empty folder, or a run of its "
+                "own (nothing was written)"
+            )
+
+
 # ------------------------------------------------------------------------- the run lock
 
 
@@ -237,6 +278,7 @@ __all__ = [
     "RunInfo",
     "check_dataset",
     "check_resume",
+    "check_run_folder",
     "claim",
     "load_config",
     "save_config",

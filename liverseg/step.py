@@ -35,9 +35,21 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------- strategy
 
 
+# The collective strategies made in this process, by kind and devices (see make_strategy).
+_COLLECTIVE: dict[tuple, tf.distribute.Strategy] = {}
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """auto: Mirrored over several GPUs, else one device. mirrored without GPUs uses every
-    logical CPU device (for testing). multi_worker reads the cluster from TF_CONFIG."""
+    logical CPU device (for testing). multi_worker reads the cluster from TF_CONFIG.
+
+    A process makes one Mirrored (or MultiWorkerMirrored) strategy per set of devices and
+    reuses it for every later run: each new strategy numbers its collectives from the same keys
+    (group 1, instance 100, ...), and TensorFlow's collective executor keeps an instance's
+    shape for the life of the process, so a second run's first all-reduce met the first run's
+    ("Shape mismatch in the collective instance 100 ... [29482] vs [1]": two runs in one
+    process, such as bench train's rows, cv folds in a notebook, or the test suite). Reused, a
+    strategy goes on numbering where it stopped."""
     gpus = tf.config.list_physical_devices("GPU")  # logical devices would start the runtime, too early for MWMS
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
@@ -47,13 +59,23 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
             if gpus
             else tf.distribute.experimental.CommunicationImplementation.RING
         )
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl)
+        return _reused(
+            ("multi_worker", os.environ["TF_CONFIG"], impl.name),
+            lambda: tf.distribute.MultiWorkerMirroredStrategy(
+                communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl)
+            ),
         )
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([d.name for d in devices])
+        logical = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        devices = tuple(d.name for d in logical)
+        return _reused(("mirrored", devices), lambda: tf.distribute.MirroredStrategy(list(devices)))
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+
+
+def _reused(key: tuple, make) -> tf.distribute.Strategy:
+    if key not in _COLLECTIVE:
+        _COLLECTIVE[key] = make()
+    return _COLLECTIVE[key]
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -61,6 +61,7 @@ from liverseg import (
     unet,
     validation,
 )
+from liverseg import budget as budget_mod
 from liverseg import hooks as hooks_mod
 from liverseg.config import Config, derive_seed
 from liverseg.hooks import PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, stop_requested
@@ -126,12 +127,11 @@ class Trainer:
         self.replicas = self.strategy.num_replicas_in_sync
         self.local = len(self.strategy.extended.worker_devices)
         self.global_batch = pipeline.global_batch(cfg, self.replicas)
-        self.manifest, self.info = self._check_inputs()
-        stored = _stored_budget(self.paths)  # steps a time budget fixed before this start
-        if stored is not None:
-            self.info = dataclasses.replace(self.info, budget=stored)
-        # The steps this run trains: train.steps, or fewer where a time budget fixed them.
-        self.planned = min(cfg.train.steps, int(stored["steps"])) if stored else cfg.train.steps
+        if self.chief:  # before anything of the run is read or written
+            rundir.check_run_folder(self.paths.root, cfg.data.records)
+        self.manifest, self.info = self._check_inputs(_earlier(self.paths))
+        # The steps this run trains: train.steps, or fewer where a time budget fixes them (`budget`).
+        self.planned, self.budget = cfg.train.steps, None
         self.window, self.summary, self.paused_total = hooks_mod.LogWindow(), {}, 0.0
         self.cleanup = contextlib.ExitStack()  # the run lock, a worker's temporary folder: released by close()
         try:
@@ -195,15 +195,21 @@ class Trainer:
             writers=self._writers(),
             preemption=preemption,
             last_saved=self.at,
+            saved=lambda at: self._save_info() if self.budget is not None else None,
         )
         self.bar = tqdm(
             total=self.planned, initial=self.at, desc="train", unit="step", disable=not (progress and self.chief)
         )
+        self.budget = budget_mod.Budget.resume(tc.time_budget_min, tc.steps, self.info.budget, self.at, self._agree)
+        if self.budget is not None:
+            self._plan(self.budget.steps)
 
     # ------------------------------------------------------------------ set-up
 
-    def _check_inputs(self) -> tuple:
-        """Everything about the inputs that can be checked before anything is written."""
+    def _check_inputs(self, earlier: rundir.RunInfo | None) -> tuple:
+        """Everything about the inputs that can be checked before anything is written, and the
+        run's info: the dataset, the input contract, and what an earlier start of the run
+        decided (its time budget, whether its training data was held in memory)."""
         cfg = self.cfg
         if self.global_batch % self.replicas:
             raise LiversegError(
@@ -219,7 +225,7 @@ class Trainer:
                     f"augment.crop={crop}: larger than the {h}x{w} slices of {manifest.root}; choose at "
                     f"most {min(h, w)}"
                 )
-            unet.check_input(cfg.model, crop, crop)
+            unet.check_input(cfg.model, crop, crop, f"choose augment.crop={crop - crop % unet.divisor(cfg.model)}")
         pipeline.check_context(cfg, manifest)
         pipeline.source_keep(cfg, manifest)  # weights for the training cases' sources, before anything is written
         pipeline.check_memory(cfg, manifest, pipeline.available_memory(), self.replicas)
@@ -235,8 +241,29 @@ class Trainer:
             manifest.spacing,
         )
         return manifest, rundir.RunInfo(
-            str(Path(cfg.data.records).resolve()), manifest.sha256, spec, folds=folds.record(manifest, cfg.data)
+            str(Path(cfg.data.records).resolve()),
+            manifest.sha256,
+            spec,
+            folds=folds.record(manifest, cfg.data),
+            budget=earlier.budget if earlier else None,
+            in_memory=self._in_memory(earlier.in_memory if earlier else None),
         )
+
+    def _in_memory(self, decided: bool | None) -> bool:
+        """Whether this run's training data is held in memory: as an earlier start of the run
+        decided (its checkpoints hold an input position of that kind), else data.in_memory now."""
+        cfg = self.cfg
+        if decided is None:
+            return pipeline.holds_in_memory(cfg, step.input_context(self.strategy))
+        held = config.replace(cfg, **{"data.in_memory": "always" if decided else "never"})
+        try:
+            return pipeline.holds_in_memory(held, step.input_context(self.strategy))
+        except pipeline.RecordsError as e:
+            raise LiversegError(
+                f"{self.paths.root} holds its training data in memory (decided at its first start; its checkpoints "
+                f"hold an input position of that kind), but {str(e).split(': ', 1)[1]}; free memory to resume "
+                "it, or train a new --run"
+            ) from None
 
     def _claim_run(self) -> None:
         """The chief locks the run directory, checks that a resumed run keeps its recipe and its
@@ -256,7 +283,8 @@ class Trainer:
 
         On the tf.data service, each start of the run reads a job of its own, seeded by the
         number of `restarts`: a fresh data order, the same for every trainer of the run."""
-        cfg, job = self.cfg, "liverseg"
+        job = "liverseg"
+        cfg = config.replace(self.cfg, **{"data.in_memory": "always" if self.info.in_memory else "never"})
         if cfg.data.service:
             cfg = config.replace(
                 cfg, seed=derive_seed(cfg.seed, f"service-restart-{restarts}") if restarts else cfg.seed
@@ -341,8 +369,7 @@ class Trainer:
         fixes the run's steps): calls of steps_per_call steps, the hooks after each (the run's
         end counts as `last`: log, validate, checkpoint)."""
         tc, staged, token, calls = self.cfg.train, [], None, 0
-        budget = StepBudget(60 * tc.time_budget_min) if tc.time_budget_min > 0 and self.info.budget is None else None
-        until = min(until_step, self.planned) if budget or self.info.budget else until_step
+        until = min(until_step, self.planned)
         self.hooks.preempt(self.at, staged=False)  # SIGTERM during set-up
         with pipeline.named_data_errors(self.cfg, "train"):
             while self.at < until:
@@ -374,11 +401,9 @@ class Trainer:
                 self.window.steps += k
                 self.window.images += k * self.global_batch
                 self.bar.update(k)
-                if budget is not None:
-                    fixed = budget.after_call(calls, after, token)
-                    if fixed is not None:
-                        until = min(until_step, self._fix_steps(*fixed, after + len(staged)))
-                        budget = None
+                planned = self.budget.after_call(calls, after, after + len(staged), token) if self.budget else None
+                if planned is not None:
+                    until = min(until_step, self._plan(planned))
                 self._reported(self.hooks.after_call(before, after, bool(staged), after == until, self.window))
 
     def _reported(self, report: hooks_mod.Report) -> None:
@@ -402,39 +427,29 @@ class Trainer:
         if report.best_step is not None:
             self.summary["best_step"] = report.best_step
 
-    def _fix_steps(self, steps: int, rate: float, at_least: int) -> int:
-        """Fix the run's steps from a time budget's measurement: the same on every worker (their
-        mean), never fewer than the steps already drawn; the schedule spans them, run.json keeps
-        them (the chief writes it)."""
-        if self.replicas > 1:
-            values = self.strategy.experimental_distribute_values_from_function(
-                lambda ctx: tf.constant(float(steps), tf.float64)
-            )
-            steps = int(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None).numpy())
-        tc = self.cfg.train
-        self.planned = min(tc.steps, max(steps, at_least))
-        self.state.schedule_steps.assign(float(self.planned))
-        self.info = dataclasses.replace(
-            self.info,
-            budget={
-                "minutes": tc.time_budget_min,
-                "steps": self.planned,
-                "at_step": self.at,
-                "steps_per_s": round(rate, 3),
-            },
-        )
+    def _plan(self, steps: int) -> int:
+        """The run's steps are now `steps` (a time budget fixed them): the schedule spans them,
+        the bar shows them, run.json keeps the budget (the chief writes it)."""
+        self.planned = steps
+        self.state.schedule_steps.assign(float(steps))
+        self._save_info()
+        self.bar.total = steps
+        self.bar.refresh()
+        return steps
+
+    def _save_info(self, **changes) -> None:
+        """run.json with the budget as it stands (and `changes`), written by the chief."""
+        budget = self.budget.record() if self.budget is not None else self.info.budget
+        self.info = dataclasses.replace(self.info, budget=budget, **changes)
         if self.chief:
             self.info.save(self.paths.root)
-        self.bar.total = self.planned
-        self.bar.refresh()
-        log.info(
-            "train.time_budget_min=%g: %d steps (%.2f steps/s measured to step %d)",
-            tc.time_budget_min,
-            self.planned,
-            rate,
-            self.at,
-        )
-        return self.planned
+
+    def _agree(self, value: float) -> float:
+        """A figure's mean over the cluster's workers (their clocks differ): the same decision everywhere."""
+        if self.cfg.train.strategy != "multi_worker":
+            return value
+        values = self.strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(value, tf.float64))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None).numpy())
 
     def _draw(self, k: int) -> list:
         t = time.perf_counter()
@@ -474,8 +489,7 @@ class Trainer:
         log.info("finished at step %d, weights %s", self.at, summary["weights_fingerprint"])
         if self.chief:
             unet.save_weights(self.state.model, self.paths.final_weights)
-            result = {k: v for k, v in summary.items() if k != "train"}
-            dataclasses.replace(self.info, result=result).save(self.paths.root)
+        self._save_info(result={k: v for k, v in summary.items() if k != "train"})
         return summary
 
 
@@ -525,49 +539,9 @@ def lost_peer_reason(e: tf.errors.OpError) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-BUDGET_STEPS = 64  # steps timed, after the two calls that compile, to fix a time budget's steps
-BUDGET_RESERVE = 0.05  # share of a time budget kept for validation, checkpoints and the end
-
-
-@dataclasses.dataclass
-class StepBudget:
-    """train.time_budget_min as steps: the loop's steps/s measured over BUDGET_STEPS steps
-    after its first two calls (compilation), then the steps that fit what is left of the
-    budget (less BUDGET_RESERVE). Decided at a step count, not a time, so every worker of a
-    cluster decides at the same call."""
-
-    seconds: float
-    clock: Callable[[], float] = time.perf_counter
-    start: float = dataclasses.field(default=0.0, init=False)  # when the run's loop began
-    mark: tuple[int, float] | None = None  # (step, time) when the measurement began
-
-    def __post_init__(self):
-        self.start = self.clock()
-
-    def after_call(self, calls: int, at: int, token=None) -> tuple[int, float] | None:
-        """(steps, steps/s) once measured, else None. `token`: the call's device value, read to
-        wait for the device before the clock is read."""
-        if self.mark is None:
-            if calls >= 2:
-                if token is not None:
-                    int(token)
-                self.mark = (at, self.clock())
-            return None
-        if at - self.mark[0] < BUDGET_STEPS:
-            return None
-        if token is not None:
-            int(token)
-        now = self.clock()
-        rate = (at - self.mark[0]) / max(now - self.mark[1], 1e-9)
-        left = self.seconds * (1 - BUDGET_RESERVE) - (now - self.start)
-        return at + max(0, int(rate * left)), rate
-
-
-def _stored_budget(paths: rundir.RunDir) -> dict | None:
-    """The steps a time budget fixed in an earlier start of this run (its run.json), or None."""
-    if not paths.info.is_file():
-        return None
-    return rundir.RunInfo.load(paths.root).budget
+def _earlier(paths: rundir.RunDir) -> rundir.RunInfo | None:
+    """The run.json of an earlier start of this run, or None."""
+    return rundir.RunInfo.load(paths.root) if paths.info.is_file() else None
 
 
 @contextlib.contextmanager

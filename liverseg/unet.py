@@ -158,12 +158,13 @@ def forward_tensor_bytes(model: keras.Model, height: int, width: int) -> float:
     )
 
 
-def check_input(cfg: ModelConfig, height: int, width: int) -> None:
+def check_input(cfg: ModelConfig, height: int, width: int, fix: str = "convert with --size") -> None:
+    """Refuse an input the network cannot take, saying how to `fix` it."""
     d = divisor(cfg)
     if height % d or width % d:
         raise LiversegError(
             f"slices of {height}x{width} cannot pass a {cfg.name} with depth "
-            f"{cfg.depth}: height and width must be multiples of {d} (convert with --size)"
+            f"{cfg.depth}: height and width must be multiples of {d} ({fix})"
         )
 
 

@@ -138,3 +138,13 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     )
     train.train(cfg, run, progress=False)
     return run
+
+
+@pytest.fixture
+def terminate():
+    """liverseg.TERMINATE (what the CLI's SIGTERM handler sets), cleared before and after."""
+    from liverseg import TERMINATE
+
+    TERMINATE.clear()
+    yield TERMINATE
+    TERMINATE.clear()

@@ -77,6 +77,12 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(tmp_path / "bad.yaml")
+    (tmp_path / "empty.yaml").write_text("# nothing here yet\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml holds no settings; give a recipe"):
+        config.load(tmp_path / "empty.yaml")
+    for odd in ("/dev/zero", tmp_path):
+        with pytest.raises(ConfigError, match=rf"config file {odd} is not a regular file"):
+            config.load(odd)
 
 
 @pytest.mark.parametrize(

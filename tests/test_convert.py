@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -152,7 +153,7 @@ def test_killed_conversion_leaves_no_partial_and_no_manifest(tmp_path):
             stderr=subprocess.DEVNULL,
         )
         t0 = time.time()
-        while not list(out.glob(".tmp-*")) and proc.poll() is None and time.time() - t0 < 30:
+        while not list(out.glob(".liverseg-tmp-*")) and proc.poll() is None and time.time() - t0 < 30:
             time.sleep(0.002)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
@@ -165,7 +166,7 @@ def test_killed_conversion_leaves_no_partial_and_no_manifest(tmp_path):
                 list(records.iter_records(f))
         # re-running the same command completes the dataset
         convert(src, out, ConvertOptions(num_shards=6), progress=False)
-        assert all(r.ok for r in verify.verify(out)) and not list(out.glob(".tmp-*"))
+        assert all(r.ok for r in verify.verify(out)) and not list(out.glob(".liverseg-tmp-*"))
 
 
 # ------------------------------------------------------------------------- bad input
@@ -362,3 +363,60 @@ def test_a_split_file_of_numbers_or_a_string_is_refused(tmp_path, spec, message)
     with pytest.raises(LiversegError, match=message):
         convert(src, tmp_path / "out", ConvertOptions(split_file=str(tmp_path / "split.json")), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- what convert may remove
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p: (folder / p).read_bytes() for p in tree(folder)}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_files_convert_did_not_write_survive_byte_for_byte(good_src, tmp_path, overwrite):
+    """A draft with a temporary-looking name, another tool's shard named like ours and a
+    foreign manifest: OUT refused before anything is removed, with or without --overwrite."""
+    opts = ConvertOptions(overwrite=overwrite)
+    for name, content in (
+        (".tmp-draft.txt", b"a draft"),
+        ("train-00000-of-00002.tfrecord", b"another tool's records"),
+        ("dataset.json", b'{"name": "an MSD task", "training": []}'),
+    ):
+        out = tmp_path / name.strip(".")
+        out.mkdir()
+        (out / "notes.txt").write_bytes(b"mine")
+        (out / name).write_bytes(content)
+        before = _snapshot(out)
+        with pytest.raises(
+            LiversegError,
+            match=r"(not a liverseg dataset|not a readable liverseg manifest).*"
+            r"nothing was written or removed",
+        ):
+            convert(good_src, out, opts, progress=False)
+        assert _snapshot(out) == before
+    # a liverseg dataset with another tool's shard beside it: --overwrite may not take that shard
+    out = tmp_path / "ours"
+    convert(good_src, out, progress=False)
+    (out / "mydata-00000-of-00001.tfrecord").write_bytes(b"not ours")
+    before = _snapshot(out)
+    with pytest.raises(LiversegError, match=r"mydata-00000-of-00001\.tfrecord"):
+        convert(good_src, out, ConvertOptions(size=32, overwrite=True), progress=False)
+    assert _snapshot(out) == before
+
+
+def test_a_commit_cut_short_is_completed_by_a_rerun(phantoms, tmp_path):
+    """Killed between removing the old manifest and placing the new one: the ledger proves the
+    final-named shards ours, and the re-run completes the dataset (and removes the ledger)."""
+    from liverseg.convert.output import LEDGER
+
+    out = tmp_path / "out"
+    convert(phantoms, out, ConvertOptions(val=0.2, num_shards=2), progress=False)
+    shards = sorted(p.name for p in out.glob("*.tfrecord"))
+    (out / LEDGER).write_text("".join(f"{n}\n" for n in shards))
+    (out / "dataset.json").unlink()
+    (out / ".liverseg-tmp-train-00001.tfrecord").write_bytes(b"half a shard")
+    m = convert(phantoms, out, ConvertOptions(val=0.2, num_shards=3), progress=False)  # other shard names
+    assert sorted(tree(out)) == sorted(
+        ["cases.jsonl", "dataset.json", *(s.file for sp in m.splits.values() for s in sp.shards)]
+    )
+    assert all(r.ok for r in verify.verify(out))

@@ -257,7 +257,7 @@ def test_dicom_seg_refusals_write_nothing(series, volume, tmp_path):
     assert not (tmp_path / "out").exists()
     written, failures = predict.predict(Thresholder(threshold=5.0), [series], tmp_path / "empty", fmt="dicom-seg")
     assert written == [] and len(failures) == 1 and "no liver found" in failures[0]
-    assert list((tmp_path / "empty").iterdir()) == []
+    assert not (tmp_path / "empty").exists()  # a folder it made for nothing is removed again
 
 
 # ------------------------------------------------------------------------- ensembles and refusals
@@ -307,6 +307,20 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
         edited = {**contract, "input": {**contract["input"], **edit}}
         (old / predict.CONTRACT_FILE).write_text(json.dumps(edited))
         with pytest.raises(LiversegError, match=rf"liverseg-model\.json: its input \({said}; the contract was edited"):
+            predict.load_export(old)
+    # values inference cannot use: each named in one line (not an ONNX Runtime dump, not an empty mask)
+    for edit, said in (
+        ({"divisor": 0}, r"divisor=0 is not valid \(a power of 2\)"),
+        ({"batch_size": 0}, r"batch_size=0 is not valid \(in \[1, 4096\]\)"),
+        ({"input": {**contract["input"], "size": 64}}, r"input\.size=64 is not valid \(the slice size, equal to"),
+        (
+            {"input": {**contract["input"], "intensity": {**contract["input"]["intensity"], "scale": 0}}},
+            r"input\.intensity=.* is not valid \(finite, lo < hi and scale > 0\)",
+        ),
+        ({"postprocess": {**contract["postprocess"], "threshold": 2}}, r"postprocess\.threshold=2\.0 is not valid"),
+    ):
+        (old / predict.CONTRACT_FILE).write_text(json.dumps({**contract, **edit}))
+        with pytest.raises(LiversegError, match=rf"liverseg-model\.json: {said}.*; export the run again"):
             predict.load_export(old)
     (old / predict.CONTRACT_FILE).write_text(json.dumps(contract))
     (old / "model.onnx").unlink()

@@ -3,6 +3,7 @@ resume, refused values, leaked processes, full disks, corrupt shards, early SIGT
 second trainer, a quiet log, and image/mask pairs written in different axis orders."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -300,7 +301,7 @@ def test_disk_full_while_writing_shards_is_one_line_and_nothing_final(good_pair_
     r = CliRunner().invoke(cli, ["convert", str(good_pair_src), str(out)])
     lines = [line for line in r.output.replace("\r", "\n").splitlines() if line and not line.startswith("convert")]
     assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
-    assert lines[0].startswith(f"Error: {out}/.tmp-train-00000.tfrecord: no space left on device")
+    assert lines[0].startswith(f"Error: {out}/.liverseg-tmp-train-00000.tfrecord: no space left on device")
     assert _final(out) == []
 
 
@@ -334,7 +335,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         assert not (mnt / "out").exists()
         r = CliRunner().invoke(cli, ["convert", str(tmp_path / "src"), str(mnt / "out"), "--compression", "GZIP"])
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-        assert f"Error: {mnt / 'out'}/.tmp-train-00000.tfrecord: no space left on device" in r.output
+        assert f"Error: {mnt / 'out'}/.liverseg-tmp-train-00000.tfrecord: no space left on device" in r.output
         assert _final(mnt / "out") == [] and list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
@@ -492,3 +493,30 @@ def test_a_mask_in_another_axis_order_of_the_same_grid_is_accepted(tmp_path, ima
         LiversegError, match=r"c1_liver\.nii\.gz: affine differs from image \S*c1_orig\.nii\.gz by 14 mm"
     ):
         convert(tmp_path / "mixed", tmp_path / "bad-rec", ConvertOptions(), progress=False)
+
+
+def test_a_consistently_edited_cases_file_is_named_by_evaluate(trained_run, dataset, tmp_path):
+    """cases.jsonl edited (its sha256 in dataset.json updated to match) so a case's slice count
+    disagrees with its shard: evaluate names the case and the file, as verify does."""
+    import hashlib
+    import shutil
+
+    edited = tmp_path / "records"
+    shutil.copytree(dataset, edited)
+    lines = [json.loads(line) for line in (edited / "cases.jsonl").read_text().splitlines()]
+    test_case = next(c for c in lines if c["split"] == "test")
+    test_case["num_slices"] -= 1
+    text = "".join(json.dumps(c) + "\n" for c in lines)
+    (edited / "cases.jsonl").write_text(text)
+    manifest = json.loads((edited / "dataset.json").read_text())
+    manifest["cases"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (edited / "dataset.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    r = CliRunner().invoke(
+        cli, ["evaluate", "--run", str(trained_run), "--records", str(edited), "--out", str(tmp_path / "r")]
+    )
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    n = test_case["num_slices"]
+    assert f"case {test_case['case_id']} has {n + 1} slices in its records, but the manifest's cases file says {n}" in (
+        r.output
+    )
+    assert not (tmp_path / "r").exists()

@@ -232,3 +232,43 @@ def test_a_failed_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
         with outputs.new_folder(tmp_path / "p" / "q" / "out"):
             raise RuntimeError("fails part-way")
     assert not (tmp_path / "p").exists()  # parents it created are gone again
+
+
+def test_train_never_writes_into_an_export_a_dataset_or_a_folder_of_other_files(work):
+    """--run at an export (its run.json and config.yaml), the dataset it reads or a folder inside
+    it, a folder of scans, a checkout: refused before anything is written, every byte kept."""
+    root, unchanged = work
+    r1, records, nifti, export = root / "runs" / "r1", root / "records", root / "nifti", root / "exports" / "e1"
+    assert run("export", "--run", r1, export).exit_code == 0
+    checkout = root / "checkout"
+    (checkout / "liverseg").mkdir(parents=True)
+    (checkout / "README.md").write_text("a source checkout")
+    folders = (export, records, nifti, checkout)
+    before = {f: {p: (f / p).read_bytes() for p in tree(f)} for f in folders}
+    for target, words in [
+        (export, ("is an export",)),
+        (records, ("is a converted dataset that this command reads",)),
+        (records / "run", ("lies inside", "which is a converted dataset")),
+        (nifti, ("holds files that are not a training run's", "phantom_001_liver.nii.gz")),
+        (checkout, ("holds files that are not a training run's", "README.md")),
+    ]:
+        _refused(run("train", "--config", "smoke", "--records", records, "--run", target), f"--run {target}", *words)
+    assert {f: {p: (f / p).read_bytes() for p in tree(f)} for f in folders} == before
+    assert not (records / "run").exists()
+    unchanged()
+
+
+def test_a_symbolic_link_as_a_replaced_output_is_refused_before_any_work(work):
+    root, unchanged = work
+    r1, target = root / "runs" / "r1", root / "real-folder"
+    target.mkdir()
+    link = root / "link"
+    link.symlink_to(target)
+    for args in (
+        ("export", "--run", r1, link, "--force"),
+        ("evaluate", "--run", r1, "--out", link),
+        ("cv", r1, "--out", link),
+    ):
+        _refused(run(*args), f"{link} is a symbolic link (to {target})")
+    assert link.is_symlink() and list(target.iterdir()) == []
+    unchanged()

@@ -113,6 +113,24 @@ def test_in_memory_passes_are_permutations_of_the_training_slices(dataset):
     assert not pipeline.in_memory(config.replace(cfg, **{"data.in_memory": "never"}), shards, h, w)
 
 
+def test_in_memory_always_is_refused_where_the_shards_would_not_fit(dataset, tmp_path, monkeypatch):
+    """data.in_memory=always is sized as auto is: refused, naming the sizes, before the trainer
+    reads a shard (not a ResourceExhaustedError traceback)."""
+    from liverseg import LiversegError, train
+
+    m = Manifest.load(dataset)
+    (h, w), n = m.split("train").slice_shape, m.split("train").num_examples
+    monkeypatch.setattr(pipeline, "available_memory", lambda: float(n * (3 * h * w + 64)))  # less than 4/3 of them
+    cfg = cfg_for(dataset, "data.in_memory=always", "train.steps=1", "data.shuffle_buffer=1", "data.batch_size=1")
+    with pytest.raises(
+        LiversegError,
+        match=r"data.in_memory=always: the training shards take .* GB in memory, more "
+        r"than 75% of the .* GB available; use data.in_memory=never",
+    ):
+        train.Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_file_sharding_gives_each_pipeline_its_own_shards(dataset):
     cases = []
     for pipe in range(2):

@@ -1,6 +1,8 @@
 """Inference in original geometry, post-processing, predict/evaluate agreement, export, the CLI."""
 
+import dataclasses
 import json
+import threading
 
 import nibabel as nib
 import numpy as np
@@ -215,3 +217,32 @@ def test_demo_flow_at_toy_size(tmp_path):
     ok("predict", "--run", tmp_path / "run", tmp_path / "nifti", "--out", tmp_path / "pred")
     assert len(list((tmp_path / "pred").glob("*_liver.nii.gz"))) == 4
     ok("export", "--run", tmp_path / "run", tmp_path / "export")
+
+
+def test_a_second_prediction_into_the_same_folder_is_refused_while_the_first_writes(trained_run, phantoms, tmp_path):
+    """Two predicts into one --out: the second fails naming the first (its masks would silently
+    replace the other's), and the first finishes as if alone."""
+    run = predict.load_run(trained_run)
+    entered, release = threading.Event(), threading.Event()
+
+    def held(x):  # the first prediction, paused inside its first batch
+        entered.set()
+        release.wait(600)
+        return run.engine(x)
+
+    out, result = tmp_path / "pred", {}
+    first = threading.Thread(
+        target=lambda: result.update(
+            first=predict.predict(dataclasses.replace(run, engine=held), [phantoms / "phantom_001_orig.nii.gz"], out)
+        )
+    )
+    first.start()
+    assert entered.wait(600)
+    try:
+        with pytest.raises(LiversegError, match=r"pred is in use by a prediction \(pid \d+ on .+\); wait for it"):
+            predict.predict(run, [phantoms / "phantom_002_orig.nii.gz"], out)
+    finally:
+        release.set()
+        first.join()
+    assert result["first"] == ([out / "phantom_001_liver.nii.gz"], [])
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_001_liver.nii.gz"]  # the lock removed

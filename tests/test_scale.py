@@ -4,6 +4,7 @@ each; and `liverseg bench scale` at tiny sizes, its slopes from its own totals."
 
 import json
 import math
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -120,3 +121,33 @@ def test_a_10000_row_case_list_with_one_broken_row_is_refused_naming_it(phantoms
     with pytest.raises(LiversegError, match=r"cases\.csv row 9732: mask .*gone\.nii\.gz does not exist"):
         convert(listed, tmp_path / "out", ConvertOptions(layout="list"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--size", "0"], r"--size 0 / --slices 8: choose a size in \[16, 512\]"),
+        (["--slices", "-3"], r"--size 32 / --slices -3"),
+        (["--work", "MISSING"], r"--work MISSING: no such folder"),
+        (["--cases", "100000000"], r"case counts in \[10, 10,000,000\]"),
+        (["--cases", "9000000", "--size", "512", "--slices", "256"], r"GB of temporary data, but .* GB free"),
+    ],
+)
+def test_bench_scale_refuses_what_it_cannot_do_before_writing(tmp_path, args, match):
+    r = CliRunner().invoke(cli, ["bench", "scale", "--no-beam", *args], catch_exceptions=False)
+    assert r.exit_code == 2 and re.search(match, r.output), r.output
+    assert r.output.count("\n") == 1 and "Traceback" not in r.output
+
+
+def test_bench_scale_json_never_replaces_another_file(dataset, tmp_path):
+    """--json at a dataset's dataset.json: refused, the dataset intact; an earlier bench scale JSON
+    is replaced only with --force (checked before any case is made)."""
+    manifest = dataset / "dataset.json"
+    before = manifest.read_bytes()
+    r = CliRunner().invoke(cli, ["bench", "scale", "--json", str(manifest)], catch_exceptions=False)
+    assert r.exit_code == 2 and "is not an earlier bench scale JSON" in r.output, r.output
+    assert manifest.read_bytes() == before
+    earlier = tmp_path / "scale.json"
+    earlier.write_text(json.dumps({"written_by": "liverseg bench scale", "rows": []}))
+    r = CliRunner().invoke(cli, ["bench", "scale", "--json", str(earlier)], catch_exceptions=False)
+    assert r.exit_code == 2 and "pass --force" in r.output, r.output

@@ -152,3 +152,25 @@ def test_apply_or_skip_one_rule_for_every_precision_and_strategy(mixed16, device
     run(tf.constant([0.5, 1.0]) * scale, tf.constant(True))  # a loss-scaled gradient is unscaled by apply
     for v in strategy.experimental_local_results(w):
         np.testing.assert_allclose(v.numpy(), [0.5, 1.0], rtol=1e-6)
+
+
+def test_a_later_mirrored_run_in_the_same_process_keeps_its_collectives_apart():
+    """Two runs under MirroredStrategy in one process, the second all-reducing another shape
+    first: each new strategy numbered its collectives from the same keys, and TensorFlow kept
+    the first run's shape for them ("Shape mismatch in the collective instance 100")."""
+
+    def all_reduce(strategy, shape):
+        @tf.function
+        def reduce():
+            def replica():
+                return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.ones(shape))
+
+            return strategy.run(replica)
+
+        return strategy.experimental_local_results(reduce())
+
+    first = step.make_strategy("mirrored")
+    assert [v.numpy().tolist() for v in all_reduce(first, [])] == [2.0, 2.0]
+    second = step.make_strategy("mirrored")
+    assert [v.shape for v in all_reduce(second, [5, 7])] == [(5, 7), (5, 7)]
+    assert float(all_reduce(second, [5, 7])[1][4, 6]) == 2.0

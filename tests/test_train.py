@@ -14,7 +14,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import REPO, liverseg_process
-from liverseg import TERMINATE, LiversegError, config, objective, pipeline, rundir, step, train, unet
+from liverseg import LiversegError, config, objective, pipeline, rundir, step, train, unet
 from liverseg.cli import cli
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -216,13 +216,6 @@ def uninterrupted(dataset, tmp_path_factory) -> str:
     """The weights fingerprint of 20 steps in one go."""
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
     return train.train(smoke(dataset, *INTERRUPTED, "train.steps=20"), run, progress=False)["weights_fingerprint"]
-
-
-@pytest.fixture
-def terminate():
-    TERMINATE.clear()
-    yield TERMINATE
-    TERMINATE.clear()
 
 
 def _sigterm_after(monkeypatch, terminate, steps: int) -> None:
@@ -435,29 +428,23 @@ def test_resume_refuses_a_changed_recipe_but_extends_steps(dataset, tmp_path):
     assert result["step"] == 4
 
 
-def test_a_time_budget_fixes_the_steps_once_and_a_resumed_run_keeps_them(dataset, tmp_path, monkeypatch, terminate):
-    """A clock that ticks 1 s per reading: start 1, measurement from step 2 (after two calls) at
-    2, to step 66 at 3: 64 steps/s, and 0.05 min x 0.95 - 2 s = 0.85 s left: 66 + 54 = 120 steps.
-    Stopped by SIGTERM past the fix, the resumed run trains to those 120, not to train.steps."""
-    import functools
-    import itertools
-
-    ticks = itertools.count(1)
-    monkeypatch.setattr(train, "StepBudget", functools.partial(train.StepBudget, clock=lambda: float(next(ticks))))
-    cfg = smoke(
-        dataset, "train.steps=100000", "train.time_budget_min=0.05", "train.eval_every=0", "train.checkpoint_every=50"
-    )
-    real_draw = step.draw
-    _sigterm_after(monkeypatch, terminate, 90)
-    with pytest.raises(train.Preempted):
-        train.train(cfg, tmp_path / "run", progress=False)
-    budget = rundir.RunInfo.load(tmp_path / "run").budget
-    assert budget == {"minutes": 0.05, "steps": 120, "at_step": 66, "steps_per_s": 64.0}
+@pytest.mark.parametrize("first, then", [(1.0, 0.0), (0.0, 1.0)], ids=["in-memory-then-short", "streamed-then-ample"])
+def test_a_run_resumes_whichever_way_free_memory_moved(dataset, tmp_path, monkeypatch, terminate, first, then):
+    """data.in_memory=auto decides at the run's first start and run.json keeps it: resumed when
+    free memory has crossed the line (either way), the run restores its input position and ends
+    as an uninterrupted run of the same decision does."""
+    args = [*INTERRUPTED, "train.steps=8"]
+    monkeypatch.setattr(pipeline, "IN_MEMORY_SHARE", first)  # 1: the shards fit the share; 0: they never do
+    whole = train.train(smoke(dataset, *args), tmp_path / "whole", progress=False)
+    with monkeypatch.context() as m:
+        _sigterm_after(m, terminate, 4)
+        with pytest.raises(train.Preempted):
+            train.train(smoke(dataset, *args), tmp_path / "run", progress=False)
+    assert rundir.RunInfo.load(tmp_path / "run").in_memory is (first == 1.0)
     terminate.clear()
-    monkeypatch.setattr(step, "draw", real_draw)
-    monkeypatch.setattr(train, "StepBudget", None)  # a resumed run measures nothing again
-    assert train.train(cfg, tmp_path / "run", progress=False)["step"] == 120
-    assert rundir.RunInfo.load(tmp_path / "run").budget == budget
+    monkeypatch.setattr(pipeline, "IN_MEMORY_SHARE", then)
+    resumed = train.train(smoke(dataset, *args), tmp_path / "run", progress=False)
+    assert resumed["weights_fingerprint"] == whole["weights_fingerprint"]
 
 
 def test_the_schedule_spans_the_steps_a_budget_fixes():

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from liverseg import LiversegError
+from liverseg.outputs import atomic_path, check_writable
+
 # figure -> the slope its total must keep (None: a rate, which must stay flat). "manifest" is
 # dataset.json, the summary every command loads; "cases file" is cases.jsonl, read when a
 # command needs the cases themselves.
@@ -269,8 +272,77 @@ def _shown(figure: str, v: float) -> str:
     )
 
 
+WRITTEN_BY = "liverseg bench scale"  # the JSON's "written_by": the only file --json --force replaces
+SIZES, SLICES, MOST_CASES = (16, 512), (4, 256), 10**7
+
+
+def check_request(
+    counts: tuple[int, ...], size: int, slices: int, work: Path | None, json_out: Path | None, force: bool
+) -> str:
+    """Refuse, before anything is written, what `bench scale` cannot do or may not write:
+    sizes out of range, a --work folder that is missing or unwritable, temporary data that
+    does not fit its free space, a --json file that is not an earlier bench scale JSON (or is
+    one, without --force). Returns the line that says how much it will write where."""
+    if not (SIZES[0] <= size <= SIZES[1] and SLICES[0] <= slices <= SLICES[1]):
+        raise LiversegError(
+            f"--size {size} / --slices {slices}: choose a size in [{SIZES[0]}, {SIZES[1]}] pixels and "
+            f"[{SLICES[0]}, {SLICES[1]}] slices per case"
+        )
+    if not counts or min(counts) < 10 or max(counts) > MOST_CASES:
+        raise LiversegError(f"--cases {','.join(map(str, counts))}: case counts in [10, {MOST_CASES:,}]")
+    if work is not None and not Path(work).is_dir():
+        raise LiversegError(f"--work {work}: no such folder; create it or choose another")
+    where = Path(work) if work is not None else Path(tempfile.gettempdir())
+    check_writable(where)
+    need = max(counts) * temporary_bytes(size, slices)
+    free = shutil.disk_usage(where).free
+    if need > 0.9 * free:
+        raise LiversegError(
+            f"--cases {max(counts):,} at {size}x{size}x{slices}: about {need / 1e9:,.1f} GB of temporary data, but "
+            f"{where} has {free / 1e9:,.1f} GB free; choose fewer cases or --work on a larger disk "
+            "(nothing was written)"
+        )
+    if json_out is not None:
+        json_out = Path(json_out)
+        if json_out.is_dir() or not json_out.parent.is_dir():
+            raise LiversegError(f"--json {json_out}: give a file in an existing folder")
+        if json_out.exists():
+            if _written_by(json_out) != WRITTEN_BY:
+                raise LiversegError(
+                    f"--json {json_out}: exists and is not an earlier bench scale JSON; choose another file "
+                    "(nothing was written)"
+                )
+            if not force:
+                raise LiversegError(f"--json {json_out}: exists; pass --force to replace that earlier bench scale JSON")
+        check_writable(json_out.parent)
+    return f"bench scale: at most about {need / 1e9:,.2f} GB of temporary data in {where} ({free / 1e9:,.0f} GB free)"
+
+
+def temporary_bytes(size: int, slices: int) -> float:
+    """Temporary bytes per case at the largest N: its NIfTI pair, its records twice (local and
+    Beam: both exist until the Beam copy is measured), a run and reports (per case, small)."""
+    voxels = size * size * slices
+    return 3 * voxels + 2 * (3 * voxels + 160 * slices) + 4096
+
+
+def _written_by(path: Path) -> str | None:
+    try:
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return d.get("written_by") if isinstance(d, dict) else None
+
+
 def as_json(rows: list[dict], notes: list[str], totals: dict) -> str:
-    return json.dumps({"rows": rows, "notes": notes, "totals": {str(n): v for n, v in totals.items()}}, indent=1)
+    return json.dumps(
+        {"written_by": WRITTEN_BY, "rows": rows, "notes": notes, "totals": {str(n): v for n, v in totals.items()}},
+        indent=1,
+    )
 
 
-__all__ = ["GOALS", "bench_scale", "measure", "slope", "synthesise", "tiny_case"]
+def write_json(path: Path, rows: list[dict], notes: list[str], totals: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(as_json(rows, notes, totals))
+
+
+__all__ = ["GOALS", "bench_scale", "check_request", "measure", "slope", "synthesise", "tiny_case", "write_json"]

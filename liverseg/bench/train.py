@@ -41,6 +41,7 @@ def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tup
         cfg,
         **{
             "train.steps": warmup + steps,
+            "train.time_budget_min": 0,  # the rows time a fixed number of steps
             "train.log_every": 10**9,
             "train.eval_every": 0,
             "train.checkpoint_every": 10**9,

@@ -142,15 +142,21 @@ def quiet_stderr(notices: tuple[bytes, ...] = NOTICES) -> None:
     """
     sys.stderr.flush()
     read_end, write_end = os.pipe()
+    # SIGINT and SIGTERM blocked across the fork: a Ctrl-C of the process group arriving before
+    # the filter ignores them would end it, and with it everything this process prints later.
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     pid = os.fork()
     if pid == 0:  # the filter
         try:
             os.close(write_end)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
+            for sig in stopping:
+                signal.signal(sig, signal.SIG_IGN)  # a pending one is discarded here
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             _filter(read_end, 2, notices)
         finally:
             os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     os.close(read_end)
     real = os.dup(2)
     os.dup2(write_end, 2)

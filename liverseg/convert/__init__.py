@@ -6,11 +6,12 @@ half-written dataset:
 1. `discover`: find pairs, assign splits (by patient) and check every header (shape,
    affine, voxel sizes, dimensionality) before reading any voxel;
 2. `shards`: plan shards by bytes; workers write whole shards under temporary names
-   (`.tmp-*`), validating each case's voxels (NaN/Inf, mask labels, truncated data)
+   (`.liverseg-tmp-*`), validating each case's voxels (NaN/Inf, mask labels, truncated data)
    before any of its slices is written;
 3. `output`: only when every shard is complete, the manifest is written under a
    temporary name, shards are renamed to `{split}-{i:05d}-of-{n:05d}.tfrecord`, then the
-   manifest is renamed into place. The manifest is the commit point.
+   manifest is renamed into place. The manifest is the commit point. OUT may hold only
+   what convert can prove it wrote; nothing else is ever removed.
 
 Output is deterministic: cases are sorted, records are encoded byte-for-byte the same
 (`records`), so a re-run with the same inputs and options produces identical shards,

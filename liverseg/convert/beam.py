@@ -10,7 +10,7 @@ worker, in case order, so the output is byte-identical to `liverseg convert`:
           --ToList--> one step writes the manifest and renames the shards (`output.commit`),
                       only once every shard is complete
 
-Segments (`.tmp-case-*`) and shards (`.tmp-*`) live in OUT under temporary names, so OUT
+Segments and shards live in OUT under temporary names (`shards.TMP_PREFIX`), so OUT
 must be a filesystem every worker sees (local for the DirectRunner; a shared mount for
 Flink or Spark clusters). A failed pipeline leaves no final-named shard and no manifest:
 the driver removes the temporary files.
@@ -30,7 +30,15 @@ from pathlib import Path
 from liverseg import InputError, LiversegError
 from liverseg.convert.discover import Case
 from liverseg.convert.output import assemble, check_same_sources, commit
-from liverseg.convert.shards import TMP_PREFIX, ShardJob, ShardResult, full_disk_named, write_case, writing
+from liverseg.convert.shards import (
+    TMP_PREFIX,
+    ShardJob,
+    ShardResult,
+    full_disk_named,
+    is_temporary,
+    write_case,
+    writing,
+)
 from liverseg.manifest import CaseInfo, ConvertOptions, Manifest, SkippedCase
 
 RUNNERS = {"direct": "DirectRunner"}  # short names; any other Beam runner name is passed on as it is
@@ -171,7 +179,8 @@ def _convert_beam(src: Path, out: Path, opts: ConvertOptions, beam_args: tuple[s
         if not keep_log:
             worker_log.unlink(missing_ok=True)
         for p in out.glob(f"{TMP_PREFIX}*"):  # none left after a commit; a failed run's partial files
-            p.unlink(missing_ok=True)
+            if is_temporary(p.name):
+                p.unlink(missing_ok=True)
 
 
 def _explained(e: Exception, worker_log: Path) -> Exception:

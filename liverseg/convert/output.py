@@ -1,23 +1,35 @@
 """Conversion, phase 3: the output folder, the manifest of the written shards, the commit.
 
-The commit makes a conversion final in an order that never shows a partial dataset: the
-new manifest and its cases file are written under temporary names first (the writes that may
-fail for space), then the shards are renamed to their final names, then the cases file, then
-the manifest. A failure
-before the last rename leaves no manifest, and a failure before the shard renames leaves
-no final-named shard.
+What convert may remove in OUT is what it can prove it wrote: the shards its manifest lists,
+its own temporary files (`shards.is_temporary`: a marked prefix and exact forms), and the
+shards a commit that was cut short had listed in its ledger. Anything else in OUT (another
+tool's `train-00000-of-00002.tfrecord`, a `notes.txt`, a `.tmp-draft.txt`) makes OUT
+refused before anything is written or removed, with or without --overwrite.
+
+The commit makes a conversion final in an order that never shows a partial dataset:
+
+1. the ledger (LEDGER) lists every final-named shard OUT holds that is ours, old and new,
+   so a re-run after a crash at any later point knows them;
+2. the new manifest and its cases file are written under temporary names (the writes that
+   may fail for space);
+3. the old manifest is removed, the shards are renamed to their final names, and shards of
+   the old dataset that the new one does not have are removed;
+4. the cases file, then the manifest are renamed into place (the commit point), and the
+   ledger is removed.
+
+A failure before the manifest's rename leaves no manifest (a re-run completes the dataset);
+a shard under its final name is always complete.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import replace
 from pathlib import Path
 
 from liverseg import LiversegError, records
 from liverseg.convert.discover import Case
-from liverseg.convert.shards import TMP_PREFIX, ShardResult
+from liverseg.convert.shards import TMP_PREFIX, ShardResult, is_temporary
 from liverseg.manifest import (
     CASES,
     MANIFEST,
@@ -32,7 +44,8 @@ from liverseg.manifest import (
 from liverseg.outputs import check_output, folder_lock
 from liverseg.records import SPLITS
 
-LOCK = ".lock"  # held by the conversion writing into OUT
+LOCK = ".liverseg-convert.lock"  # held by the conversion writing into OUT
+LEDGER = ".liverseg-ledger"  # the final-named shards a commit under way may leave: ours (one name per line)
 
 
 def locked(out: Path, src: Path):
@@ -46,37 +59,51 @@ def locked(out: Path, src: Path):
     )
 
 
+def owned_shards(out: Path) -> set[str]:
+    """The final-named shard files in OUT that are provably ours: listed by its manifest or by
+    the ledger of a commit that was cut short."""
+    owned = set(Manifest.shards_listed(out / MANIFEST) or ())
+    ledger = out / LEDGER
+    if ledger.is_file():
+        owned |= {line for line in ledger.read_text().splitlines() if line}
+    return owned
+
+
 def check_out(out: Path, opts: ConvertOptions, src: Path, cases: list[Case] = ()) -> Manifest | None:
-    """Refuse to clobber a different dataset or unrelated files, or to write where a case's
-    files are; return the old manifest, if any."""
+    """Refuse (before anything is written or removed) an OUT holding anything convert cannot
+    prove it wrote, a different dataset without --overwrite, or a case's files; then remove a
+    killed conversion's temporary files. Returns the old manifest, if any."""
     check_output(out, [p for c in cases for p in (c.image.path, c.mask.path)], may_be="a converted dataset")
     if not out.exists():
         return None
     if not out.is_dir():
         raise LiversegError(f"{out}: exists and is not a folder")
-    for p in out.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run
-        p.unlink()
-    ours = re.compile(
-        r"^(train|val|test)-\d{5}-of-\d{5}\.tfrecord$|^(" + "|".join(map(re.escape, (MANIFEST, CASES, LOCK))) + ")$"
-    )
-    foreign = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
-    if foreign and not opts.overwrite:
+    names = {p.name for p in out.iterdir()}
+    manifest = MANIFEST in names and Manifest.shards_listed(out / MANIFEST) is not None
+    if MANIFEST in names and not manifest:
         raise LiversegError(
-            f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}); "
-            "choose an empty or new folder"
+            f"{out / MANIFEST}: not a readable liverseg manifest (another tool's file, or damaged); convert "
+            "replaces only its own datasets: choose another OUT or move the file away (nothing was written or removed)"
         )
-    if not (out / MANIFEST).is_file():
-        return None
-    try:
-        old = Manifest.load(out, check_shards=False)
-    except LiversegError:
-        old = None
-    same = old is not None and old.options.creation() == opts.creation() and old.source == str(src.resolve())
-    if not same and not opts.overwrite:
+    ours = owned_shards(out) | {LOCK, LEDGER} | ({CASES} if manifest or LEDGER in names else set())
+    foreign = sorted(n for n in names if n not in ours and not is_temporary(n) and n != MANIFEST)
+    if foreign:
         raise LiversegError(
-            f"{out}: already holds a different dataset (see {out / MANIFEST}); "
-            "pass --overwrite to replace it or choose another folder"
+            f"{out}: holds files that are not a liverseg dataset ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); convert removes only files it wrote: choose an empty or "
+            "new folder, or move them away (nothing was written or removed)"
         )
+    old = Manifest.load(out, check_shards=False) if manifest else None
+    if old is not None:
+        same = old.options.creation() == opts.creation() and old.source == str(src.resolve())
+        if not same and not opts.overwrite:
+            raise LiversegError(
+                f"{out}: already holds a different dataset (see {out / MANIFEST}); "
+                "pass --overwrite to replace it or choose another folder"
+            )
+    for name in names:  # a killed conversion's leftovers (the ledger stays until a commit completes)
+        if is_temporary(name):
+            (out / name).unlink(missing_ok=True)
     return old
 
 
@@ -121,38 +148,43 @@ def check_same_sources(out: Path, old: Manifest | None, new: Manifest, opts: Con
 
 
 def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifest:
-    """Make a complete conversion final: new manifest written (temp name), old manifest out,
-    shards to their final names, new manifest in.
-
-    The manifest is written first because it is the one write left (a full disk fails it
-    with nothing final-named yet); renames need no space. A crash after the old manifest is
-    removed leaves no manifest, i.e. an incomplete dataset that a re-run completes; a shard
-    under its final name is always complete.
-    """
+    """Make a complete conversion final, in the order of the module docstring. Renames need
+    no space; the ledger and the manifest are the writes that may fail, before anything is
+    final. Removes only the shards the old manifest or a ledger proves ours."""
+    ordered = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
+    placed = [
+        (r, s)
+        for split, info in manifest.splits.items()
+        for r, s in zip([r for r in ordered if r.split == split and r.num_examples > 0], info.shards)
+    ]
+    final = {s.file for _, s in placed}
+    owned = owned_shards(out)
     tmp, tmp_cases = out / f"{TMP_PREFIX}{MANIFEST}", out / f"{TMP_PREFIX}{CASES}"
     try:
-        for path, text in ((tmp_cases, cases_lines(manifest.cases)), (tmp, manifest.dumps())):
-            with open(path, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+        _write_synced(out / f"{TMP_PREFIX}ledger", "".join(f"{n}\n" for n in sorted(owned | final)))
+        os.replace(out / f"{TMP_PREFIX}ledger", out / LEDGER)
+        _write_synced(tmp_cases, cases_lines(manifest.cases))
+        _write_synced(tmp, manifest.dumps())
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        tmp_cases.unlink(missing_ok=True)
+        for p in (tmp, tmp_cases, out / f"{TMP_PREFIX}ledger"):
+            p.unlink(missing_ok=True)
         raise
     (out / MANIFEST).unlink(missing_ok=True)
-    ordered = sorted(results, key=lambda r: (SPLITS.index(r.split), r.ordinal))
     for r in ordered:
         if r.num_examples == 0:  # every case of the shard was skipped
             Path(r.tmp).unlink(missing_ok=True)
-    final = set()
-    for split, info in manifest.splits.items():
-        for r, s in zip([r for r in ordered if r.split == split and r.num_examples > 0], info.shards):
-            os.replace(r.tmp, out / s.file)
-            final.add(s.file)
-    for p in out.glob("*-of-*.tfrecord"):
-        if p.name not in final:
-            p.unlink()
+    for r, s in placed:
+        os.replace(r.tmp, out / s.file)
+    for name in sorted(owned - final):  # the old dataset's shards the new one does not have
+        (out / name).unlink(missing_ok=True)
     os.replace(tmp_cases, out / CASES)  # before the manifest that records its sha256: the commit point
     os.replace(tmp, out / MANIFEST)
+    (out / LEDGER).unlink(missing_ok=True)
     return manifest
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

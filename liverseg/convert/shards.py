@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,22 @@ from liverseg.convert.discover import Case
 from liverseg.manifest import CaseInfo, ConvertOptions, HUStats, RegionHU, SkippedCase, SourceFile
 from liverseg.records import SPLITS
 
-TMP_PREFIX = ".tmp-"
+# A conversion's temporary files in OUT carry this marker, and only names of exactly these
+# forms are ever removed as a killed conversion's leftovers: a user's `.tmp-draft.txt` is not ours.
+TMP_PREFIX = ".liverseg-tmp-"
+_TEMPORARY = re.compile(
+    r"^"
+    + re.escape(TMP_PREFIX)
+    + r"(?:(?:train|val|test)-\d{5}\.tfrecord|case-\d{6}\.records|dataset\.json|cases\.jsonl|ledger)$"
+)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name in OUT is one of a conversion's temporary files (shards, Beam's
+    case segments, the manifest, cases file and ledger before the commit)."""
+    return bool(_TEMPORARY.match(name))
+
+
 PERCENTILES = (0.5, 5, 25, 50, 75, 95, 99.5)
 STAT_SAMPLES = 1_000_000  # HU statistics from a strided subsample of about this many voxels
 BODY_HU = geometry.BODY_HU  # voxels above this are "body" for the body HU statistics
