@@ -1,8 +1,16 @@
 """liverseg: fast, distributed U-Net training for liver segmentation in CT.
 
-Data flow (one module per stage): geometry + nifti_io / dicom_io + volumes -> layouts ->
-convert -> records -> pipeline -> augment -> unet -> step -> train (+ hooks, checkpoints,
-validation) -> metrics -> predict -> evaluate, with `cli` on top and `config` beside.
+Data flow (one module per stage): files, geometry -> source -> the format readers
+(nifti_io, nrrd_io, dicom_io, dicom_seg) -> volumes -> layouts -> manifest -> convert ->
+records -> plan -> pipeline -> augment -> unet -> step -> budget -> train (+ hooks,
+checkpoints, validation) -> metrics -> models -> predict -> evaluate, with `outputs` (what an
+output may replace) above the formats, `cli` on top and `config` beside.
+
+Imports: each module imports liverseg's own modules at its top (there is no import circle,
+counting imports inside functions: tests/test_package.py). A function imports only what is
+heavy or optional (TensorFlow, Keras, Beam, TensorBoard, an export runtime, a format's library),
+or a liverseg module that loads one of those at its top; the entry point (`cli.main`) imports
+the commands after its start-up, so a SIGTERM is caught from its first line.
 
 Importing the package is cheap and neither imports nor needs TensorFlow: the stages that
 need it import it themselves, and the CLI checks that it is installed before running a

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from liverseg import LiversegError
-from liverseg.outputs import atomic_path
+from liverseg.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,14 @@ address they give out (the dispatcher's, and each worker's to the dispatcher) is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
 from urllib.parse import urlparse
 
 from liverseg import LiversegError
+from liverseg.config import derive_seed
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
@@ -153,4 +155,44 @@ def worker(dispatcher_address: str, port: int, host: str = "127.0.0.1", block: b
     return server, address
 
 
-__all__ = ["check_reachable", "dispatcher", "distribute", "parse_address", "stop_within", "worker"]
+def restarted(cfg, restarts: int, run: str):
+    """(config, job name) of the training pipeline on the tf.data service at a run's start
+    number `restarts`: each start reads a job of its own, seeded by that number, so a resumed
+    run reads a fresh data order, the same for every trainer of the run (its position on the
+    service cannot be saved). Without a service: `cfg` as it is, the default job."""
+    if not cfg.data.service:
+        return cfg, "liverseg"
+    seed = derive_seed(cfg.seed, f"service-restart-{restarts}") if restarts else cfg.seed
+    return dataclasses.replace(cfg, seed=seed), f"liverseg-{run}-{restarts}"
+
+
+def with_deadline(seconds: float, fn, *args, what: str):
+    """fn(*args), or LiversegError(what) when it has not returned after `seconds` (it is left
+    running in a daemon thread: a tf.data service iterator waiting for workers cannot be interrupted)."""
+    done, out = threading.Event(), {}
+
+    def call():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = e
+        done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    if not done.wait(seconds):
+        raise LiversegError(what)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+__all__ = [
+    "check_reachable",
+    "dispatcher",
+    "distribute",
+    "parse_address",
+    "restarted",
+    "stop_within",
+    "with_deadline",
+    "worker",
+]

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from liverseg import InputError, geometry
+from liverseg.source import NESTED, Reader, Source, Volume, common_folder
 
-NESTED = "!/"  # separates the levels of a zip inside a zip in a member name
 MAX_FILE_BYTES = 256 * 2**20  # one DICOM slice file inside a zip, uncompressed (a 512x512 slice is ~0.5 MB)
 MAX_INNER_ZIP_BYTES = 2 * 2**30  # a zip inside a zip is inflated into memory
 POSITION_TOL_MM = 0.01  # two slices closer than this along the normal are duplicates
@@ -52,18 +52,8 @@ class Series:
     @property
     def path(self) -> Path:
         """The folder (or zip) holding the series, for messages and output names."""
-        common = _common_folder(self.members)
+        common = common_folder(self.members)
         return Path(self.container) / common if common else Path(self.container)
-
-
-def _common_folder(members: tuple[str, ...]) -> str:
-    parts = [m.replace(NESTED, "/").split("/")[:-1] for m in members]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return "/".join(common)
 
 
 # ------------------------------------------------------------------------- files
@@ -531,4 +521,41 @@ def write_series(
     return series
 
 
-__all__ = ["NESTED", "Series", "find_series", "list_files", "read_header", "read_member", "read_series", "write_series"]
+def series_of(src: Source) -> Series:
+    """The DICOM series a source is; a source that does not list its files (read back from a
+    manifest) is found again in its folder by its SeriesInstanceUID."""
+    if src.members:
+        return Series(str(src.path), src.members, src.series or "")
+    match = [s for s in find_series(src.path) if s.uid == src.series]
+    if not match:
+        raise InputError(f"{src.path}: no DICOM series {src.series} any more")
+    return match[0]
+
+
+class DicomReader(Reader):
+    """DICOM series, in a folder or a zip (found by their content, not by a suffix)."""
+
+    kind = "dicom"
+
+    def read_header(self, src: Source, ct: bool = False) -> geometry.Header:
+        return read_header(series_of(src), ct)
+
+    def read(self, src: Source, ct: bool = False) -> Volume:
+        return Volume(*read_series(series_of(src), ct))
+
+
+READER = DicomReader()
+
+
+__all__ = [
+    "READER",
+    "DicomReader",
+    "Series",
+    "find_series",
+    "list_files",
+    "read_header",
+    "read_member",
+    "read_series",
+    "series_of",
+    "write_series",
+]

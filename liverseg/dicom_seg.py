@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import InputError, geometry
+from liverseg import InputError, dicom_io, geometry
+from liverseg.files import atomic_path, check_readable
 from liverseg.geometry import Header
+from liverseg.source import Reader, Source, Volume
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ TYPE_2_COPIED = (
 
 def _read(path: Path, header_only: bool = False):
     import highdicom as hd
-
-    from liverseg.nifti_io import check_readable
 
     check_readable(path)
     try:
@@ -201,9 +201,6 @@ def write(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from liverseg import dicom_io
-    from liverseg.outputs import atomic_path
-
     sources = dicom_io.slice_datasets(series)
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in sources}
     if len(frames_of_reference) > 1:
@@ -278,4 +275,27 @@ def written_here(path: str | Path) -> bool:
     return str(ds.get("Manufacturer", "")) == "liverseg" and str(ds.get("SeriesDescription", "")) == SERIES_DESCRIPTION
 
 
-__all__ = ["DEFAULT_SEGMENT", "read_header", "read_mask", "write", "written_here"]
+class SegReader(Reader):
+    """DICOM Segmentation files, each drawn on its image (`Source.image`): the segment named
+    by the source's label (default "liver") placed on the image's grid, {0, 1} already.
+    `image_header` reads the image's grid (the readers' table, which lists this reader too)."""
+
+    kind = "seg"
+    liver_only = True  # its voxels are the chosen segment: no label rule applies after it
+
+    def __init__(self, image_header):
+        self.image_header = image_header
+
+    def _image(self, src: Source) -> tuple[Header, str | None]:
+        return self.image_header(src.image, ct=True), src.image.series
+
+    def read_header(self, src: Source, ct: bool = False) -> Header:
+        image, series = self._image(src)
+        return read_header(src.path, image, series, segment=src.label or DEFAULT_SEGMENT)
+
+    def read(self, src: Source, ct: bool = False) -> Volume:
+        image, series = self._image(src)
+        return Volume(*read_mask(src.path, image, series, segment=src.label or DEFAULT_SEGMENT))
+
+
+__all__ = ["DEFAULT_SEGMENT", "SegReader", "read_header", "read_mask", "write", "written_here"]

@@ -22,12 +22,13 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from liverseg import InputError, LiversegError, dicom_io, geometry, layouts, metrics, overlay, rundir, volumes
-from liverseg.manifest import CaseInfo, Manifest, SourceFile
-from liverseg.outputs import atomic_path, check_output, new_folder
-from liverseg.predict import Run, check_ensemble, infer_volume, members, postprocess, predict_image
+from liverseg import InputError, LiversegError, folds, geometry, layouts, metrics, overlay, rundir, volumes
+from liverseg.files import atomic_path, new_folder
+from liverseg.manifest import CaseInfo, Manifest
+from liverseg.models import Run, check_ensemble, load_run
+from liverseg.outputs import check_output
+from liverseg.predict import infer_volume, members, postprocess, predict_image
 from liverseg.records import read_cases
-from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ def _warn_overlap(run: Run, scored: dict) -> None:
 def split_manifest(run: Run, records: str | Path | None = None) -> Manifest:
     """The manifest of `records` (default: the run's) as the run sees it: a run of a fold
     (data.folds) sees its fold's patients as the val split."""
-    from liverseg import folds
 
     return folds.view(Manifest.load(Path(records or run.cfg.data.records)), run.cfg.data)
 
@@ -190,8 +190,6 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
     sd, median per metric, overall and per fold); default OUT: cv/ beside the first run.
     Refused, naming them: runs without folds, of different datasets or fold settings, two
     runs of one fold, a fold missing."""
-    from liverseg.predict import load_run
-
     roots = [Path(r) for r in run_dirs]
     out = Path(out) if out else roots[0].parent / "cv"
     check_output(out, roots, replaces="report", flag="--out")
@@ -224,27 +222,11 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
     return rows, summary, out
 
 
-def source(sf: SourceFile, image: SourceFile | None = None) -> Source:
-    """The Source a manifest entry was converted from (a DICOM series is found again by its
-    UID; a SEG is placed on its case's `image`)."""
-    label = sf.label or ""
-    if sf.kind == "seg":
-        return Source.seg(sf.path, source(image), label)
-    if sf.kind == "nrrd":
-        return Source.nrrd(sf.path, label)
-    if sf.series is None:
-        return Source.nifti(sf.path, label)
-    match = [s for s in dicom_io.find_series(sf.path) if s.uid == sf.series]
-    if not match:
-        raise InputError(f"{sf.path}: no DICOM series {sf.series} any more")
-    return Source.dicom(match[0])
-
-
 def _source_reference(case: CaseInfo, merge_tumour: bool) -> np.ndarray | None:
     """The case's reference mask on its image's source grid, read from the source files, or
     None (with a warning) when they are gone or changed since conversion."""
     try:
-        vol = volumes.load_mask(source(case.mask, case.image), merge_tumour)
+        vol = volumes.load_mask(case.mask.source(case.image), merge_tumour)
     except InputError as e:
         log.warning("%s: scored in stored geometry: its source mask cannot be read (%s)", case.case_id, e)
         return None

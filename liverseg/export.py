@@ -1,6 +1,6 @@
 """`liverseg export`: a trained run as an artifact that runs where TensorFlow does not.
 
-OUT holds the network in one format, its contract (`predict.ExportInfo`: the input it was
+OUT holds the network in one format, its contract (`models.ExportInfo`: the input it was
 trained on, the divisor its input is padded to, post-processing, labels, weights
 fingerprint, the parity measured here) and, for the record, the run's weights, config.yaml
 and run.json. `liverseg predict --model OUT` reproduces `predict --run` from it: the pre- and
@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from liverseg import LiversegError, engines, rundir
-from liverseg.outputs import check_output, new_folder
-from liverseg.predict import ExportInfo, Run, load_export, network_input, normalize
+from liverseg.files import new_folder
+from liverseg.models import ExportInfo, Run, check_ensemble, load_export, network_input
+from liverseg.outputs import check_output
+from liverseg.predict import normalize
 
 FORMATS = ("savedmodel", "onnx", "openvino", "litert")
 ARTIFACTS = {"savedmodel": "saved_model", "onnx": "model.onnx", "openvino": "model.xml", "litert": "model.tflite"}
@@ -53,9 +55,9 @@ def _require_exporter(fmt: str) -> None:
 
 
 def _signature(run: Run):
-    """The network's input as the artifact declares it (`predict.network_input`): fixed H and W
+    """The network's input as the artifact declares it (`models.network_input`): fixed H and W
     where the run was trained at one slice size, so a contract edited to another size is
-    caught by the runtime's own shape (`predict.check_artifact_input`)."""
+    caught by the runtime's own shape (`models.check_artifact_input`)."""
     import tensorflow as tf
 
     return [tf.TensorSpec([None, *network_input(run.contract)], tf.float32, name="slices")]
@@ -159,7 +161,7 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
     _check_out(out, overwrite, [run])
     with new_folder(out) as tmp:
         WRITERS[fmt](run, tmp / ARTIFACTS[fmt])
-        info = ExportInfo(fmt, ARTIFACTS[fmt], run.contract, runs=(str(run.root.resolve()),))
+        info = ExportInfo(format=fmt, artifact=ARTIFACTS[fmt], contract=run.contract, runs=(str(run.root.resolve()),))
         info.save(tmp)
         x = probe(run)
         want = engines.sigmoid(np.asarray(run.model(x, training=False)))
@@ -183,8 +185,6 @@ def export_ensemble(
     """Several runs as one exported ensemble: OUT/member-<i>/ each an export of one run, and
     OUT/liverseg-model.json naming them (`predict --model OUT` averages their probabilities
     on the source grid). Returns (out, the largest parity difference of the members)."""
-    from liverseg.predict import check_ensemble
-
     if len(runs) == 1:
         return export(runs[0], out, fmt, overwrite)
     check_ensemble(runs)
@@ -195,7 +195,7 @@ def export_ensemble(
         names = [f"member-{i}" for i in range(len(runs))]
         for name, run in zip(names, runs):
             diffs.append(export(run, tmp / name, fmt)[1])
-        ExportInfo(fmt, members=tuple(names), runs=tuple(str(r.root.resolve()) for r in runs)).save(tmp)
+        ExportInfo(format=fmt, members=tuple(names), runs=tuple(str(r.root.resolve()) for r in runs)).save(tmp)
     return out, max(diffs)
 
 

@@ -9,7 +9,7 @@ patients and trains on the others; the test split is never used.
 `refold` gives the manifest as that fold sees it: the cases' splits reassigned and the train
 and val summaries recomputed from the cases (HU pooled as conversion does). Their shards are
 every train and val shard holding one of the split's cases, so a shard may also hold cases
-of the other split: the pipeline keeps only the split's own cases' rows (`pipeline._plan`).
+of the other split: the pipeline keeps only the split's own cases' rows (`plan.plan_split`).
 """
 
 from __future__ import annotations

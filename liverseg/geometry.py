@@ -61,7 +61,7 @@ class Header:
 
 
 @dataclass(frozen=True)
-class Geometry:
+class Geometry(serial.Record):
     """Source grid of a volume and how it maps to stored geometry.
 
     shape/affine/orientation/spacing describe the source (3D). native_hw is the stored
@@ -89,13 +89,6 @@ class Geometry:
     @property
     def resized(self) -> bool:
         return tuple(self.plane_hw) != tuple(self.native_hw) or self.window is not None
-
-    def to_json(self) -> dict:
-        return serial.to_json(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> Geometry:
-        return serial.from_json(cls, d)
 
 
 # ------------------------------------------------------------------------- grids and orientation

@@ -14,10 +14,12 @@ which it times.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from liverseg import TERMINATE, LiversegError, metrics
-from liverseg.config import TrainConfig
+from liverseg import TERMINATE, LiversegError, config, metrics
+from liverseg.config import Config, TrainConfig
 from liverseg.rundir import RunDir
 from liverseg.step import TrainState
 from liverseg.unet import save_weights
@@ -58,6 +60,21 @@ def stop_requested() -> bool:
     return TERMINATE.is_set()
 
 
+@contextlib.contextmanager
+def sigterm_stops(multi_worker: bool):
+    """SIGTERM asks the loop to checkpoint and stop (sets TERMINATE) for the block; under
+    multi-worker TF's preemption handler catches it instead."""
+    old = None
+    if not multi_worker:
+        with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+            old = signal.signal(signal.SIGTERM, lambda *_: TERMINATE.set())
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
 @dataclasses.dataclass
 class LogWindow:
     """Timing of one log interval, kept by the training loop: wall time, hook pauses, host time
@@ -70,6 +87,19 @@ class LogWindow:
     paused: float = 0.0
     input_wait: float = 0.0
     step_time: float | None = None  # seconds per step of the timed call
+
+    def call(self, run_steps, batches, upcoming, k: int, token, first: bool):
+        """run_steps(batches, upcoming) for `k` steps; once per window (not the first call: it
+        compiles) timed on its own, the queue drained before and after (`token`: the previous
+        call's device value): the device time per step when inputs are ready."""
+        if self.step_time is not None or first or token is None:
+            return run_steps(batches, upcoming)
+        int(token)
+        t = time.perf_counter()
+        staged, token = run_steps(batches, upcoming)
+        int(token)
+        self.step_time = (time.perf_counter() - t) / k
+        return staged, token
 
     def busy_fraction(self, wall: float) -> float | None:
         return None if self.step_time is None or wall <= 0 else min(1.0, self.steps * self.step_time / wall)
@@ -84,6 +114,22 @@ class Report:
     train: dict | None = None
     validation: dict | None = None
     best_step: int | None = None
+
+
+def writers(cfg: Config, paths: RunDir, chief: bool) -> dict:
+    """TensorBoard writers "train" and "validation" (the chief's, with the run's hyperparameters;
+    no-op writers on the other workers)."""
+    if not chief:
+        return {k: tf.summary.create_noop_writer() for k in ("train", "validation")}
+    from tensorboard.plugins.hparams import api as hp
+
+    out = {k: tf.summary.create_file_writer(str(paths.board(k))) for k in ("train", "validation")}
+    with out["train"].as_default():
+        hp.hparams(
+            {k: (str(v) if isinstance(v, list) else v) for k, v in config.flatten(cfg).items()},
+            trial_id=paths.root.name,
+        )
+    return out
 
 
 @dataclasses.dataclass

@@ -27,13 +27,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from liverseg import __version__, records, serial
+from liverseg.geometry import Geometry
 from liverseg.records import COMPRESSIONS, RecordsError
-
-if TYPE_CHECKING:  # imported where needed: the CLI builds `convert` flags from this module and starts fast
-    from liverseg.geometry import Geometry
+from liverseg.source import Source
 
 MANIFEST = "dataset.json"
 CASES = "cases.jsonl"  # version 4: one CaseInfo per line, read on first use, checked by its sha256
@@ -120,7 +118,7 @@ class ConvertOptions:
 
 
 @dataclass(frozen=True)
-class HUStats:
+class HUStats(serial.Record):
     """HU statistics of a region (liver or body): count, and when it is not empty mean, std
     and percentiles ({"0.5": ..., "99.5": ...}); pooled statistics carry a note."""
 
@@ -130,17 +128,11 @@ class HUStats:
     percentiles: dict[str, float] | None = serial.key(omit=True, default=None)
     note: str | None = serial.key(omit=True, default=None)
 
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
-
 
 @dataclass(frozen=True)
-class RegionHU:
+class RegionHU(serial.Record):
     liver: HUStats
     body: HUStats
-
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
 
 
 def pooled_hu(infos, region: str) -> HUStats:
@@ -167,7 +159,7 @@ def pooled_hu(infos, region: str) -> HUStats:
 
 
 @dataclass(frozen=True)
-class SourceFile:
+class SourceFile(serial.Record):
     """A source as converted: a NIfTI file, or a DICOM series (`path` its folder or zip,
     `series` its SeriesInstanceUID); sha256 and size in bytes of its file(s)."""
 
@@ -180,12 +172,22 @@ class SourceFile:
         omit=True, default=None
     )  # the liver's label in a multi-label mask, or the SEG's segment
 
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
+    @classmethod
+    def of(cls, src: Source, sha256: str, nbytes: int) -> SourceFile:
+        """How the manifest records a Source (its kind where the series does not say it)."""
+        kind = None if src.kind in ("nifti", "dicom") else src.kind
+        return cls(str(src.path), sha256, nbytes, src.series, kind, src.label or None)
+
+    def source(self, image: SourceFile | None = None) -> Source:
+        """The Source this entry was converted from (a DICOM series found again by its UID when
+        read; a SEG placed on its case's `image`)."""
+        kind = self.kind or ("dicom" if self.series else "nifti")
+        drawn_on = image.source() if kind == "seg" and image is not None else None
+        return Source(kind, Path(self.path), self.series, label=self.label or "", image=drawn_on)
 
 
 @dataclass(frozen=True)
-class CaseInfo:
+class CaseInfo(serial.Record):
     """One converted case: where it came from, its geometry, its liver and HU statistics,
     and the shard that holds its slices (contiguous, in slice order)."""
 
@@ -204,31 +206,20 @@ class CaseInfo:
         omit=True, default=""
     )  # the case list's source tag ("real", "phantom", ...; "" when untagged)
 
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
-
-    @staticmethod
-    def _json_types() -> dict:  # Geometry is imported only for type checking here (the CLI starts fast)
-        from liverseg.geometry import Geometry
-
-        return {"Geometry": Geometry}
-
 
 @dataclass(frozen=True)
-class ShardInfo:
-    """A shard file: its records, bytes and sha256 (its cases: `Manifest.cases_of`)."""
+class ShardInfo(serial.Record):
+    """A shard file: its records, bytes and sha256 (its cases: `Manifest.cases_of`; versions
+    1-3 also listed them here, which reading ignores: they follow from the cases)."""
 
     file: str
     num_examples: int
     bytes: int
     sha256: str
 
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)  # versions 1-3 also list the shard's cases: they follow from the cases
-
 
 @dataclass(frozen=True)
-class SplitInfo:
+class SplitInfo(serial.Record):
     num_examples: int
     num_cases: int
     liver_slices: int
@@ -237,9 +228,6 @@ class SplitInfo:
     hu: RegionHU
     shards: tuple[ShardInfo, ...]
     min_slices: int | None = serial.key(omit=True, default=None)  # its shortest case's slices (version 4)
-
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
 
     @classmethod
     def of(cls, members, shards) -> SplitInfo:
@@ -262,13 +250,10 @@ class SplitInfo:
 
 
 @dataclass(frozen=True)
-class SkippedCase:
+class SkippedCase(serial.Record):
     case_id: str
     split: str
     error: str
-
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
 
 
 # ------------------------------------------------------------------------- the manifest

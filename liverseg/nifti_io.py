@@ -8,11 +8,9 @@ images and masks from any source); every flip, transpose and resampling is `geom
 
 from __future__ import annotations
 
-import errno
 import gzip
 import hashlib
 import math
-import os
 import zlib
 from pathlib import Path
 
@@ -20,8 +18,9 @@ import nibabel as nib
 import numpy as np
 
 from liverseg import InputError, geometry
+from liverseg.files import atomic_path, check_readable
 from liverseg.geometry import Header
-from liverseg.outputs import atomic_path
+from liverseg.source import Reader, Source, Volume
 
 try:  # Intel ISA-L inflate: ~1.5x faster than zlib on CT volumes, same output
     from isal import isal_zlib as _inflate
@@ -57,28 +56,6 @@ def read_header(path: str | Path) -> Header:
     except Exception as e:  # nibabel raises several types for unreadable headers
         raise InputError(f"{path}: not a readable NIfTI file ({e}); re-export it as .nii or .nii.gz") from None
     return _check_header(path, img, block)
-
-
-def check_readable(path: Path) -> None:
-    """Raise InputError saying why `path` cannot be opened (missing, a dangling or looping
-    symbolic link, no permission), rather than a generic "not found"."""
-    try:
-        if os.stat(path).st_size == 0:
-            raise InputError(f"{path}: the file is empty (0 bytes); re-copy or re-export it")
-        if not os.access(path, os.R_OK):
-            raise PermissionError(errno.EACCES, "permission denied")
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError(
-                f"{path}: symbolic link loop ({path} -> {os.readlink(path)} -> ...); point the link at the real file"
-            ) from None
-        if e.errno == errno.ENOENT and path.is_symlink():
-            raise InputError(
-                f"{path}: symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
-            ) from None
-        if e.errno == errno.ENOENT:
-            raise InputError(f"{path}: file not found") from None
-        raise InputError(f"{path}: cannot read ({e.strerror}); check its permissions") from None
 
 
 def _check_gzip(path: Path, head: bytes) -> None:
@@ -249,3 +226,20 @@ def description_of(path: str | Path) -> str:
         return bytes(nib.load(str(path)).header["descrip"]).rstrip(b"\0").decode(errors="replace")
     except Exception:  # noqa: BLE001 - nibabel raises several types for what is not NIfTI
         return ""
+
+
+class NiftiReader(Reader):
+    """NIfTI files (.nii, .nii.gz): the header checked first, the voxels from the decompressed bytes."""
+
+    kind, suffixes = "nifti", (".nii", ".nii.gz")
+
+    def read_header(self, src: Source, ct: bool = False) -> Header:
+        return read_header(src.path)
+
+    def read(self, src: Source, ct: bool = False) -> Volume:
+        raw, sha = read_file(src.path)
+        arr, header = read_voxels(src.path, raw, scaled=ct)
+        return Volume(arr, header, sha, len(raw))
+
+
+READER = NiftiReader()

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from liverseg import InputError, geometry
+from liverseg.files import check_readable
 from liverseg.geometry import Header
+from liverseg.source import Reader, Source, Volume
 
 
 def _header(path: Path) -> dict:
     import nrrd
-
-    from liverseg.nifti_io import check_readable
 
     check_readable(path)
     try:
@@ -130,4 +130,29 @@ def label_value(fields: dict, name: str, path: Path) -> int | None:
     )
 
 
-__all__ = ["label_value", "read_file", "read_header"]
+class NrrdReader(Reader):
+    """NRRD files (.nrrd, .nhdr; a Slicer .seg.nrrd's segments by name)."""
+
+    kind, suffixes = "nrrd", (".nrrd", ".nhdr")
+
+    def read_header(self, src: Source, ct: bool = False) -> Header:
+        return read_header(src.path)
+
+    def read(self, src: Source, ct: bool = False) -> Volume:
+        arr, header, _, sha, nbytes = read_file(src.path)
+        return Volume(arr, header, sha, nbytes)
+
+    def label_value(self, src: Source) -> int | None:
+        import nrrd
+
+        return label_value(nrrd.read_header(str(src.path)), src.label, src.path)
+
+    def mask_source(self, path: Path, label: str, segment: str) -> Source:
+        """A Slicer .seg.nrrd names its segments: the case list's segment where a row gives no label."""
+        return Source.nrrd(path, label or (segment if path.name.lower().endswith(".seg.nrrd") else ""))
+
+
+READER = NrrdReader()
+
+
+__all__ = ["READER", "NrrdReader", "label_value", "read_file", "read_header"]

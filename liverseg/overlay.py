@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from liverseg import geometry
-from liverseg.outputs import atomic_path
+from liverseg.files import atomic_path
 
 GREEN = (0, 220, 0)  # ground truth
 RED = (255, 40, 40)  # prediction

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
@@ -40,6 +39,7 @@ import tensorflow as tf
 from liverseg import augment, data_service, records
 from liverseg.config import Config, derive_seed
 from liverseg.manifest import Manifest
+from liverseg.plan import Plan, liver_keep_probability, plan_split, source_keep
 from liverseg.records import RecordsError
 from liverseg.rundir import Normalization
 
@@ -47,119 +47,9 @@ log = logging.getLogger(__name__)
 READ_BUFFER = 8 * 2**20
 
 
-def available_memory() -> float | None:
-    """Bytes this process may still take: MemAvailable from /proc/meminfo, or less where a
-    cgroup (a container's or a job's memory limit) leaves less; None where nothing says."""
-    found = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(float(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    for limit, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
-    ):
-        try:
-            cap, used = Path(limit).read_text().strip(), Path(usage).read_text().strip()
-        except OSError:
-            continue
-        if cap.isdigit() and int(cap) < 2**60:  # "max", or v1's "no limit" (a page-rounded 2**63)
-            found.append(max(0.0, float(cap) - float(used)))
-        break
-    return min(found) if found else None
-
-
-def normalization(cfg: Config, manifest: Manifest) -> Normalization:
-    """The HU normalisation of cfg, resolved to numbers (they are saved with the run)."""
-    if cfg.data.normalize == "window":
-        lo, hi = cfg.data.hu_window
-        return Normalization(lo, hi, lo, hi - lo)
-    stats = manifest.split("train").hu.liver
-    if stats.count == 0:
-        raise RecordsError(f"{manifest.root}: no liver voxels in the train split; use data.normalize=window")
-    if stats.std < 1.0:  # (x - mean) / std would blow rounding up into the whole input range
-        raise RecordsError(
-            f"{manifest.root}: the train split's liver HU have a standard deviation of {stats.std:g} "
-            "(nearly constant): z-score normalisation cannot be taken from them; use "
-            "data.normalize=window (and data.hu_window), or check the masks and images"
-        )
-    pct = stats.percentiles
-    return Normalization(pct["0.5"], pct["99.5"], stats.mean, stats.std)
-
-
 def normalize(hu, norm: Normalization):
     """HU (float32 tensor) -> network input: (clip(hu, lo, hi) - shift) / scale."""
     return (tf.clip_by_value(hu, norm.lo, norm.hi) - norm.shift) / norm.scale
-
-
-def open_split(cfg: Config, split: str) -> Manifest:
-    """Load and validate the manifest (version, shards present) before any graph is built;
-    with data.folds, as the fold sees it (`folds.view`)."""
-    from liverseg import folds
-
-    if not cfg.data.records:
-        raise RecordsError("no records folder: pass --records RECORDS (or set data.records)")
-    m = folds.view(Manifest.load(cfg.data.records), cfg.data)
-    if m.split(split).slice_shape is None:
-        raise RecordsError(f"{m.root}: split {split!r} mixes slice sizes; re-convert with --size N to train on it")
-    return m
-
-
-def check_context(cfg: Config, manifest: Manifest) -> None:
-    """Refuse a 2.5D context that reaches past the shortest training case; warn when its
-    window is wider than that case (those channels are copies of the case's edge slices)."""
-    k = cfg.data.context
-    known = manifest.split("train").min_slices
-    if k == 0 or known is not None and 2 * k + 1 <= known:  # from the summary: no case read
-        return
-    shortest = min(manifest.cases_in("train"), key=lambda c: c.num_slices, default=None)
-    if shortest is None or 2 * k + 1 <= shortest.num_slices:
-        return
-    what = f"data.context={k} stacks {2 * k + 1} slices, but training case {shortest.case_id} has {shortest.num_slices}"
-    if k >= shortest.num_slices:
-        raise RecordsError(
-            f"{what}: most channels would be copies of its edge slices; choose data.context <= "
-            f"{(shortest.num_slices - 1) // 2} (2 is usual)"
-        )
-    log.warning("%s: its edge slices are repeated to fill the window", what)
-
-
-def check_memory(cfg: Config, manifest: Manifest, available: float | None, replicas: int = 1) -> None:
-    """Refuse a shuffle buffer or batch whose slices alone would take most of this machine's
-    memory (`available` bytes; None: unknown), naming the key and what would fit."""
-    if available is None:
-        return
-    h, w = manifest.split("train").slice_shape
-    slice_bytes = h * w * (2 * (2 * cfg.data.context + 1) + 1)  # int16 image channels + uint8 mask
-    for key, count, per in (
-        ("data.shuffle_buffer", cfg.data.shuffle_buffer, slice_bytes),
-        ("data.batch_size", global_batch(cfg, replicas), 3 * slice_bytes),
-    ):  # + float32 copies
-        if count * per > 0.5 * available:
-            raise RecordsError(
-                f"{key}={count}: {count} slices of {h}x{w} take {count * per / 1e9:.1f} GB, more than "
-                f"half of the {available / 1e9:.1f} GB available; choose at most {int(0.5 * available // per)}"
-            )
-
-
-def global_batch(cfg: Config, replicas: int) -> int:
-    """Examples per training step over all replicas (data.batch_size, or x replicas with batch_per_replica)."""
-    return cfg.data.batch_size * (replicas if cfg.data.batch_per_replica else 1)
-
-
-def liver_keep_probability(cfg: Config, manifest: Manifest, split: str) -> float:
-    """Keep probability r of non-liver slices so a drawn slice has liver with prob p + (1-p) f."""
-    f = manifest.split(split).liver_fraction
-    p = cfg.data.foreground_fraction
-    target = p + (1 - p) * f
-    if f <= 0 or target >= 1 or p == 0:
-        return 1.0
-    return f * (1 - target) / (target * (1 - f))
-
-
-# ------------------------------------------------------------------------- stages
 
 
 def _read_shard(path, count, compression: str, h: int, w: int) -> dict:
@@ -290,90 +180,7 @@ def batch_preparer(cfg: Config, norm: Normalization):
 # ------------------------------------------------------------------------- the dataset
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What one input pipeline reads: its shards of the split, slice shape, normalisation,
-    per-replica batch, and how it shares the split with other pipelines (`pipe` of
-    `n_pipes`; `record_shard`: fewer shards than pipelines, so rows are divided instead)."""
-
-    manifest: Manifest
-    split: str
-    shards: tuple
-    height: int
-    width: int
-    norm: Normalization
-    batch: int
-    pipe: int
-    n_pipes: int
-    record_shard: bool
-    members: tuple[bool, ...] | None = None  # per case index, where the shards hold cases of other splits
-    in_memory: bool = False  # training reads the shards into memory once (`in_memory`)
-
-
-def _plan(cfg: Config, split: str, input_context, training: bool, on_service: bool) -> _Plan:
-    m = open_split(cfg, split)
-    h, w = m.split(split).slice_shape
-    shards = m.shards(split)
-    n_pipes = input_context.num_input_pipelines if input_context and not on_service else 1  # the service shards
-    pipe = input_context.input_pipeline_id if input_context and not on_service else 0
-    replicas = input_context.num_replicas_in_sync if input_context else 1
-    # training: equal per-replica batches (the global batch must divide); evaluation keeps
-    # every slice and needs no equal split
-    batch = global_batch(cfg, replicas) // replicas if training else -(-cfg.eval.batch_size // replicas)
-    record_shard = n_pipes > 1 and len(shards) < n_pipes
-    if record_shard:
-        log.warning(
-            "split %s has %d shard(s) for %d input pipelines: every pipeline reads every shard and "
-            "keeps 1/%d of the slices; convert with --num-shards >= %d to shard by file",
-            split,
-            len(shards),
-            n_pipes,
-            n_pipes,
-            n_pipes,
-        )
-    elif n_pipes > 1:
-        shards = shards[pipe::n_pipes]
-    members = None
-    if cfg.data.folds:  # only a fold's shards hold cases of another split (`folds.refold`)
-        held = {case for s in shards for case in m.cases_of(s)}
-        own = {c.case_id for c in m.cases_in(split)}
-        members = tuple(c.split == split for c in m.cases) if held - own else None
-    memory = training and in_memory(cfg, shards, h, w, on_service)
-    return _Plan(
-        m, split, tuple(shards), h, w, normalization(cfg, m), batch, pipe, n_pipes, record_shard, members, memory
-    )
-
-
-IN_MEMORY_SHARE = 0.25  # data.in_memory "auto": the shards may take this share of the available memory
-IN_MEMORY_LIMIT = 0.75  # "always" (or a run that decided so): refused above this share
-
-
-def in_memory(cfg: Config, shards, h: int, w: int, on_service: bool = False) -> bool:
-    """Whether training holds these shards (of h x w slices) in memory (data.in_memory;
-    "auto": they take at most IN_MEMORY_SHARE of the available memory, and not on the
-    tf.data service). "always" is refused, naming the sizes, where they would take more
-    than IN_MEMORY_LIMIT of it."""
-    if cfg.data.in_memory == "never" or (cfg.data.in_memory == "auto" and on_service):
-        return False
-    need = sum(s.num_examples for s in shards) * (3 * h * w + 64)  # int16 image + uint8 mask + scalars
-    available = available_memory()
-    if cfg.data.in_memory == "auto":
-        return available is not None and need <= IN_MEMORY_SHARE * available
-    if available is not None and need > IN_MEMORY_LIMIT * available:
-        raise RecordsError(
-            f"data.in_memory=always: the training shards take {need / 1e9:.2f} GB in memory, more than "
-            f"{IN_MEMORY_LIMIT:.0%} of the {available / 1e9:.2f} GB available; use data.in_memory=never (the "
-            "shards are streamed) or free memory"
-        )
-    return True
-
-
-def holds_in_memory(cfg: Config, input_context=None) -> bool:
-    """Whether this training pipeline holds its shards in memory (`in_memory` on its shards)."""
-    return _plan(cfg, "train", input_context, True, bool(cfg.data.service)).in_memory
-
-
-def _files(plan: _Plan, shards) -> tf.data.Dataset:
+def _files(plan: Plan, shards) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(
         ([str(plan.manifest.path(s)) for s in shards], tf.constant([s.num_examples for s in shards], tf.int64))
     )
@@ -383,7 +190,7 @@ def _files(plan: _Plan, shards) -> tf.data.Dataset:
 # gives up (with a warning) on several lambdas that look alike.
 
 
-def _stages(cfg: Config, plan: _Plan):
+def _stages(cfg: Config, plan: Plan):
     """(read, gather): a shard file -> its parsed tensors; (shard, row) -> one 2.5D example."""
     compression, h, w, k = plan.manifest.compression, plan.height, plan.width, cfg.data.context
 
@@ -396,7 +203,7 @@ def _stages(cfg: Config, plan: _Plan):
     return read, gather
 
 
-def _in_memory_slices(cfg: Config, plan: _Plan, shards, epochs: int | None) -> tf.data.Dataset:
+def _in_memory_slices(cfg: Config, plan: Plan, shards, epochs: int | None) -> tf.data.Dataset:
     """Examples of `shards` held in memory (read and parsed once, here): each pass thins the
     rows as a streamed visit would (`kept_rows`, seeded by the pass) and takes them in a
     random permutation of its own, so no shuffle buffer is needed. The iterator's state is
@@ -432,7 +239,7 @@ def _in_memory_slices(cfg: Config, plan: _Plan, shards, epochs: int | None) -> t
     return ds.map(gather, num_parallel_calls=_parallel(cfg))
 
 
-def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_service: bool) -> tf.data.Dataset:
+def _training_slices(cfg: Config, plan: Plan, shards, epochs: int | None, on_service: bool) -> tf.data.Dataset:
     """Examples of `shards`, for training: shard order shuffled per epoch, shards read
     `cycle_length` at a time, liver slices favoured, the rows of the visited shards interleaved."""
     read, gather = _stages(cfg, plan)
@@ -463,47 +270,7 @@ def _training_slices(cfg: Config, plan: _Plan, shards, epochs: int | None, on_se
     return ds.map(gather, num_parallel_calls=_parallel(cfg))
 
 
-def source_keep(cfg: Config, manifest: Manifest, split: str = "train") -> list[float] | None:
-    """Per case index, the probability of keeping its slices so each source's share of the
-    drawn slices follows data.source_weights whatever its number of slices (None without
-    weights). Sources of the split and weights must match (checked here).
-
-    A source s of N slices, L of them with liver, yields E = L + (N - L) r slices under the
-    foreground thinning r (`liver_keep_probability`); keeping each with w_s / E_s scaled so
-    the largest is 1 makes the shares w_s. Thinning, not a mix of per-source pipelines: in TF
-    2.21 a sample over shuffled inputs cannot be restored twice (exact resume), as `numbered`
-    explains for a zip. The slices dropped are row references: the large source's shards
-    are still read whole (reading is not what a training step waits on).
-    """
-    weights = cfg.data.source_weights
-    if not weights:
-        return None
-    cases = manifest.cases_in(split)
-    present = {c.source for c in cases}
-    absent, unweighted = sorted(set(weights) - present), sorted(present - set(weights))
-    if absent or unweighted:
-        named = lambda xs: ", ".join(x or "(untagged)" for x in xs)  # noqa: E731
-        raise RecordsError(
-            "data.source_weights: "
-            + "; ".join(
-                ([f"no {split} case has source {named(absent)}"] if absent else [])
-                + ([f"{split} cases of source {named(unweighted)} have no weight"] if unweighted else [])
-            )
-            + f" (the {split} split's sources: {named(sorted(present))}; tag them with the case list's source column)"
-        )
-    r = liver_keep_probability(cfg, manifest, split)
-    expected = {
-        s: sum(c.liver_slices + (c.num_slices - c.liver_slices) * r for c in cases if c.source == s) for s in present
-    }
-    rate = {s: weights[s] / max(expected[s], 1e-9) for s in present}
-    top = max(rate.values())
-    keep = [0.0] * manifest.num_cases
-    for c in cases:
-        keep[c.index] = rate[c.source] / top
-    return keep
-
-
-def _training_batches(cfg: Config, plan: _Plan, epochs: int | None, on_service: bool) -> tf.data.Dataset:
+def _training_batches(cfg: Config, plan: Plan, epochs: int | None, on_service: bool) -> tf.data.Dataset:
     """Shuffled, batched (per replica, remainder dropped: static shapes) and, with host
     placement, augmented batches; device placement ships int16 + uint8 as read."""
     if plan.in_memory:  # each pass a permutation already
@@ -529,7 +296,7 @@ def _training_batches(cfg: Config, plan: _Plan, epochs: int | None, on_service: 
     return numbered(ds, on_service).map(augment_batch, num_parallel_calls=_parallel(cfg))
 
 
-def _evaluation_batches(cfg: Config, plan: _Plan) -> tf.data.Dataset:
+def _evaluation_batches(cfg: Config, plan: Plan) -> tf.data.Dataset:
     """Every slice once, in case and slice order, normalised, never augmented; the last batch may be short."""
     read, gather = _stages(cfg, plan)
     prepare = batch_preparer(cfg, plan.norm)
@@ -576,7 +343,7 @@ def build_dataset(
     """
     training = split == "train" if training is None else training
     on_service = training and bool(cfg.data.service)
-    plan = _plan(cfg, split, input_context, training, on_service)
+    plan = plan_split(cfg, split, input_context, training, on_service)
     ds = _training_batches(cfg, plan, epochs, on_service) if training else _evaluation_batches(cfg, plan)
     options = tf.data.Options()
     # Deterministic order always: symbolic checkpoints (positions, not buffers) can only replay

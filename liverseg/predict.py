@@ -1,28 +1,19 @@
 """Whole-volume inference and prediction, one path for every engine (TensorFlow-free).
 
-A *model* here is anything with a `contract` (`Contract`: the input it was trained on, its
-post-processing) and `logits(x)` (an engine from `liverseg.engines`): a trained run
-(`load_run`, the Keras network in TensorFlow) or an exported folder (`load_export`: ONNX
-Runtime, OpenVINO, LiteRT or a SavedModel). `infer_volume` turns a stored-geometry CT volume
-into liver probabilities in NumPy: the 2.5D stacks, normalisation, padding to the network's
-divisor, optional flip TTA, sigmoid. `predict_image` brings a source CT (NIfTI or DICOM)
-into the model's stored geometry and maps the probabilities back to the source's own grid
-through `geometry` (one way in, one way out); several models (an ensemble) are averaged
-there, each after its own TTA, then thresholded and post-processed once (`postprocess`).
-`evaluate` scores exactly what it returns.
-
-A run's model is rebuilt in code from its saved config and only its *weights* are
-loaded (`*.weights.h5`): no user-supplied `.keras`/`.h5` model or pickle is ever
-deserialised. This module imports TensorFlow only inside `load_run`.
+A model (`models`: a trained run or an exported folder) has a `contract` and `logits(x)`.
+`infer_volume` turns a stored-geometry CT volume into liver probabilities in NumPy: the
+2.5D stacks, normalisation, padding to the network's divisor, optional flip TTA, sigmoid.
+`predict_image` brings a source CT (NIfTI or DICOM) into the model's stored geometry and
+maps the probabilities back to the source's own grid through `geometry` (one way in, one way
+out); several models (an ensemble) are averaged there, each after its own TTA, then
+thresholded and post-processed once (`postprocess`). `evaluate` scores exactly what it returns.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,351 +24,24 @@ from liverseg import (
     LiversegError,
     __version__,
     dicom_io,
+    dicom_seg,
     engines,
     geometry,
     layouts,
     nifti_io,
     rundir,
-    serial,
     volumes,
 )
-from liverseg.outputs import check_output, folder_lock
+from liverseg.files import folder_lock
+from liverseg.models import check_ensemble
+from liverseg.outputs import check_output
 from liverseg.volumes import Source
 
 log = logging.getLogger(__name__)
 
-CONTRACT_FILE = "liverseg-model.json"  # an exported folder's contract
-CONTRACT_VERSION = 2  # 2: the artifact's input is fixed in H, W where the run's slice size is
-CONTRACT_VERSIONS = (1, 2)  # read
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 LOCK = ".liverseg-predict.lock"  # held in --out while a prediction writes there
 PREDICTION = "liverseg prediction"  # the descrip of the NIfTI files predict writes (what --force may replace)
-
-
-@dataclass(frozen=True)
-class Contract:
-    """What inference needs to reproduce `predict`: the input the network was trained on
-    (`rundir.InputSpec`: context, size or spacing, normalisation), the divisor its input is
-    padded to, the post-processing options, what its labels mean and its weights' fingerprint."""
-
-    spec: rundir.InputSpec = serial.key("input")
-    divisor: int = serial.key()
-    threshold: float = serial.key(group="postprocess")
-    tta_flip: bool = serial.key(group="postprocess")
-    largest_component: bool = serial.key(group="postprocess")
-    min_component_fraction: float = serial.key(group="postprocess")
-    batch_size: int = serial.key()
-    labels: str = "liver"  # "liver+tumour" for a model trained on masks whose tumour was merged into the liver
-    weights: str = ""  # fingerprint (sha256 of the weight values, 16 hex digits)
-
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
-
-    def check(self, where) -> Contract:
-        """This contract, or LiversegError naming the first value inference cannot use (an edited
-        or damaged contract: ONNX Runtime would fail with a dump, or masks come out empty)."""
-        spec, norm = self.spec, self.spec.normalization
-        finite = all(math.isfinite(v) for v in (norm.lo, norm.hi, norm.shift, norm.scale))
-        for ok, key, value, what in (
-            (self.divisor >= 1 and self.divisor & (self.divisor - 1) == 0, "divisor", self.divisor, "a power of 2"),
-            (1 <= self.batch_size <= 4096, "batch_size", self.batch_size, "in [1, 4096]"),
-            (0 < self.threshold < 1, "postprocess.threshold", self.threshold, "in (0, 1)"),
-            (
-                0 <= self.min_component_fraction <= 1,
-                "postprocess.min_component_fraction",
-                self.min_component_fraction,
-                "in [0, 1]",
-            ),
-            (
-                0 <= spec.context <= 16 and spec.channels == 2 * spec.context + 1,
-                "input.channels",
-                spec.channels,
-                f"2 x context + 1 = {2 * spec.context + 1}",
-            ),
-            (
-                1 <= spec.height <= 4096 and 1 <= spec.width <= 4096,
-                "input.height/width",
-                (spec.height, spec.width),
-                "in [1, 4096]",
-            ),
-            (
-                spec.size is None or spec.height == spec.width == spec.size,
-                "input.size",
-                spec.size,
-                f"the slice size, equal to input.height and input.width ({spec.height}x{spec.width})",
-            ),
-            (
-                finite and norm.lo < norm.hi and norm.scale > 0,
-                "input.intensity",
-                (norm.lo, norm.hi, norm.scale),
-                "finite, lo < hi and scale > 0",
-            ),
-            (self.labels in ("liver", "liver+tumour"), "labels", self.labels, "liver or liver+tumour"),
-        ):
-            if not ok:
-                raise LiversegError(f"{where}: {key}={value!r} is not valid ({what}); export the run again")
-        return self
-
-
-@dataclass
-class Run:
-    """A trained run: its config, input contract and the network with its weights loaded."""
-
-    root: Path
-    cfg: object  # config.Config
-    model: object
-    weights: Path
-    contract: Contract
-    engine: engines.Engine  # the Keras model in TensorFlow; `use_engine` gives tensorflow-xla
-
-    @property
-    def name(self) -> str:
-        return str(self.root)
-
-    @property
-    def spec(self) -> rundir.InputSpec:
-        return self.contract.spec
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.engine(x)
-
-    def use_engine(self, name: str) -> Run:
-        """This run with the network run by `name` (tensorflow or tensorflow-xla)."""
-        if name not in ("tensorflow", "tensorflow-xla"):
-            raise LiversegError(
-                f"engine {name}: a run is run by tensorflow or tensorflow-xla; export it "
-                f"(liverseg export --format ...) for {name}"
-            )
-        return replace(self, engine=engines.keras_engine(self.model, xla=name == "tensorflow-xla"))
-
-
-@dataclass
-class Exported:
-    """An exported folder (`liverseg export`): its contract and the engine of its artifact."""
-
-    root: Path
-    format: str
-    contract: Contract
-    engine: engines.Engine = field(repr=False)
-
-    @property
-    def name(self) -> str:
-        return str(self.root)
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.engine(x)
-
-
-def _labels_of(records: str | None) -> str:
-    """What a dataset's masks mean: tumour merged into the liver (msd, lits) or the liver alone."""
-    from liverseg.manifest import Manifest
-
-    try:
-        opts = Manifest.load(Path(records)).options
-    except (LiversegError, OSError, TypeError):
-        return "liver"  # the records are gone: masks of liverseg's layouts are liver masks
-    return "liver+tumour" if opts.layout in layouts.MERGES_TUMOUR or opts.merge_tumour else "liver"
-
-
-def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
-    """Rebuild the network from RUN/config.yaml and load best.weights.h5 (else final.weights.h5)."""
-    from liverseg import unet
-    from liverseg.unet import weights_fingerprint
-
-    root, paths = Path(root), rundir.RunDir(root)
-    cfg = rundir.load_config(root)
-    info = rundir.RunInfo.load(root)
-    spec = info.input
-    if weights is None:
-        weights = next((p for p in (paths.best_weights, paths.final_weights) if p.is_file()), None)
-        if weights is None:
-            raise LiversegError(
-                f"{root}: no {paths.best_weights.name} or {paths.final_weights.name} yet; train longer "
-                "or pass --weights"
-            )
-    weights = Path(weights)
-    if not weights.name.endswith(".weights.h5"):
-        raise LiversegError(f"{weights}: only Keras weight files (*.weights.h5) are loaded, never whole models")
-    model = unet.build(cfg.model, spec.channels)
-    try:
-        model.load_weights(str(weights))
-    except Exception as e:  # a weights file of another architecture or a corrupt file: Keras dumps the tensors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise LiversegError(
-            f"{weights}: cannot load into this run's {cfg.model.name} ({first}); pass the weights of "
-            f"this run ({rundir.RunDir(root).best_weights.name} or "
-            f"{rundir.RunDir(root).final_weights.name})"
-        ) from None
-    e = cfg.eval
-    contract = Contract(
-        spec,
-        unet.divisor(cfg.model),
-        e.threshold,
-        e.tta_flip,
-        e.largest_component,
-        e.min_component_fraction,
-        e.batch_size,
-        _labels_of(info.records),
-        weights_fingerprint(model),
-    )
-    return Run(root, cfg, model, weights, contract, engines.keras_engine(model))
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """`liverseg-model.json` (CONTRACT_FILE), the one owner of an exported folder's file: its
-    format, the artifact, the model's `Contract` (its fields at the top level), the parity
-    measured on export, the run it came from; or, for an exported ensemble, its members'
-    folders (each an export of its own)."""
-
-    format: str
-    artifact: str = ""
-    contract: Contract | None = None
-    members: tuple[str, ...] = ()
-    parity: dict | None = None
-    runs: tuple[str, ...] = ()
-    liverseg: str = __version__
-    version: int = CONTRACT_VERSION
-
-    def to_json(self) -> dict:
-        d = {"version": self.version, "format": self.format, "liverseg": self.liverseg, "runs": list(self.runs)}
-        if self.members:
-            return {**d, "ensemble": list(self.members)}
-        return {
-            **d,
-            "artifact": self.artifact,
-            **self.contract.to_json(),
-            **({"parity": self.parity} if self.parity is not None else {}),
-        }
-
-    @classmethod
-    def from_json(cls, d: dict, where: Path) -> ExportInfo:
-        version = d.get("version") if isinstance(d, dict) else None
-        if version not in CONTRACT_VERSIONS:
-            raise LiversegError(
-                f"{where}: export format version {version}, this liverseg ({__version__}) reads versions "
-                f"{', '.join(map(str, CONTRACT_VERSIONS))}; export the run again with this version"
-            )
-        try:
-            if d.get("ensemble"):
-                return cls(
-                    d["format"],
-                    members=tuple(d["ensemble"]),
-                    runs=tuple(d.get("runs", ())),
-                    liverseg=d.get("liverseg", "?"),
-                    version=version,
-                )
-            return cls(
-                d["format"],
-                d["artifact"],
-                Contract.from_json(d).check(where),
-                (),
-                d.get("parity"),
-                tuple(d.get("runs", ())),
-                d.get("liverseg", "?"),
-                version,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise LiversegError(
-                f"{where}: unreadable export contract ({type(e).__name__}: {e}); export the run again"
-            ) from None
-
-    @classmethod
-    def load(cls, root: str | Path) -> ExportInfo:
-        path = Path(root) / CONTRACT_FILE
-        if not path.is_file():
-            raise LiversegError(
-                f"{root}: not a liverseg export (no {CONTRACT_FILE}); make one with liverseg export "
-                f"--run RUN {root} --format onnx|openvino|litert|savedmodel"
-            )
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise LiversegError(
-                f"{path}: unreadable export contract ({type(e).__name__}: {e}); export the run again"
-            ) from None
-        return cls.from_json(d, path)
-
-    def save(self, root: str | Path) -> None:
-        (Path(root) / CONTRACT_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
-
-
-def load_export(root: str | Path, engine: str | None = None) -> Exported:
-    """An exported folder: its contract (CONTRACT_FILE) and its artifact in its format's
-    runtime (or `engine`: openvino also runs an ONNX export). Refused in one line: not an
-    export, an older or newer contract, a missing artifact, a runtime not installed."""
-    root = Path(root)
-    info = ExportInfo.load(root)
-    fmt = info.format
-    if info.members:
-        raise LiversegError(f"{root}: an exported ensemble of {len(info.members)} models; load it with load_exports")
-    if fmt not in engines.FILE_ENGINES:
-        raise LiversegError(
-            f"{root / CONTRACT_FILE}: unknown export format {fmt!r} (known: {', '.join(engines.FILE_ENGINES)})"
-        )
-    artifact = root / info.artifact
-    if not artifact.exists():
-        raise LiversegError(f"{root}: its {fmt} artifact {artifact.name} is missing; export the run again")
-    name = engine or engines.ENGINE_OF_FORMAT[fmt]
-    if name == engines.ENGINE_OF_FORMAT[fmt]:
-        network = engines.FILE_ENGINES[fmt](artifact)
-    elif name in ("openvino", "openvino-bf16") and fmt in ("onnx", "openvino"):
-        network = engines.openvino_engine(artifact, "bf16" if name.endswith("bf16") else "f32")
-    else:
-        raise LiversegError(
-            f"engine {name} cannot run a {fmt} export (it runs {engines.ENGINE_OF_FORMAT[fmt]}"
-            f"{', openvino or openvino-bf16' if fmt in ('onnx', 'openvino') else ''})"
-        )
-    check_artifact_input(info, network.input_shape, artifact)
-    return Exported(root, fmt, info.contract, network)
-
-
-def network_input(contract: Contract) -> tuple[int | None, int | None, int]:
-    """(H, W, C) of the network's input under a contract: the padded stored slice where the
-    run was trained at one size (`size`, or `spacing`'s window), None where any size comes
-    (native-size records: each scan keeps its own); C = 2k+1."""
-    spec, d = contract.spec, contract.divisor
-    if spec.size is None:
-        return None, None, spec.channels
-    return spec.height + (-spec.height % d), spec.width + (-spec.width % d), spec.channels
-
-
-def check_artifact_input(info: ExportInfo, shape: tuple, artifact: Path) -> None:
-    """The contract's input against the input shape the artifact declares: channels always; the
-    slice size for exports of version 2 on (earlier ones declared any size). Refused naming both."""
-    want = network_input(info.contract)
-    got = tuple(shape[1:4]) if len(shape) == 4 else None
-    checked = (2,) if info.version < 2 else (0, 1, 2)
-    if got is None or any(got[i] != want[i] for i in checked):
-
-        def shown(hwc):
-            return "x".join("any" if v is None else str(v) for v in hwc) if hwc else f"rank {len(shape)}"
-
-        raise LiversegError(
-            f"{artifact.parent / CONTRACT_FILE}: its input ({shown(want)}: H x W x channels, from "
-            f"context {info.contract.spec.context}, size {info.contract.spec.size}) does not match "
-            f"the network in {artifact.name} ({shown(got)}); the contract was edited or belongs to "
-            "another export: export the run again"
-        )
-
-
-def load_exports(root: str | Path, engine: str | None = None) -> list[Exported]:
-    """The models of an exported folder: one, or an exported ensemble's members."""
-    root = Path(root)
-    info = ExportInfo.load(root)
-    return [load_export(root / name, engine) for name in info.members] or [load_export(root, engine)]
-
-
-def check_ensemble(models: list) -> None:
-    """Models whose probabilities may be averaged: the same labels (each may have its own
-    input contract: each maps back to the source grid)."""
-    labels = {m.contract.labels for m in models}
-    if len(labels) > 1:
-        raise LiversegError(
-            "these models segment different labels ("
-            + "; ".join(f"{m.name}: {m.contract.labels}" for m in models)
-            + "): an ensemble averages models of one label"
-        )
 
 
 # ------------------------------------------------------------------------- inference
@@ -611,8 +275,6 @@ def _check_replaceable(target: Path, force: bool) -> None:
         return
     if not force:
         raise LiversegError(f"{target} exists; pass --force to overwrite")
-    from liverseg import dicom_seg
-
     ours = dicom_seg.written_here(target) if target.suffix == ".dcm" else nifti_io.description_of(target) == PREDICTION
     if not ours:
         raise LiversegError(
@@ -625,28 +287,18 @@ def _write_seg(target: Path, mask: np.ndarray, src: Source, models: list) -> Non
     """A BINARY DICOM SEG of `mask` over the series `src`, the algorithm identified by
     liverseg's version and the weights' fingerprints (a SEG holds no frame for a mask with
     no liver: then it is not written, and the input is reported)."""
-    from liverseg import dicom_seg
-
     if not mask.any():
         raise LiversegError(
             f"{src.name}: no liver found, and a DICOM SEG holds frames of the segment only; nothing "
             "written for it (--format nifti writes the empty mask)"
         )
-    dicom_seg.write(target, mask, src.dicom_series(), __version__, "+".join(m.contract.weights for m in models))
+    dicom_seg.write(target, mask, dicom_io.series_of(src), __version__, "+".join(m.contract.weights for m in models))
 
 
 __all__ = [
-    "CONTRACT_FILE",
-    "Contract",
-    "ExportInfo",
-    "Exported",
     "OUTPUT_FORMATS",
-    "Run",
     "infer_volume",
     "inputs",
-    "load_export",
-    "load_exports",
-    "load_run",
     "postprocess",
     "predict",
     "predict_image",

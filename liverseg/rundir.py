@@ -27,7 +27,7 @@ import yaml
 
 from liverseg import LiversegError, __version__, config, serial
 from liverseg.config import Config
-from liverseg.outputs import PARTIAL, REPLACED, atomic_path, check_output, folder_lock, kind_of
+from liverseg.files import atomic_path, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class Normalization:
+class Normalization(serial.Record):
     """How HU become the network's input: (clip(hu, lo, hi) - shift) / scale (applied by
     `pipeline.normalize`; the numbers are saved with the run)."""
 
@@ -103,12 +103,9 @@ class Normalization:
     shift: float
     scale: float
 
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
-
 
 @dataclass(frozen=True)
-class InputSpec:
+class InputSpec(serial.Record):
     """What the network was trained on: slice size, 2k+1 channels, how HU were normalised,
     and how source slices were brought to the stored grid (`size`: in-plane resize, or with
     `spacing` the window after resampling to spacing-mm pixels)."""
@@ -121,12 +118,9 @@ class InputSpec:
     normalization: Normalization = serial.key("intensity")  # its key in run.json since version 1
     spacing: float | None = None
 
-    to_json = serial.to_json
-    from_json = classmethod(serial.from_json)
-
 
 @dataclass(frozen=True)
-class RunInfo:
+class RunInfo(serial.Record):
     """`run.json`: the dataset a run trained on (folder and manifest sha256), its input
     contract, and its result once training finished."""
 
@@ -141,9 +135,6 @@ class RunInfo:
     # whether training holds its data in memory (data.in_memory, decided at the run's first
     # start): the saved input position is of that kind, so every resume reads the same way
     in_memory: bool | None = serial.key(omit=True, default=None)
-
-    def to_json(self) -> dict:
-        return serial.to_json(self)
 
     @classmethod
     def from_json(cls, d: dict, where: str | Path = "run.json") -> RunInfo:
@@ -237,31 +228,11 @@ RUN_ENTRIES = frozenset(
 )
 
 
-def check_run_folder(run: Path, records: str | Path) -> None:
-    """Refuse, before anything is written, a --run that is or holds the dataset it reads, lies
-    inside it, is an export or a dataset, or holds files a run does not (scans, a checkout)."""
-    check_output(run, [records], flag="--run", may_be="a training run")
-    for folder in run.resolve().parents:
-        what = kind_of(folder)
-        if what in ("a converted dataset", "an export"):
-            raise LiversegError(f"--run {run}: lies inside {folder}, which is {what}; choose a folder outside it")
-    if run.is_dir():
-        foreign = sorted(
-            p.name for p in run.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith((PARTIAL, REPLACED))
-        )
-        if foreign:
-            raise LiversegError(
-                f"--run {run}: holds files that are not a training run's ({', '.join(foreign[:5])}"
-                f"{', ...' if len(foreign) > 5 else ''}); train into a new or empty folder, or a run of its "
-                "own (nothing was written)"
-            )
-
-
 # ------------------------------------------------------------------------- the run lock
 
 
 def claim(run: Path):
-    """Hold RUN/.lock while training (`outputs.folder_lock`): a second trainer on the same
+    """Hold RUN/.lock while training (`files.folder_lock`): a second trainer on the same
     run fails naming the holder; a lock left by a crashed trainer is taken over."""
     return folder_lock(
         run,
@@ -274,11 +245,11 @@ def claim(run: Path):
 __all__ = [
     "InputSpec",
     "Normalization",
+    "RUN_ENTRIES",
     "RunDir",
     "RunInfo",
     "check_dataset",
     "check_resume",
-    "check_run_folder",
     "claim",
     "load_config",
     "save_config",

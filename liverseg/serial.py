@@ -1,15 +1,18 @@
 """Frozen dataclasses to and from JSON: the one serialiser of liverseg's file formats.
 
 Each file format keeps one owner (a frozen dataclass with its version: `manifest.Manifest`,
-`rundir.RunInfo`, `predict.ExportInfo`, ...); their parts are written and read here, from
-the fields and their type hints, so no owner spells a key twice. Field metadata (`key`)
-adapts a field to the file as it has always been written:
+`rundir.RunInfo`, `models.ExportInfo`, ...); their parts are written and read here, from
+the fields and their type hints, so no owner spells a key twice. An owner or part derives
+from `Record`, which gives it `to_json()` and `from_json(d)` through this module. Field
+metadata (`key`) adapts a field to the file as it has always been written:
 
-    key(name=None, omit=False, group=None, skip=False)
-        name   the JSON key (default: the field's name)
-        omit   leave the key out when the value is the field's default (None, "", ...)
-        group  write the field inside the sub-object `group` ({"postprocess": {...}})
-        skip   not part of the file (set by whoever loads it)
+    key(name=None, omit=False, group=None, skip=False, inline=False)
+        name    the JSON key (default: the field's name)
+        omit    leave the key out when the value is the field's default (None, "", ...)
+        group   write the field inside the sub-object `group` ({"postprocess": {...}})
+        skip    not part of the file (set by whoever loads it)
+        inline  a nested dataclass whose keys are written at this level (read back when
+                one of them is there)
 
 `to_json(obj)` gives a dict (tuples as lists, nested dataclasses as dicts); `from_json(cls,
 d)` builds `cls` back, converting by the type hints (nested dataclasses, tuples, optionals,
@@ -28,13 +31,33 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def key(name: str | None = None, omit: bool = False, group: str | None = None, skip: bool = False, **field_kw):
+def key(
+    name: str | None = None,
+    omit: bool = False,
+    group: str | None = None,
+    skip: bool = False,
+    inline: bool = False,
+    **field_kw,
+):
     """A dataclass field with its JSON spelling (see the module docstring)."""
-    return dataclasses.field(metadata={"json": {"name": name, "omit": omit, "group": group, "skip": skip}}, **field_kw)
+    spelling = {"name": name, "omit": omit, "group": group, "skip": skip, "inline": inline}
+    return dataclasses.field(metadata={"json": spelling}, **field_kw)
 
 
 def _spec(f: dataclasses.Field) -> dict:
-    return {"name": None, "omit": False, "group": None, "skip": False, **f.metadata.get("json", {})}
+    return {"name": None, "omit": False, "group": None, "skip": False, "inline": False, **f.metadata.get("json", {})}
+
+
+class Record:
+    """The base of liverseg's file-format dataclasses and their parts: JSON through this
+    module, by field and type hint (an owner overrides `from_json` to check its version)."""
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, d: dict):
+        return from_json(cls, d)
 
 
 def _default(f: dataclasses.Field):
@@ -54,7 +77,10 @@ def to_json(obj) -> dict:
         if spec["skip"] or spec["omit"] and value == _default(f):
             continue
         target = out.setdefault(spec["group"], {}) if spec["group"] else out
-        target[spec["name"] or f.name] = _plain(value)
+        if spec["inline"]:
+            target.update(_plain(value))
+        else:
+            target[spec["name"] or f.name] = _plain(value)
     return out
 
 
@@ -70,10 +96,8 @@ def _plain(value):
 
 @functools.cache
 def _hints(cls) -> dict:
-    """The fields' types; names a module imports only for type checking come from the class's
-    `_json_types()` (e.g. the manifest's Geometry, imported late so the CLI starts fast)."""
-    extra = cls._json_types() if hasattr(cls, "_json_types") else {}
-    return typing.get_type_hints(cls, localns=extra)
+    """The fields' types (resolved once per class)."""
+    return typing.get_type_hints(cls)
 
 
 def from_json(cls: type[T], d: dict) -> T:
@@ -87,11 +111,23 @@ def from_json(cls: type[T], d: dict) -> T:
             continue
         where = d.get(spec["group"], {}) if spec["group"] else d
         name = spec["name"] or f.name
-        if name in where:
+        if spec["inline"]:
+            nested = _inner(hints[f.name])
+            if any((_spec(g)["group"] or _spec(g)["name"] or g.name) in where for g in dataclasses.fields(nested)):
+                values[f.name] = _typed(nested, where)
+            elif _default(f) is dataclasses.MISSING:
+                raise KeyError(name)
+        elif name in where:
             values[f.name] = _typed(hints[f.name], where[name])
         elif _default(f) is dataclasses.MISSING:
             raise KeyError(name)
     return cls(**values)
+
+
+def _inner(tp):
+    """The dataclass of an optional type hint (`X | None` -> X)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
 
 
 def _typed(tp, value):
@@ -117,4 +153,4 @@ def _typed(tp, value):
     return value
 
 
-__all__ = ["from_json", "key", "to_json"]
+__all__ = ["Record", "from_json", "key", "to_json"]

@@ -19,14 +19,19 @@ and update run outside (`whole_step_compiles`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import re
+import sys
+import threading
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
-from liverseg import LiversegError, objective, pipeline
+from liverseg import LiversegError, objective, pipeline, plan, unet
 from liverseg.config import Config, derive_seed
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,31 @@ def _reused(key: tuple, make) -> tf.distribute.Strategy:
     return _COLLECTIVE[key]
 
 
+def set_op_determinism(on: bool) -> None:
+    """Op determinism is process-global in TensorFlow: turn it on for a deterministic run and
+    back off for the next run in the same process (it would make an XLA run fail)."""
+    if on:
+        tf.config.experimental.enable_op_determinism()
+        return
+    from tensorflow.python.framework import config as tf_config  # no public "disable" (TF 2.21)
+
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    if disable is not None:
+        disable()
+
+
+def preemption_handler(strategy, manager, exit_status: int):
+    """Under MultiWorkerMirrored, TF's PreemptionCheckpointHandler (every worker saves at the
+    same step on SIGTERM, then exits with `exit_status`); elsewhere None (the loop saves)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    return tf.distribute.experimental.PreemptionCheckpointHandler(
+        strategy.cluster_resolver,
+        manager,
+        termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=lambda: sys.exit(exit_status)),
+    )
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -85,6 +115,62 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if resolver.task_type == "chief":
         return True
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+LOST_PEER = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+)
+_REASONS = re.compile(
+    r"((?:Collective ops is )?aborted by: .+)|((?:recvmsg:)?Connection reset by peer|Socket closed|Connection refused|"
+    r"failed to connect to all addresses|Deadline Exceeded|heartbeat timeout[^.]*|"
+    r"leader task was preempted/died/restarted unexpectedly)"
+)
+
+
+def lost_peer_reason(e: tf.errors.OpError) -> str:
+    """The line of a collective's error that says what happened to the peer (TF's first line
+    is often only "Graph execution error:")."""
+    text = e.message or ""
+    m = _REASONS.search(text)
+    if m:
+        return (m.group(1) or m.group(2)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+@contextlib.contextmanager
+def lost_workers_explained(multi_worker: bool, resume_point: Callable[[], str]):
+    """Under multi-worker, a peer that died or became unreachable surfaces as a collective's
+    UnavailableError (or a deadline, abort or cancellation) with a long trace, in the loop or
+    while the strategy sets up, and in TF's own watcher threads: say it in one line instead,
+    naming where training resumes (`resume_point()`), and keep the threads' copies of it off
+    the console."""
+    if not multi_worker:
+        yield
+        return
+    default_hook = threading.excepthook
+
+    def quiet_lost_peer(args) -> None:  # TF's preemption watchers fail with the same lost peer
+        if issubclass(args.exc_type, LOST_PEER):
+            log.debug("%s: %s", args.thread.name if args.thread else "thread", args.exc_value)
+            return
+        default_hook(args)
+
+    threading.excepthook = quiet_lost_peer
+    try:
+        yield
+    except LOST_PEER as e:  # the hook stays: the watchers may fail again while the process exits
+        raise LiversegError(
+            f"lost contact with a worker of the cluster ({type(e).__name__}: {lost_peer_reason(e)}); "
+            f"restart every worker with the same command: training resumes from {resume_point()}"
+        ) from None
+    except BaseException:
+        threading.excepthook = default_hook
+        raise
+    threading.excepthook = default_hook
 
 
 def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
@@ -204,8 +290,6 @@ class TrainState:
 
 def build_state(cfg: Config, strategy, channels: int, steps: int, lr_scale: float = 1.0) -> TrainState:
     """A fresh TrainState for a run of `steps` steps on `channels`-slice inputs."""
-    from liverseg import unet
-
     policy = precision(cfg)
     with strategy.scope():
         model = unet.build(cfg.model, channels, policy)
@@ -294,7 +378,7 @@ def build_train_step(cfg: Config, strategy, model, optimizer, norm, step: tf.Var
     replicas = strategy.num_replicas_in_sync
     mixed16 = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     loss_fn = objective.per_example_loss(cfg.train)
-    batch = pipeline.global_batch(cfg, replicas)
+    batch = plan.global_batch(cfg, replicas)
     prepare = pipeline.batch_preparer(cfg, norm) if cfg.augment.placement == "device" else None
     seed = derive_seed(cfg.seed, "device-augment")
     variables = model.trainable_variables
@@ -369,6 +453,7 @@ def draw(iterator, steps: int, local_replicas: int) -> list:
 
 
 __all__ = [
+    "LOST_PEER",
     "Accumulators",
     "apply_or_skip",
     "batch_norm_sync",
@@ -377,7 +462,11 @@ __all__ = [
     "draw",
     "input_context",
     "is_chief",
+    "lost_peer_reason",
+    "lost_workers_explained",
     "make_strategy",
     "precision",
+    "preemption_handler",
+    "set_op_determinism",
     "whole_step_compiles",
 ]

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from liverseg import LiversegError, anatomy, dicom_io, geometry, nifti_io, volumes
+from liverseg.files import atomic_path
 from liverseg.layouts import SYNTH_LAYOUTS as LAYOUTS
-from liverseg.outputs import atomic_path
+from liverseg.outputs import check_output
 from liverseg.volumes import Source
 
 ORIENTATIONS = (("LAS", 0.7), ("RAS", 0.15), ("LPS", 0.15))
@@ -119,8 +120,6 @@ def _is_phantom(path: Path) -> bool:
 def _check_targets(specs: list[CaseSpec], folders: dict[str, Path], layout: str, masks: Path | None) -> None:
     """synth replaces its own earlier phantoms only: never a real scan or label that has a
     case's name, nor the folder of the masks it builds around."""
-    from liverseg.outputs import check_output
-
     for folder in set(folders.values()):
         check_output(folder, [masks] if masks is not None else [], flag="OUT")
     foreign = [t for s in specs for t in _targets(s, folders[s.name], layout) if t.exists() and not _is_phantom(t)]

@@ -3,18 +3,14 @@
 A custom loop, because Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy (keras
 issue 20585). It reads top to bottom:
 
-    set-up   strategy (first), run directory, the training state (`step.build_state`: model,
-             optimizer and on-device figures in strategy scope, the step counter and best
-             Dice beside them), input iterator, checkpoint (restored), the compiled step
-             (`step`), validation (`validation`), TensorBoard writers, the hooks
-    run      `Trainer.run(until_step)`: calls of `steps_per_call` compiled steps; a call
-             also copies the next call's batches onto the devices (drawn before it, unless
-             a checkpoint is due). The loop owns its log window (`hooks.LogWindow`) and the
-             progress bar, and hands the window to the hooks
-    hooks    log, validate, checkpoint, the non-finite streak, preempt: each when the step
-             count crosses its interval (`hooks.Hooks.after_call`, which reports what it
-             did). The host reads device values there, and in the loop only the step
-             counter of one timed call per log window
+    set-up   strategy (first), run directory, the training state (`step.build_state`), input
+             iterator, checkpoint (restored), the compiled step (`step`), validation, the
+             hooks, the time budget (`budget`)
+    run      `Trainer.run(until_step)`: calls of `steps_per_call` compiled steps, each also
+             copying the next call's batches onto the devices (unless a checkpoint is due);
+             after each, the budget's one call, then the hooks (`hooks.Hooks.after_call`:
+             log, validate, checkpoint, the non-finite streak, preempt, each when the step
+             count crosses its interval). The loop owns its log window and progress bar
 
 * Non-finite steps are skipped on every replica (`step.apply_or_skip`); a streak of
   `max_nonfinite_steps` stops the run naming the steps (checked every that many steps), and
@@ -36,70 +32,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import tensorflow as tf
 
+from liverseg import budget as budget_mod
 from liverseg import (
-    TERMINATE,
-    LiversegError,
     checkpoints,
     config,
     data_service,
     folds,
     objective,
+    outputs,
     pipeline,
+    plan,
     rundir,
     step,
     unet,
     validation,
 )
-from liverseg import budget as budget_mod
 from liverseg import hooks as hooks_mod
-from liverseg.config import Config, derive_seed
+from liverseg.config import Config
 from liverseg.hooks import PREEMPTED_EXIT, Hooks, LogWindow, NonFiniteLoss, Preempted, every, stop_requested
 
 log = logging.getLogger(__name__)
-
-
-def with_deadline(seconds: float, fn, *args, what: str):
-    """fn(*args), or LiversegError(what) when it has not returned after `seconds` (it is left
-    running in a daemon thread: a tf.data service iterator waiting for workers cannot be interrupted)."""
-    done, out = threading.Event(), {}
-
-    def call():
-        try:
-            out["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            out["error"] = e
-        done.set()
-
-    threading.Thread(target=call, daemon=True).start()
-    if not done.wait(seconds):
-        raise LiversegError(what)
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
-def _set_op_determinism(on: bool) -> None:
-    """Op determinism is process-global in TensorFlow: turn it on for a deterministic run and
-    back off for the next run in the same process (it would make an XLA run fail)."""
-    if on:
-        tf.config.experimental.enable_op_determinism()
-        return
-    from tensorflow.python.framework import config as tf_config  # no public "disable" (TF 2.21)
-
-    disable = getattr(tf_config, "disable_op_determinism", None)
-    if disable is not None:
-        disable()
 
 
 class Trainer:
@@ -122,13 +81,13 @@ class Trainer:
         self.input_transform = input_transform
         self.strategy = step.make_strategy(cfg.train.strategy)  # first: MultiWorkerMirrored must precede any TF op
         tf.keras.utils.set_random_seed(cfg.seed)
-        _set_op_determinism(cfg.deterministic)
+        step.set_op_determinism(cfg.deterministic)
         self.chief = step.is_chief(self.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
         self.local = len(self.strategy.extended.worker_devices)
-        self.global_batch = pipeline.global_batch(cfg, self.replicas)
+        self.global_batch = plan.global_batch(cfg, self.replicas)
         if self.chief:  # before anything of the run is read or written
-            rundir.check_run_folder(self.paths.root, cfg.data.records)
+            outputs.check_run_folder(self.paths.root, cfg.data.records)
         self.manifest, self.info = self._check_inputs(_earlier(self.paths))
         # The steps this run trains: train.steps, or fewer where a time budget fixes them (`budget`).
         self.planned, self.budget = cfg.train.steps, None
@@ -174,15 +133,6 @@ class Trainer:
             if validating and self.chief
             else None
         )
-        preemption = None
-        if tc.strategy == "multi_worker":  # TF's handler makes every worker save at the same step
-            preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
-                self.strategy.cluster_resolver,
-                manager,
-                termination_config=tf.distribute.experimental.TerminationConfig(
-                    exit_fn=lambda: sys.exit(PREEMPTED_EXIT)
-                ),
-            )
         self.hooks = Hooks(
             tc=tc,
             paths=self.paths,
@@ -192,8 +142,8 @@ class Trainer:
             sync_bn=step.batch_norm_sync(self.strategy, self.state.model),
             validating=validating,
             validator=validator,
-            writers=self._writers(),
-            preemption=preemption,
+            writers=hooks_mod.writers(cfg, self.paths, self.chief),
+            preemption=step.preemption_handler(self.strategy, manager, PREEMPTED_EXIT),
             last_saved=self.at,
             saved=lambda at: self._save_info() if self.budget is not None else None,
         )
@@ -211,59 +161,19 @@ class Trainer:
         run's info: the dataset, the input contract, and what an earlier start of the run
         decided (its time budget, whether its training data was held in memory)."""
         cfg = self.cfg
-        if self.global_batch % self.replicas:
-            raise LiversegError(
-                f"data.batch_size={cfg.data.batch_size} must be a multiple of the {self.replicas} replicas"
-            )
-        manifest = pipeline.open_split(cfg, "train")
-        h, w = manifest.split("train").slice_shape
-        unet.check_input(cfg.model, h, w)
-        crop = cfg.augment.crop
-        if crop:
-            if crop > min(h, w):
-                raise LiversegError(
-                    f"augment.crop={crop}: larger than the {h}x{w} slices of {manifest.root}; choose at "
-                    f"most {min(h, w)}"
-                )
-            unet.check_input(cfg.model, crop, crop, f"choose augment.crop={crop - crop % unet.divisor(cfg.model)}")
-        pipeline.check_context(cfg, manifest)
-        pipeline.source_keep(cfg, manifest)  # weights for the training cases' sources, before anything is written
-        pipeline.check_memory(cfg, manifest, pipeline.available_memory(), self.replicas)
-        if cfg.data.service:
-            data_service.check_reachable(cfg.data.service)
-        spec = rundir.InputSpec(
-            h,
-            w,
-            2 * cfg.data.context + 1,
-            cfg.data.context,
-            manifest.size,
-            pipeline.normalization(cfg, manifest),
-            manifest.spacing,
+        manifest = plan.check_training(cfg, self.replicas)
+        unet.check_training_input(cfg, *manifest.split("train").slice_shape, manifest.root)
+        in_memory = plan.resumed_in_memory(
+            cfg, step.input_context(self.strategy), earlier.in_memory if earlier else None, self.paths.root
         )
         return manifest, rundir.RunInfo(
             str(Path(cfg.data.records).resolve()),
             manifest.sha256,
-            spec,
+            plan.input_spec(cfg, manifest),
             folds=folds.record(manifest, cfg.data),
             budget=earlier.budget if earlier else None,
-            in_memory=self._in_memory(earlier.in_memory if earlier else None),
+            in_memory=in_memory,
         )
-
-    def _in_memory(self, decided: bool | None) -> bool:
-        """Whether this run's training data is held in memory: as an earlier start of the run
-        decided (its checkpoints hold an input position of that kind), else data.in_memory now."""
-        cfg = self.cfg
-        if decided is None:
-            return pipeline.holds_in_memory(cfg, step.input_context(self.strategy))
-        held = config.replace(cfg, **{"data.in_memory": "always" if decided else "never"})
-        try:
-            return pipeline.holds_in_memory(held, step.input_context(self.strategy))
-        except pipeline.RecordsError as e:
-            raise LiversegError(
-                f"{self.paths.root} holds its training data in memory (decided at its first start; its checkpoints "
-                f"hold an input position of that kind), but {str(e).split(': ', 1)[1]}; free memory to resume "
-                "it, or train a new --run"
-            ) from None
 
     def _claim_run(self) -> None:
         """The chief locks the run directory, checks that a resumed run keeps its recipe and its
@@ -279,17 +189,10 @@ class Trainer:
         self.info.save(root)
 
     def _dataset(self, restarts: int = 0) -> tf.data.Dataset:
-        """This worker's training batches.
-
-        On the tf.data service, each start of the run reads a job of its own, seeded by the
-        number of `restarts`: a fresh data order, the same for every trainer of the run."""
-        job = "liverseg"
+        """This worker's training batches, held in memory as the run decided; on the tf.data
+        service, a job of this start's own (`data_service.restarted`)."""
         cfg = config.replace(self.cfg, **{"data.in_memory": "always" if self.info.in_memory else "never"})
-        if cfg.data.service:
-            cfg = config.replace(
-                cfg, seed=derive_seed(cfg.seed, f"service-restart-{restarts}") if restarts else cfg.seed
-            )
-            job = f"liverseg-{self.info.manifest_sha256[:12]}-{self.paths.root.name}-{restarts}"
+        cfg, job = data_service.restarted(cfg, restarts, f"{self.info.manifest_sha256[:12]}-{self.paths.root.name}")
         ds = pipeline.build_dataset(cfg, "train", step.input_context(self.strategy), service_job=job)
         return self.input_transform(ds) if self.input_transform else ds
 
@@ -335,33 +238,6 @@ class Trainer:
             log.info("resumed from %s at step %d", ckpt_dir / f"ckpt-{restored}", self.at)
         return tf.train.CheckpointManager(ckpt, str(write_dir), max_to_keep=self.cfg.train.keep_checkpoints)
 
-    def _writers(self) -> dict:
-        if not self.chief:
-            return {k: tf.summary.create_noop_writer() for k in ("train", "validation")}
-        from tensorboard.plugins.hparams import api as hp
-
-        writers = {k: tf.summary.create_file_writer(str(self.paths.board(k))) for k in ("train", "validation")}
-        with writers["train"].as_default():
-            hp.hparams(
-                {k: (str(v) if isinstance(v, list) else v) for k, v in config.flatten(self.cfg).items()},
-                trial_id=self.paths.root.name,
-            )
-        return writers
-
-    @contextlib.contextmanager
-    def signals(self):
-        """SIGTERM asks the loop to checkpoint and stop (sets TERMINATE; under multi-worker
-        TF's preemption handler catches it instead)."""
-        old = None
-        if self.cfg.train.strategy != "multi_worker":
-            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
-                old = signal.signal(signal.SIGTERM, lambda *_: TERMINATE.set())
-        try:
-            yield
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
-
     # ------------------------------------------------------------------ the loop
 
     def run(self, until_step: int) -> None:
@@ -386,16 +262,7 @@ class Trainer:
                 )  # checkpoints see nothing drawn ahead
                 upcoming = self._draw(k_next) if ahead else []
                 self.hooks.profile(before)
-                # Once per log window (not the first call: it compiles) one call is timed on its own,
-                # queue drained before and after: the device time per step when inputs are ready.
-                timed = self.window.step_time is None and calls > 0 and token is not None
-                if timed:
-                    int(token)
-                    t = time.perf_counter()
-                staged, token = self.run_steps(batches, upcoming)
-                if timed:
-                    int(token)
-                    self.window.step_time = (time.perf_counter() - t) / k
+                staged, token = self.window.call(self.run_steps, batches, upcoming, k, token, first=calls == 0)
                 calls += 1
                 self.at = after
                 self.window.steps += k
@@ -454,7 +321,7 @@ class Trainer:
     def _draw(self, k: int) -> list:
         t = time.perf_counter()
         if self.cfg.data.service:
-            batches = with_deadline(
+            batches = data_service.with_deadline(
                 self.cfg.data.service_timeout_s,
                 step.draw,
                 self.iterator,
@@ -505,75 +372,19 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
         return f"step {saved} in {where}"
 
     # From the strategy's first collective (set-up broadcasts the initial weights) to the last.
-    with lost_workers_explained(cfg.train.strategy == "multi_worker", resume_point):
+    with step.lost_workers_explained(cfg.train.strategy == "multi_worker", resume_point):
         trainer = Trainer(cfg, run, progress)
         try:
-            with trainer.signals():
+            with hooks_mod.sigterm_stops(cfg.train.strategy == "multi_worker"):
                 trainer.run(cfg.train.steps)
                 return trainer.finish()
         finally:
             trainer.close()
 
 
-LOST_PEER = (
-    tf.errors.UnavailableError,
-    tf.errors.DeadlineExceededError,
-    tf.errors.AbortedError,
-    tf.errors.CancelledError,
-)
-_REASONS = re.compile(
-    r"((?:Collective ops is )?aborted by: .+)|((?:recvmsg:)?Connection reset by peer|Socket closed|Connection refused|"
-    r"failed to connect to all addresses|Deadline Exceeded|heartbeat timeout[^.]*|"
-    r"leader task was preempted/died/restarted unexpectedly)"
-)
-
-
-def lost_peer_reason(e: tf.errors.OpError) -> str:
-    """The line of a collective's error that says what happened to the peer (TF's first line
-    is often only "Graph execution error:")."""
-    text = e.message or ""
-    m = _REASONS.search(text)
-    if m:
-        return (m.group(1) or m.group(2)).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
-
-
 def _earlier(paths: rundir.RunDir) -> rundir.RunInfo | None:
     """The run.json of an earlier start of this run, or None."""
     return rundir.RunInfo.load(paths.root) if paths.info.is_file() else None
-
-
-@contextlib.contextmanager
-def lost_workers_explained(multi_worker: bool, resume_point: Callable[[], str]):
-    """Under multi-worker, a peer that died or became unreachable surfaces as a collective's
-    UnavailableError (or a deadline, abort or cancellation) with a long trace, in the loop or
-    while the strategy sets up, and in TF's own watcher threads: say it in one line instead,
-    naming where training resumes (`resume_point()`), and keep the threads' copies of it off
-    the console."""
-    if not multi_worker:
-        yield
-        return
-    default_hook = threading.excepthook
-
-    def quiet_lost_peer(args) -> None:  # TF's preemption watchers fail with the same lost peer
-        if issubclass(args.exc_type, LOST_PEER):
-            log.debug("%s: %s", args.thread.name if args.thread else "thread", args.exc_value)
-            return
-        default_hook(args)
-
-    threading.excepthook = quiet_lost_peer
-    try:
-        yield
-    except LOST_PEER as e:  # the hook stays: the watchers may fail again while the process exits
-        raise LiversegError(
-            f"lost contact with a worker of the cluster ({type(e).__name__}: {lost_peer_reason(e)}); "
-            f"restart every worker with the same command: training resumes from {resume_point()}"
-        ) from None
-    except BaseException:
-        threading.excepthook = default_hook
-        raise
-    threading.excepthook = default_hook
 
 
 __all__ = ["LogWindow", "NonFiniteLoss", "PREEMPTED_EXIT", "Preempted", "Trainer", "every", "train"]

@@ -16,7 +16,8 @@ import numpy as np
 from keras import layers
 
 from liverseg import LiversegError
-from liverseg.config import ModelConfig
+from liverseg.config import Config, ModelConfig
+from liverseg.files import atomic_path
 
 
 def seed_unet(channels: int, policy: str = "float32") -> keras.Model:
@@ -168,6 +169,20 @@ def check_input(cfg: ModelConfig, height: int, width: int, fix: str = "convert w
         )
 
 
+def check_training_input(cfg: Config, height: int, width: int, records) -> None:
+    """The network of `cfg` takes the training slices (height x width, of `records`) and the
+    windows augment.crop cuts from them."""
+    check_input(cfg.model, height, width)
+    crop = cfg.augment.crop
+    if crop:
+        if crop > min(height, width):
+            raise LiversegError(
+                f"augment.crop={crop}: larger than the {height}x{width} slices of {records}; choose at most "
+                f"{min(height, width)}"
+            )
+        check_input(cfg.model, crop, crop, f"choose augment.crop={crop - crop % divisor(cfg.model)}")
+
+
 def weights_fingerprint(model: keras.Model) -> str:
     """sha256 of the weight values (16 hex digits): names one set of trained weights."""
     h = hashlib.sha256()
@@ -178,7 +193,5 @@ def weights_fingerprint(model: keras.Model) -> str:
 
 def save_weights(model: keras.Model, path: Path) -> None:
     """The model's weights as `path` (*.weights.h5), written atomically."""
-    from liverseg.outputs import atomic_path
-
     with atomic_path(path) as tmp:
         model.save_weights(str(tmp))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import records
+from liverseg import overlay, records
 from liverseg.manifest import CaseInfo, Manifest
 from liverseg.records import FramingError
 
@@ -109,7 +109,6 @@ def verify(root: str | Path) -> list[ShardReport]:
 
 def inspect(root: str | Path, png_dir: str | Path | None = None, max_cases: int = 3) -> list[dict]:
     """Per-split summary rows; with png_dir, an axial+coronal overlay PNG of up to max_cases cases per split."""
-    from liverseg import overlay
 
     m = Manifest.load(root)
     rows = []

@@ -28,6 +28,31 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVERSEG_SHARED", REPO.parent / "shared"))
 SHARED_MASKS = SHARED / "data" / "ircad-liver-masks"
 REAL_CT = SHARED / "data" / "real-ct"
+HANG = 900  # seconds: what ends a subprocess that hangs; never a speed (a loaded machine is slow)
+
+
+def preset(name: str) -> Path:
+    """A shipped recipe, as the repository holds it (configs/NAME.yaml)."""
+    return REPO / "configs" / f"{name}.yaml"
+
+
+SMOKE = preset("smoke")
+
+
+def smoke(records, *overrides):
+    """The smoke recipe on `records`, with `key=value` overrides."""
+    from liverseg import config
+
+    return config.load(SMOKE, [f"data.records={records}", *overrides])
+
+
+def invoke(*args, catch_exceptions: bool = False):
+    """`liverseg ARGS` in this process (click's runner): the result, output and exit code."""
+    from click.testing import CliRunner
+
+    from liverseg.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
 
 
 def write_nifti(path: Path, arr: np.ndarray, affine=None, dtype=None, slope: float | None = None) -> Path:
@@ -74,15 +99,19 @@ def load_mask(path, merge_tumour: bool = False):
 
 
 def liverseg_process(*args, env=None, **kw) -> subprocess.Popen:
-    """`python -m liverseg ARGS` as a user runs it (stdout and stderr together, text)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "liverseg", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        **kw,
+    """`python -m liverseg ARGS` as a user runs it (stdout and stderr together, text; `kw`
+    overrides). `env`: the whole environment (default: this one, TensorFlow's C++ log at 2)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"} if env is None else env
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw}
+    return subprocess.Popen([sys.executable, "-m", "liverseg", *map(str, args)], env=env, **popen)
+
+
+def liverseg_run(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    """`python -m liverseg ARGS` run to its end (stdout and stderr apart, text); `env` as for
+    `liverseg_process`."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"} if env is None else env
+    return subprocess.run(
+        [sys.executable, "-m", "liverseg", *map(str, args)], capture_output=True, text=True, env=env, timeout=HANG, **kw
     )
 
 
@@ -129,14 +158,10 @@ def shared_masks() -> Path:
 @pytest.fixture(scope="session")
 def trained_run(dataset, tmp_path_factory) -> Path:
     """A smoke run of 40 steps on `dataset` (context 1), validated at 20 and 40. Read it, do not change it."""
-    from liverseg import config, train
+    from liverseg import train
 
     run = tmp_path_factory.mktemp("run") / "smoke"
-    cfg = config.load(
-        REPO / "configs" / "smoke.yaml",
-        [f"data.records={dataset}", "train.steps=40", "data.context=1", "train.eval_every=20"],
-    )
-    train.train(cfg, run, progress=False)
+    train.train(smoke(dataset, "train.steps=40", "data.context=1", "train.eval_every=20"), run, progress=False)
     return run
 
 

@@ -1,17 +1,16 @@
 """Benchmarks run on tiny data and print every row (figures themselves go in docs/benchmarks.md)."""
 
 import pytest
-from click.testing import CliRunner
 
-from liverseg.cli import cli
+from conftest import SMOKE, invoke
 
 # bench train's rows on a U-Net small enough for 2 CPU cores: the smoke recipe, 2 filters, depth 2, batch 4
-TINY_UNET = ("--config", "configs/smoke.yaml", "--set", "model.base_filters=2", "--set", "model.depth=2")
+TINY_UNET = ("--config", str(SMOKE), "--set", "model.base_filters=2", "--set", "model.depth=2")
 TINY_UNET += ("--set", "data.batch_size=4")
 
 
 def run(*args):
-    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    r = invoke(*args)
     assert r.exit_code == 0, r.output
     return r.output
 
@@ -94,7 +93,7 @@ def test_bench_pipeline_measures_a_recipes_own_settings(dataset, tmp_path):
         "pipeline",
         dataset,
         "--config",
-        "configs/smoke.yaml",
+        str(SMOKE),
         "--set",
         "data.context=2",
         "--set",
@@ -135,6 +134,7 @@ def _holds_bytes_per_slice(row, expected: int, name: str) -> None:
     assert 0.99 * low <= expected <= 1.01 * high, (name, slices_s, mb_s, expected)
 
 
+@pytest.mark.slow
 def test_bench_train_reports_every_ceiling(dataset):
     out = run(
         "bench",
@@ -170,7 +170,7 @@ def test_bench_train_reports_every_ceiling(dataset):
 
 
 def test_bench_train_rejects_an_unknown_row(dataset):
-    r = CliRunner().invoke(cli, ["bench", "train", str(dataset), "--rows", "model,gpu"])
+    r = invoke("bench", "train", str(dataset), "--rows", "model,gpu")
     assert r.exit_code == 2 and "'gpu' is not one of model, loop, input, end-to-end" in r.output
 
 
@@ -194,12 +194,13 @@ def test_a_training_batch_is_fitted_to_the_memory_before_it_runs():
     assert fitting_batch(32, 4 * gb, 0.87 * gb, 4 * gb) == 0  # not even one
 
 
+@pytest.mark.slow
 def test_bench_train_says_at_which_batch_it_measured_or_why_it_skipped(dataset, monkeypatch):
     from liverseg import config, unet
     from liverseg.bench import train as bench_train
     from liverseg.manifest import Manifest
 
-    cfg = config.load("configs/smoke.yaml", ["model.base_filters=2", "model.depth=2", "data.batch_size=4"])
+    cfg = config.load(str(SMOKE), ["model.base_filters=2", "model.depth=2", "data.batch_size=4"])
     shard = max(s.bytes for s in Manifest.load(dataset).shards("train"))
     fixed, per_image = bench_train.training_memory(cfg, unet.build(cfg.model, 1), 32, 32, shard)
     args = [
@@ -223,6 +224,7 @@ def test_bench_train_says_at_which_batch_it_measured_or_why_it_skipped(dataset, 
     assert row.split()[1] == "skipped" and "not even batch 1 fits" in row
 
 
+@pytest.mark.slow
 def test_bench_predict_measures_each_engine_and_the_ensemble_on_the_same_volumes(trained_run, phantoms):
     """One row per engine in its own process, masks compared with the first engine's; with
     two runs, the ensemble's rows too."""
@@ -248,7 +250,7 @@ def test_bench_predict_of_an_untrained_recipe_at_a_size(phantoms):
         "predict",
         phantoms,
         "--config",
-        "configs/smoke.yaml",
+        str(SMOKE),
         "--size",
         "32",
         "--cases",

@@ -2,31 +2,31 @@
 
 import pytest
 
-from conftest import REPO
+from conftest import preset
 from liverseg import config
 from liverseg.config import ConfigError
 
 
-@pytest.mark.parametrize("preset", ["default", "seed", "smoke", "demo", "real-cpu"])
-def test_presets_load(preset):
-    cfg = config.load(REPO / "configs" / f"{preset}.yaml")
+@pytest.mark.parametrize("name", ["default", "seed", "smoke", "demo", "real-cpu"])
+def test_presets_load(name):
+    cfg = config.load(preset(name))
     assert config.from_dict(config.to_dict(cfg)) == cfg  # round trip through the saved form
 
 
 def test_the_real_cpu_recipe_names_the_convert_flags_its_records_need():
-    first = (REPO / "configs" / "real-cpu.yaml").read_text().splitlines()[0]
+    first = (preset("real-cpu")).read_text().splitlines()[0]
     assert first == "# convert: --layout list --spacing 2.0 --size 192"
     from liverseg.manifest import ConvertOptions
 
     flags = first.removeprefix("# convert: ").split()
     known = {"--" + name.replace("_", "-") for name in ConvertOptions.__dataclass_fields__}
     assert all(f in known for f in flags if f.startswith("--"))
-    cfg = config.load(REPO / "configs" / "real-cpu.yaml")
+    cfg = config.load(preset("real-cpu"))
     assert cfg.data.source_weights == {"real": 0.6, "phantom": 0.4} and cfg.eval.min_component_fraction == 1.0
 
 
 def test_seed_preset_is_the_tutorials_recipe():
-    cfg = config.load(REPO / "configs" / "seed.yaml")
+    cfg = config.load(preset("seed"))
     assert (
         cfg.model.name,
         cfg.train.loss,
@@ -65,10 +65,8 @@ def test_deterministic_runs_refuse_xla():
     with pytest.raises(
         ConfigError, match=r"deterministic=True is not valid: cannot be combined with train.jit_compile"
     ):
-        config.load(REPO / "configs" / "default.yaml", ["deterministic=true"])
-    assert config.load(
-        REPO / "configs" / "default.yaml", ["deterministic=true", "train.jit_compile=false"]
-    ).deterministic
+        config.load(preset("default"), ["deterministic=true"])
+    assert config.load(preset("default"), ["deterministic=true", "train.jit_compile=false"]).deterministic
 
 
 def test_bad_files(tmp_path):

@@ -6,7 +6,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import load_image, load_mask, tree, write_nifti
+from conftest import HANG, liverseg_process, load_image, load_mask, tree, write_nifti
 from liverseg import LiversegError, geometry, records, synth, verify
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
@@ -142,18 +141,15 @@ def test_verify_catches_truncated_shard_and_flipped_byte(dataset, tmp_path):
 # ------------------------------------------------------------------------- atomicity
 
 
+@pytest.mark.slow
 def test_killed_conversion_leaves_no_partial_and_no_manifest(tmp_path):
     src = tmp_path / "src"
     synth.synthesize(src, cases=6, size=96, slices=(30, 40), seed=2, progress=False)
     for delay in (0.0, 0.05, 0.15, 0.3):
         out = tmp_path / f"out{delay}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "liverseg", "convert", str(src), str(out), "--num-shards", "6"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = liverseg_process("convert", src, out, "--num-shards", 6, stdout=subprocess.DEVNULL, stderr=None)
         t0 = time.time()
-        while not list(out.glob(".liverseg-tmp-*")) and proc.poll() is None and time.time() - t0 < 30:
+        while not list(out.glob(".liverseg-tmp-*")) and proc.poll() is None and time.time() - t0 < HANG:
             time.sleep(0.002)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

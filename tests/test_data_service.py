@@ -10,11 +10,9 @@ import threading
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, liverseg_process
+from conftest import HANG, SMOKE, liverseg_process
 from liverseg import LiversegError, config, data_service, pipeline, train
 from liverseg.manifest import Manifest
-
-SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +42,7 @@ def test_every_training_slice_is_delivered_once_per_pass(dataset, service):
     assert set(got) == expected and set(got.values()) == {2}
 
 
+@pytest.mark.slow
 def test_training_and_resuming_through_the_service(dataset, service, tmp_path, caplog):
     run = tmp_path / "run"
     result = train.train(
@@ -75,6 +74,7 @@ def test_a_dead_worker_does_not_stop_the_input(dataset, service):
     assert done.wait(600), "the input stopped when one of two workers died"  # a bound against hanging, not a speed
 
 
+@pytest.mark.slow
 def test_no_batch_for_too_long_is_an_error_naming_the_service(dataset, tmp_path):
     """A dispatcher whose workers are all gone: the trainer stops after data.service_timeout_s."""
     dispatcher, address = data_service.dispatcher(0, block=False)
@@ -114,11 +114,11 @@ def test_the_servers_print_their_address_and_stop_on_sigterm():
     # a second dispatcher on the first one's port is refused (gRPC would share the port)
     port = address.rsplit(":", 1)[1]
     second = liverseg_process("data-service", "dispatcher", "--port", port)
-    out = second.communicate(timeout=120)[0]
+    out = second.communicate(timeout=HANG)[0]
     assert second.returncode == 2 and f"Error: dispatcher --port {port}: in use" in out, out
     dispatcher.send_signal(signal.SIGKILL)  # the worker outlives its dispatcher...
     dispatcher.wait()
     for proc in (worker,):  # ...and still stops on SIGTERM
         proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
+        out = proc.communicate(timeout=HANG)[0]
         assert proc.returncode == 0 and out.rstrip().endswith("stopped") and "Traceback" not in out, out

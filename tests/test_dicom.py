@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import REPO, write_nifti
-from liverseg import InputError, LiversegError, config, dicom_io, evaluate, geometry, predict, synth, train
+from conftest import SMOKE, write_nifti
+from liverseg import InputError, LiversegError, config, dicom_io, evaluate, geometry, models, predict, synth, train
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
 from liverseg.volumes import Source
@@ -142,7 +142,7 @@ def test_predict_on_a_dicom_series_writes_a_nifti_at_the_dicom_positions(trained
     ct, mask = _anatomy(shape=(32, 32, 6))
     _write_pair(tmp_path / "scan", "3Dircadb1.4", ct, mask, "LPS", dicom=True)
     series = tmp_path / "scan" / "3Dircadb1.4" / "PATIENT_DICOM"
-    written, failures = predict.predict(predict.load_run(trained_run), [series], tmp_path / "out", probabilities=True)
+    written, failures = predict.predict(models.load_run(trained_run), [series], tmp_path / "out", probabilities=True)
     # 3D-IRCADb names every CT PATIENT_DICOM: the output is named by the patient
     assert not failures and [p.name for p in written] == ["3Dircadb1.4_liver.nii.gz", "3Dircadb1.4_liver_prob.nii.gz"]
     out = nib.load(str(written[0]))
@@ -195,6 +195,7 @@ def test_spacing_round_trip_returns_the_source_mask_within_a_voxel(tmp_path, spa
     assert geometry.Geometry.from_json(json.loads(json.dumps(geom.to_json()))) == geom
 
 
+@pytest.mark.slow
 def test_spacing_normalised_records_train_predict_and_score_on_the_source_grid(tmp_path):
     synth.synthesize(tmp_path / "src", cases=3, size=40, slices=(6, 6), seed=4, progress=False)
     m = convert(tmp_path / "src", tmp_path / "rec", ConvertOptions(size=32, spacing=9.0, val=0.34), progress=False)
@@ -203,13 +204,13 @@ def test_spacing_normalised_records_train_predict_and_score_on_the_source_grid(t
     run = tmp_path / "run"
     train.train(
         config.load(
-            REPO / "configs" / "smoke.yaml",
+            SMOKE,
             [f"data.records={tmp_path / 'rec'}", "train.steps=2", "train.eval_every=100"],
         ),
         run,
         progress=False,
     )
-    r = predict.load_run(run)
+    r = models.load_run(run)
     assert (r.spec.size, r.spec.spacing) == (32, 9.0)
     val = m.cases_in("val")[0]
     mask, prob, geom = predict.predict_source(r, Source.nifti(val.image.path))
@@ -331,7 +332,7 @@ def test_series_in_one_folder_are_told_apart_by_their_uid(trained_run, tmp_path)
         [["s1"] * 7, ["s2"] * 7],
         [["s2"] * 7, ["s1"] * 7],
     )
-    written, failures = predict.predict(predict.load_run(trained_run), [mixed], tmp_path / "out")
+    written, failures = predict.predict(models.load_run(trained_run), [mixed], tmp_path / "out")
     assert not failures and len(written) == 2 and len({p.name for p in written}) == 2
     # in the ircad layout, PATIENT_DICOM must hold one series
     shutil.rmtree(tmp_path / "src" / "3Dircadb1.2")
@@ -380,7 +381,7 @@ def test_ircads_distributed_form_converts_predicts_and_evaluates_like_its_folder
     b = convert(tmp_path / "shipped", tmp_path / "b", opts, progress=False)
     assert _shards(tmp_path / "a") == _shards(tmp_path / "b")
     assert [c.liver_voxels for c in b.cases] == [c.liver_voxels for c in a.cases] == [int(mask.sum())] * 2
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     patients = sorted((tmp_path / "shipped").iterdir())
     written, failures = predict.predict(run, patients, tmp_path / "out")  # the CT series only, named by patient
     assert not failures and sorted(p.name for p in written) == ["3Dircadb1.1_liver.nii.gz", "3Dircadb1.2_liver.nii.gz"]
@@ -395,7 +396,7 @@ def test_predict_names_outputs_so_they_cannot_collide_and_refuses_a_scan_given_t
     ct, mask = _anatomy()
     for folder in ("a", "b"):  # the same file name in two folders
         _write_pair(tmp_path / folder, "x", ct, mask, dicom=False)
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     written, failures = predict.predict(
         run,
         [tmp_path / "a" / "x_orig.nii.gz", tmp_path / "b" / "x_orig.nii.gz", tmp_path / "a" / "x_orig.nii.gz"],

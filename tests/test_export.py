@@ -5,15 +5,13 @@ output read back in world coordinates, and the refusals (one line, nothing writt
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REAL_CT, WITHOUT_TENSORFLOW, write_nifti
-from liverseg import LiversegError, dicom_io, engines, geometry, predict, rundir, synth, volumes
+from conftest import REAL_CT, WITHOUT_TENSORFLOW, liverseg_run, write_nifti
+from liverseg import LiversegError, dicom_io, engines, geometry, models, predict, rundir, synth, volumes
 from liverseg.volumes import Source
 
 FORMATS = ("savedmodel", "onnx", "openvino", "litert")
@@ -21,7 +19,7 @@ FORMATS = ("savedmodel", "onnx", "openvino", "litert")
 
 @pytest.fixture(scope="module")
 def run(trained_run):
-    return predict.load_run(trained_run)
+    return models.load_run(trained_run)
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +49,25 @@ def _real_slices(run, n=3, size=64):
 def test_each_format_in_its_own_runtime_gives_the_networks_probabilities(run, exports, fmt):
     x = _real_slices(run)
     want = engines.sigmoid(np.asarray(run.model(x, training=False)))
-    got = engines.sigmoid(predict.load_export(exports[fmt]).logits(x))
+    got = engines.sigmoid(models.load_export(exports[fmt]).logits(x))
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-4
-    contract = json.loads((exports[fmt] / predict.CONTRACT_FILE).read_text())
+    contract = json.loads((exports[fmt] / models.CONTRACT_FILE).read_text())
     assert contract["format"] == fmt and contract["weights"] == run.contract.weights
     assert contract["input"] == run.spec.to_json() and contract["parity"]["max_abs_probability_difference"] <= 1e-4
 
 
 def test_openvino_also_runs_the_onnx_export(run, exports):
     x = _real_slices(run)
-    a = predict.load_export(exports["onnx"], "openvino").logits(x)
-    np.testing.assert_allclose(a, predict.load_export(exports["onnx"]).logits(x), atol=1e-4)
-    bf16 = engines.sigmoid(predict.load_export(exports["openvino"], "openvino-bf16").logits(x))
+    a = models.load_export(exports["onnx"], "openvino").logits(x)
+    np.testing.assert_allclose(a, models.load_export(exports["onnx"]).logits(x), atol=1e-4)
+    bf16 = engines.sigmoid(models.load_export(exports["openvino"], "openvino-bf16").logits(x))
     assert np.abs(bf16 - engines.sigmoid(a)).max() < 0.05  # bfloat16 (float32 where the CPU lacks it)
     with pytest.raises(
         LiversegError,
         match=r"engine litert cannot run a onnx export \(it runs onnxruntime, openvino or openvino-bf16\)",
     ):
-        predict.load_export(exports["onnx"], "litert")
+        models.load_export(exports["onnx"], "litert")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +83,7 @@ def volume(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_predict_from_an_export_equals_predict_from_the_run(run, exports, volume, tmp_path, fmt):
     predict.predict(run, [volume], tmp_path / "run", probabilities=True)
-    predict.predict(predict.load_export(exports[fmt]), [volume], tmp_path / "model", probabilities=True)
+    predict.predict(models.load_export(exports[fmt]), [volume], tmp_path / "model", probabilities=True)
     (a, a_affine), (b, b_affine) = (_nii(tmp_path / d / "vol_liver.nii.gz") for d in ("run", "model"))
     np.testing.assert_array_equal(a_affine, b_affine)
     assert (a == b).mean() >= 0.999
@@ -110,47 +108,15 @@ def _without_tensorflow(tmp_path) -> dict:
 
 
 def test_predict_model_runs_where_tensorflow_is_not_installed(run, exports, volume, tmp_path):
-    predict.predict(predict.load_export(exports["onnx"]), [volume], tmp_path / "here")
+    predict.predict(models.load_export(exports["onnx"]), [volume], tmp_path / "here")
     env = _without_tensorflow(tmp_path)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverseg",
-            "predict",
-            "--model",
-            str(exports["onnx"]),
-            str(volume),
-            "--out",
-            str(tmp_path / "there"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    r = liverseg_run("predict", "--model", exports["onnx"], volume, "--out", tmp_path / "there", env=env)
     assert r.returncode == 0 and all(" INFO liverseg.predict: " in line for line in r.stderr.splitlines()), r.stderr
     np.testing.assert_array_equal(
         _nii(tmp_path / "there" / "vol_liver.nii.gz")[0], _nii(tmp_path / "here" / "vol_liver.nii.gz")[0]
     )
     # what needs TensorFlow says so in one line
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverseg",
-            "predict",
-            "--run",
-            str(run.root),
-            str(volume),
-            "--out",
-            str(tmp_path / "nope"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    r = liverseg_run("predict", "--run", run.root, volume, "--out", tmp_path / "nope", env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "TensorFlow" in r.stderr, r.stderr
     assert not (tmp_path / "nope").exists()
 
@@ -164,7 +130,7 @@ class Thresholder:
 
     def __init__(self, threshold=0.55, weights="0123456789abcdef"):
         norm = rundir.Normalization(-200.0, 250.0, -200.0, 450.0)
-        self.contract = predict.Contract(
+        self.contract = models.Contract(
             rundir.InputSpec(0, 0, 1, 0, None, norm), 1, 0.5, False, True, 0.1, 4, weights=weights
         )
         self.threshold = threshold
@@ -202,7 +168,7 @@ def test_a_dicom_seg_holds_the_nifti_mask_on_the_source_slices(series, tmp_path)
     np.testing.assert_array_equal(got, want)
 
     seg = hd.seg.segread(seg_path)
-    slices = {str(ds.SOPInstanceUID): ds for ds in dicom_io.slice_datasets(src.dicom_series())}
+    slices = {str(ds.SOPInstanceUID): ds for ds in dicom_io.slice_datasets(dicom_io.series_of(src))}
     first = next(iter(slices.values()))
     assert seg.SegmentationType == "BINARY" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
     assert (seg.FrameOfReferenceUID, seg.StudyInstanceUID) == (first.FrameOfReferenceUID, first.StudyInstanceUID)
@@ -282,15 +248,15 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(LiversegError, match=r"empty: not a liverseg export \(no liverseg-model\.json\)"):
-        predict.load_export(tmp_path / "empty")
+        models.load_export(tmp_path / "empty")
     old = tmp_path / "old"
     shutil.copytree(exports["onnx"], old)
-    contract = json.loads((old / predict.CONTRACT_FILE).read_text())
-    (old / predict.CONTRACT_FILE).write_text(json.dumps({**contract, "version": 0}))
+    contract = json.loads((old / models.CONTRACT_FILE).read_text())
+    (old / models.CONTRACT_FILE).write_text(json.dumps({**contract, "version": 0}))
     with pytest.raises(
         LiversegError, match=r"export format version 0, this liverseg .* reads versions 1, 2; export the run again"
     ):
-        predict.load_export(old)
+        models.load_export(old)
     # a contract edited to another input: the slice size (this export takes any), the context
     for edit, said in (
         (
@@ -305,9 +271,9 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
         ),
     ):
         edited = {**contract, "input": {**contract["input"], **edit}}
-        (old / predict.CONTRACT_FILE).write_text(json.dumps(edited))
+        (old / models.CONTRACT_FILE).write_text(json.dumps(edited))
         with pytest.raises(LiversegError, match=rf"liverseg-model\.json: its input \({said}; the contract was edited"):
-            predict.load_export(old)
+            models.load_export(old)
     # values inference cannot use: each named in one line (not an ONNX Runtime dump, not an empty mask)
     for edit, said in (
         ({"divisor": 0}, r"divisor=0 is not valid \(a power of 2\)"),
@@ -319,13 +285,13 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
         ),
         ({"postprocess": {**contract["postprocess"], "threshold": 2}}, r"postprocess\.threshold=2\.0 is not valid"),
     ):
-        (old / predict.CONTRACT_FILE).write_text(json.dumps({**contract, **edit}))
+        (old / models.CONTRACT_FILE).write_text(json.dumps({**contract, **edit}))
         with pytest.raises(LiversegError, match=rf"liverseg-model\.json: {said}.*; export the run again"):
-            predict.load_export(old)
-    (old / predict.CONTRACT_FILE).write_text(json.dumps(contract))
+            models.load_export(old)
+    (old / models.CONTRACT_FILE).write_text(json.dumps(contract))
     (old / "model.onnx").unlink()
     with pytest.raises(LiversegError, match=r"old: its onnx artifact model\.onnx is missing; export the run again"):
-        predict.load_export(old)
+        models.load_export(old)
     import importlib.util
 
     real = importlib.util.find_spec
@@ -335,7 +301,7 @@ def test_bad_exports_are_refused_in_one_line(exports, tmp_path, monkeypatch):
         match=r"engine onnxruntime: its runtime \(onnxruntime\) is not installed; pip install "
         r"'liverseg\[onnx\]'",
     ):
-        predict.load_export(exports["onnx"])
+        models.load_export(exports["onnx"])
 
 
 def test_export_of_a_run_without_weights_writes_nothing(trained_run, tmp_path):
@@ -343,33 +309,14 @@ def test_export_of_a_run_without_weights_writes_nothing(trained_run, tmp_path):
 
     bare = tmp_path / "bare"
     shutil.copytree(trained_run, bare, ignore=shutil.ignore_patterns("*.weights.h5"))
-    r = subprocess.run(
-        [sys.executable, "-m", "liverseg", "export", "--run", str(bare), str(tmp_path / "out"), "--format", "onnx"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = liverseg_run("export", "--run", bare, tmp_path / "out", "--format", "onnx")
     assert r.returncode == 2 and "no best.weights.h5 or final.weights.h5 yet" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_export_cli_is_quiet_and_says_its_parity(trained_run, tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverseg",
-            "export",
-            "--run",
-            str(trained_run),
-            str(tmp_path / "out"),
-            "--format",
-            "onnx",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = liverseg_run("export", "--run", trained_run, tmp_path / "out", "--format", "onnx")
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "", r.stderr
     assert "exported onnx to" in r.stdout and "probabilities within" in r.stdout
@@ -387,7 +334,7 @@ def test_an_exported_ensemble_predicts_as_its_runs_do(run, volume, tmp_path):
 
     out, diff = export.export_ensemble([run, run], tmp_path / "ens", "onnx")
     assert diff <= 1e-4 and sorted(p.name for p in out.iterdir()) == ["liverseg-model.json", "member-0", "member-1"]
-    members = predict.load_exports(out)
+    members = models.load_exports(out)
     assert len(members) == 2 and all(m.contract.weights == run.contract.weights for m in members)
     predict.predict([run, run], [volume], tmp_path / "runs", probabilities=True)
     predict.predict(members, [volume], tmp_path / "models", probabilities=True)
@@ -418,25 +365,18 @@ def test_a_seg_of_the_real_ircad_series_without_frame_of_reference(real_ct, tmp_
         )
 
 
+@pytest.mark.slow
 def test_predict_to_dicom_seg_prints_only_liversegs_lines(exports, real_ct, tmp_path):
     series = real_ct / "ircad-01" / "PATIENT_DICOM"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "liverseg",
-            "predict",
-            "--model",
-            str(exports["onnx"]),
-            str(series),
-            "--out",
-            str(tmp_path / "out"),
-            "--format",
-            "dicom-seg",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = liverseg_run(
+        "predict",
+        "--model",
+        exports["onnx"],
+        series,
+        "--out",
+        tmp_path / "out",
+        "--format",
+        "dicom-seg",
         env=_without_tensorflow(tmp_path),
     )
     assert r.returncode in (0, 1), r.stderr  # 1: the smoke model finding no liver on real CT, reported by name

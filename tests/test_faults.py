@@ -16,23 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
-from conftest import REPO, liverseg_process, load_image, write_nifti
-from liverseg import LiversegError, checkpoints, config, geometry, nifti_io, rundir, synth, train
-from liverseg.cli import cli
+from conftest import HANG, SMOKE, invoke, liverseg_process, load_image, smoke, write_nifti
+from liverseg import LiversegError, checkpoints, config, geometry, models, nifti_io, rundir, step, synth, train
 from liverseg.convert import ConvertOptions, convert
 from liverseg.manifest import Manifest
-
-SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-def smoke(dataset, *overrides):
-    return config.load(SMOKE, [f"data.records={dataset}", *overrides])
-
-
-_cli = liverseg_process
-
 
 # ------------------------------------------------------------------------- 1. damaged checkpoints
 
@@ -146,7 +134,7 @@ def test_complex_ct_is_refused_in_convert_and_predict(trained_run, tmp_path):
     assert not (tmp_path / "out").exists()
     from liverseg import predict
 
-    written, failures = predict.predict(predict.load_run(trained_run), [src / "c_orig.nii.gz"], tmp_path / "pred")
+    written, failures = predict.predict(models.load_run(trained_run), [src / "c_orig.nii.gz"], tmp_path / "pred")
     assert not written and "voxels are complex" in failures[0]
 
 
@@ -188,7 +176,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to list child processes")
 def test_killing_a_multi_worker_convert_leaves_no_worker(tmp_path):
     synth.synthesize(tmp_path / "src", cases=8, size=64, slices=(40, 40), seed=3, progress=False)
-    proc = _cli("convert", tmp_path / "src", tmp_path / "out", "--workers", 2, "--num-shards", 8)
+    proc = liverseg_process("convert", tmp_path / "src", tmp_path / "out", "--workers", 2, "--num-shards", 8)
     deadline = time.time() + 60
     while len(workers := _children(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -222,14 +210,16 @@ def _beam_workers_of(pid: int) -> list[int]:
 def test_killing_a_beam_convert_leaves_no_beam_worker(tmp_path):
     pytest.importorskip("apache_beam")
     synth.synthesize(tmp_path / "src", cases=8, size=64, slices=(40, 40), seed=3, progress=False)
-    proc = _cli("convert", tmp_path / "src", tmp_path / "out", "--runner", "direct", "--workers", 2, "--num-shards", 8)
-    deadline = time.monotonic() + 120  # a bound against hanging: Beam starts its workers within seconds
+    proc = liverseg_process(
+        "convert", tmp_path / "src", tmp_path / "out", "--runner", "direct", "--workers", 2, "--num-shards", 8
+    )
+    deadline = time.monotonic() + HANG  # a bound against hanging: Beam starts its workers within seconds
     while len(workers := _beam_workers_of(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert len(workers) == 2, proc.communicate()[0]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 30  # they poll for the converter every second
+    deadline = time.monotonic() + HANG  # they poll for the converter every second
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [w for w in workers if _alive(w)]
@@ -247,23 +237,23 @@ def test_tensorboard_says_where_it_serves_in_few_lines_and_frees_its_port_on_sig
     import urllib.request
 
     port = _free_port()
-    proc = _cli("tensorboard", trained_run, "--port", port)
+    proc = liverseg_process("tensorboard", trained_run, "--port", port)
     before = []
     while not (line := proc.stdout.readline()).startswith("TensorBoard "):  # the address line, however long it takes
         assert line, "".join(before) + (proc.communicate()[0] or "")
         before.append(line)
     assert len(before) <= 2 and f"http://127.0.0.1:{port}/" in line, before + [line]
-    deadline = time.monotonic() + 300  # a bound against hanging: its first load cycle may still be running
+    deadline = time.monotonic() + HANG  # a bound against hanging: its first load cycle may still be running
     while not (
         tags := json.loads(
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=60).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=HANG).read()
         )
     ).get("validation"):
         assert time.monotonic() < deadline, tags
         time.sleep(0.2)
     assert {"loss", "dice"} <= set(tags["train"]) and "dice_3d" in tags["validation"]  # the run's logs are served
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    proc.wait(timeout=HANG)
     with socket.socket() as s:  # the same PID held the socket: it is free again
         s.bind(("127.0.0.1", port))
 
@@ -298,7 +288,7 @@ def test_disk_full_while_writing_shards_is_one_line_and_nothing_final(good_pair_
 
     monkeypatch.setattr(records.ShardWriter, "write", write)
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["convert", str(good_pair_src), str(out)])
+    r = invoke("convert", str(good_pair_src), str(out))
     lines = [line for line in r.output.replace("\r", "\n").splitlines() if line and not line.startswith("convert")]
     assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
     assert lines[0].startswith(f"Error: {out}/.liverseg-tmp-train-00000.tfrecord: no space left on device")
@@ -313,7 +303,7 @@ def test_disk_full_while_writing_the_manifest_leaves_nothing_final(good_pair_src
 
     monkeypatch.setattr(output.os, "fsync", fsync)
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["convert", str(good_pair_src), str(out)])
+    r = invoke("convert", str(good_pair_src), str(out))
     assert r.exit_code == 2 and "no space left on device" in r.output and "Traceback" not in r.output
     assert _final(out) == []  # no final-named shard, no temporary manifest: a re-run needs no extra space
 
@@ -330,10 +320,10 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("this machine does not allow mounting a tmpfs")
     try:
-        r = CliRunner().invoke(cli, ["convert", str(tmp_path / "src"), str(mnt / "out")])
+        r = invoke("convert", str(tmp_path / "src"), str(mnt / "out"))
         assert r.exit_code == 2 and "MB free; free space or choose another output folder" in r.output, r.output
         assert not (mnt / "out").exists()
-        r = CliRunner().invoke(cli, ["convert", str(tmp_path / "src"), str(mnt / "out"), "--compression", "GZIP"])
+        r = invoke("convert", str(tmp_path / "src"), str(mnt / "out"), "--compression", "GZIP")
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert f"Error: {mnt / 'out'}/.liverseg-tmp-train-00000.tfrecord: no space left on device" in r.output
         assert _final(mnt / "out") == [] and list(mnt.iterdir()) == []
@@ -347,7 +337,7 @@ def test_evaluate_on_a_corrupt_shard_names_it_and_leaves_no_folder(trained_run, 
     shard = sorted(ds.glob("test-*.tfrecord"))[0]
     _flip(shard)  # same size: only reading the records finds it
     out = tmp_path / "new" / "eval"
-    r = CliRunner().invoke(cli, ["evaluate", "--run", str(trained_run), "--records", str(ds), "--out", str(out)])
+    r = invoke("evaluate", "--run", str(trained_run), "--records", str(ds), "--out", str(out))
     assert r.exit_code == 2 and r.output.startswith("Error: corrupt record: ") and str(shard) in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "new").exists()
 
@@ -377,12 +367,12 @@ def test_unreadable_inputs_say_why(tmp_path):
 
 
 def test_weights_of_another_architecture_are_one_line(trained_run, tmp_path):
-    from liverseg import predict, unet
+    from liverseg import unet
 
     other = unet.build(config.load(None, ["model.base_filters=4", "model.depth=3"]).model, 3)
     other.save_weights(str(tmp_path / "other.weights.h5"))
     with pytest.raises(LiversegError) as e:
-        predict.load_run(trained_run, tmp_path / "other.weights.h5")
+        models.load_run(trained_run, tmp_path / "other.weights.h5")
     assert len(str(e.value).splitlines()) == 1 and "cannot load into this run's unet" in str(e.value)
     assert "pass the weights of this run (best.weights.h5 or final.weights.h5)" in str(e.value)
 
@@ -401,16 +391,16 @@ def _catches(pid: int, signum: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc to see a process's signal handlers")
 def test_sigterm_while_train_starts_up_exits_42(dataset, tmp_path):
     """SIGTERM as soon as the CLI's handler is in place, long before TensorFlow has loaded."""
-    proc = _cli(
+    proc = liverseg_process(
         "train", "--config", SMOKE, "--records", dataset, "--run", tmp_path / "run", "--set", "train.steps=1000"
     )
-    deadline = time.monotonic() + 120  # a bound against hanging, not a speed
+    deadline = time.monotonic() + HANG  # a bound against hanging, not a speed
     while not _catches(proc.pid, signal.SIGTERM):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.001)
     assert "tensorflow" not in Path(f"/proc/{proc.pid}/maps").read_text()  # still starting up
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=180)[0]
+    out = proc.communicate(timeout=HANG)[0]
     assert proc.returncode == train.PREEMPTED_EXIT, out
     assert "stopped by SIGTERM at step 0" in out and "Traceback" not in out
 
@@ -422,10 +412,10 @@ def test_a_lost_worker_is_one_line():
         match=r"^lost contact with a worker of the cluster \(UnavailableError: Collective "
         r"ops is aborted by: peer down\); restart every worker .*resumes from step 40 in run/checkpoints$",
     ):
-        with train.lost_workers_explained(True, where):
+        with step.lost_workers_explained(True, where):
             raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: peer down\nAdditional GRPC ...")
     with pytest.raises(tf.errors.UnavailableError):  # one process: not ours to explain
-        with train.lost_workers_explained(False, where):
+        with step.lost_workers_explained(False, where):
             raise tf.errors.UnavailableError(None, None, "x")
 
 
@@ -511,9 +501,7 @@ def test_a_consistently_edited_cases_file_is_named_by_evaluate(trained_run, data
     manifest = json.loads((edited / "dataset.json").read_text())
     manifest["cases"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
     (edited / "dataset.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    r = CliRunner().invoke(
-        cli, ["evaluate", "--run", str(trained_run), "--records", str(edited), "--out", str(tmp_path / "r")]
-    )
+    r = invoke("evaluate", "--run", str(trained_run), "--records", str(edited), "--out", str(tmp_path / "r"))
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     n = test_case["num_slices"]
     assert f"case {test_case['case_id']} has {n + 1} slices in its records, but the manifest's cases file says {n}" in (

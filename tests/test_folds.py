@@ -6,11 +6,9 @@ import shutil
 
 import pytest
 
-from conftest import REPO
-from liverseg import LiversegError, config, evaluate, folds, pipeline, train
+from conftest import SMOKE
+from liverseg import LiversegError, config, evaluate, folds, models, pipeline, plan, train
 from liverseg.manifest import Manifest
-
-SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 def test_folds_are_disjoint_cover_the_patients_and_are_stable():
@@ -38,7 +36,7 @@ def test_a_folds_manifest_and_pipelines_hold_exactly_its_patients(dataset):
                 "augment.placement=none",
             ],
         )
-        view = pipeline.open_split(cfg, "train")
+        view = plan.open_split(cfg, "train")
         val = {c.case_id for c in view.cases_in("val")}
         trained = {c.case_id for c in view.cases_in("train")}
         assert val | trained == set(pool) and not val & trained
@@ -124,16 +122,16 @@ def test_an_ensemble_evaluates_the_mean_of_its_members(fold_runs, tmp_path):
 
     from liverseg import predict, records
 
-    models = [predict.load_run(r) for r in fold_runs]
-    m = Manifest.load(models[0].cfg.data.records)
+    runs = [models.load_run(r) for r in fold_runs]
+    m = Manifest.load(runs[0].cfg.data.records)
     case = m.cases_in("test")[0]
     image, _ = records.read_case(m.records_of(case.case_id))
-    want = (predict.infer_volume(models[0], image) + predict.infer_volume(models[1], image)) / 2
-    [(case_id, pred, *_)] = list(evaluate.record_cases(models, None, "test"))
+    want = (predict.infer_volume(runs[0], image) + predict.infer_volume(runs[1], image)) / 2
+    [(case_id, pred, *_)] = list(evaluate.record_cases(runs, None, "test"))
     assert case_id == case.case_id
-    c = models[0].contract
+    c = runs[0].contract
     np.testing.assert_array_equal(
         pred, predict.postprocess(want, c.threshold, c.largest_component, c.min_component_fraction)
     )
-    rows, _, _ = evaluate.evaluate(models, split="test", out=tmp_path / "ens", pngs=False)
+    rows, _, _ = evaluate.evaluate(runs, split="test", out=tmp_path / "ens", pngs=False)
     assert [r["case"] for r in rows] == [case.case_id]

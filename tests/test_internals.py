@@ -11,7 +11,7 @@ from liverseg import checkpoints, objective
 
 
 def test_tf_python_framework_config_disable_op_determinism():
-    """train._set_op_determinism: TF 2.21 has a public enable but no public disable."""
+    """step.set_op_determinism: TF 2.21 has a public enable but no public disable."""
     from tensorflow.python.framework import config as tf_config
 
     assert callable(getattr(tf_config, "disable_op_determinism", None))

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import load_image, load_mask, write_nifti
 from liverseg import geometry, nifti_io
+from liverseg.files import atomic_path
 from liverseg.nifti_io import InputError
-from liverseg.outputs import atomic_path
 
 ORIENTATIONS = ["LAS", "RAS", "LPS", "PIR", "SAL"]
 

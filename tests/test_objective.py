@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from liverseg import config, objective, predict, rundir
+from liverseg import config, models, objective, predict, rundir
 
 # One 2x2 slice: sigmoid(logits) = p = [.5, .75, .25, .75] against mask y = [1, 1, 0, 0]
 LN3 = math.log(3.0)
@@ -101,7 +101,7 @@ def test_flip_tta_averages_with_the_left_right_mirror(tmp_path):
     """A position-dependent stand-in network: TTA must equal (f(x) + flip(f(flip(x)))) / 2 along W."""
     norm = rundir.Normalization(-100.0, 100.0, 0.0, 100.0)
     ramp = np.linspace(-2.0, 2.0, 6, dtype=np.float32).reshape(1, 1, 6, 1)
-    contract = predict.Contract(rundir.InputSpec(4, 6, 1, 0, None, norm), 1, 0.5, True, False, 1.0, 2)
+    contract = models.Contract(rundir.InputSpec(4, 6, 1, 0, None, norm), 1, 0.5, True, False, 1.0, 2)
 
     class StandIn:
         def logits(self, x):

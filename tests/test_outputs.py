@@ -8,15 +8,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import tree
-from liverseg import outputs
-from liverseg.cli import cli
+from conftest import invoke, tree
+from liverseg import files
 
 
 def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return invoke(*args, catch_exceptions=True)
 
 
 def _refused(r, *words):
@@ -41,8 +39,8 @@ def work(trained_run, dataset, phantoms, tmp_path):
     before = {p: tree(tmp_path / p) for p in ("runs", "records", "nifti")}
 
     def unchanged():
-        for p, files in before.items():
-            assert tree(tmp_path / p) == files, p
+        for p, names in before.items():
+            assert tree(tmp_path / p) == names, p
 
     return tmp_path, unchanged
 
@@ -221,15 +219,15 @@ def test_a_failed_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "replace", failing)
     with pytest.raises(OSError):
-        with outputs.new_folder(old) as tmp:
+        with files.new_folder(old) as tmp:
             (tmp / "b.txt").write_text("new")
     assert tree(tmp_path) == ["out/a.txt"]  # the old folder back in place, no partial or aside copy
     monkeypatch.setattr(Path, "replace", real)
-    with outputs.new_folder(tmp_path / "x" / "y" / "out") as tmp:
+    with files.new_folder(tmp_path / "x" / "y" / "out") as tmp:
         (tmp / "b.txt").write_text("new")
     assert tree(tmp_path) == ["out/a.txt", "x/y/out/b.txt"]
     with pytest.raises(RuntimeError):
-        with outputs.new_folder(tmp_path / "p" / "q" / "out"):
+        with files.new_folder(tmp_path / "p" / "q" / "out"):
             raise RuntimeError("fails part-way")
     assert not (tmp_path / "p").exists()  # parents it created are gone again
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import HANG, REPO
 
 
 @pytest.mark.slow
@@ -19,10 +19,10 @@ def test_a_wheel_carries_the_presets_and_a_command_names_one(dataset, tmp_path):
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
         check=True,
         capture_output=True,
-        timeout=300,
+        timeout=HANG,
     )
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=HANG)
     python = venv / "bin" / "python"
     target = Path(
         subprocess.run(
@@ -37,7 +37,7 @@ def test_a_wheel_carries_the_presets_and_a_command_names_one(dataset, tmp_path):
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
         check=True,
         capture_output=True,
-        timeout=300,
+        timeout=HANG,
     )
     # the wheel's liverseg, with this environment's dependencies (their folder holds no liverseg
     # package: the repository's editable install is a .pth finder, which PYTHONPATH does not run)
@@ -49,7 +49,7 @@ def test_a_wheel_carries_the_presets_and_a_command_names_one(dataset, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
     )
     assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr
     run = subprocess.run(
@@ -71,7 +71,7 @@ def test_a_wheel_carries_the_presets_and_a_command_names_one(dataset, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 pipeline, no augmentation" in run.stdout
@@ -81,8 +81,47 @@ def test_a_wheel_carries_the_presets_and_a_command_names_one(dataset, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
     )
     assert (
         bad.returncode == 2 and "give a YAML file or a preset name (default, demo, real-cpu, seed, smoke)" in bad.stderr
     )
+
+
+def _package_stats():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import package_stats
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    return package_stats
+
+
+def test_no_import_cycle_among_liverseg_modules_counting_imports_inside_functions():
+    stats = _package_stats()
+    mods, edges = stats.graph(REPO / "liverseg")
+    assert stats.cycles(mods, edges) == []
+
+
+# The one liverseg import inside a function that defers no heavy library: the entry point
+# imports its command modules after catching SIGTERM and setting TensorFlow's log level.
+START_UP_FIRST = {
+    ("liverseg.cli", m) for m in ("liverseg.cli.bench", "liverseg.cli.data", "liverseg.cli.group", "liverseg.cli.run")
+}
+
+
+def test_liverseg_modules_are_imported_at_the_top_unless_they_load_tensorflow_keras_or_beam():
+    """An import of a liverseg module inside a function defers a heavy library (TensorFlow,
+    Keras, Beam, an optional runtime) that module loads at its top and the importer does not;
+    any other is at the top of the file, where a circle would show at once."""
+    stats = _package_stats()
+    mods, edges = stats.graph(REPO / "liverseg")
+    heavy = stats.heavy_at_top(mods, edges)
+    light = {
+        (i.importer, i.imported)
+        for i in edges
+        if i.lazy and i.imported in mods and (i.imported not in heavy or i.importer in heavy)
+    }
+    assert light - START_UP_FIRST == set()
+    assert {"liverseg.train", "liverseg.unet", "liverseg.pipeline"} <= heavy  # the check sees TensorFlow
+    assert not {"liverseg.volumes", "liverseg.predict", "liverseg.models", "liverseg.convert"} & heavy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from liverseg import config, pipeline, records
+from liverseg import config, pipeline, plan, records
 from liverseg.manifest import Manifest
 from liverseg.records import RecordsError
 
@@ -26,7 +26,7 @@ def _volumes(dataset):
 @pytest.mark.parametrize("k", [1, 2])
 def test_context_channels_are_neighbours_clamped_to_the_case(dataset, k):
     m, vols = _volumes(dataset)
-    norm = pipeline.normalization(cfg_for(dataset), m)
+    norm = plan.normalization(cfg_for(dataset), m)
     seen = []
     for split in ("train", "val"):
         for b in pipeline.build_dataset(cfg_for(dataset, f"data.context={k}"), split, training=False):
@@ -109,8 +109,8 @@ def test_in_memory_passes_are_permutations_of_the_training_slices(dataset):
     assert again == drawn[:n]
     shards, (h, w) = m.shards("train"), m.split("train").slice_shape
     auto = config.replace(cfg, **{"data.in_memory": "auto"})
-    assert pipeline.in_memory(auto, shards, h, w) and not pipeline.in_memory(auto, shards, h, w, on_service=True)
-    assert not pipeline.in_memory(config.replace(cfg, **{"data.in_memory": "never"}), shards, h, w)
+    assert plan.in_memory(auto, shards, h, w) and not plan.in_memory(auto, shards, h, w, on_service=True)
+    assert not plan.in_memory(config.replace(cfg, **{"data.in_memory": "never"}), shards, h, w)
 
 
 def test_in_memory_always_is_refused_where_the_shards_would_not_fit(dataset, tmp_path, monkeypatch):
@@ -120,7 +120,7 @@ def test_in_memory_always_is_refused_where_the_shards_would_not_fit(dataset, tmp
 
     m = Manifest.load(dataset)
     (h, w), n = m.split("train").slice_shape, m.split("train").num_examples
-    monkeypatch.setattr(pipeline, "available_memory", lambda: float(n * (3 * h * w + 64)))  # less than 4/3 of them
+    monkeypatch.setattr(plan, "available_memory", lambda: float(n * (3 * h * w + 64)))  # less than 4/3 of them
     cfg = cfg_for(dataset, "data.in_memory=always", "train.steps=1", "data.shuffle_buffer=1", "data.batch_size=1")
     with pytest.raises(
         LiversegError,
@@ -170,6 +170,7 @@ def test_iterator_checkpoint_resumes_on_the_exact_next_batch(dataset, tmp_path):
         np.testing.assert_array_equal(next(fresh)["image"].numpy(), e)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("placement, memory", [("host", "always"), ("host", "never"), ("device", "never")])
 def test_resumed_three_times_reads_exactly_like_one_pass(dataset, tmp_path, placement, memory):
     """An iterator restored from a checkpoint that a restored iterator wrote (and so on) still
@@ -203,7 +204,7 @@ def test_zscore_normalisation_uses_the_training_livers_statistics(dataset):
     manifest's figures come from a strided subsample of them)."""
     m, vols = _volumes(dataset)
     hu = np.concatenate([vols[c.index][0][vols[c.index][1] > 0] for c in m.cases_in("train")]).astype(np.float64)
-    norm = pipeline.normalization(cfg_for(dataset, "data.normalize=zscore"), m)
+    norm = plan.normalization(cfg_for(dataset, "data.normalize=zscore"), m)
     assert norm.shift == pytest.approx(hu.mean(), abs=0.1 * hu.std())
     assert norm.scale == pytest.approx(hu.std(), rel=0.1)
     # the split's percentiles are the voxel-weighted mean of its cases' percentiles (the manifest
@@ -261,15 +262,15 @@ def test_zscore_on_constant_liver_hu_and_buffers_past_the_memory_are_refused(dat
     )
     constant = dataclasses.replace(m, splits={**m.splits, "train": flat})
     with pytest.raises(RecordsError, match=r"standard deviation of 0 \(nearly constant\).*use data.normalize=window"):
-        pipeline.normalization(cfg_for(dataset, "data.normalize=zscore"), constant)
+        plan.normalization(cfg_for(dataset, "data.normalize=zscore"), constant)
     cfg = cfg_for(dataset, "data.shuffle_buffer=100000")  # 100000 x 32x32 x 3 bytes: 307 MB
-    pipeline.check_memory(cfg, m, 1e9)
+    plan.check_memory(cfg, m, 1e9)
     with pytest.raises(
         RecordsError,
         match=r"data.shuffle_buffer=100000: .* more than half of the 0.5 GB available; "
         r"choose at most 81380",
     ):
-        pipeline.check_memory(cfg, m, 0.5e9)
+        plan.check_memory(cfg, m, 0.5e9)
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +315,7 @@ def test_source_weights_set_each_sources_share_whatever_its_slices(mixed, memory
         assert share == pytest.approx(w, abs=4 * np.sqrt(w * (1 - w) / 600))  # 600 slices drawn: 4 sigma
 
 
+@pytest.mark.slow
 def test_source_weights_keep_exact_resume(mixed, tmp_path):
     cfg = config.load(
         None,

@@ -8,11 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
-from conftest import REPO, tree, write_nifti
-from liverseg import LiversegError, config, evaluate, geometry, metrics, pipeline, predict, synth, train
-from liverseg.cli import cli
+from conftest import SMOKE, invoke, tree, write_nifti
+from liverseg import LiversegError, config, evaluate, geometry, metrics, models, pipeline, predict, synth, train
 from liverseg.volumes import Source
 
 
@@ -26,7 +24,7 @@ def _anatomy(tmp_path, orientation, name="case01"):
 
 
 def test_prediction_lands_on_each_inputs_own_grid(trained_run, tmp_path):
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     probs = {}
     for o in ("LAS", "RAS", "LPS"):
         image, _ = _anatomy(tmp_path, o)
@@ -52,13 +50,13 @@ def test_resized_training_restores_native_geometry(dataset, tmp_path):
     run = tmp_path / "run"
     train.train(
         config.load(
-            REPO / "configs" / "smoke.yaml",
+            SMOKE,
             [f"data.records={tmp_path / 'rec'}", "train.steps=2", "train.eval_every=100"],
         ),
         run,
         progress=False,
     )
-    r = predict.load_run(run)
+    r = models.load_run(run)
     assert r.spec.size == 32
     image = sorted(src.glob("*_orig.nii.gz"))[0]
     mask, prob, geom = predict.predict_source(r, Source.nifti(image))
@@ -67,18 +65,18 @@ def test_resized_training_restores_native_geometry(dataset, tmp_path):
     from liverseg import export
 
     out = export.export(r, tmp_path / "onnx", "onnx")[0]
-    model = predict.load_export(out)
+    model = models.load_export(out)
     assert model.engine.input_shape == (None, 32, 32, 1)
     np.testing.assert_array_equal(predict.predict_source(model, Source.nifti(image))[0], mask)
-    contract = json.loads((out / predict.CONTRACT_FILE).read_text())
+    contract = json.loads((out / models.CONTRACT_FILE).read_text())
     contract["input"].update(size=48, height=48, width=48)
-    (out / predict.CONTRACT_FILE).write_text(json.dumps(contract))
+    (out / models.CONTRACT_FILE).write_text(json.dumps(contract))
     with pytest.raises(
         LiversegError,
         match=r"its input \(48x48x1: .* size 48\) does not match the network in "
         r"model\.onnx \(32x32x1\)",
     ):
-        predict.load_export(out)
+        models.load_export(out)
 
 
 def test_largest_component_removes_a_detached_blob_and_fills_holes():
@@ -100,18 +98,16 @@ def test_predict_refuses_to_overwrite_and_reports_a_corrupt_input(trained_run, t
     good, _ = _anatomy(tmp_path, "LAS", "good")
     bad = tmp_path / "LAS" / "bad_orig.nii.gz"
     bad.write_bytes(good.read_bytes()[:-200])
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     written, failures = predict.predict(run, [tmp_path / "LAS"], tmp_path / "out")
     assert [p.name for p in written] == ["good_liver.nii.gz"]
     assert len(failures) == 1 and str(bad) in failures[0] and "truncated or corrupt" in failures[0]
     assert tree(tmp_path / "out") == ["good_liver.nii.gz"]
     before = (tmp_path / "out" / "good_liver.nii.gz").read_bytes()
-    r = CliRunner().invoke(cli, ["predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out")])
+    r = invoke("predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out"))
     assert r.exit_code == 2 and "exists; pass --force" in r.output
     assert (tmp_path / "out" / "good_liver.nii.gz").read_bytes() == before
-    r = CliRunner().invoke(
-        cli, ["predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out"), "--force"]
-    )
+    r = invoke("predict", "--run", str(trained_run), str(good), "--out", str(tmp_path / "out"), "--force")
     assert r.exit_code == 0, r.output
     (tmp_path / "notes.txt").write_text("not a scan")  # a path that is no scan does not stop the others
     written, failures = predict.predict(run, [tmp_path / "notes.txt", good], tmp_path / "out2")
@@ -122,7 +118,7 @@ def test_predict_refuses_to_overwrite_and_reports_a_corrupt_input(trained_run, t
 
 
 def test_evaluate_scores_exactly_what_predict_writes(trained_run, phantoms, tmp_path):
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     rows, summary, out = evaluate.evaluate(run, data=phantoms, out=tmp_path / "eval")
     assert len(rows) == 6 and (out / "cases.csv").is_file() and len(list(out.glob("*.png"))) == 6
     saved = json.loads((out / "metrics.json").read_text())
@@ -136,14 +132,14 @@ def test_evaluate_scores_exactly_what_predict_writes(trained_run, phantoms, tmp_
 
 
 def test_evaluate_records_split_and_tensorboard(trained_run):
-    rows, summary, out = evaluate.evaluate(predict.load_run(trained_run), split="val")
+    rows, summary, out = evaluate.evaluate(models.load_run(trained_run), split="val")
     assert [r["case"] for r in rows] and set(summary) == set(metrics.METRICS)
     assert out == trained_run / "eval" / "val"
     assert list((trained_run / "evaluation").glob("events.*"))
 
 
 def test_bad_evaluate_and_predict_requests_leave_no_output(trained_run, tmp_path):
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     with pytest.raises(LiversegError, match=r"no split 'nope' \(splits: train, val"):
         evaluate.evaluate(run, split="nope")
     assert not (trained_run / "eval" / "nope").exists()
@@ -158,7 +154,7 @@ def test_bad_evaluate_and_predict_requests_leave_no_output(trained_run, tmp_path
 def test_export_reloads_with_the_same_probabilities(trained_run, tmp_path):
     from liverseg import export
 
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     out, diff = export.export(run, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == [
         "best.weights.h5",
@@ -185,16 +181,16 @@ def test_export_reloads_with_the_same_probabilities(trained_run, tmp_path):
 def test_only_weight_files_are_loaded(trained_run, tmp_path):
     (tmp_path / "model.keras").write_bytes(b"not loaded")
     with pytest.raises(LiversegError, match=r"only Keras weight files \(\*\.weights\.h5\) are loaded"):
-        predict.load_run(trained_run, tmp_path / "model.keras")
+        models.load_run(trained_run, tmp_path / "model.keras")
     with pytest.raises(LiversegError, match="is this a liverseg run directory"):
-        predict.load_run(tmp_path)
+        models.load_run(tmp_path)
 
 
 def test_demo_flow_at_toy_size(tmp_path):
     """synth -> convert -> verify -> train -> evaluate -> predict -> export through the CLI."""
 
     def ok(*args):
-        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        r = invoke(*args)
         assert r.exit_code == 0, r.output
         return r.output
 
@@ -204,7 +200,7 @@ def test_demo_flow_at_toy_size(tmp_path):
     ok(
         "train",
         "--config",
-        REPO / "configs" / "smoke.yaml",
+        SMOKE,
         "--records",
         tmp_path / "rec",
         "--run",
@@ -222,7 +218,7 @@ def test_demo_flow_at_toy_size(tmp_path):
 def test_a_second_prediction_into_the_same_folder_is_refused_while_the_first_writes(trained_run, phantoms, tmp_path):
     """Two predicts into one --out: the second fails naming the first (its masks would silently
     replace the other's), and the first finishes as if alone."""
-    run = predict.load_run(trained_run)
+    run = models.load_run(trained_run)
     entered, release = threading.Event(), threading.Event()
 
     def held(x):  # the first prediction, paused inside its first batch

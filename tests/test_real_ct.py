@@ -6,7 +6,7 @@ flipped rows gives far lower values)."""
 import numpy as np
 import pytest
 
-from conftest import SHARED_MASKS
+from conftest import SHARED_MASKS, liverseg_run
 from liverseg import InputError, LiversegError, dicom_io, geometry, records, volumes
 from liverseg.convert import ConvertOptions, convert
 from liverseg.volumes import Source
@@ -137,8 +137,6 @@ def test_a_compressed_series_without_its_decoder_is_refused_naming_the_slice_and
     """Where pylibjpeg's decoders are not importable (a broken install), the JPEG 2000 series
     is refused in one line naming a slice, the transfer syntax and what to install; nothing written."""
     import os
-    import subprocess
-    import sys
 
     ts = real_ct / "totalsegmentator"
     cases = _list(
@@ -150,13 +148,7 @@ def test_a_compressed_series_without_its_decoder_is_refused_naming_the_slice_and
     for name in ("pylibjpeg", "openjpeg", "libjpeg", "gdcm", "PIL"):  # Pillow decodes JPEG 2000 too
         (broken / f"{name}.py").write_text("raise ImportError('not installed')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    r = subprocess.run(
-        [sys.executable, "-m", "liverseg", "convert", str(cases), str(tmp_path / "out"), "--layout", "list"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    r = liverseg_run("convert", cases, tmp_path / "out", "--layout", "list", env=env)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr

@@ -7,10 +7,9 @@ import math
 import re
 
 import pytest
-from click.testing import CliRunner
 
+from conftest import invoke
 from liverseg import config, manifest, records, train
-from liverseg.cli import cli
 from liverseg.manifest import Manifest
 
 
@@ -67,23 +66,20 @@ def test_a_splits_cases_are_read_in_one_pass_per_shard(dataset, monkeypatch):
 @pytest.mark.slow
 def test_bench_scale_prints_every_figure_with_slopes_from_its_totals(tmp_path):
     out = tmp_path / "scale.json"
-    r = CliRunner().invoke(
-        cli,
-        [
-            "bench",
-            "scale",
-            "--cases",
-            "10,30",
-            "--no-beam",
-            "--size",
-            "16",
-            "--slices",
-            "6",
-            "--work",
-            str(tmp_path),
-            "--json",
-            str(out),
-        ],
+    r = invoke(
+        "bench",
+        "scale",
+        "--cases",
+        "10,30",
+        "--no-beam",
+        "--size",
+        "16",
+        "--slices",
+        "6",
+        "--work",
+        str(tmp_path),
+        "--json",
+        str(out),
         catch_exceptions=False,
     )
     assert r.exit_code == 0, r.output
@@ -134,7 +130,7 @@ def test_a_10000_row_case_list_with_one_broken_row_is_refused_naming_it(phantoms
     ],
 )
 def test_bench_scale_refuses_what_it_cannot_do_before_writing(tmp_path, args, match):
-    r = CliRunner().invoke(cli, ["bench", "scale", "--no-beam", *args], catch_exceptions=False)
+    r = invoke("bench", "scale", "--no-beam", *args, catch_exceptions=False)
     assert r.exit_code == 2 and re.search(match, r.output), r.output
     assert r.output.count("\n") == 1 and "Traceback" not in r.output
 
@@ -144,10 +140,10 @@ def test_bench_scale_json_never_replaces_another_file(dataset, tmp_path):
     is replaced only with --force (checked before any case is made)."""
     manifest = dataset / "dataset.json"
     before = manifest.read_bytes()
-    r = CliRunner().invoke(cli, ["bench", "scale", "--json", str(manifest)], catch_exceptions=False)
+    r = invoke("bench", "scale", "--json", str(manifest), catch_exceptions=False)
     assert r.exit_code == 2 and "is not an earlier bench scale JSON" in r.output, r.output
     assert manifest.read_bytes() == before
     earlier = tmp_path / "scale.json"
     earlier.write_text(json.dumps({"written_by": "liverseg bench scale", "rows": []}))
-    r = CliRunner().invoke(cli, ["bench", "scale", "--json", str(earlier)], catch_exceptions=False)
+    r = invoke("bench", "scale", "--json", str(earlier), catch_exceptions=False)
     assert r.exit_code == 2 and "pass --force" in r.output, r.output

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from conftest import HANG
 from liverseg import LiversegError
 from liverseg.cli import cli as _registered  # noqa: F401 - the group with its commands
 from liverseg.cli import group, startup
@@ -62,8 +63,7 @@ def test_tuned_glibc_keeps_freed_memory():
 
 
 def _python(code: str, **kw) -> subprocess.CompletedProcess:
-    # the timeout only ends a hang (a loaded machine may take many seconds): it is not a speed
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, timeout=900, **kw)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, timeout=HANG, **kw)
 
 
 def test_stderr_drops_notices_whenever_they_come_and_keeps_everything_else():

@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import smoke
 from liverseg import config, objective, step, train
 
-SMOKE = REPO / "configs" / "smoke.yaml"
 HOST_OPS = {"PyFunc", "EagerPyFunc", "NumpyFunction", "PrintV2", "Print", "Assert"}
 
 
-def smoke(dataset, *overrides):
-    return config.load(SMOKE, [f"data.records={dataset}", *overrides])
-
-
+@pytest.mark.slow
 def test_device_prefetch_changes_no_weight(dataset, tmp_path):
     """Staging the next call's batches (and not staging before a checkpoint) is invisible to the result."""
     base = [
@@ -34,6 +30,7 @@ def test_device_prefetch_changes_no_weight(dataset, tmp_path):
     assert on["weights_fingerprint"] == off["weights_fingerprint"]
 
 
+@pytest.mark.slow
 def test_the_host_reads_device_values_only_in_hooks(dataset, tmp_path, monkeypatch):
     """12 steps, 2 per call, log every 4, checkpoint every 6: 6 calls, 3 + 2 reads of the figures."""
     reads, calls = [], []

@@ -11,17 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
-from conftest import REPO, liverseg_process
-from liverseg import LiversegError, config, objective, pipeline, rundir, step, train, unet
-from liverseg.cli import cli
-
-SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-def smoke(dataset, *overrides):
-    return config.load(SMOKE, [f"data.records={dataset}", *overrides])
+from conftest import HANG, REPO, SMOKE, invoke, liverseg_process, smoke
+from liverseg import LiversegError, config, objective, pipeline, plan, rundir, step, train, unet
 
 
 def _train_dice(cfg, weights: Path) -> float:
@@ -36,6 +28,7 @@ def _train_dice(cfg, weights: Path) -> float:
     return 2 * tp / (2 * tp + fp + fn)
 
 
+@pytest.mark.slow
 def test_overfits_tiny_slices(dataset, tmp_path):
     cfg = smoke(
         dataset,
@@ -51,6 +44,7 @@ def test_overfits_tiny_slices(dataset, tmp_path):
     assert _train_dice(cfg, tmp_path / "run" / "final.weights.h5") > 0.9
 
 
+@pytest.mark.slow
 def test_mirrored_on_two_devices_matches_one_device(dataset, tmp_path):
     # SGD, not Adam: Adam's m/sqrt(v) turns rounding differences in near-zero gradients into
     # full-size updates, so only an optimiser linear in the gradients can show equivalence.
@@ -77,9 +71,6 @@ def test_mirrored_on_two_devices_matches_one_device(dataset, tmp_path):
     b.load_weights(str(tmp_path / "two" / "final.weights.h5"))
     for wa, wb in zip(a.weights, b.weights):
         np.testing.assert_allclose(wa.numpy(), wb.numpy(), rtol=1e-3, atol=1e-4, err_msg=wa.path)
-
-
-_cli = liverseg_process
 
 
 def _fingerprint(output: str) -> str:
@@ -114,7 +105,7 @@ def test_two_process_multi_worker_run(dataset, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
     assert proc.returncode == 0 and "exit codes: [0, 0]" in proc.stdout, proc.stdout + proc.stderr
@@ -156,7 +147,7 @@ def test_the_survivor_of_a_killed_chief_says_so_in_one_line(dataset, tmp_path):
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     run = tmp_path / "run"
     procs = [
-        _cli(
+        liverseg_process(
             "train",
             "--config",
             SMOKE,
@@ -172,14 +163,18 @@ def test_the_survivor_of_a_killed_chief_says_so_in_one_line(dataset, tmp_path):
             "train.checkpoint_every=10",
             "--set",
             "train.eval_every=0",
-            env={"TF_CONFIG": json_mod.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+            env={
+                **os.environ,
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+                "TF_CONFIG": json_mod.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            },
         )
         for i in range(2)
     ]
     try:
-        _wait_for(run / "checkpoints" / "ckpt-10.index", procs[0], timeout=240)
+        _wait_for(run / "checkpoints" / "ckpt-10.index", procs[0], timeout=HANG)
         procs[0].kill()
-        out = procs[1].communicate(timeout=240)[0]
+        out = procs[1].communicate(timeout=HANG)[0]
     finally:
         for p in procs:
             p.kill()
@@ -192,7 +187,7 @@ def test_the_survivor_of_a_killed_chief_says_so_in_one_line(dataset, tmp_path):
         assert noise not in out, out
 
 
-def _wait_for(path: Path, proc, timeout=120):
+def _wait_for(path: Path, proc, timeout=HANG):
     t0 = time.time()
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[0]
@@ -270,11 +265,11 @@ train.train(config.load({str(SMOKE)!r}, {[f"data.records={dataset}", *args, "tra
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-16")
-    resumed = _cli(
+    resumed = liverseg_process(
         "train",
         "--config",
         SMOKE,
@@ -285,9 +280,9 @@ train.train(config.load({str(SMOKE)!r}, {[f"data.records={dataset}", *args, "tra
         *[a for kv in args for a in ("--set", kv)],
         "--set",
         "train.steps=20",
-        env={"TF_CPP_MIN_LOG_LEVEL": ""},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": ""},
     )  # the CLI's own default log level
-    out = resumed.communicate(timeout=300)[0]
+    out = resumed.communicate(timeout=HANG)[0]
     assert resumed.returncode == 0 and "resumed from" in out and "at step 16" in out, out
     assert _fingerprint(out) == uninterrupted
     # what a user sees: no stateful-dataset warning per shard visit, no oneDNN or absl banner, no NodeDef error
@@ -311,7 +306,7 @@ train.train(config.load({str(SMOKE)!r}, {[f"data.records={dataset}", *args, "tra
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(dataset, tmp_path):
-    proc = _cli(
+    proc = liverseg_process(
         "train",
         "--config",
         SMOKE,
@@ -328,13 +323,14 @@ def test_sigterm_checkpoints_and_exits_cleanly(dataset, tmp_path):
     )
     _wait_for(tmp_path / "run" / "checkpoints" / "checkpoint", proc)
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
+    out = proc.communicate(timeout=HANG)[0]
     assert proc.returncode == train.PREEMPTED_EXIT, out
     assert "Traceback" not in out
     step = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith(f"ckpt-{step}")
 
 
+@pytest.mark.slow
 def test_persistent_nan_stops_with_the_step_range_and_keeps_the_checkpoint(dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train.train(
@@ -434,7 +430,7 @@ def test_a_run_resumes_whichever_way_free_memory_moved(dataset, tmp_path, monkey
     free memory has crossed the line (either way), the run restores its input position and ends
     as an uninterrupted run of the same decision does."""
     args = [*INTERRUPTED, "train.steps=8"]
-    monkeypatch.setattr(pipeline, "IN_MEMORY_SHARE", first)  # 1: the shards fit the share; 0: they never do
+    monkeypatch.setattr(plan, "IN_MEMORY_SHARE", first)  # 1: the shards fit the share; 0: they never do
     whole = train.train(smoke(dataset, *args), tmp_path / "whole", progress=False)
     with monkeypatch.context() as m:
         _sigterm_after(m, terminate, 4)
@@ -442,7 +438,7 @@ def test_a_run_resumes_whichever_way_free_memory_moved(dataset, tmp_path, monkey
             train.train(smoke(dataset, *args), tmp_path / "run", progress=False)
     assert rundir.RunInfo.load(tmp_path / "run").in_memory is (first == 1.0)
     terminate.clear()
-    monkeypatch.setattr(pipeline, "IN_MEMORY_SHARE", then)
+    monkeypatch.setattr(plan, "IN_MEMORY_SHARE", then)
     resumed = train.train(smoke(dataset, *args), tmp_path / "run", progress=False)
     assert resumed["weights_fingerprint"] == whole["weights_fingerprint"]
 
@@ -456,24 +452,22 @@ def test_the_schedule_spans_the_steps_a_budget_fixes():
 
 
 def test_cli_rejects_unknown_set_key(dataset, tmp_path):
-    r = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--config",
-            str(SMOKE),
-            "--records",
-            str(dataset),
-            "--run",
-            str(tmp_path / "r"),
-            "--set",
-            "train.nope=1",
-        ],
+    r = invoke(
+        "train",
+        "--config",
+        str(SMOKE),
+        "--records",
+        str(dataset),
+        "--run",
+        str(tmp_path / "r"),
+        "--set",
+        "train.nope=1",
     )
     assert r.exit_code == 2 and "unknown config key train.nope" in r.output and "valid keys at train: steps" in r.output
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_equal_one_step_per_call(dataset, tmp_path):
     """steps_per_call only batches host round trips: same steps, same data, same weights."""
     base = ["deterministic=true", "train.steps=7", "train.eval_every=1000", "train.log_every=2"]
@@ -501,6 +495,7 @@ def test_xla_with_device_augmentation_and_steps_per_call(dataset, tmp_path):
     assert result["best_step"] == 5 and set(result["validation"]) >= {"loss", "dice_3d", "dice_slice"}
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train.train(

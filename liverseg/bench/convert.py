@@ -12,6 +12,8 @@ import numpy as np
 
 from liverseg import LiversegError
 from liverseg.bench.measure import MB, warm
+from liverseg.convert import ConvertOptions, convert, discover
+from liverseg.convert.beam import convert_beam
 
 
 def bench_convert(
@@ -21,8 +23,6 @@ def bench_convert(
     `dicom` (the same volumes as 3D-IRCADb-01 DICOM trees), the same conversions from DICOM;
     with `beam`, the same conversions on Apache Beam's DirectRunner ("x local": its time over
     the local converter's with as many workers)."""
-    from liverseg.convert import ConvertOptions, convert, discover
-    from liverseg.convert.beam import convert_beam
 
     src = Path(src)
     opts = opts or ConvertOptions()

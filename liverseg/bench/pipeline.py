@@ -8,7 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from liverseg import config, data_service, layouts
 from liverseg.bench.measure import MB, batch_count, throughput, warm
+from liverseg.manifest import Manifest
 
 UNAUGMENTED = {"augment.placement": "none", "augment.crop": 0}  # row 2: whole slices as stored, a crop too is off
 
@@ -55,8 +57,7 @@ def bench_pipeline(
     settings of `config_path` (+ `overrides`; default: the built-in defaults), with `context`
     and `batch` when given."""
 
-    from liverseg import config, pipeline
-    from liverseg.manifest import Manifest
+    from liverseg import pipeline
 
     m = Manifest.load(records_dir)
     paths = m.shard_paths(split)
@@ -137,7 +138,6 @@ def _raw_rate(m, split: str, cycle_length: int, batch: int, batches: int) -> tup
 def _tutorial_rate(nifti: Path, m, split: str, batch: int, batches: int) -> tuple[float, float]:
     """The tutorial's loader (a whole NIfTI read per random slice) over the split's cases found
     in `nifti` (else every case there)."""
-    from liverseg import layouts
 
     found, _ = layouts.find(nifti)
     pairs = [(found[c.case_id][0].path, found[c.case_id][1].path) for c in m.cases_in(split) if c.case_id in found]
@@ -188,7 +188,7 @@ def _relative(rows: list[dict]) -> list[dict]:
 
 def _through_service(cfg, split: str, batches: int) -> list[tuple[int, tuple[float, float]]]:
     """The pipeline of `cfg` through a dispatcher and 1, then 2, workers in this process (loopback)."""
-    from liverseg import config, data_service, pipeline
+    from liverseg import pipeline
 
     out = []
     for n in (1, 2):

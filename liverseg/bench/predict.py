@@ -8,7 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from liverseg import LiversegError, config, engines, export, layouts, metrics, models, predict, rundir, volumes
 from liverseg.bench.measure import warm
+from liverseg.volumes import Source
 
 ENGINE_ROWS = ("tensorflow", "tensorflow-xla", "onnxruntime", "openvino", "openvino-bf16")  # litert: --engine litert
 
@@ -18,7 +20,7 @@ def _untrained_run(config_file, size: int, root: Path) -> Path:
     for speed alone, no accuracy."""
     import tensorflow as tf
 
-    from liverseg import config, rundir, unet
+    from liverseg import unet
 
     cfg = config.load(config_file)
     lo, hi = cfg.data.hu_window
@@ -35,7 +37,6 @@ def _untrained_run(config_file, size: int, root: Path) -> Path:
 
 def _exports(runs: list[Path], engines_wanted, tmp: Path) -> dict[str, list[Path]]:
     """The exports the file engines need, per engine (openvino runs its own IR)."""
-    from liverseg import export, predict
 
     need = {"onnxruntime": "onnx", "openvino": "openvino", "openvino-bf16": "openvino", "litert": "litert"}
     made: dict[str, list[Path]] = {}
@@ -43,7 +44,7 @@ def _exports(runs: list[Path], engines_wanted, tmp: Path) -> dict[str, list[Path
     for engine in engines_wanted:
         fmt = need.get(engine)
         if fmt and fmt not in made:
-            made[fmt] = [export.export(predict.load_run(r), tmp / f"{fmt}-{i}", fmt)[0] for i, r in enumerate(runs)]
+            made[fmt] = [export.export(models.load_run(r), tmp / f"{fmt}-{i}", fmt)[0] for i, r in enumerate(runs)]
         if fmt:
             out[engine] = made[fmt]
     return out
@@ -85,20 +86,17 @@ def _peak_rss_mb() -> float:
 
 
 def _worker(job: dict) -> dict:
-    from liverseg import predict, volumes
-    from liverseg.volumes import Source
-
     engine, paths = job["engine"], [Path(m) for m in job["models"]]
     if engine.startswith("tensorflow"):
-        models = [predict.load_run(p).use_engine(engine) for p in paths]
+        nets = [models.load_run(p).use_engine(engine) for p in paths]
     else:
-        models = [predict.load_export(p, engine) for p in paths]
+        nets = [models.load_export(p, engine) for p in paths]
     loaded = [volumes.load_image(Source.nifti(p)) for p in job["images"]]
-    predict.predict_image(models, loaded[0].voxels, loaded[0].header)  # trace, compile and warm up once
+    predict.predict_image(nets, loaded[0].voxels, loaded[0].header)  # trace, compile and warm up once
     seconds, slices, masks = 0.0, 0, {}
     for i, vol in enumerate(loaded):
         t0 = time.perf_counter()
-        mask, _, geom = predict.predict_image(models, vol.voxels, vol.header)
+        mask, _, geom = predict.predict_image(nets, vol.voxels, vol.header)
         seconds += time.perf_counter() - t0
         slices += geom.stored_shape[0]
         masks[f"m{i}"] = mask
@@ -133,8 +131,6 @@ def bench_predict(
     (probabilities averaged) follow. The model: `run_dirs`, or an untrained network of
     `config_file` at `size` (speed only)."""
     import tempfile
-
-    from liverseg import LiversegError, engines, layouts
 
     found, _ = layouts.find(Path(data))
     images = [pair.image.path for _, pair in sorted(found.items())[:cases]]
@@ -185,8 +181,6 @@ def bench_metrics(masks: str | Path, shift: int = 2) -> list[dict]:
     """Metric time per case on real masks, scored against an imperfect 'prediction': the
     mask shifted by `shift` voxels along every axis and eroded once."""
     from scipy import ndimage
-
-    from liverseg import metrics
 
     rows = []
     for p in sorted(Path(masks).glob("*_liver.nii*")):

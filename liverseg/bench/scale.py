@@ -28,8 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError
-from liverseg.outputs import atomic_path, check_writable
+from liverseg import LiversegError, config, folds, models, nifti_io, verify
+from liverseg.bench.measure import batch_count, throughput
+from liverseg.convert import ConvertOptions, convert
+from liverseg.convert.beam import convert_beam
+from liverseg.files import atomic_path, check_writable
+from liverseg.manifest import CASES, MANIFEST, Manifest
 
 # figure -> the slope its total must keep (None: a rate, which must stay flat). "manifest" is
 # dataset.json, the summary every command loads; "cases file" is cases.jsonl, read when a
@@ -73,7 +77,6 @@ def tiny_case(rng: np.random.Generator, size: int, slices: int) -> tuple[np.ndar
 
 def synthesise(out: Path, n: int, size: int, slices: int, seed: int = 0) -> float:
     """Write n tiny cases as NIfTI pairs into `out`; returns seconds."""
-    from liverseg import nifti_io
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -132,15 +135,13 @@ def _startup(records: Path, run: Path) -> tuple[float, float]:
 
 
 def _preset(name: str) -> Path:
-    from liverseg import config
 
     return config.preset(name)
 
 
 def _pipeline_rate(records: Path, batches: int = 40) -> float:
     """The smoke recipe's training pipeline, slices/s after 10 warm-up batches."""
-    from liverseg import config, pipeline
-    from liverseg.bench.measure import batch_count, throughput
+    from liverseg import pipeline
 
     cfg = config.load(_preset("smoke"), [f"data.records={records}"])
     return throughput(iter(pipeline.build_dataset(cfg, "train")), batches, 10, batch_count)[0]
@@ -148,8 +149,6 @@ def _pipeline_rate(records: Path, batches: int = 40) -> float:
 
 def _cv_bookkeeping(records: Path) -> float:
     """Seconds to deal 5 folds and record each fold's patients (what every fold's run does)."""
-    from liverseg import config, folds
-    from liverseg.manifest import Manifest
 
     m = Manifest.load(records)
     t0 = time.perf_counter()
@@ -161,9 +160,7 @@ def _cv_bookkeeping(records: Path) -> float:
 
 def measure(n: int, work: Path, size: int, slices: int, beam: bool = True) -> dict:
     """Every figure for n cases, as {figure: (total, per case)} (pipeline: slices/s, not a total)."""
-    from liverseg import evaluate, predict, verify
-    from liverseg.convert import ConvertOptions, convert
-    from liverseg.manifest import CASES, MANIFEST, Manifest
+    from liverseg import evaluate
 
     src, rec = work / "src", work / "records"
     got: dict[str, float] = {}
@@ -171,8 +168,6 @@ def measure(n: int, work: Path, size: int, slices: int, beam: bool = True) -> di
     opts = ConvertOptions(val=0.1, test=0.02, workers=2)
     got["convert (local, 2 workers)"], _ = _timed(convert, src, rec, opts, progress=False)
     if beam:
-        from liverseg.convert.beam import convert_beam
-
         got["convert (Beam direct, 2 workers)"], _ = _timed(
             convert_beam, src, work / "records-beam", ConvertOptions(val=0.1, test=0.02, workers=2, runner="direct")
         )
@@ -188,7 +183,7 @@ def measure(n: int, work: Path, size: int, slices: int, beam: bool = True) -> di
     got["inspect"], _ = _timed(verify.inspect, rec)
     got["train start-up to first step"], got["train peak RSS"] = _startup(rec, work / "run")
     got["pipeline slices/s"] = _pipeline_rate(rec)
-    run = predict.load_run(work / "run")
+    run = models.load_run(work / "run")
     tests = len(Manifest.load(rec).cases_in("test"))
     seconds, _ = _timed(evaluate.evaluate, run, rec, "test", out=work / "eval", pngs=False)
     got["evaluate per test case"] = seconds / tests * n  # scaled to a total over n cases, for the slope

@@ -7,7 +7,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from liverseg import config, plan, synth
 from liverseg.bench.measure import batch_count, cores, throughput
+from liverseg.convert import ConvertOptions, convert
+from liverseg.manifest import Manifest
 
 
 class _Without(logging.Filter):
@@ -30,7 +33,7 @@ def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tup
     the last step writes; includes the final read of the on-device figures."""
     import tensorflow as tf
 
-    from liverseg import config, train
+    from liverseg import train
 
     def one_batch(ds):
         return tf.data.Dataset.from_tensors(next(iter(ds))).repeat()
@@ -66,8 +69,6 @@ def _timed_training(cfg, run: Path, warmup: int, steps: int, fixed: bool) -> tup
 
 def _tiny_records(tmp: Path, size: int = 64) -> Path:
     """A few synthetic cases converted at size x size (the loop-overhead probe's data)."""
-    from liverseg import synth
-    from liverseg.convert import ConvertOptions, convert
 
     synth.synthesize(tmp / "nifti", cases=3, size=size, slices=(8, 10), seed=1, progress=False)
     convert(tmp / "nifti", tmp / "records", ConvertOptions(val=0.0, test=0.0), progress=False)
@@ -89,9 +90,7 @@ MEMORY_HEADROOM = 0.85  # of MemAvailable: the rest is left to the system
 
 def available_memory() -> float | None:
     """This machine's available memory (a function of its own, so tests can pretend)."""
-    from liverseg.pipeline import available_memory as from_proc
-
-    return from_proc()
+    return plan.available_memory()
 
 
 def training_memory(cfg, model, h: int, w: int, shard_bytes: float) -> tuple[float, float]:
@@ -137,8 +136,7 @@ def bench_train(
     """
     import tensorflow as tf
 
-    from liverseg import config, step
-    from liverseg.manifest import Manifest
+    from liverseg import step
 
     cfg = config.load(config_file, [*overrides, f"data.records={records}"])
     h, w = Manifest.load(records).split("train").slice_shape
@@ -192,7 +190,6 @@ def bench_train(
 def _loop_rows(cfg, tmp: Path, warmup: int, loop_steps: int, add) -> None:
     """The loop's host cost per step: the real loop with a one-1x1-conv model on 64x64 slices
     of the recipe's depth and batch, without and with device augmentation."""
-    from liverseg import config
 
     batch, channels = cfg.data.batch_size, 2 * cfg.data.context + 1
     probe = config.replace(cfg, **{"model.name": "pointwise", "data.records": str(_tiny_records(tmp))})
@@ -245,7 +242,7 @@ def _sized_for_memory(cfg, h: int, w: int, shard_bytes: float, on_gpus: bool):
     """(the config to train the model rows with, or None to skip them; a note on the batch).
     On GPUs TensorFlow reports a batch that does not fit itself; on the CPU the kernel would
     kill the process, so the batch is fitted to this machine's memory first."""
-    from liverseg import config, unet
+    from liverseg import unet
 
     if on_gpus:
         return cfg, ""

@@ -14,31 +14,32 @@ from __future__ import annotations
 import os
 import sys
 
+from liverseg.cli import startup
+
 
 def _commands():
-    from liverseg.cli import bench, data, run  # noqa: F401 - each registers its commands on the group
-    from liverseg.cli.group import cli
+    """The module of the click group, with every command registered on it. Imported here, not
+    at the top: the command modules load numpy, nibabel and click, and `main` must catch
+    SIGTERM and set TensorFlow's log level before anything else is imported (the one place
+    liverseg imports its own modules inside a function without TensorFlow behind them)."""
+    from liverseg.cli import bench, data, group, run  # noqa: F401 - each registers its commands on the group
 
-    return cli
+    return group
 
 
 def __getattr__(name: str):
     if name == "cli":
-        return _commands()
+        return _commands().cli
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    from liverseg.cli import startup
-
     startup.catch_sigterm(sys.argv[1:])  # first: a SIGTERM from here on is not lost
     # TensorFlow's C++ INFO and WARNING lines drown the CLI's own output; errors still show.
     # Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
     if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # unset or empty
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    from liverseg.cli import group
-
-    cli = _commands()
+    group = _commands()
     runs_tensorflow = group.runs_tensorflow_command(sys.argv[1:])
     if runs_tensorflow:
         try:
@@ -49,7 +50,7 @@ def main() -> None:
     startup.prefer_tcmalloc(runs_tensorflow)  # may re-execute this process
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0":
         startup.quiet_stderr()
-    cli(prog_name="liverseg")
+    group.cli(prog_name="liverseg")
 
 
 __all__ = ["cli", "main"]

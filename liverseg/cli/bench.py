@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from liverseg import bench as bench_mod
+from liverseg.bench import ROWS, scale
+from liverseg.bench.predict import ENGINE_ROWS
 from liverseg.cli.data import build_convert_options, convert_options
 from liverseg.cli.group import cli, runs_option, runs_tensorflow, set_option, table
 from liverseg.engines import ENGINES
@@ -29,7 +32,6 @@ def bench():
 @convert_options
 def bench_convert(src, dicom, beam, **kw):
     """Time a plain nibabel load of SRC against `convert` with 1 and --workers processes."""
-    from liverseg import bench as bench_mod
 
     workers = kw["workers"] if kw["workers"] > 1 else 2
     click.echo(table(bench_mod.bench_convert(src, workers, build_convert_options(**kw), dicom, beam)))
@@ -58,7 +60,6 @@ def bench_convert(src, dicom, beam, **kw):
 @set_option
 def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batches, service, config_path, overrides):
     """Pipeline throughput against the raw read ceiling, the tutorial loader and the resampling floor."""
-    from liverseg import bench as bench_mod
 
     click.echo(
         table(
@@ -79,7 +80,6 @@ def bench_pipeline(records, nifti, batches, aug, context, batch, tutorial_batche
 
 
 def _bench_rows(ctx, param, value: str) -> tuple:
-    from liverseg.bench import ROWS
 
     return _choices(value, ROWS, "--rows")
 
@@ -126,7 +126,6 @@ def _choices(value: str, valid: tuple, flag: str) -> tuple:
 )
 def bench_train(records, config_path, overrides, steps, warmup, loop_steps, input_batches, peak_tflops, rows):
     """Training ceilings in one run: model, loop overhead, input, end to end, FLOPs per image."""
-    from liverseg import bench as bench_mod
 
     click.echo(
         table(
@@ -158,8 +157,6 @@ def bench_train(records, config_path, overrides, steps, warmup, loop_steps, inpu
 def bench_predict(run_dirs, data, cases, config_path, size, engine_rows):
     """Whole-volume prediction per engine (s/volume, slices/s, peak RSS, masks against the
     first engine's), and for several --run their ensemble, on the same volumes of DATA."""
-    from liverseg import bench as bench_mod
-    from liverseg.bench.predict import ENGINE_ROWS
 
     if bool(run_dirs) == bool(config_path):
         raise click.UsageError("give --run RUN (several: also their ensemble) or --config C --size N")
@@ -172,7 +169,6 @@ def bench_predict(run_dirs, data, cases, config_path, size, engine_rows):
 @click.argument("masks", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def bench_metrics(masks):
     """Metric time per case on real *_liver.nii[.gz] masks against a shifted, eroded copy."""
-    from liverseg import bench as bench_mod
 
     click.echo(table(bench_mod.bench_metrics(masks)))
 
@@ -194,7 +190,6 @@ def bench_metrics(masks):
 @click.option("--force", is_flag=True, help="Replace an earlier bench scale JSON at --json.")
 def bench_scale(cases, size, slices, no_beam, work, json_out, force):
     """Every stage from N=100 to 10,000 cases: per-case cost and its growth exponent, against the goals."""
-    from liverseg.bench import scale
 
     try:
         counts = tuple(int(c) for c in cases.split(","))

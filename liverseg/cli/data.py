@@ -8,9 +8,14 @@ from pathlib import Path
 
 import click
 
-from liverseg import LiversegError
+from liverseg import LiversegError, data_service
+from liverseg import convert as convert_mod
+from liverseg import synth as synth_mod
+from liverseg import verify as verify_mod
 from liverseg.cli.group import cli, runs_tensorflow, table
+from liverseg.convert.beam import convert_beam
 from liverseg.layouts import LAYOUTS, SYNTH_LAYOUTS
+from liverseg.manifest import ConvertOptions
 
 
 @cli.command()
@@ -34,7 +39,6 @@ from liverseg.layouts import LAYOUTS, SYNTH_LAYOUTS
 @click.option("--workers", default=1, show_default=True, help="Parallel processes.")
 def synth(out, cases, size, slices, masks, seed, layout, workers):
     """Write synthetic CT phantoms (<case>_orig.nii.gz, <case>_liver.nii.gz) to OUT."""
-    from liverseg import synth as synth_mod
 
     try:
         lo, hi = (int(v) for v in slices.split(".."))
@@ -91,7 +95,6 @@ def dataclass_options(cls, skip: tuple[str, ...] = (), choices: dict[str, tuple]
 
 
 def _convert_cli():
-    from liverseg.manifest import ConvertOptions
 
     return dataclass_options(ConvertOptions, choices={"layout": LAYOUTS})
 
@@ -107,7 +110,6 @@ convert_options, build_convert_options = _convert_cli()
 def convert(src, out, beam_args, **kw):
     """Convert the CT volume/mask pairs of SRC (a folder, or with --layout list a case list) to
     sharded TFRecords + manifest in OUT."""
-    from liverseg import convert as convert_mod
 
     opts = build_convert_options(**kw)
     if opts.runner == "local":
@@ -115,8 +117,6 @@ def convert(src, out, beam_args, **kw):
             raise LiversegError(f"{' '.join(beam_args)}: Beam pipeline options need --runner (e.g. --runner direct)")
         manifest = convert_mod.convert(src, out, opts)
     else:
-        from liverseg.convert.beam import convert_beam
-
         manifest = convert_beam(src, out, opts, beam_args)
     for split, s in manifest.splits.items():
         click.echo(f"{split}: {s.num_cases} cases, {s.num_examples} slices, {len(s.shards)} shard(s)")
@@ -129,7 +129,6 @@ def convert(src, out, beam_args, **kw):
 @click.argument("root", type=click.Path(path_type=Path))
 def verify(root):
     """Read every record of every shard in ROOT and check it against the manifest (no TensorFlow needed)."""
-    from liverseg import verify as verify_mod
 
     reports = verify_mod.verify(root)
     click.echo(
@@ -152,7 +151,6 @@ def verify(root):
 @click.option("--max-cases", default=3, show_default=True, help="Cases per split drawn with --png.")
 def inspect(root, png, max_cases):
     """Summarise a converted dataset per split; optionally draw overlays."""
-    from liverseg import verify as verify_mod
 
     click.echo(table(verify_mod.inspect(root, png, max_cases)))
     if png:
@@ -178,7 +176,6 @@ def data_service_group():
 )
 def data_service_dispatcher(port, host, work_dir):
     """Run a tf.data service dispatcher until SIGTERM or Ctrl-C."""
-    from liverseg import data_service
 
     data_service.dispatcher(port, host, work_dir)
 
@@ -197,6 +194,5 @@ def data_service_dispatcher(port, host, work_dir):
 )
 def data_service_worker(dispatcher_address, port, host):
     """Run a tf.data service worker until SIGTERM or Ctrl-C."""
-    from liverseg import data_service
 
     data_service.worker(dispatcher_address, port, host)

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
-from liverseg import LiversegError
+from liverseg import LiversegError, board, models
+from liverseg import config as config_mod
+from liverseg import export as export_mod
+from liverseg import predict as predict_mod
 from liverseg.cli.group import (
     cli,
     runs_option,
@@ -23,7 +26,6 @@ from liverseg.predict import OUTPUT_FORMATS
 
 
 def _config(config_path, records, overrides):
-    from liverseg import config as config_mod
 
     overrides = list(overrides)
     if records is not None:
@@ -75,7 +77,6 @@ def train(config_path, records, run_dir, overrides):
 @click.option("--port", default=6006, show_default=True)
 def tensorboard(logdir, host, port):
     """Serve TensorBoard for a run (or a folder of runs), on localhost by default."""
-    from liverseg import board
 
     raise SystemExit(board.serve(logdir, host, port))
 
@@ -161,16 +162,14 @@ def _summary_table(summary: dict) -> str:
 
 def load_models(run_dirs, weights, model_dirs, engine=None) -> list:
     """The models of --run (each with --weights when one run is given) and --model options."""
-    from liverseg import predict as predict_mod
-
     if not run_dirs and not model_dirs:
         raise click.UsageError("give --run RUN or --model EXPORT (several of either: an ensemble)")
     if weights and len(run_dirs) != 1:
         raise click.UsageError("--weights picks the weights of one --run")
-    runs = [predict_mod.load_run(r, weights) for r in run_dirs]
+    runs = [models.load_run(r, weights) for r in run_dirs]
     if engine:
         runs = [r.use_engine(engine) for r in runs]  # refuses an engine that runs exports only
-    return runs + [member for m in model_dirs for member in predict_mod.load_exports(m, engine)]
+    return runs + [member for m in model_dirs for member in models.load_exports(m, engine)]
 
 
 engine_option = click.option(
@@ -209,8 +208,6 @@ engine_option = click.option(
 @click.option("--prob", is_flag=True, help="Also write <case>_liver_prob.nii.gz probability maps (an ensemble's mean).")
 def predict(run_dirs, weights, model_dirs, engine, inputs, out, fmt, force, prob):
     """Liver masks for NIfTI files and DICOM series (folders or zips), on each input's own grid."""
-    from liverseg import predict as predict_mod
-
     written, failures = predict_mod.predict(
         load_models(run_dirs, weights, model_dirs, engine), inputs, out, force, prob, fmt
     )
@@ -236,7 +233,6 @@ def predict(run_dirs, weights, model_dirs, engine, inputs, out, fmt, force, prob
 def export(run_dirs, weights, out, fmt, force):
     """The run's network in FORMAT with its input contract (several --run: an ensemble);
     liverseg predict --model OUT runs it."""
-    from liverseg import export as export_mod
 
     if not run_dirs:
         raise click.UsageError("give --run RUN (several: an exported ensemble)")

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from liverseg import InputError, LiversegError
+from liverseg.convert import prepare, resolve
 from liverseg.convert.discover import Case
-from liverseg.convert.output import assemble, check_same_sources, commit
+from liverseg.convert.output import assemble, check_same_sources, commit, locked
 from liverseg.convert.shards import (
     TMP_PREFIX,
     ShardJob,
@@ -139,14 +140,12 @@ def pipeline(runner: str, workers: int, args: tuple[str, ...], worker_log: Path)
 def convert_beam(src: str | Path, out: str | Path, opts: ConvertOptions, beam_args: tuple[str, ...] = ()) -> Manifest:
     """Convert SRC to OUT on Beam (`opts.runner`: "direct" or a Beam runner name; beam_args:
     its pipeline options). Returns the manifest, as `convert.convert` does."""
-    from liverseg.convert.output import locked
 
     with locked(Path(out), Path(src)):
         return _convert_beam(Path(src), Path(out), opts, beam_args)
 
 
 def _convert_beam(src: Path, out: Path, opts: ConvertOptions, beam_args: tuple[str, ...]) -> Manifest:
-    from liverseg.convert import prepare, resolve
 
     beam = import_beam()
     # Beam's INFO/WARNING lines are per-worker chatter, and it logs a failing step's traceback

@@ -30,6 +30,7 @@ from pathlib import Path
 from liverseg import LiversegError, records
 from liverseg.convert.discover import Case
 from liverseg.convert.shards import TMP_PREFIX, ShardResult, is_temporary
+from liverseg.files import folder_lock
 from liverseg.manifest import (
     CASES,
     MANIFEST,
@@ -41,7 +42,7 @@ from liverseg.manifest import (
     SplitInfo,
     cases_lines,
 )
-from liverseg.outputs import check_output, folder_lock
+from liverseg.outputs import check_output
 from liverseg.records import SPLITS
 
 LOCK = ".liverseg-convert.lock"  # held by the conversion writing into OUT

@@ -199,8 +199,8 @@ def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, C
         c.case_id,
         c.index,
         c.split,
-        source_file(c.image, img.sha256, img.nbytes),
-        source_file(c.mask, msk.sha256, msk.nbytes),
+        SourceFile.of(c.image, img.sha256, img.nbytes),
+        SourceFile.of(c.mask, msk.sha256, msk.nbytes),
         geom,
         int(mask.shape[0]),
         liver,
@@ -209,13 +209,6 @@ def _load_case(c: Case, opts: ConvertOptions) -> tuple[np.ndarray, np.ndarray, C
         source=c.source,
     )
     return image, mask, info, per_slice
-
-
-def source_file(src, sha256: str, nbytes: int) -> SourceFile:
-    """How the manifest records a Source."""
-    return SourceFile(
-        str(src.path), sha256, nbytes, src.series, src.kind if src.kind in ("nrrd", "seg") else None, src.label or None
-    )
 
 
 def write_case(writer: records.ShardWriter, c: Case, opts: ConvertOptions) -> CaseInfo | SkippedCase:

@@ -27,32 +27,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import NamedTuple
 
 from liverseg import InputError, LiversegError, volumes
+from liverseg.layouts.case_list import LIST_COLUMNS, list_cases
+from liverseg.layouts.overlap import LITS_FROM_IRCAD, ircad_overlap, public_origin
 from liverseg.records import SPLITS
-from liverseg.volumes import Source
+from liverseg.source import Found, Pair, Source
 
 LAYOUTS = ("pattern", "ircad", "msd", "lits", "list")
 # What `liverseg synth` writes: "flat" and "seed" (train/ + test/ folders) are the pattern
 # layout, "ircad" the ircad layout
 SYNTH_LAYOUTS = ("flat", "seed", "ircad")
 MERGES_TUMOUR = ("msd", "lits")  # layouts whose masks label tumour 2 inside the liver
-
-
-class Pair(NamedTuple):
-    """A case as a layout finds it: its image and mask, its split ("" unless the layout says
-    it), its source tag (a case list's `source` column: "real", "phantom", ...) and where it
-    was listed (a case list's row: what a message about the case names)."""
-
-    image: Source
-    mask: Source
-    split: str = ""
-    source: str = ""
-    origin: str = ""
-
-
-Found = dict[str, Pair]
 
 
 def find(
@@ -251,9 +237,6 @@ def _lits(src: Path) -> Found:
         _none_found(src, "--layout lits expects volume-N.nii / segmentation-N.nii files")
     return found
 
-
-from liverseg.layouts.case_list import LIST_COLUMNS, list_cases  # noqa: E402 - after Pair, which they use
-from liverseg.layouts.overlap import LITS_FROM_IRCAD, ircad_overlap, public_origin  # noqa: E402
 
 __all__ = [
     "LAYOUTS",

@@ -11,9 +11,8 @@ import re
 from pathlib import Path
 
 from liverseg import InputError, LiversegError, volumes
-from liverseg.layouts import Found, Pair
 from liverseg.records import SPLITS
-from liverseg.volumes import Source
+from liverseg.source import Found, Pair, Source
 
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # also a file name: overlays, outputs
 _SOURCE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -138,18 +137,11 @@ def _resolve(base: Path, value: str, what: str, where: str) -> Path:
     return p
 
 
-def _kind(p: Path) -> str | None:
-    name = p.name.lower()
-    return next((kind for suffix, kind in volumes.SUFFIXES.items() if name.endswith(suffix)), None)
-
-
 def _image_source(base: Path, value: str, where: str) -> Source:
     p = _resolve(base, value, "image", where)
-    kind = _kind(p)
-    if kind == "nifti":
-        return Source.nifti(p)
-    if kind == "nrrd":
-        return Source.nrrd(p)
+    kind = volumes.kind_by_name(p)
+    if kind is not None:
+        return Source(kind, p)
     try:
         ct = [s for s in volumes.dicom_series(p) if s.modality in ("CT", "")]
     except InputError as e:
@@ -164,11 +156,9 @@ def _image_source(base: Path, value: str, where: str) -> Source:
 
 def _mask_source(base: Path, value: str, image: Source, label: str, where: str, segment: str = "liver") -> Source:
     p = _resolve(base, value, "mask", where)
-    kind = _kind(p)
-    if kind == "nifti":
-        return Source.nifti(p, label)
-    if kind == "nrrd":
-        return Source.nrrd(p, label or (segment if p.name.lower().endswith(".seg.nrrd") else ""))
+    kind = volumes.kind_by_name(p)
+    if kind is not None:
+        return volumes.READERS[kind].mask_source(p, label, segment)
     if p.is_file() and not p.name.lower().endswith(".zip"):  # one DICOM file: a Segmentation object
         if not volumes.is_dicom_seg(p):
             raise LiversegError(f"{where}: mask {value} is neither NIfTI, NRRD nor a DICOM Segmentation (SEG) file")
