@@ -3,8 +3,11 @@ anterior, +z superior): air, a body outline with subcutaneous fat and a muscle w
 paraspinal muscles, spine with discs and posterior elements, ribs, aorta and IVC, kidneys,
 a fluid/air stomach, bowel gas, a spleen with liver-like HU on the other side, a
 gallbladder and the IVC carved out of the liver, and inside the liver enhancing vessels
-and hypodense lesions (both part of the liver mask). Partial-volume blur and Gaussian
-noise come last. `synth` turns renderings into cases and files.
+and hypodense lesions (both part of the liver mask). Above the liver the chest: the
+diaphragm over two hemidomes (the right one on the liver's top, so the dome borders it as in
+real CT), the lungs with their vessels reaching down behind and beside the liver, and the
+heart with its pericardial fat resting on the diaphragm, in HU measured on the real scans.
+Partial-volume blur and Gaussian noise come last. `synth` turns renderings into cases and files.
 """
 
 from __future__ import annotations
@@ -87,6 +90,33 @@ def _draw_anatomy(rng: np.random.Generator, fov_x: float, fov_y: float, coverage
             for _ in range(rng.integers(6, 14))
         ],
         "tex": [(_unit(rng) * 2 * math.pi / rng.uniform(8, 40), rng.uniform(0, 2 * math.pi)) for _ in range(10)],
+        "thorax": _draw_thorax(rng, a, b),
+    }
+
+
+def _draw_thorax(rng: np.random.Generator, a: float, b: float) -> dict:
+    """The chest above the diaphragm (mm): two hemidomes, paraboloids falling `drop` mm over
+    their radii and faster behind (the posterior recesses), the right one's apex at the liver's
+    top, the left one's lower and on the left; the heart resting on the diaphragm left of the
+    midline, its wall, and the fat around its lower, front part; textures of the lungs."""
+    return {
+        "diaphragm": rng.uniform(3.0, 6.0),
+        "rx": a * rng.uniform(0.45, 0.6),
+        "ry": b * rng.uniform(0.55, 0.75),
+        "drop": rng.uniform(35, 60),
+        "back": rng.uniform(1.0, 1.8),
+        "left_x": -a * rng.uniform(0.3, 0.45),
+        "left_lower": rng.uniform(5, 25),
+        "heart": (
+            -a * rng.uniform(0.05, 0.2),
+            b * rng.uniform(0.0, 0.25),
+            a * rng.uniform(0.25, 0.33),
+            b * rng.uniform(0.3, 0.42),
+            rng.uniform(45, 65),
+        ),
+        "wall": rng.uniform(6, 12),
+        "fat": rng.uniform(3, 12),
+        "lung_tex": [(_unit(rng) * 2 * math.pi / rng.uniform(4, 12), rng.uniform(0, 2 * math.pi)) for _ in range(8)],
     }
 
 
@@ -112,6 +142,13 @@ def _draw_hu(rng: np.random.Generator, liver: float) -> dict:
         "gall": rng.uniform(0, 20),
         "csf": rng.uniform(5, 15),
         "table": rng.uniform(100, 300),
+        # the chest, measured on the real scans: lung -870 +- 66 HU at the dome of IRCAD patient 1
+        # (-750 at the 3 mm TotalSegmentator CT's, partial volume); its heart ~190 HU in the
+        # portal phase against a liver of 110, the heart of a non-contrast scan about the liver's
+        "lung": rng.uniform(-900, -800),
+        "lung_var": rng.uniform(25, 70),
+        "blood": liver + rng.uniform(-15, 100),
+        "myocardium": liver + rng.uniform(-30, 15),
     }
 
 
@@ -257,13 +294,18 @@ def _body_rings(A: dict, xs, ys) -> np.ndarray:
 BIG = 1e4  # an ellipsoid axis that spans any slab (structures running the whole length)
 
 
-def _render_slab(A: dict, cv: _Canvas, r, tex, deform, liver_in, lesions) -> np.ndarray:
-    """Paint one slab in cv.ct (HU) and return its liver mask. r: body radius, tex/deform:
-    fields. Structures are painted in this order, each over what is below it."""
+def _render_slab(A: dict, cv: _Canvas, r, textures, dome, liver_in, lesions) -> np.ndarray:
+    """Paint one slab in cv.ct (HU) and return its liver mask. r: body radius, textures: the
+    slab's fields (tissue, liver deformation, lungs), dome: the diaphragm (`_dome`).
+    Structures are painted in this order, each over what is below it."""
+    tex, deform, lung_tex = textures
     inner = _paint_body_wall(A, cv, r, tex)
     _paint_abdomen(A, cv, inner)
     liver = _procedural_liver(A, cv, r, deform) if liver_in is None else liver_in.astype(bool)
+    if liver_in is None:  # a drawn liver ends below the diaphragm (a real mask does by construction)
+        liver &= cv.zs[None, None, :] < dome[..., None]
     _paint_liver(A, cv, liver, inner, tex, lesions, gallbladder=liver_in is None)
+    _paint_thorax(A, cv, inner, dome, liver, lung_tex)
     ivc = _paint_great_vessels_and_spine(A, cv)
     _paint_ribs(A, cv)
     if liver_in is not None:  # a real mask is the ground truth as given
@@ -364,6 +406,68 @@ def _paint_liver(A: dict, cv: _Canvas, liver, inner, tex, lesions, gallbladder: 
         cv.paint(_ellipsoid_box(g), lambda x, y, z: (_ellipsoid(x, y, z, g) < 1, hu["gall"]))
 
 
+def _dome(A: dict, xs, ys, zs, liver) -> np.ndarray:
+    """The diaphragm's underside, a height in mm per column [X, Y]: the larger of two
+    hemidomes (`_draw_thorax`), the right one's apex at the liver's top; over a real liver never
+    below the top face of its highest voxel, so the chest never covers a voxel of the mask."""
+    T = A["thorax"]
+    top = None
+    if liver is not None:
+        has = liver.any(axis=2)
+        highest = zs[liver.shape[2] - 1 - np.argmax(liver[:, :, ::-1], axis=2)]
+        step = float(zs[1] - zs[0]) if len(zs) > 1 else 1.0
+        top = np.where(has, highest + 0.5 * step, -np.inf)
+        i, j = np.unravel_index(int(np.argmax(top)), top.shape)
+        apex = (float(xs[i]), float(ys[j]), float(top[i, j]))
+    else:
+        cx, cy, cz, _sx, _sy, sz = A["right"]
+        apex = (cx, cy, cz + sz * (1 - 0.5 * A["deform_amp"]))
+    x, y = xs[:, None], ys[None, :]
+
+    def hemidome(ax: float, ay: float, az: float) -> np.ndarray:
+        dy = (y - ay) / T["ry"]
+        dy = np.where(dy < 0, dy * T["back"], dy)  # behind the apex it falls faster
+        return az - T["drop"] * (((x - ax) / T["rx"]) ** 2 + dy**2)
+
+    dome = np.maximum(hemidome(*apex), hemidome(T["left_x"], apex[1], apex[2] - T["left_lower"]))
+    if top is not None:
+        dome = np.maximum(dome, top)
+    return dome.astype(np.float32)
+
+
+def _paint_thorax(A: dict, cv: _Canvas, inner, dome, liver, lung_tex) -> None:
+    """Above the diaphragm, inside the chest wall: the diaphragm itself (muscle), the lungs with
+    their vessels, and the heart resting on it (blood pool, wall, the fat below and before it).
+    Whatever the abdomen painted there (a stomach's or spleen's top) is covered; the liver never
+    is (it lies below the dome)."""
+    hu, T = A["hu"], A["thorax"]
+    z = cv.zs[None, None, :]
+    above = inner & (z > dome[..., None]) & ~liver
+    chest = above & (z > dome[..., None] + T["diaphragm"])
+    cv.ct[above & ~chest] = hu["muscle"]
+    lungs = hu["lung"] + hu["lung_var"] * lung_tex
+    lungs = np.where(lung_tex > 1.9, hu["blood"] - 40.0, lungs)  # the lung's vessels: the sparse crests
+    cv.ct[chest] = np.broadcast_to(lungs, cv.ct.shape)[chest]
+    hx, hy, sx, sy, sz = T["heart"]
+    hi, hj = int(np.searchsorted(cv.xs, hx)), int(np.searchsorted(cv.ys, hy))
+    base = float(dome[min(hi, len(cv.xs) - 1), min(hj, len(cv.ys) - 1)]) + T["diaphragm"]
+    hz = base + 0.55 * sz
+    fat_e = (hx, hy, hz, sx + T["fat"], sy + T["fat"], sz + T["fat"])
+    got = cv.box(*_ellipsoid_box(fat_e))
+    if got is None:
+        return
+    sl, x, y, zz = got
+    region = chest[sl]
+    q = _ellipsoid(x, y, zz, (hx, hy, hz, sx, sy, sz))
+    fat = region & (_ellipsoid(x, y, zz, fat_e) < 1) & (q >= 1) & ((zz < hz) | (y > hy))
+    heart = region & (q < 1)
+    pool = heart & (_ellipsoid(x, y, zz, (hx, hy, hz, sx - T["wall"], sy - T["wall"], sz - T["wall"])) < 1)
+    view = cv.ct[sl]
+    view[fat] = hu["fat"]
+    view[heart] = hu["myocardium"]
+    view[pool] = hu["blood"]
+
+
 def _paint_great_vessels_and_spine(A: dict, cv: _Canvas) -> tuple:
     """IVC and aorta, the vertebra with its discs, its posterior arch and the spinal canal;
     returns the IVC (it is carved out of the liver mask)."""
@@ -444,14 +548,15 @@ def render(
     r = _body_rings(A, xs, ys)
     body = r[..., 0] < 1
     tex, deform = _WaveField(xs, ys, A["tex"]), _WaveField(xs, ys, A["deform"])
+    lung_tex = _WaveField(xs, ys, A["thorax"]["lung_tex"])
+    dome = _dome(A, xs, ys, zs, liver)
     ct = np.empty(shape, np.float32)
     mask = np.empty(shape, np.uint8)
     for z0 in range(0, Z, SLAB):
         sl = slice(z0, min(Z, z0 + SLAB))
         cv = _Canvas(ct[:, :, sl], body, xs, ys, zs[sl])
-        mask[:, :, sl] = _render_slab(
-            A, cv, r, tex.slab(zs[sl]), deform.slab(zs[sl]), None if liver is None else liver[:, :, sl], lesions
-        )
+        textures = (tex.slab(zs[sl]), deform.slab(zs[sl]), lung_tex.slab(zs[sl]))
+        mask[:, :, sl] = _render_slab(A, cv, r, textures, dome, None if liver is None else liver[:, :, sl], lesions)
     # Partial-volume blur (in voxels: thicker slices blur less along z), then scanner noise.
     blur = rng.uniform(0.5, 0.8)
     ndimage.gaussian_filter(ct, sigma=(blur, blur, 0.35), output=ct)
