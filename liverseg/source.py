@@ -73,6 +73,12 @@ def common_folder(members: tuple[str, ...]) -> str:
     return "/".join(common)
 
 
+def member_parts(member: str) -> list[str]:
+    """The folders and file of a file inside a folder or zip, zips named as folders
+    (`PATIENT_DICOM.zip!/PATIENT_DICOM/image_0` -> PATIENT_DICOM, PATIENT_DICOM, image_0)."""
+    return [p.removesuffix(".zip") for p in member.replace(NESTED, "/").split("/")]
+
+
 @dataclass(frozen=True)
 class Volume:
     """A loaded source volume: voxels on the source's grid (in its own axis order), the grid,
@@ -128,4 +134,4 @@ class Pair(NamedTuple):
 Found = dict[str, Pair]
 
 
-__all__ = ["NESTED", "Found", "Pair", "Reader", "Source", "Volume", "common_folder"]
+__all__ = ["NESTED", "Found", "Pair", "Reader", "Source", "Volume", "common_folder", "member_parts"]

@@ -23,7 +23,7 @@ import numpy as np
 
 from liverseg import InputError, dicom_io, dicom_seg, nifti_io, nrrd_io
 from liverseg.geometry import Header
-from liverseg.source import NESTED, Reader, Source, Volume
+from liverseg.source import Reader, Source, Volume
 
 HU_MIN, HU_MAX = -1024, 3071  # int16 storage range (12-bit CT)
 
@@ -45,22 +45,6 @@ def kind_by_name(path: str | Path) -> str | None:
     """The kind of a file its name says (NIfTI, NRRD); None for DICOM, found by its content."""
     name = Path(path).name.lower()
     return next((r.kind for r in READERS.values() if name.endswith(r.suffixes)), None) if name else None
-
-
-def dicom_series(path: str | Path, select=None) -> list:
-    """The DICOM series in a folder or zip (`dicom_io.Series`; `select(member)` picks files)."""
-    return dicom_io.find_series(path, select)
-
-
-def is_dicom_seg(path: str | Path) -> bool:
-    """Is this file a DICOM Segmentation object?"""
-    return dicom_io.is_segmentation(Path(path))
-
-
-def member_parts(member: str) -> list[str]:
-    """The folders and file of a file inside a folder or zip, zips named as folders
-    (`PATIENT_DICOM.zip!/PATIENT_DICOM/image_0` -> PATIENT_DICOM, PATIENT_DICOM, image_0)."""
-    return [p.removesuffix(".zip") for p in member.replace(NESTED, "/").split("/")]
 
 
 def load_image(src: Source) -> Volume:
@@ -160,13 +144,10 @@ __all__ = [
     "READERS",
     "Source",
     "Volume",
-    "dicom_series",
     "hounsfield",
-    "is_dicom_seg",
     "kind_by_name",
     "liver",
     "load_image",
     "load_mask",
-    "member_parts",
     "read_header",
 ]

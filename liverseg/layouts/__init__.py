@@ -28,11 +28,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from liverseg import InputError, LiversegError, volumes
+from liverseg import InputError, LiversegError, dicom_io
 from liverseg.layouts.case_list import LIST_COLUMNS, list_cases
 from liverseg.layouts.overlap import LITS_FROM_IRCAD, ircad_overlap, public_origin
 from liverseg.records import SPLITS
-from liverseg.source import Found, Pair, Source
+from liverseg.source import Found, Pair, Source, member_parts
 
 LAYOUTS = ("pattern", "ircad", "msd", "lits", "list")
 # What `liverseg synth` writes: "flat" and "seed" (train/ + test/ folders) are the pattern
@@ -145,7 +145,7 @@ def _ircad_series(patient: Path) -> dict:
     """The CT series (PATIENT_DICOM) and the liver mask series (MASKS_DICOM/liver) of a patient."""
 
     def role(member: str) -> str | None:
-        parts = volumes.member_parts(member)
+        parts = member_parts(member)
         if "PATIENT_DICOM" in parts[:-1]:
             return "image"
         if "MASKS_DICOM" in parts[:-1] and parts[-2] == "liver":
@@ -154,7 +154,7 @@ def _ircad_series(patient: Path) -> dict:
 
     out = {}
     for r in ("image", "mask"):  # one search per folder: a derived mask series may reuse the CT's UID
-        found = volumes.dicom_series(patient, select=lambda m, r=r: role(m) == r)
+        found = dicom_io.find_series(patient, select=lambda m, r=r: role(m) == r)
         if len(found) > 1:
             raise InputError(
                 f"{patient}: {len(found)} series in {'PATIENT_DICOM' if r == 'image' else 'MASKS_DICOM/liver'}"
@@ -170,7 +170,7 @@ IRCAD_LABEL_FOLDERS = ("MASKS_DICOM", "LABELLED_DICOM")  # 3D-IRCADb-01's label 
 
 def is_label_series(series) -> bool:
     """A DICOM series that holds labels, not a scan: 3D-IRCADb-01's MASKS_DICOM/... and LABELLED_DICOM."""
-    parts = volumes.member_parts(str(series.path))
+    parts = member_parts(str(series.path))
     return any(folder in parts for folder in IRCAD_LABEL_FOLDERS)
 
 

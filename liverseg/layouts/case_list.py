@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from liverseg import InputError, LiversegError, volumes
+from liverseg import InputError, LiversegError, dicom_io, volumes
 from liverseg.records import SPLITS
 from liverseg.source import Found, Pair, Source
 
@@ -143,7 +143,7 @@ def _image_source(base: Path, value: str, where: str) -> Source:
     if kind is not None:
         return Source(kind, p)
     try:
-        ct = [s for s in volumes.dicom_series(p) if s.modality in ("CT", "")]
+        ct = [s for s in dicom_io.find_series(p) if s.modality in ("CT", "")]
     except InputError as e:
         raise LiversegError(f"{where}: image {value}: {e}") from None
     if len(ct) != 1:
@@ -160,11 +160,11 @@ def _mask_source(base: Path, value: str, image: Source, label: str, where: str, 
     if kind is not None:
         return volumes.READERS[kind].mask_source(p, label, segment)
     if p.is_file() and not p.name.lower().endswith(".zip"):  # one DICOM file: a Segmentation object
-        if not volumes.is_dicom_seg(p):
+        if not dicom_io.is_segmentation(p):
             raise LiversegError(f"{where}: mask {value} is neither NIfTI, NRRD nor a DICOM Segmentation (SEG) file")
         return Source.seg(p, image, label or segment)
     try:
-        series = volumes.dicom_series(p)
+        series = dicom_io.find_series(p)
     except InputError as e:
         raise LiversegError(f"{where}: mask {value}: {e}") from None
     if len(series) != 1:
