@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from liverseg import InputError, LiversegError, folds, geometry, layouts, metrics, overlay, rundir, volumes
+from liverseg import InputError, LiversegError, folds, geometry, layouts, metrics, overlay, rundir, storage, volumes
 from liverseg.files import atomic_path, new_folder
 from liverseg.manifest import CaseInfo, Manifest
 from liverseg.models import Run, check_ensemble, load_run
@@ -69,16 +69,18 @@ def evaluate(
         _warn_overlap(run, {c: pair.image.name for c, pair in found.items()})
         cases = folder_cases(models, found, layout)
     inputs = [model.root for model in models] + [
-        Path(data) if data is not None else Path(records or run.cfg.data.records)
+        Path(data) if data is not None else storage.path(records or run.cfg.data.records)
     ]
-    return write_report(run, cases, Path(out) if out else rundir.RunDir(run.root).report(name), name, pngs, inputs)
+    return write_report(
+        run, cases, storage.path(out) if out else rundir.RunDir(run.root).report(name), name, pngs, inputs
+    )
 
 
 def _warn_overlap(run: Run, scored: dict) -> None:
     """A warning when the cases scored (case id -> image path) are patients the run trained
     on under another public dataset's name (3D-IRCADb-01 inside LiTS and the Decathlon)."""
     try:
-        trained_on = Manifest.load(Path(run.cfg.data.records))
+        trained_on = Manifest.load(run.cfg.data.records)
     except LiversegError:
         return  # the run's records are gone: nothing to compare with
     trained = {c.case_id: Path(c.image.path) for s in ("train", "val") for c in trained_on.cases_in(s)}
@@ -91,7 +93,7 @@ def split_manifest(run: Run, records: str | Path | None = None) -> Manifest:
     """The manifest of `records` (default: the run's) as the run sees it: a run of a fold
     (data.folds) sees its fold's patients as the val split."""
 
-    return folds.view(Manifest.load(Path(records or run.cfg.data.records)), run.cfg.data)
+    return folds.view(Manifest.load(records or run.cfg.data.records), run.cfg.data)
 
 
 def record_cases(run, records: str | Path | None, split: str, m: Manifest | None = None):
@@ -190,8 +192,8 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
     sd, median per metric, overall and per fold); default OUT: cv/ beside the first run.
     Refused, naming them: runs without folds, of different datasets or fold settings, two
     runs of one fold, a fold missing."""
-    roots = [Path(r) for r in run_dirs]
-    out = Path(out) if out else roots[0].parent / "cv"
+    roots = [storage.path(r) for r in run_dirs]
+    out = storage.path(out) if out else roots[0].parent / "cv"
     check_output(out, roots, replaces="report", flag="--out")
     by_fold = _one_run_per_fold(roots, [rundir.RunInfo.load(r) for r in roots])
     rows = []
@@ -209,7 +211,7 @@ def cross_validate(run_dirs, out: str | Path | None = None) -> tuple[list[dict],
         "overall": metrics.summarize(rows),
         "folds": {str(f): metrics.summarize([row for row in rows if row["fold"] == f]) for f in sorted(by_fold)},
     }
-    with new_folder(out) as tmp:
+    with new_folder(out, last=("metrics.json",)) as tmp:
         _write_table(tmp / "cases.csv", rows)
         (tmp / "metrics.json").write_text(
             json.dumps(
@@ -277,7 +279,7 @@ def write_report(run: Run, cases, out: Path, name: str, pngs: bool = True, input
     renamed onto `out` at the end, so a failure part-way leaves no folder."""
     rows = []
     check_output(out, [run.root, *inputs], replaces="report", flag="--out")
-    with new_folder(out) as tmp:
+    with new_folder(out, last=("metrics.json",)) as tmp:
         for case in cases:
             rows.append({"case": case.case_id, **metrics.case_metrics(case.prediction, case.reference, case.spacing)})
             if pngs:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, engines, rundir
+from liverseg import LiversegError, engines, rundir, storage
 from liverseg.files import new_folder
-from liverseg.models import ExportInfo, Run, check_ensemble, load_export, network_input
+from liverseg.models import CONTRACT_FILE, ExportInfo, Run, check_ensemble, load_export, network_input
 from liverseg.outputs import check_output
 from liverseg.predict import normalize
 
@@ -143,7 +142,7 @@ def probe(run: Run, n: int = 2) -> np.ndarray:
 def _check_out(out: Path, overwrite: bool, runs: list[Run]) -> None:
     """OUT may replace an earlier export only (with --force), never a run, a dataset, the
     export's own source or a folder of other files (`outputs.check_output`)."""
-    sources = [p for r in runs for p in (r.root, r.weights, Path(r.cfg.data.records))]
+    sources = [p for r in runs for p in (r.root, r.weights, storage.path(r.cfg.data.records))]
     check_output(out, sources, replaces="export")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LiversegError(f"{out} holds an earlier export; pass --force to replace it")
@@ -157,9 +156,9 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
     _require_exporter(fmt)
     if fmt != "savedmodel":
         engines.require(engines.ENGINE_OF_FORMAT[fmt])
-    out = Path(out)
+    out = storage.path(out)
     _check_out(out, overwrite, [run])
-    with new_folder(out) as tmp:
+    with new_folder(out, last=(CONTRACT_FILE,)) as tmp:
         WRITERS[fmt](run, tmp / ARTIFACTS[fmt])
         info = ExportInfo(format=fmt, artifact=ARTIFACTS[fmt], contract=run.contract, runs=(str(run.root.resolve()),))
         info.save(tmp)
@@ -173,9 +172,8 @@ def export(run: Run, out: str | Path, fmt: str = "savedmodel", overwrite: bool =
                 f"(more than {PARITY_TOL}); nothing written (report this with the run's config)"
             )
         dataclasses.replace(info, parity={"max_abs_probability_difference": diff, "probe": list(x.shape)}).save(tmp)
-        shutil.copy2(run.weights, tmp / run.weights.name)
-        for path in (rundir.RunDir(run.root).config, rundir.RunDir(run.root).info):
-            shutil.copy2(path, tmp / path.name)
+        for path in (run.weights, rundir.RunDir(run.root).config, rundir.RunDir(run.root).info):
+            (tmp / path.name).write_bytes(path.read_bytes())  # the run may be in a bucket
     return out, diff
 
 
@@ -188,10 +186,10 @@ def export_ensemble(
     if len(runs) == 1:
         return export(runs[0], out, fmt, overwrite)
     check_ensemble(runs)
-    out = Path(out)
+    out = storage.path(out)
     _check_out(out, overwrite, runs)
     diffs = []
-    with new_folder(out) as tmp:
+    with new_folder(out, last=(CONTRACT_FILE,)) as tmp:
         names = [f"member-{i}" for i in range(len(runs))]
         for name, run in zip(names, runs):
             diffs.append(export(run, tmp / name, fmt)[1])

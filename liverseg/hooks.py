@@ -22,12 +22,11 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from liverseg import TERMINATE, LiversegError, config, metrics
+from liverseg import TERMINATE, LiversegError, config, metrics, storage
 from liverseg.config import Config, TrainConfig
 from liverseg.rundir import RunDir
 from liverseg.step import TrainState
@@ -251,7 +250,7 @@ class Hooks:
 
     def _save(self, at: int) -> None:
         """manager.save, a full disk said in one line with TF's half-written `ckpt-N_temp` removed."""
-        directory = Path(self.manager.directory)
+        directory = storage.path(self.manager.directory)
         try:
             self.manager.save(checkpoint_number=at)
         except (tf.errors.OpError, OSError) as e:

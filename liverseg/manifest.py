@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from liverseg import __version__, records, serial
+from liverseg import __version__, records, serial, storage
 from liverseg.geometry import Geometry
 from liverseg.records import COMPRESSIONS, RecordsError
 from liverseg.source import Source
@@ -375,7 +375,7 @@ class Manifest:
                 source=creation["source"],
                 options=ConvertOptions.from_creation(creation["options"]),
                 splits={k: SplitInfo.from_json(v) for k, v in d["splits"].items()},
-                cases=_cases_of(d["cases"], Path(where).parent / CASES),
+                cases=_cases_of(d["cases"], storage.path(where).parent / CASES),
                 skipped=tuple(SkippedCase.from_json(s) for s in d.get("skipped", [])),
                 runner=creation.get("runner", "local"),
                 schema_version=d["schema_version"],
@@ -390,7 +390,7 @@ class Manifest:
     @classmethod
     def load(cls, root: str | Path, check_shards: bool = True) -> Manifest:
         """Read ROOT/dataset.json; with check_shards, every listed shard must exist at its size."""
-        root = Path(root)
+        root = storage.path(root)
         path = root / MANIFEST
         if not path.is_file():
             hint = (
@@ -423,7 +423,7 @@ class Manifest:
         """The shard file names the manifest file `path` lists (any name: a pending or retired
         one too), or None when it is not a readable liverseg manifest. Its cases are not read."""
         try:
-            m = cls.from_json(json.loads(Path(path).read_bytes()), path)
+            m = cls.from_json(json.loads(storage.path(path).read_bytes()), path)
         except (OSError, ValueError, RecordsError):
             return None
         return {s.file for split in m.splits.values() for s in split.shards}
@@ -472,7 +472,7 @@ class Manifest:
         return self.split(split).shards
 
     def path(self, shard: ShardInfo | str) -> Path:
-        return Path(self.root or ".") / (shard if isinstance(shard, str) else shard.file)
+        return storage.path(self.root or ".") / (shard if isinstance(shard, str) else shard.file)
 
     def shard_paths(self, split: str) -> list[Path]:
         return [self.path(s) for s in self.shards(split)]
@@ -509,7 +509,7 @@ class Manifest:
         case = self.case(case_id)
         shard, first = self._placement[case_id]
         return records.CaseRecords(
-            case_id, self.path(shard), first, case.num_slices, self.compression, Path(self.root or ".")
+            case_id, self.path(shard), first, case.num_slices, self.compression, storage.path(self.root or ".")
         )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liverseg import LiversegError, __version__, engines, rundir, serial
+from liverseg import LiversegError, __version__, engines, rundir, serial, storage
 from liverseg.layouts import MERGES_TUMOUR
 from liverseg.manifest import Manifest
 
@@ -143,7 +143,7 @@ class Exported:
 def _labels_of(records: str | None) -> str:
     """What a dataset's masks mean: tumour merged into the liver (msd, lits) or the liver alone."""
     try:
-        opts = Manifest.load(Path(records)).options
+        opts = Manifest.load(records).options
     except (LiversegError, OSError, TypeError):
         return "liver"  # the records are gone: masks of liverseg's layouts are liver masks
     return "liver+tumour" if opts.layout in MERGES_TUMOUR or opts.merge_tumour else "liver"
@@ -154,7 +154,7 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
     from liverseg import unet
     from liverseg.unet import weights_fingerprint
 
-    root, paths = Path(root), rundir.RunDir(root)
+    root, paths = storage.path(root), rundir.RunDir(root)
     cfg = rundir.load_config(root)
     info = rundir.RunInfo.load(root)
     spec = info.input
@@ -165,12 +165,15 @@ def load_run(root: str | Path, weights: str | Path | None = None) -> Run:
                 f"{root}: no {paths.best_weights.name} or {paths.final_weights.name} yet; train longer "
                 "or pass --weights"
             )
-    weights = Path(weights)
+    weights = storage.path(weights)
     if not weights.name.endswith(".weights.h5"):
         raise LiversegError(f"{weights}: only Keras weight files (*.weights.h5) are loaded, never whole models")
     model = unet.build(cfg.model, spec.channels)
     try:
-        model.load_weights(str(weights))
+        with storage.local_copy(weights) as local:  # h5py opens a local file
+            model.load_weights(str(local))
+    except LiversegError:
+        raise
     except Exception as e:  # a weights file of another architecture or a corrupt file: Keras dumps the tensors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise LiversegError(
@@ -231,7 +234,7 @@ class ExportInfo(serial.Record):
 
     @classmethod
     def load(cls, root: str | Path) -> ExportInfo:
-        path = Path(root) / CONTRACT_FILE
+        path = storage.path(root) / CONTRACT_FILE
         if not path.is_file():
             raise LiversegError(
                 f"{root}: not a liverseg export (no {CONTRACT_FILE}); make one with liverseg export "
@@ -246,14 +249,14 @@ class ExportInfo(serial.Record):
         return cls.from_json(d, path)
 
     def save(self, root: str | Path) -> None:
-        (Path(root) / CONTRACT_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        (storage.path(root) / CONTRACT_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def load_export(root: str | Path, engine: str | None = None) -> Exported:
     """An exported folder: its contract (CONTRACT_FILE) and its artifact in its format's
     runtime (or `engine`: openvino also runs an ONNX export). Refused in one line: not an
     export, an older or newer contract, a missing artifact, a runtime not installed."""
-    root = Path(root)
+    root = storage.path(root)
     info = ExportInfo.load(root)
     fmt = info.format
     if info.members:
@@ -265,6 +268,7 @@ def load_export(root: str | Path, engine: str | None = None) -> Exported:
     artifact = root / info.artifact
     if not artifact.exists():
         raise LiversegError(f"{root}: its {fmt} artifact {artifact.name} is missing; export the run again")
+    artifact = storage.local_folder(root) / info.artifact  # the runtimes open local files
     name = engine or engines.ENGINE_OF_FORMAT[fmt]
     if name == engines.ENGINE_OF_FORMAT[fmt]:
         network = engines.FILE_ENGINES[fmt](artifact)
@@ -310,7 +314,7 @@ def check_artifact_input(info: ExportInfo, shape: tuple, artifact: Path) -> None
 
 def load_exports(root: str | Path, engine: str | None = None) -> list[Exported]:
     """The models of an exported folder: one, or an exported ensemble's members."""
-    root = Path(root)
+    root = storage.path(root)
     info = ExportInfo.load(root)
     return [load_export(root / name, engine) for name in info.members] or [load_export(root, engine)]
 

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from liverseg import LiversegError
+from liverseg import LiversegError, storage
 from liverseg.files import PARTIAL, REPLACED, check_writable
 from liverseg.manifest import MANIFEST
 from liverseg.models import CONTRACT_FILE
@@ -77,7 +77,7 @@ def check_output(
     `kind_of`'s name of what the command itself writes into). Also checks that OUT can be
     written (`check_writable`).
     """
-    out = Path(out)
+    out = storage.path(out)
     if replaces is not None and out.is_symlink():  # it would be swapped as a whole: a link cannot be
         raise LiversegError(
             f"{flag} {out} is a symbolic link (to {os.readlink(out)}); give the folder it points to, or a new "
@@ -85,7 +85,7 @@ def check_output(
         )
     where = out.resolve()
     for inp in inputs:
-        inp_path = Path(inp).resolve()
+        inp_path = storage.path(inp).resolve()
         if _within(inp_path, where):
             what = kind_of(inp_path) if inp_path.is_dir() else None
             said = f"{what} that this command reads" if what else "an input of this command"
@@ -103,6 +103,12 @@ def check_output(
 def _check_replaceable(out: Path, replaces: str, flag: str) -> None:
     if replaces not in REPLACES:
         raise ValueError(f"replaces={replaces!r}: one of {REPLACES}")
+    if storage.is_remote(out):
+        raise LiversegError(
+            f"{flag} {out}: not empty, and a bucket has no atomic folder swap, so liverseg replaces no output "
+            "there (a failure part-way would leave old and new mixed); remove it first or choose a new prefix "
+            "(nothing was written or removed)"
+        )
     kind = kind_of(out)
     if not (kind == "an export" if replaces == "export" else _is_report(out)):
         mine = "an earlier export" if replaces == "export" else "an earlier report (cases.csv, metrics.json, PNGs)"

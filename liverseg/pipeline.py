@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from pathlib import Path
 
 import tensorflow as tf
 
@@ -369,4 +368,4 @@ def named_data_errors(cfg: Config, split: str):
         m = Manifest.load(cfg.data.records, check_shards=False)
         where = records.find_corruption(m.shard_paths(split), m.compression)
         detail = where or f"{e.message.splitlines()[0]} (shards of {split} look intact; check the disk)"
-        raise RecordsError(f"corrupt record: {detail}; run liverseg verify {Path(cfg.data.records)}") from None
+        raise RecordsError(f"corrupt record: {detail}; run liverseg verify {cfg.data.records}") from None

@@ -30,6 +30,7 @@ from liverseg import (
     layouts,
     nifti_io,
     rundir,
+    storage,
     volumes,
 )
 from liverseg.files import folder_lock
@@ -218,7 +219,7 @@ def predict(
         raise LiversegError(f"--format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     models = members(models)
     check_ensemble(models)
-    out = Path(out)
+    out = storage.path(out)
     written = []
     scans, failures = inputs(paths)
     if not scans:
@@ -275,7 +276,8 @@ def _check_replaceable(target: Path, force: bool) -> None:
         return
     if not force:
         raise LiversegError(f"{target} exists; pass --force to overwrite")
-    ours = dicom_seg.written_here(target) if target.suffix == ".dcm" else nifti_io.description_of(target) == PREDICTION
+    with storage.local_copy(target) as local:
+        ours = dicom_seg.written_here(local) if local.suffix == ".dcm" else nifti_io.description_of(local) == PREDICTION
     if not ours:
         raise LiversegError(
             f"{target} exists and was not written by liverseg predict (a label or scan of that name?); "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from liverseg import LiversegError
+from liverseg import LiversegError, storage
 
 SCHEMA_VERSION = 1
 
@@ -318,7 +317,7 @@ class ShardWriter:
     def __init__(self, path: Path, compression: str = ""):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r}: choose one of {COMPRESSIONS}")
-        self._raw = open(path, "wb")
+        self._raw = storage.open_file(storage.path(path), "wb")
         self._hashed = _HashingFile(self._raw)
         self._zlib = zlib.compressobj(6) if compression == "ZLIB" else None
         self._gzip = (
@@ -363,7 +362,7 @@ class ShardWriter:
         may fail again, e.g. on the full disk that made us abort."""
         try:
             self._raw.close()
-        except OSError:
+        except (OSError, LiversegError):  # a full disk, a bucket that stopped answering
             pass
 
 
@@ -385,12 +384,12 @@ def iter_records(
     data not read), and reading ends at `stop`; a compressed one is decompressed whole.
     Raises FramingError at the first bad record."""
     if compression:
-        data = Path(path).read_bytes()
+        data = storage.path(path).read_bytes()
         data = gzip.decompress(data) if compression == "GZIP" else zlib.decompress(data)
         f, n = io.BytesIO(data), len(data)
     else:
-        f = open(path, "rb")
-        n = os.fstat(f.fileno()).st_size
+        f = storage.open_file(storage.path(path), "rb")
+        n = storage.size(path)
     with f:
         pos, index = 0, 0
         while pos < n and (stop is None or index < stop):

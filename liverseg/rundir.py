@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from liverseg import LiversegError, __version__, config, serial
+from liverseg import LiversegError, __version__, config, serial, storage
 from liverseg.config import Config
 from liverseg.files import atomic_path, folder_lock
 
@@ -58,7 +58,7 @@ class RunDir:
     root: Path
 
     def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", storage.path(self.root))
 
     @property
     def config(self) -> Path:

@@ -51,6 +51,7 @@ from liverseg import (
     plan,
     rundir,
     step,
+    storage,
     unet,
     validation,
 )
@@ -167,7 +168,7 @@ class Trainer:
             cfg, step.input_context(self.strategy), earlier.in_memory if earlier else None, self.paths.root
         )
         return manifest, rundir.RunInfo(
-            str(Path(cfg.data.records).resolve()),
+            str(storage.path(cfg.data.records).resolve()),
             manifest.sha256,
             plan.input_spec(cfg, manifest),
             folds=folds.record(manifest, cfg.data),
@@ -372,7 +373,10 @@ def train(cfg: Config, run: str | Path, progress: bool = True) -> dict:
         return f"step {saved} in {where}"
 
     # From the strategy's first collective (set-up broadcasts the initial weights) to the last.
-    with step.lost_workers_explained(cfg.train.strategy == "multi_worker", resume_point):
+    with (
+        step.lost_workers_explained(cfg.train.strategy == "multi_worker", resume_point),
+        storage.bucket_errors(run, lambda: f"run the same command again: training resumes from {resume_point()}"),
+    ):
         trainer = Trainer(cfg, run, progress)
         try:
             with hooks_mod.sigterm_stops(cfg.train.strategy == "multi_worker"):

@@ -10,7 +10,7 @@ from liverseg import bench as bench_mod
 from liverseg.bench import ROWS, scale
 from liverseg.bench.predict import ENGINE_ROWS
 from liverseg.cli.data import build_convert_options, convert_options
-from liverseg.cli.group import cli, runs_option, runs_tensorflow, set_option, table
+from liverseg.cli.group import Location, cli, runs_option, runs_tensorflow, set_option, table
 from liverseg.engines import ENGINES
 
 
@@ -39,7 +39,7 @@ def bench_convert(src, dicom, beam, **kw):
 
 @runs_tensorflow
 @bench.command("pipeline")
-@click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("records", type=Location(exists=True, file_okay=False))
 @click.option(
     "--nifti",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -94,7 +94,7 @@ def _choices(value: str, valid: tuple, flag: str) -> tuple:
 
 @runs_tensorflow
 @bench.command("train")
-@click.argument("records", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("records", type=Location(exists=True, file_okay=False))
 @click.option(
     "--config",
     "config_path",

@@ -12,7 +12,7 @@ from liverseg import LiversegError, data_service
 from liverseg import convert as convert_mod
 from liverseg import synth as synth_mod
 from liverseg import verify as verify_mod
-from liverseg.cli.group import cli, runs_tensorflow, table
+from liverseg.cli.group import Location, cli, runs_tensorflow, table
 from liverseg.convert.beam import convert_beam
 from liverseg.layouts import LAYOUTS, SYNTH_LAYOUTS
 from liverseg.manifest import ConvertOptions
@@ -104,7 +104,7 @@ convert_options, build_convert_options = _convert_cli()
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=Location())
 @convert_options
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM PIPELINE OPTIONS]")
 def convert(src, out, beam_args, **kw):
@@ -126,7 +126,7 @@ def convert(src, out, beam_args, **kw):
 
 
 @cli.command()
-@click.argument("root", type=click.Path(path_type=Path))
+@click.argument("root", type=Location())
 def verify(root):
     """Read every record of every shard in ROOT and check it against the manifest (no TensorFlow needed)."""
 
@@ -144,7 +144,7 @@ def verify(root):
 
 @runs_tensorflow
 @cli.command()
-@click.argument("root", type=click.Path(path_type=Path))
+@click.argument("root", type=Location())
 @click.option(
     "--png", type=click.Path(file_okay=False, path_type=Path), help="Write overlay PNGs of sample cases here."
 )

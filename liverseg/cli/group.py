@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from liverseg import LiversegError
+from liverseg import LiversegError, storage
 
 # What a file system refuses for reasons outside liverseg: permissions, immutable files,
 # read-only mounts, a full disk or quota.
@@ -102,25 +102,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
 
 
+class Location(click.ParamType):
+    """A local path, checked as click.Path checks it, or a bucket URI (gs://...) for records,
+    runs and outputs (checked by the command that reads it)."""
+
+    name = "path"
+
+    def __init__(self, exists: bool = False, file_okay: bool = True, dir_okay: bool = True):
+        self.local = click.Path(exists=exists, file_okay=file_okay, dir_okay=dir_okay, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if storage.is_remote(value):
+            try:
+                return storage.path(value)
+            except LiversegError as e:
+                self.fail(str(e), param, ctx)
+        return self.local.convert(value, param, ctx)
+
+
 # ------------------------------------------------------------------------- shared options
 
 run_option = click.option(
     "--run",
     "run_dir",
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=Location(exists=True, file_okay=False),
     help="A training run directory.",
 )
 runs_option = click.option(
     "--run",
     "run_dirs",
     multiple=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=Location(exists=True, file_okay=False),
     help="A training run directory; several: their ensemble (probabilities averaged).",
 )
 weights_option = click.option(
     "--weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=Location(exists=True, dir_okay=False),
     help="A *.weights.h5 file of this run (default: best, else final).",
 )
 set_option = click.option(

@@ -11,6 +11,7 @@ from liverseg import config as config_mod
 from liverseg import export as export_mod
 from liverseg import predict as predict_mod
 from liverseg.cli.group import (
+    Location,
     cli,
     runs_option,
     runs_tensorflow,
@@ -41,13 +42,13 @@ def _config(config_path, records, overrides):
     help="A YAML file or a shipped preset's name: default, demo, real-cpu, seed, smoke (configs/*.yaml).",
 )
 @click.option(
-    "--records", type=click.Path(file_okay=False, path_type=Path), help="Converted dataset (sets data.records)."
+    "--records", type=Location(file_okay=False), help="Converted dataset (sets data.records); a folder or gs://..."
 )
 @click.option(
     "--run",
     "run_dir",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=Location(file_okay=False),
     help="Run directory; re-running on it resumes.",
 )
 @set_option
@@ -70,7 +71,7 @@ def train(config_path, records, run_dir, overrides):
 
 @runs_tensorflow
 @cli.command()
-@click.argument("logdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("logdir", type=Location(exists=True, file_okay=False))
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it to the network)."
 )
@@ -87,7 +88,7 @@ def tensorboard(logdir, host, port):
 @weights_option
 @click.option(
     "--records",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=Location(exists=True, file_okay=False),
     help="Converted dataset (default: the one the run trained on).",
 )
 @click.option("--split", default="test", show_default=True, help="Records split to evaluate.")
@@ -103,9 +104,7 @@ def tensorboard(logdir, host, port):
     show_default=True,
     help="Layout of --data (as for convert).",
 )
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval/<split>)."
-)
+@click.option("--out", type=Location(file_okay=False), help="Output folder (default RUN/eval/<split>).")
 def evaluate(run_dirs, weights, records, split, data, layout, out):
     """Per-case Dice, IoU, VOE, RVD, HD95, ASSD, MSD (mm): CSV, JSON, overlays, TensorBoard
     (several --run: their ensemble)."""
@@ -124,10 +123,8 @@ def evaluate(run_dirs, weights, records, split, data, layout, out):
 
 @runs_tensorflow
 @cli.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: cv/ beside the first run)."
-)
+@click.argument("runs", nargs=-1, required=True, type=Location(exists=True, file_okay=False))
+@click.option("--out", type=Location(file_okay=False), help="Output folder (default: cv/ beside the first run).")
 def cv(runs, out):
     """Cross-validation: the out-of-fold scores of RUNS (one run per fold of one dataset), per patient and per fold."""
     from liverseg import evaluate as evaluate_mod
@@ -189,12 +186,12 @@ engine_option = click.option(
     "--model",
     "model_dirs",
     multiple=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=Location(exists=True, file_okay=False),
     help="An exported folder (liverseg export): runs without TensorFlow for onnx/openvino exports.",
 )
 @engine_option
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=Location(file_okay=False))
 @click.option(
     "--format",
     "fmt",
@@ -220,7 +217,7 @@ def predict(run_dirs, weights, model_dirs, engine, inputs, out, fmt, force, prob
 @cli.command()
 @runs_option
 @weights_option
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=Location(file_okay=False))
 @click.option(
     "--format",
     "fmt",

@@ -20,17 +20,17 @@ whichever runner wrote them (local processes here, Apache Beam in `convert.beam`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
-import shutil
 import signal
 import threading
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
-from liverseg import InputError, LiversegError, records
+from liverseg import InputError, LiversegError, records, storage
 from liverseg.convert.discover import SPLIT_PRESETS, Case, check_headers, discover
 from liverseg.convert.output import assemble, check_out, check_same_sources, commit, locked
 from liverseg.convert.shards import (
@@ -99,11 +99,10 @@ def _check_space(out: Path, jobs: list[ShardJob], opts: ConvertOptions) -> None:
     if opts.compression:
         return
     need = sum(estimated_bytes(c) for j in jobs for c in j.cases)
-    where = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(where).free
-    if need > free:
+    free = storage.free_bytes(out)  # None: a bucket
+    if free is not None and need > free:
         raise LiversegError(
-            f"{out}: the dataset needs about {need / 2**20:,.0f} MB but {where} has "
+            f"{out}: the dataset needs about {need / 2**20:,.0f} MB but its disk has "
             f"{free / 2**20:,.0f} MB free; free space or choose another output folder"
         )
 
@@ -112,8 +111,8 @@ def convert(
     src: str | Path, out: str | Path, opts: ConvertOptions = ConvertOptions(), progress: bool = True
 ) -> Manifest:
     """Convert SRC to a sharded dataset in OUT. Returns the manifest (also written to OUT/dataset.json)."""
-    with locked(Path(out), Path(src)):
-        return _convert(Path(src), Path(out), resolve(opts), progress)
+    with locked(storage.path(out), Path(src)):
+        return _convert(Path(src), storage.path(out), resolve(opts), progress)
 
 
 def _convert(src: Path, out: Path, opts: ConvertOptions, progress: bool) -> Manifest:
@@ -134,8 +133,9 @@ def _convert(src: Path, out: Path, opts: ConvertOptions, progress: bool) -> Mani
             return commit(out, manifest, results)
     finally:
         bar.close()
-        for j in jobs:
-            j.tmp.unlink(missing_ok=True)  # gone already when committed (the lock removes a folder it made)
+        for j in jobs:  # gone already when committed (the lock removes a folder it made)
+            with contextlib.suppress(OSError, LiversegError):  # what made the run fail is what it reports
+                j.tmp.unlink(missing_ok=True)
 
 
 def _write_all(jobs: list[ShardJob], opts: ConvertOptions, done) -> list[ShardResult]:

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from liverseg import InputError, LiversegError
+from liverseg import InputError, LiversegError, storage
 from liverseg.convert import prepare, resolve
 from liverseg.convert.discover import Case
 from liverseg.convert.output import assemble, check_same_sources, commit, locked
@@ -69,7 +69,7 @@ def import_beam():
 
 def _encode(task: tuple[tuple[str, int], int, Case], out: str, opts: ConvertOptions):
     key, position, case = task
-    path = Path(out) / f"{TMP_PREFIX}case-{case.index:06d}.records"
+    path = storage.path(out) / f"{TMP_PREFIX}case-{case.index:06d}.records"
     result: list = []
     with full_disk_named(out):
         count, _, _ = writing(path, "", lambda w: result.append(write_case(w, case, opts)))
@@ -87,20 +87,20 @@ def _write(keyed, jobs: dict, opts: ConvertOptions) -> ShardResult:
     def fill(writer) -> None:
         for s in segments:
             if s.path is not None:
-                writer.append_framed(Path(s.path).read_bytes(), s.count)
+                writer.append_framed(storage.path(s.path).read_bytes(), s.count)
 
     with full_disk_named(job.tmp.parent):
         written = writing(job.tmp, opts.compression, fill)
     for s in segments:
         if s.path is not None:
-            Path(s.path).unlink()
+            storage.path(s.path).unlink()
     return ShardResult.of(job, written, [s.outcome for s in segments])
 
 
-def _commit(results: list[ShardResult], src: Path, out: Path, opts: ConvertOptions, cases, old, runner: str) -> None:
+def _commit(results: list[ShardResult], src: Path, out: str, opts: ConvertOptions, cases, old, runner: str) -> None:
     manifest = assemble(src, opts, cases, results, runner=f"beam:{runner}")
-    check_same_sources(out, old, manifest, opts)
-    commit(out, manifest, results)
+    check_same_sources(storage.path(out), old, manifest, opts)
+    commit(storage.path(out), manifest, results)
 
 
 def pipeline(runner: str, workers: int, args: tuple[str, ...], worker_log: Path):
@@ -141,8 +141,8 @@ def convert_beam(src: str | Path, out: str | Path, opts: ConvertOptions, beam_ar
     """Convert SRC to OUT on Beam (`opts.runner`: "direct" or a Beam runner name; beam_args:
     its pipeline options). Returns the manifest, as `convert.convert` does."""
 
-    with locked(Path(out), Path(src)):
-        return _convert_beam(Path(src), Path(out), opts, beam_args)
+    with locked(storage.path(out), Path(src)):
+        return _convert_beam(Path(src), storage.path(out), opts, beam_args)
 
 
 def _convert_beam(src: Path, out: Path, opts: ConvertOptions, beam_args: tuple[str, ...]) -> Manifest:
@@ -167,7 +167,7 @@ def _convert_beam(src: Path, out: Path, opts: ConvertOptions, beam_args: tuple[s
                 | "by shard" >> beam.GroupByKey()
                 | "write shard" >> beam.Map(_write, by_key, opts)
                 | "every shard" >> beam.combiners.ToList()
-                | "manifest" >> beam.Map(_commit, src, out, opts, cases, old, runner)
+                | "manifest" >> beam.Map(_commit, src, str(out), opts, cases, old, runner)
             )
         return Manifest.load(out)
     except Exception as e:

@@ -27,7 +27,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from liverseg import LiversegError, records
+from liverseg import LiversegError, records, storage
 from liverseg.convert.discover import Case
 from liverseg.convert.shards import TMP_PREFIX, ShardResult, is_temporary
 from liverseg.files import folder_lock
@@ -163,7 +163,7 @@ def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifes
     tmp, tmp_cases = out / f"{TMP_PREFIX}{MANIFEST}", out / f"{TMP_PREFIX}{CASES}"
     try:
         _write_synced(out / f"{TMP_PREFIX}ledger", "".join(f"{n}\n" for n in sorted(owned | final)))
-        os.replace(out / f"{TMP_PREFIX}ledger", out / LEDGER)
+        (out / f"{TMP_PREFIX}ledger").replace(out / LEDGER)
         _write_synced(tmp_cases, cases_lines(manifest.cases))
         _write_synced(tmp, manifest.dumps())
     except BaseException:
@@ -173,18 +173,22 @@ def commit(out: Path, manifest: Manifest, results: list[ShardResult]) -> Manifes
     (out / MANIFEST).unlink(missing_ok=True)
     for r in ordered:
         if r.num_examples == 0:  # every case of the shard was skipped
-            Path(r.tmp).unlink(missing_ok=True)
+            storage.path(r.tmp).unlink(missing_ok=True)
     for r, s in placed:
-        os.replace(r.tmp, out / s.file)
+        storage.path(r.tmp).replace(out / s.file)
     for name in sorted(owned - final):  # the old dataset's shards the new one does not have
         (out / name).unlink(missing_ok=True)
-    os.replace(tmp_cases, out / CASES)  # before the manifest that records its sha256: the commit point
-    os.replace(tmp, out / MANIFEST)
+    tmp_cases.replace(out / CASES)  # before the manifest that records its sha256: the commit point
+    tmp.replace(out / MANIFEST)
     (out / LEDGER).unlink(missing_ok=True)
     return manifest
 
 
-def _write_synced(path: Path, text: str) -> None:
+def _write_synced(path, text: str) -> None:
+    """Write a file and wait for the disk (an object in a bucket is whole once written)."""
+    if storage.is_remote(path):
+        path.write_text(text)
+        return
     with open(path, "w") as f:
         f.write(text)
         f.flush()

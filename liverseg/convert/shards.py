@@ -239,7 +239,8 @@ def writing(path: Path, compression: str, fill) -> tuple[int, int, str]:
         return writer.close()
     except BaseException as e:
         writer.abort()
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, LiversegError):  # the first failure is the one reported
+            path.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:  # writes name no file: name it
             raise OSError(errno.ENOSPC, e.strerror, str(path)) from None
         raise
